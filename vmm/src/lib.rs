@@ -1,0 +1,1 @@
+//! A small KVM virtual machine monitor for the pcache test harness.

@@ -1,0 +1,40 @@
+//! `cargo xtask`: the project's developer commands.
+//!
+//! Each subcommand lives in its own module; this file only parses the command
+//! line and dispatches.
+
+mod guest;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Developer commands of the pcache test harness",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every check: fmt, clippy, workspace tests, no_std build, guest build, KVM tests.
+    Test(test::TestArgs),
+    /// Build the guest kernel into target/guest/pcache-guest.
+    BuildGuest(guest::BuildGuestArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Test(args) => test::test_all(args),
+        Command::BuildGuest(args) => guest::build(args).map(|path| {
+            println!("guest kernel: {}", path.display());
+        }),
+    }
+}

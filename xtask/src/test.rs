@@ -1,0 +1,110 @@
+//! `cargo xtask test`: every check the project has, in one command.
+//!
+//! Tests that need KVM are marked `#[ignore = "needs /dev/kvm"]` so that a plain
+//! `cargo test` never reports them `ok` without running them. This command runs
+//! them (with `--include-ignored`) when `/dev/kvm` opens read-write, and says how
+//! many ran. With `REQUIRE_KVM=1` a host without usable KVM is a failure.
+//! Every `#[ignore]`d test in the workspace is, by convention, a KVM test.
+
+use crate::guest;
+use crate::util::{cargo, locked, output, run, workspace_root};
+use anyhow::{bail, Result};
+use clap::Args;
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Skip fmt and clippy (for a quick local loop; CI never uses this).
+    #[arg(long)]
+    pub no_lint: bool,
+}
+
+pub fn test_all(args: TestArgs) -> Result<()> {
+    let guest_dir = workspace_root().join("guest-images");
+    if !args.no_lint {
+        step("format");
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        run(cargo()
+            .current_dir(&guest_dir)
+            .args(["fmt", "--all", "--check"]))?;
+
+        step("clippy");
+        run(locked(cargo().arg("clippy")).args([
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+        run(locked(
+            cargo()
+                .current_dir(&guest_dir)
+                .env_remove("RUSTFLAGS")
+                .env(
+                    "CARGO_TARGET_DIR",
+                    workspace_root().join("target/guest-build"),
+                )
+                .arg("clippy"),
+        )
+        .args(["--release", "--", "-D", "warnings"]))?;
+    }
+
+    step("pcache without std (the guest's build of the module)");
+    run(cargo().args(["build", "--package", "pcache", "--no-default-features"]))?;
+
+    step("guest kernel");
+    let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
+    eprintln!("guest kernel built at {}", kernel.display());
+
+    let kvm = probe_kvm();
+    let require_kvm = std::env::var("REQUIRE_KVM").is_ok_and(|v| v == "1");
+    let kvm_tests = count_ignored_tests()?;
+
+    step("workspace tests");
+    let mut test = cargo();
+    locked(test.arg("test")).arg("--workspace");
+    if kvm.is_ok() {
+        test.args(["--", "--include-ignored"]);
+    }
+    run(&mut test)?;
+
+    step("summary");
+    match kvm {
+        Ok(()) => {
+            println!("KVM tests: {kvm_tests} ran, 0 skipped");
+            Ok(())
+        }
+        Err(why) => {
+            println!("KVM tests: 0 ran, {kvm_tests} skipped ({why})");
+            if require_kvm {
+                bail!("REQUIRE_KVM=1 but {why}: the {kvm_tests} KVM tests could not run");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn step(name: &str) {
+    eprintln!("\n==> {name}");
+}
+
+/// `Ok` when `/dev/kvm` opens read-write, else why not.
+fn probe_kvm() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm could not be opened: {e}"))
+}
+
+/// Number of `#[ignore]`d (KVM) tests in the workspace, from the test harness's own listing.
+fn count_ignored_tests() -> Result<usize> {
+    let listing = output(locked(cargo().arg("test")).args([
+        "--workspace",
+        "--quiet",
+        "--",
+        "--list",
+        "--ignored",
+    ]))?;
+    Ok(listing.lines().filter(|l| l.ends_with(": test")).count())
+}
