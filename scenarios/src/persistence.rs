@@ -1,0 +1,671 @@
+//! Persistence models: which crash states exist when power is cut during a traced window.
+//!
+//! A traced window is a list of [`Event`]s in the order the VMM saw them. A *cut*
+//! at position `c` means events `[0, c)` were issued before power failed. A model
+//! decides which of the issued writes are durable at a cut; each choice is a
+//! [`CrashState`]. Writes fall in two *domains* with their own barrier: 8-byte
+//! stores into the pmem region (barrier: a completed virtio-pmem flush) and
+//! sector writes to the disk (barrier: a completed virtio-blk FLUSH).
+//!
+//! Before any model runs, writes that change no byte of the image as it stood
+//! when they were issued are dropped (zeroing zeros is not a state).
+//!
+//! The models (`../shared/docs/pcache-format.md` §8 explains why they matter):
+//! - [`Model::Prefix`]: the writes before the cut are durable, in order. One state
+//!   at the window's start and one after every write in the window.
+//! - [`Model::FlushedOnly`]: only what a completed barrier covered is durable. One
+//!   state at the window's start and one after every barrier in the window.
+//! - [`Model::Subsets`]: what a completed barrier covered is durable, and any subset
+//!   of the writes pending since then may be durable too. When at most
+//!   [`ALL_SUBSETS_MAX`] writes are pending every subset is a state, at every cut
+//!   position. Above that, at the end of each barrier epoch in the window (just
+//!   before the barrier, or at the window's end): every prefix, every suffix, every
+//!   single drop, every single write alone, and `sample` subsets drawn with a
+//!   seeded generator (each write kept with probability ½). The prefixes there
+//!   cover every earlier cut's "all issued writes durable" state.
+//!
+//! States whose images are byte-identical are deduplicated on the applied delta
+//! and counted once.
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+
+/// Every subset of the pending writes is enumerated up to this many.
+pub const ALL_SUBSETS_MAX: usize = 12;
+
+/// Bytes per disk sector (the unit of disk writes).
+pub const SECTOR: usize = 512;
+
+/// One event of a traced window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A guest store of `len` (1..=8) bytes at pmem byte offset `off`.
+    PmemStore { off: u64, len: u8, data: [u8; 8] },
+    /// A completed virtio-pmem flush: every earlier pmem store is durable.
+    PmemFlush,
+    /// A completed disk write of whole sectors starting at `sector`.
+    DiskWrite { sector: u64, data: Vec<u8> },
+    /// A completed disk FLUSH: every earlier disk write is durable.
+    DiskFlush,
+    /// A marker from the guest.
+    Marker(u32),
+}
+
+/// The image the window starts from (everything before it is durable).
+pub trait BaseImage {
+    /// The byte at pmem offset `off`.
+    fn pmem_byte(&self, off: u64) -> u8;
+    /// Sector `sector` of the disk (`SECTOR` bytes).
+    fn disk_sector(&self, sector: u64) -> Vec<u8>;
+}
+
+/// A persistence model. See the module documentation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Model {
+    Prefix,
+    FlushedOnly,
+    Subsets {
+        /// Number of random subsets drawn per epoch with more than `ALL_SUBSETS_MAX` writes.
+        sample: usize,
+        /// Seed of the random sample.
+        seed: u64,
+    },
+}
+
+/// One unit of durability: a pmem store, or one sector of a disk write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Write {
+    /// Index of the event in the trace.
+    pub event: usize,
+    /// Sector index within a disk write; 0 for pmem stores.
+    pub part: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Domain {
+    Pmem,
+    Disk,
+}
+
+/// A crash state: the cut position and the writes that are durable there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrashState {
+    /// Events `[0, cut)` were issued.
+    pub cut: usize,
+    /// Durable pmem stores, in trace order.
+    pub pmem: Vec<Write>,
+    /// Durable disk sectors, in trace order.
+    pub disk: Vec<Write>,
+}
+
+/// The states a model gives for a window.
+#[derive(Clone, Debug, Default)]
+pub struct Enumeration {
+    /// Distinct states, in the order they were first produced.
+    pub states: Vec<CrashState>,
+    /// States dropped because an earlier one gave the same images.
+    pub duplicates: usize,
+    /// Writes dropped because they changed no byte when issued.
+    pub unchanged_writes: usize,
+}
+
+/// Errors in the inputs of an enumeration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnumerateError {
+    #[error("window {start}..={end} is not within the trace of {len} events")]
+    BadWindow {
+        start: usize,
+        end: usize,
+        len: usize,
+    },
+    #[error("event {event}: store of {len} bytes (must be 1..=8)")]
+    BadStoreLength { event: usize, len: u8 },
+    #[error("event {event}: disk write of {len} bytes is not a whole number of sectors")]
+    BadDiskWrite { event: usize, len: usize },
+}
+
+/// Enumerates the crash states of cuts at positions `start..=end`.
+pub fn enumerate(
+    events: &[Event],
+    start: usize,
+    end: usize,
+    model: &Model,
+    base: &dyn BaseImage,
+) -> Result<Enumeration, EnumerateError> {
+    if start > end || end > events.len() {
+        return Err(EnumerateError::BadWindow {
+            start,
+            end,
+            len: events.len(),
+        });
+    }
+    let trace = Trace::new(events, base)?;
+    let mut out = Emitter::new(&trace);
+    out.enumeration.unchanged_writes = trace.unchanged;
+    match model {
+        Model::Prefix => {
+            out.emit_prefix(start);
+            for w in trace.writes_in(start, end) {
+                out.emit_prefix(w.event + 1);
+            }
+        }
+        Model::FlushedOnly => {
+            out.emit_flushed(start);
+            for (i, e) in events.iter().enumerate().take(end).skip(start) {
+                if matches!(e, Event::PmemFlush | Event::DiskFlush) {
+                    out.emit_flushed(i + 1);
+                }
+            }
+        }
+        Model::Subsets { sample, seed } => {
+            for cut in start..=end {
+                let pending_pmem = trace.pending(Domain::Pmem, cut);
+                let pending_disk = trace.pending(Domain::Disk, cut);
+                let small =
+                    pending_pmem.len() <= ALL_SUBSETS_MAX && pending_disk.len() <= ALL_SUBSETS_MAX;
+                let epoch_end =
+                    cut == end || matches!(events[cut], Event::PmemFlush | Event::DiskFlush);
+                if small || epoch_end {
+                    let pmem = subset_family(&pending_pmem, *sample, seed ^ cut as u64);
+                    let disk = subset_family(&pending_disk, *sample, !seed ^ cut as u64);
+                    for p in &pmem {
+                        for d in &disk {
+                            out.emit_with(cut, p, d);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(out.enumeration)
+}
+
+/// The trace's writes, with unchanged ones dropped, and its barriers.
+struct Trace<'a> {
+    events: &'a [Event],
+    /// Writes that changed the image when issued, in trace order.
+    writes: Vec<(Domain, Write)>,
+    unchanged: usize,
+    base: &'a dyn BaseImage,
+}
+
+impl<'a> Trace<'a> {
+    fn new(events: &'a [Event], base: &'a dyn BaseImage) -> Result<Self, EnumerateError> {
+        let mut volatile = Overlay::default();
+        let mut writes = Vec::new();
+        let mut unchanged = 0;
+        for (i, e) in events.iter().enumerate() {
+            match e {
+                Event::PmemStore { off, len, data } => {
+                    if !(1..=8).contains(len) {
+                        return Err(EnumerateError::BadStoreLength {
+                            event: i,
+                            len: *len,
+                        });
+                    }
+                    let bytes = &data[..*len as usize];
+                    if volatile.pmem_apply(*off, bytes, base) {
+                        writes.push((Domain::Pmem, Write { event: i, part: 0 }));
+                    } else {
+                        unchanged += 1;
+                    }
+                }
+                Event::DiskWrite { sector, data } => {
+                    if data.is_empty() || data.len() % SECTOR != 0 {
+                        return Err(EnumerateError::BadDiskWrite {
+                            event: i,
+                            len: data.len(),
+                        });
+                    }
+                    for (part, chunk) in data.chunks(SECTOR).enumerate() {
+                        if volatile.disk_apply(sector + part as u64, chunk, base) {
+                            writes.push((
+                                Domain::Disk,
+                                Write {
+                                    event: i,
+                                    part: part as u32,
+                                },
+                            ));
+                        } else {
+                            unchanged += 1;
+                        }
+                    }
+                }
+                Event::PmemFlush | Event::DiskFlush | Event::Marker(_) => {}
+            }
+        }
+        Ok(Trace {
+            events,
+            writes,
+            unchanged,
+            base,
+        })
+    }
+
+    fn writes_in(&self, start: usize, end: usize) -> impl Iterator<Item = Write> + '_ {
+        self.writes
+            .iter()
+            .filter(move |(_, w)| w.event >= start && w.event < end)
+            .map(|(_, w)| *w)
+    }
+
+    /// Position of the last completed barrier of `domain` before `cut` (0 if none).
+    fn barrier_before(&self, domain: Domain, cut: usize) -> usize {
+        self.events[..cut]
+            .iter()
+            .rposition(|e| match domain {
+                Domain::Pmem => matches!(e, Event::PmemFlush),
+                Domain::Disk => matches!(e, Event::DiskFlush),
+            })
+            .map_or(0, |i| i + 1)
+    }
+
+    fn durable(&self, domain: Domain, cut: usize) -> Vec<Write> {
+        let barrier = self.barrier_before(domain, cut);
+        self.of(domain).filter(|w| w.event < barrier).collect()
+    }
+
+    fn pending(&self, domain: Domain, cut: usize) -> Vec<Write> {
+        let barrier = self.barrier_before(domain, cut);
+        self.of(domain)
+            .filter(|w| w.event >= barrier && w.event < cut)
+            .collect()
+    }
+
+    fn of(&self, domain: Domain) -> impl Iterator<Item = Write> + '_ {
+        self.writes
+            .iter()
+            .filter(move |(d, _)| *d == domain)
+            .map(|(_, w)| *w)
+    }
+}
+
+/// Bytes written over the base image.
+#[derive(Default)]
+struct Overlay {
+    pmem: std::collections::BTreeMap<u64, u8>,
+    disk: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+impl Overlay {
+    /// Applies a pmem store; true if it changed a byte.
+    fn pmem_apply(&mut self, off: u64, bytes: &[u8], base: &dyn BaseImage) -> bool {
+        let mut changed = false;
+        for (i, &b) in bytes.iter().enumerate() {
+            let at = off + i as u64;
+            let old = self
+                .pmem
+                .get(&at)
+                .copied()
+                .unwrap_or_else(|| base.pmem_byte(at));
+            changed |= old != b;
+            self.pmem.insert(at, b);
+        }
+        changed
+    }
+
+    /// Applies a sector write; true if it changed a byte.
+    fn disk_apply(&mut self, sector: u64, bytes: &[u8], base: &dyn BaseImage) -> bool {
+        let changed = match self.disk.get(&sector) {
+            Some(old) => old.as_slice() != bytes,
+            None => base.disk_sector(sector) != bytes,
+        };
+        self.disk.insert(sector, bytes.to_vec());
+        changed
+    }
+
+    /// The bytes that differ from the base: the identity of the resulting images.
+    fn delta_key(&self, base: &dyn BaseImage) -> (Vec<(u64, u8)>, Vec<(u64, Vec<u8>)>) {
+        let pmem = self
+            .pmem
+            .iter()
+            .filter(|(&off, &b)| base.pmem_byte(off) != b)
+            .map(|(&off, &b)| (off, b))
+            .collect();
+        let disk = self
+            .disk
+            .iter()
+            .filter(|(&s, d)| base.disk_sector(s) != **d)
+            .map(|(&s, d)| (s, d.clone()))
+            .collect();
+        (pmem, disk)
+    }
+}
+
+/// Collects states, dropping those whose images equal an earlier state's.
+struct Emitter<'a> {
+    trace: &'a Trace<'a>,
+    seen: HashSet<(Vec<(u64, u8)>, Vec<(u64, Vec<u8>)>)>,
+    enumeration: Enumeration,
+}
+
+impl<'a> Emitter<'a> {
+    fn new(trace: &'a Trace<'a>) -> Self {
+        Emitter {
+            trace,
+            seen: HashSet::new(),
+            enumeration: Enumeration::default(),
+        }
+    }
+
+    fn emit_prefix(&mut self, cut: usize) {
+        let pmem = self
+            .trace
+            .of(Domain::Pmem)
+            .filter(|w| w.event < cut)
+            .collect();
+        let disk = self
+            .trace
+            .of(Domain::Disk)
+            .filter(|w| w.event < cut)
+            .collect();
+        self.emit(CrashState { cut, pmem, disk });
+    }
+
+    fn emit_flushed(&mut self, cut: usize) {
+        let pmem = self.trace.durable(Domain::Pmem, cut);
+        let disk = self.trace.durable(Domain::Disk, cut);
+        self.emit(CrashState { cut, pmem, disk });
+    }
+
+    fn emit_with(&mut self, cut: usize, pmem_extra: &[Write], disk_extra: &[Write]) {
+        let mut pmem = self.trace.durable(Domain::Pmem, cut);
+        pmem.extend_from_slice(pmem_extra);
+        let mut disk = self.trace.durable(Domain::Disk, cut);
+        disk.extend_from_slice(disk_extra);
+        self.emit(CrashState { cut, pmem, disk });
+    }
+
+    fn emit(&mut self, state: CrashState) {
+        let key = apply(self.trace.events, &state, self.trace.base).delta_key(self.trace.base);
+        if self.seen.insert(key) {
+            self.enumeration.states.push(state);
+        } else {
+            self.enumeration.duplicates += 1;
+        }
+    }
+}
+
+/// The overlay a state's durable writes make over the base, applied in trace order.
+fn apply(events: &[Event], state: &CrashState, base: &dyn BaseImage) -> Overlay {
+    let mut o = Overlay::default();
+    for w in &state.pmem {
+        if let Event::PmemStore { off, len, data } = &events[w.event] {
+            o.pmem_apply(*off, &data[..*len as usize], base);
+        }
+    }
+    for w in &state.disk {
+        if let Event::DiskWrite { sector, data } = &events[w.event] {
+            let p = w.part as usize;
+            o.disk_apply(sector + p as u64, &data[p * SECTOR..(p + 1) * SECTOR], base);
+        }
+    }
+    o
+}
+
+/// The subsets of `pending` (each kept in trace order) that the model considers.
+fn subset_family(pending: &[Write], sample: usize, seed: u64) -> Vec<Vec<Write>> {
+    let n = pending.len();
+    if n <= ALL_SUBSETS_MAX {
+        return (0u32..1 << n)
+            .map(|mask| {
+                (0..n)
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| pending[i])
+                    .collect()
+            })
+            .collect();
+    }
+    let mut family: Vec<Vec<Write>> = Vec::new();
+    for k in 0..=n {
+        family.push(pending[..k].to_vec()); // prefixes (incl. none and all)
+        if k > 0 && k < n {
+            family.push(pending[k..].to_vec()); // proper suffixes
+        }
+    }
+    for i in 0..n {
+        let mut drop_one = pending.to_vec();
+        drop_one.remove(i);
+        family.push(drop_one);
+        family.push(vec![pending[i]]);
+    }
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for _ in 0..sample {
+        family.push(
+            pending
+                .iter()
+                .copied()
+                .filter(|_| rng.random_bool(0.5))
+                .collect(),
+        );
+    }
+    family
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A base image of zeros, except for the given pmem bytes.
+    #[derive(Default)]
+    struct Base {
+        pmem: std::collections::HashMap<u64, u8>,
+    }
+
+    impl BaseImage for Base {
+        fn pmem_byte(&self, off: u64) -> u8 {
+            self.pmem.get(&off).copied().unwrap_or(0)
+        }
+        fn disk_sector(&self, _: u64) -> Vec<u8> {
+            vec![0; SECTOR]
+        }
+    }
+
+    fn store(off: u64, v: u64) -> Event {
+        Event::PmemStore {
+            off,
+            len: 8,
+            data: v.to_le_bytes(),
+        }
+    }
+
+    fn events_of(states: &[CrashState]) -> Vec<Vec<usize>> {
+        states
+            .iter()
+            .map(|s| s.pmem.iter().map(|w| w.event).collect())
+            .collect()
+    }
+
+    /// The superblock write of a format: three words then a fence, preceded by
+    /// zeroing that changes nothing on a blank device.
+    fn sb_write() -> Vec<Event> {
+        vec![
+            Event::Marker(1),
+            store(8192, 0),
+            store(8200, 0),
+            Event::Marker(2),
+            store(4096, 0x0000_0000_047f_7742),
+            store(4104, 0x65b0_5efa_96c5_96ef),
+            store(4112, 31),
+            Event::PmemFlush,
+            Event::Marker(3),
+        ]
+    }
+
+    #[test]
+    fn subsets_of_a_three_word_write_give_eight_states() {
+        let ev = sb_write();
+        let e = enumerate(
+            &ev,
+            0,
+            ev.len(),
+            &Model::Subsets { sample: 8, seed: 1 },
+            &Base::default(),
+        )
+        .unwrap();
+        assert_eq!(e.unchanged_writes, 2, "zeroing zeros is not a state");
+        assert_eq!(e.states.len(), 8);
+        let mut sets = events_of(&e.states);
+        sets.sort();
+        assert_eq!(
+            sets,
+            vec![
+                vec![],
+                vec![4],
+                vec![4, 5],
+                vec![4, 5, 6],
+                vec![4, 6],
+                vec![5],
+                vec![5, 6],
+                vec![6]
+            ]
+        );
+    }
+
+    #[test]
+    fn prefix_gives_one_state_per_changing_store() {
+        let ev = sb_write();
+        let e = enumerate(&ev, 0, ev.len(), &Model::Prefix, &Base::default()).unwrap();
+        assert_eq!(
+            events_of(&e.states),
+            vec![vec![], vec![4], vec![4, 5], vec![4, 5, 6]]
+        );
+    }
+
+    #[test]
+    fn flushed_only_sees_nothing_until_the_flush() {
+        let ev = sb_write();
+        let e = enumerate(&ev, 0, ev.len(), &Model::FlushedOnly, &Base::default()).unwrap();
+        assert_eq!(events_of(&e.states), vec![vec![], vec![4, 5, 6]]);
+    }
+
+    #[test]
+    fn writes_before_a_flush_are_durable_in_every_later_state() {
+        let ev = vec![store(0, 1), Event::PmemFlush, store(8, 2), store(16, 3)];
+        let e = enumerate(
+            &ev,
+            2,
+            ev.len(),
+            &Model::Subsets { sample: 0, seed: 0 },
+            &Base::default(),
+        )
+        .unwrap();
+        assert_eq!(e.states.len(), 4);
+        assert!(e
+            .states
+            .iter()
+            .all(|s| s.pmem.first().map(|w| w.event) == Some(0)));
+    }
+
+    #[test]
+    fn identical_images_are_counted_once() {
+        // The second store writes back the base value: {} and {0,1} give the same image.
+        let ev = vec![store(0, 7), store(0, 0)];
+        let e = enumerate(
+            &ev,
+            0,
+            2,
+            &Model::Subsets { sample: 0, seed: 0 },
+            &Base::default(),
+        )
+        .unwrap();
+        assert_eq!(events_of(&e.states), vec![vec![], vec![0]]);
+        // cut 1 repeats {}; cut 2 repeats {}, {0}, and {1}, {0,1} equal {}.
+        assert_eq!(e.duplicates, 5);
+    }
+
+    #[test]
+    fn many_pending_stores_use_the_families_and_a_seeded_sample() {
+        let n = 20u64;
+        let ev: Vec<Event> = (0..n).map(|i| store(i * 8, i + 1)).collect();
+        let model = Model::Subsets {
+            sample: 16,
+            seed: 42,
+        };
+        // Only the cut at the end: earlier cuts have few enough pending stores for
+        // every subset.
+        let a = enumerate(&ev, ev.len(), ev.len(), &model, &Base::default()).unwrap();
+        let b = enumerate(&ev, ev.len(), ev.len(), &model, &Base::default()).unwrap();
+        assert_eq!(
+            a.states, b.states,
+            "the sample is reproducible from its seed"
+        );
+        let sets = events_of(&a.states);
+        let n = n as usize;
+        // every prefix, every suffix, every single drop, every single store
+        for k in 0..=n {
+            assert!(sets.contains(&(0..k).collect()));
+            assert!(sets.contains(&(k..n).collect()));
+        }
+        for i in 0..n {
+            assert!(sets.contains(&vec![i]));
+            assert!(sets.contains(&(0..n).filter(|&j| j != i).collect()));
+        }
+        // prefixes (n+1) + proper suffixes (n-1) + drops (n) + singles (n), minus
+        // the overlaps (single store 0 = prefix 1, last single = suffix, drops of
+        // the first/last = suffix/prefix), plus at most `sample` random ones.
+        assert!(a.states.len() <= 4 * n + 16);
+        assert!(a.states.len() >= 4 * n - 4);
+    }
+
+    #[test]
+    fn disk_writes_are_split_into_sectors_with_their_own_barrier() {
+        let mut data = vec![1u8; SECTOR];
+        data.extend(vec![2u8; SECTOR]);
+        let ev = vec![
+            Event::DiskWrite { sector: 10, data },
+            Event::PmemFlush, // not a disk barrier
+            Event::DiskFlush,
+        ];
+        let e = enumerate(
+            &ev,
+            0,
+            3,
+            &Model::Subsets { sample: 0, seed: 0 },
+            &Base::default(),
+        )
+        .unwrap();
+        assert_eq!(e.states.len(), 4, "two sectors pending: four subsets");
+        let prefix = enumerate(&ev, 0, 3, &Model::Prefix, &Base::default()).unwrap();
+        // a write's sectors share one event: the prefix model cuts between events
+        assert_eq!(prefix.states.len(), 2);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let base = Base::default();
+        assert!(matches!(
+            enumerate(&[], 0, 1, &Model::Prefix, &base),
+            Err(EnumerateError::BadWindow { .. })
+        ));
+        let ev = vec![Event::PmemStore {
+            off: 0,
+            len: 9,
+            data: [0; 8],
+        }];
+        assert_eq!(
+            enumerate(&ev, 0, 1, &Model::Prefix, &base).unwrap_err(),
+            EnumerateError::BadStoreLength { event: 0, len: 9 }
+        );
+        let ev = vec![Event::DiskWrite {
+            sector: 0,
+            data: vec![1; 100],
+        }];
+        assert!(matches!(
+            enumerate(&ev, 0, 1, &Model::Prefix, &base),
+            Err(EnumerateError::BadDiskWrite { .. })
+        ));
+    }
+
+    #[test]
+    fn a_store_of_the_base_value_is_dropped() {
+        let mut base = Base::default();
+        base.pmem.insert(0, 5);
+        let ev = vec![store(0, 5)];
+        let e = enumerate(&ev, 0, 1, &Model::Prefix, &base).unwrap();
+        assert_eq!(e.unchanged_writes, 1);
+        assert_eq!(e.states.len(), 1);
+    }
+}
