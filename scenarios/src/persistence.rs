@@ -62,7 +62,7 @@ pub trait BaseImage {
 
 /// A persistence model. See the module documentation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Model {
     Prefix,
     FlushedOnly,
@@ -165,8 +165,9 @@ pub fn enumerate(
                 let pending_disk = trace.pending(Domain::Disk, cut);
                 let small =
                     pending_pmem.len() <= ALL_SUBSETS_MAX && pending_disk.len() <= ALL_SUBSETS_MAX;
-                let epoch_end =
-                    cut == end || matches!(events[cut], Event::PmemFlush | Event::DiskFlush);
+                // The last cut of an epoch: the window's end, or just before a barrier.
+                let epoch_end = cut == end
+                    || matches!(events.get(cut), Some(Event::PmemFlush | Event::DiskFlush));
                 if small || epoch_end {
                     let pmem = subset_family(&pending_pmem, *sample, seed ^ cut as u64);
                     let disk = subset_family(&pending_disk, *sample, !seed ^ cut as u64);
@@ -282,6 +283,9 @@ impl<'a> Trace<'a> {
     }
 }
 
+/// The bytes of a state's images that differ from the base: (pmem bytes, disk sectors).
+type DeltaKey = (Vec<(u64, u8)>, Vec<(u64, Vec<u8>)>);
+
 /// Bytes written over the base image.
 #[derive(Default)]
 struct Overlay {
@@ -317,7 +321,7 @@ impl Overlay {
     }
 
     /// The bytes that differ from the base: the identity of the resulting images.
-    fn delta_key(&self, base: &dyn BaseImage) -> (Vec<(u64, u8)>, Vec<(u64, Vec<u8>)>) {
+    fn delta_key(&self, base: &dyn BaseImage) -> DeltaKey {
         let pmem = self
             .pmem
             .iter()
@@ -337,7 +341,7 @@ impl Overlay {
 /// Collects states, dropping those whose images equal an earlier state's.
 struct Emitter<'a> {
     trace: &'a Trace<'a>,
-    seen: HashSet<(Vec<(u64, u8)>, Vec<(u64, Vec<u8>)>)>,
+    seen: HashSet<DeltaKey>,
     enumeration: Enumeration,
 }
 

@@ -1,0 +1,500 @@
+//! Scenario files: one JSON file per scenario in `scenarios/`.
+//!
+//! The format is documented in `scenarios/README.md`. Unknown fields are
+//! rejected, and every error names the file, the JSON path and what is wrong.
+
+use crate::persistence::Model;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A scenario, as read from its file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Scenario {
+    /// One sentence for people: what the scenario checks.
+    pub description: String,
+    /// The devices to run on; each is run in every mode.
+    pub devices: Vec<Device>,
+    /// The modes to run in (the mode governs the whole run: workload and recovery).
+    pub modes: Vec<Mode>,
+    /// What produces the crash images.
+    pub run: Run,
+    /// The guest steps of every recovery boot, e.g. `start;stop;start`.
+    pub recovery: String,
+    /// What must hold, per device and mode.
+    pub expect: Vec<Expectation>,
+}
+
+/// pcache's recovery mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Strict,
+    Recover,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Strict => "strict",
+            Mode::Recover => "recover",
+        }
+    }
+}
+
+/// A pair of devices: the cache (pmem) and the backing disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Device {
+    /// Name used in expectations and results.
+    pub name: String,
+    /// Size of the pmem image, e.g. `512M`, `1G` (at least 512 MiB).
+    pub pmem_size: Size,
+    /// Size of the disk image, e.g. `64M`.
+    pub disk_size: Size,
+    /// How the pmem image is made before the workload runs.
+    pub recipe: Recipe,
+}
+
+/// How a pmem image is prepared.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum Recipe {
+    /// A sparse file of zeros: never formatted.
+    Blank,
+    /// Formatted, then activated `activations` times in all (at least 1).
+    Formatted { activations: u32 },
+    /// Held an older cache (formatted and activated `activations` times, so its
+    /// cache_info seq differs from a fresh format's), then its superblock magic
+    /// was zeroed: what a user does to ask for a re-format.
+    OlderCache { activations: u32 },
+    /// An image file given by the user (never modified).
+    File { path: PathBuf },
+}
+
+/// What produces the crash images.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum Run {
+    /// Run `workload` with tracing on and cut power where `window` and `model` allow.
+    PowerCut {
+        /// The guest steps of the traced run, e.g. `start`.
+        workload: String,
+        /// Where power may be cut.
+        window: Window,
+        /// Which writes are durable at a cut (pmem and disk alike).
+        model: Model,
+    },
+    /// No power cut: images made by a named generator from the device.
+    Images { generator: Generator },
+}
+
+/// Where power may be cut.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum Window {
+    /// From marker `from` (inclusive) to marker `to` (inclusive).
+    BetweenMarkers { from: MarkerName, to: MarkerName },
+    /// Trace positions `from..=to`.
+    TracePositions { from: usize, to: usize },
+    /// The whole traced run.
+    Everything,
+}
+
+/// A marker named `C<n>-begin` or `C<n>-end` (the crash points of
+/// `pcache-format.md` §8, n = 1..=12), or a raw id `0x...`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MarkerName(pub u32);
+
+impl TryFrom<String> for MarkerName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if let Some(hex) = s.strip_prefix("0x") {
+            return u32::from_str_radix(hex, 16)
+                .map(MarkerName)
+                .map_err(|_| format!("bad marker id `{s}`"));
+        }
+        let bad = || {
+            format!("unknown marker `{s}` (expected C<n>-begin or C<n>-end, n = 1..=12, or 0x<id>)")
+        };
+        let rest = s.strip_prefix('C').ok_or_else(bad)?;
+        let (n, end) = rest.split_once('-').ok_or_else(bad)?;
+        let n: u32 = n.parse().map_err(|_| bad())?;
+        if !(1..=12).contains(&n) {
+            return Err(bad());
+        }
+        match end {
+            "begin" => Ok(MarkerName(protocol::markers::crash_point_begin(n))),
+            "end" => Ok(MarkerName(protocol::markers::crash_point_end(n))),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl From<MarkerName> for String {
+    fn from(m: MarkerName) -> String {
+        match protocol::markers::decode_crash_point(m.0) {
+            Some((n, false)) => format!("C{n}-begin"),
+            Some((n, true)) => format!("C{n}-end"),
+            None => format!("0x{:x}", m.0),
+        }
+    }
+}
+
+/// Image generators for scenarios without a power cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Generator {
+    /// Each superblock field corrupted in turn, CRC left stale or recomputed.
+    CorruptSb,
+    /// Valid CRCs over hostile values.
+    ForgedMetadata,
+}
+
+/// What must hold for the states of one device in one mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Expectation {
+    pub device: String,
+    pub mode: Mode,
+    /// Outcomes a state may have (empty: any).
+    #[serde(default)]
+    pub allowed: Vec<String>,
+    /// Every state must be usable (recovery's `start` not refused, and a
+    /// `stop;start` in the same boot reports `opened`).
+    #[serde(default)]
+    pub all_usable: bool,
+    /// No state may bring the older cache back (`opened` with its cache_info seq).
+    #[serde(default)]
+    pub older_cache_never_back: bool,
+    /// Pinned counts: a change in any of them fails the scenario.
+    #[serde(default)]
+    pub counts: Option<Counts>,
+    /// Image-set scenarios: the one outcome expected of each image, by image name
+    /// (a refusal may be pinned with its reason as `refused: <reason words>`).
+    #[serde(default)]
+    pub per_image: BTreeMap<String, String>,
+}
+
+/// Pinned counts of a device and mode.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Counts {
+    /// Distinct crash states.
+    pub states: usize,
+    /// States per outcome; outcomes not listed must not occur.
+    pub outcomes: BTreeMap<String, usize>,
+    /// States that are not usable.
+    #[serde(default)]
+    pub unusable: usize,
+    /// States where the older cache came back.
+    #[serde(default)]
+    pub older_cache_back: usize,
+}
+
+/// A size such as `512M`, `1G`, `4096` (bytes); K/M/G are powers of 1024.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn parse(s: &str) -> Result<Size, String> {
+        let s = s.trim();
+        let (num, shift) = match s.char_indices().last() {
+            Some((i, 'K' | 'k')) => (&s[..i], 10),
+            Some((i, 'M' | 'm')) => (&s[..i], 20),
+            Some((i, 'G' | 'g')) => (&s[..i], 30),
+            _ => (s, 0),
+        };
+        let n: u64 = num.parse().map_err(|_| {
+            format!("bad size `{s}` (expected a number with an optional K, M or G)")
+        })?;
+        n.checked_shl(shift)
+            .filter(|v| v >> shift == n)
+            .map(Size)
+            .ok_or_else(|| format!("size `{s}` is too large"))
+    }
+}
+
+impl TryFrom<String> for Size {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Size::parse(&s)
+    }
+}
+
+impl From<Size> for String {
+    fn from(s: Size) -> String {
+        match s.0 {
+            v if v != 0 && v % (1 << 30) == 0 => format!("{}G", v >> 30),
+            v if v != 0 && v % (1 << 20) == 0 => format!("{}M", v >> 20),
+            v if v != 0 && v % (1 << 10) == 0 => format!("{}K", v >> 10),
+            v => v.to_string(),
+        }
+    }
+}
+
+/// Why a scenario file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: at `{path}`: {message}")]
+    Parse {
+        file: PathBuf,
+        path: String,
+        message: String,
+    },
+    #[error("{file}: {message}")]
+    Invalid { file: PathBuf, message: String },
+}
+
+/// Smallest cache device pcache accepts.
+pub const PMEM_MIN: u64 = 512 << 20;
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(file: &Path) -> Result<Scenario, SpecError> {
+        let text = std::fs::read_to_string(file).map_err(|source| SpecError::Read {
+            file: file.into(),
+            source,
+        })?;
+        Scenario::parse(file, &text)
+    }
+
+    /// Parses and checks scenario text; `file` is used in error messages.
+    pub fn parse(file: &Path, text: &str) -> Result<Scenario, SpecError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let scenario: Scenario = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            SpecError::Parse {
+                file: file.into(),
+                path,
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        scenario.check().map_err(|message| SpecError::Invalid {
+            file: file.into(),
+            message,
+        })?;
+        Ok(scenario)
+    }
+
+    /// Consistency checks serde cannot express.
+    fn check(&self) -> Result<(), String> {
+        if self.devices.is_empty() {
+            return Err("`devices` is empty".into());
+        }
+        if self.modes.is_empty() {
+            return Err("`modes` is empty".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            if !names.insert(d.name.as_str()) {
+                return Err(format!("devices[{i}]: duplicate device name `{}`", d.name));
+            }
+            if d.pmem_size.0 < PMEM_MIN {
+                return Err(format!(
+                    "devices[{i}].pmem-size: {} bytes is below pcache's minimum of 512M",
+                    d.pmem_size.0
+                ));
+            }
+            if d.disk_size.0 == 0 || d.disk_size.0 % 512 != 0 {
+                return Err(format!(
+                    "devices[{i}].disk-size: must be a non-zero multiple of 512"
+                ));
+            }
+            if let Recipe::Formatted { activations: 0 } | Recipe::OlderCache { activations: 0 } =
+                d.recipe
+            {
+                return Err(format!(
+                    "devices[{i}].recipe.activations: must be at least 1"
+                ));
+            }
+        }
+        for (i, e) in self.expect.iter().enumerate() {
+            if !names.contains(e.device.as_str()) {
+                return Err(format!(
+                    "expect[{i}].device: no device named `{}`",
+                    e.device
+                ));
+            }
+            if !self.modes.contains(&e.mode) {
+                return Err(format!(
+                    "expect[{i}].mode: `{}` is not in `modes`",
+                    e.mode.as_str()
+                ));
+            }
+            if let Some(c) = &e.counts {
+                let sum: usize = c.outcomes.values().sum();
+                if sum != c.states {
+                    return Err(format!(
+                        "expect[{i}].counts: outcomes add up to {sum}, not `states` = {}",
+                        c.states
+                    ));
+                }
+            }
+        }
+        if let Run::PowerCut {
+            window: Window::TracePositions { from, to },
+            ..
+        } = &self.run
+        {
+            if from > to {
+                return Err(format!("run.window: `from` {from} is after `to` {to}"));
+            }
+        }
+        if self.recovery.trim().is_empty() {
+            return Err("`recovery` is empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// The scenario files in `dir`, by name (file stem), sorted.
+pub fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, SpecError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| SpecError::Read {
+        file: dir.into(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let path = entry
+            .map_err(|source| SpecError::Read {
+                file: dir.into(),
+                source,
+            })?
+            .path();
+        if path.extension().is_some_and(|e| e == "json") {
+            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                out.push((stem.to_string(), path.clone()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{
+        "description": "d",
+        "devices": [{"name": "blank", "pmem-size": "512M", "disk-size": "64M", "recipe": "blank"}],
+        "modes": ["strict", "recover"],
+        "run": {"power-cut": {"workload": "start",
+                "window": {"between-markers": {"from": "C1-begin", "to": "C2-end"}},
+                "model": {"subsets": {"sample": 64, "seed": 1}}}},
+        "recovery": "start;stop;start",
+        "expect": [{"device": "blank", "mode": "strict",
+                    "counts": {"states": 8, "outcomes": {"refused": 3, "formatted": 5}}}]
+    }"#;
+
+    fn parse(text: &str) -> Result<Scenario, SpecError> {
+        Scenario::parse(Path::new("x.json"), text)
+    }
+
+    #[test]
+    fn a_minimal_scenario_parses() {
+        let s = parse(MINIMAL).unwrap();
+        assert_eq!(s.devices[0].pmem_size, Size(512 << 20));
+        let Run::PowerCut {
+            window: Window::BetweenMarkers { from, to },
+            ..
+        } = &s.run
+        else {
+            panic!("wrong run kind: {:?}", s.run);
+        };
+        assert_eq!(from.0, protocol::markers::crash_point_begin(1));
+        assert_eq!(to.0, protocol::markers::crash_point_end(2));
+        let round = serde_json::to_string(&s).unwrap();
+        assert_eq!(parse(&round).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_path() {
+        let text = MINIMAL.replace("\"pmem-size\"", "\"colour\": 1, \"pmem-size\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("x.json: at `devices[0]"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_path() {
+        let err = parse(&MINIMAL.replace("C1-begin", "C13-begin"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("run.power-cut.window.between-markers.from"),
+            "{err}"
+        );
+        assert!(err.contains("C13-begin"), "{err}");
+        let err = parse(&MINIMAL.replace("\"64M\"", "\"64Q\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("devices[0].disk-size") && err.contains("64Q"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn inconsistent_scenarios_are_refused() {
+        let small = MINIMAL.replace("\"512M\"", "\"256M\"");
+        assert!(parse(&small)
+            .unwrap_err()
+            .to_string()
+            .contains("minimum of 512M"));
+        let bad_sum = MINIMAL.replace("\"formatted\": 5", "\"formatted\": 4");
+        assert!(parse(&bad_sum)
+            .unwrap_err()
+            .to_string()
+            .contains("add up to 7"));
+        let bad_dev = MINIMAL.replace("{\"device\": \"blank\"", "{\"device\": \"nope\"");
+        assert!(parse(&bad_dev)
+            .unwrap_err()
+            .to_string()
+            .contains("no device named `nope`"));
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(Size::parse("512M"), Ok(Size(512 << 20)));
+        assert_eq!(Size::parse("1G"), Ok(Size(1 << 30)));
+        assert_eq!(Size::parse("4096"), Ok(Size(4096)));
+        assert!(Size::parse("").is_err());
+        assert!(Size::parse("99999999999999G").is_err());
+        assert_eq!(String::from(Size(1 << 30)), "1G");
+        assert_eq!(String::from(Size(1000)), "1000");
+    }
+
+    #[test]
+    fn marker_names_round_trip() {
+        for n in 1..=12 {
+            for end in ["begin", "end"] {
+                let s = format!("C{n}-{end}");
+                assert_eq!(String::from(MarkerName::try_from(s.clone()).unwrap()), s);
+            }
+        }
+        assert_eq!(MarkerName::try_from("0x10".to_string()), Ok(MarkerName(16)));
+        assert!(MarkerName::try_from("C0-begin".to_string()).is_err());
+        assert!(MarkerName::try_from("C1-middle".to_string()).is_err());
+    }
+
+    #[test]
+    fn the_shipped_scenarios_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let all = list(dir).unwrap();
+        let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"crash-mid-sb-write"), "{names:?}");
+        for (name, path) in &all {
+            Scenario::load(path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}
