@@ -2,6 +2,8 @@
 //!
 //! - [`spec`]: scenario files (format in `scenarios/README.md`).
 //! - [`persistence`]: persistence models that turn a traced window into crash states.
+//! - [`result`]: the result file of a run and the checks of expectations.
 
 pub mod persistence;
+pub mod result;
 pub mod spec;

@@ -1,0 +1,295 @@
+//! What a scenario run writes: `results/NAME/<UTC timestamp>/result.json`
+//! (schema in `results/README.md`), and the checks of expectations.
+
+use crate::spec::{Expectation, Mode};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+
+/// Version of the result schema; bumped on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The whole result of one `cargo xtask scenario NAME` run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RunResult {
+    pub schema_version: u32,
+    pub scenario: String,
+    /// UTC start time, RFC 3339.
+    pub started: String,
+    pub elapsed_seconds: f64,
+    /// One entry per (device, mode).
+    pub runs: Vec<DeviceModeRun>,
+    /// True when no state violated its expectation and every pinned count held.
+    pub passed: bool,
+}
+
+/// The states of one device in one mode.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeviceModeRun {
+    pub device: String,
+    pub mode: Mode,
+    /// How the crash states were chosen (model, seed, sample size, window).
+    pub model: serde_json::Value,
+    pub counts: ObservedCounts,
+    pub states: Vec<StateResult>,
+    /// Failed pinned counts and other run-level violations.
+    pub violations: Vec<String>,
+}
+
+/// Counts observed in a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ObservedCounts {
+    pub states: usize,
+    pub duplicates: usize,
+    pub unchanged_writes: usize,
+    pub outcomes: BTreeMap<String, usize>,
+    pub unusable: usize,
+    pub older_cache_back: usize,
+    pub violations: usize,
+}
+
+/// One crash state and what recovery made of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StateResult {
+    /// Stable id within the run, e.g. `blank-strict-0003`.
+    pub id: String,
+    /// Trace position of the cut (events `[0, cut)` issued); absent for image sets.
+    pub cut: Option<usize>,
+    /// The writes applied over the base, in trace order.
+    pub applied: Vec<AppliedWrite>,
+    /// The outcome of recovery's first `start` (`formatted`, `opened`, `refused`, ...).
+    pub outcome: String,
+    /// The refusal reason, when refused.
+    pub reason: Option<String>,
+    pub usable: bool,
+    pub older_cache_back: bool,
+    /// The guest's full reports of the recovery steps.
+    pub reports: Vec<serde_json::Value>,
+    /// Why this state violates its expectation (empty: it does not).
+    pub violations: Vec<String>,
+    /// Where the state's images were saved for `cargo xtask reproduce` (violations only).
+    pub saved: Option<String>,
+}
+
+/// One durable write of a crash state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "device")]
+pub enum AppliedWrite {
+    Pmem {
+        event: usize,
+        offset: u64,
+        len: u8,
+        value: String,
+    },
+    Disk {
+        event: usize,
+        sector: u64,
+    },
+}
+
+impl StateResult {
+    /// Records in `self.violations` what `expect` forbids of this state alone.
+    pub fn check(&mut self, expect: &Expectation) {
+        if !expect.allowed.is_empty() && !expect.allowed.contains(&self.outcome) {
+            self.violations.push(format!(
+                "outcome `{}` is not allowed (allowed: {})",
+                self.outcome,
+                expect.allowed.join(", ")
+            ));
+        }
+        if expect.all_usable && !self.usable {
+            self.violations.push("not usable".into());
+        }
+        if expect.older_cache_never_back && self.older_cache_back {
+            self.violations.push("the older cache came back".into());
+        }
+    }
+}
+
+impl DeviceModeRun {
+    /// Counts the states and checks the pinned counts of `expect`.
+    pub fn finish(&mut self, expect: Option<&Expectation>) {
+        let c = &mut self.counts;
+        c.states = self.states.len();
+        c.outcomes.clear();
+        for s in &self.states {
+            *c.outcomes.entry(s.outcome.clone()).or_default() += 1;
+        }
+        c.unusable = self.states.iter().filter(|s| !s.usable).count();
+        c.older_cache_back = self.states.iter().filter(|s| s.older_cache_back).count();
+        if let Some(pinned) = expect.and_then(|e| e.counts.as_ref()) {
+            let mut differs = |what: &str, want: usize, got: usize| {
+                if want != got {
+                    self.violations
+                        .push(format!("pinned count `{what}`: expected {want}, got {got}"));
+                }
+            };
+            differs("states", pinned.states, c.states);
+            differs("unusable", pinned.unusable, c.unusable);
+            differs(
+                "older-cache-back",
+                pinned.older_cache_back,
+                c.older_cache_back,
+            );
+            let names: std::collections::BTreeSet<&String> =
+                pinned.outcomes.keys().chain(c.outcomes.keys()).collect();
+            for name in names {
+                let want = pinned.outcomes.get(name).copied().unwrap_or(0);
+                let got = c.outcomes.get(name).copied().unwrap_or(0);
+                differs(&format!("outcomes.{name}"), want, got);
+            }
+        }
+        self.counts.violations = self.violations.len()
+            + self
+                .states
+                .iter()
+                .filter(|s| !s.violations.is_empty())
+                .count();
+    }
+
+    pub fn passed(&self) -> bool {
+        self.counts.violations == 0
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder,
+/// synced, then renamed, so an interrupted run never leaves half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Counts;
+
+    fn state(outcome: &str, usable: bool, back: bool) -> StateResult {
+        StateResult {
+            id: "s".into(),
+            cut: Some(1),
+            applied: vec![],
+            outcome: outcome.into(),
+            reason: None,
+            usable,
+            older_cache_back: back,
+            reports: vec![],
+            violations: vec![],
+            saved: None,
+        }
+    }
+
+    fn expectation() -> Expectation {
+        Expectation {
+            device: "blank".into(),
+            mode: Mode::Recover,
+            allowed: vec!["formatted".into(), "format-redone".into()],
+            all_usable: true,
+            older_cache_never_back: true,
+            counts: Some(Counts {
+                states: 2,
+                outcomes: [
+                    ("formatted".to_string(), 1),
+                    ("format-redone".to_string(), 1),
+                ]
+                .into(),
+                unusable: 0,
+                older_cache_back: 0,
+            }),
+            per_image: Default::default(),
+        }
+    }
+
+    fn run(states: Vec<StateResult>) -> DeviceModeRun {
+        DeviceModeRun {
+            device: "blank".into(),
+            mode: Mode::Recover,
+            model: serde_json::Value::Null,
+            counts: ObservedCounts::default(),
+            states,
+            violations: vec![],
+        }
+    }
+
+    #[test]
+    fn states_within_expectation_pass() {
+        let e = expectation();
+        let mut r = run(vec![
+            state("formatted", true, false),
+            state("format-redone", true, false),
+        ]);
+        for s in &mut r.states {
+            s.check(&e);
+        }
+        r.finish(Some(&e));
+        assert!(r.passed(), "{:?}", r.violations);
+        assert_eq!(r.counts.outcomes["formatted"], 1);
+    }
+
+    #[test]
+    fn each_kind_of_violation_is_reported() {
+        let e = expectation();
+        let mut s = state("refused", false, true);
+        s.check(&e);
+        assert_eq!(s.violations.len(), 3, "{:?}", s.violations);
+
+        let mut r = run(vec![
+            state("formatted", true, false),
+            state("formatted", true, false),
+        ]);
+        r.finish(Some(&e));
+        assert!(!r.passed());
+        assert!(r
+            .violations
+            .iter()
+            .any(|v| v.contains("`outcomes.formatted`: expected 1, got 2")));
+        assert!(r
+            .violations
+            .iter()
+            .any(|v| v.contains("`outcomes.format-redone`: expected 1, got 0")));
+    }
+
+    #[test]
+    fn an_unpinned_outcome_breaks_the_pin() {
+        let e = expectation();
+        let mut r = run(vec![
+            state("formatted", true, false),
+            state("opened", true, false),
+        ]);
+        r.finish(Some(&e));
+        assert!(r
+            .violations
+            .iter()
+            .any(|v| v.contains("`outcomes.opened`: expected 0, got 1")));
+    }
+
+    #[test]
+    fn atomic_writes_leave_only_the_final_file() {
+        let dir = std::env::temp_dir().join(format!("scn-atomic-{}", std::process::id()));
+        let path = dir.join("result.json");
+        write_atomic(&path, b"{}").unwrap();
+        write_atomic(&path, b"{\"a\":1}").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"a\":1}");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("result.json")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
