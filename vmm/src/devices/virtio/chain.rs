@@ -154,7 +154,7 @@ impl Request {
             last = Some(desc);
         }
         match last {
-            None => Err(DeviceError::BadHead(head)),
+            None => Err(DeviceError::EmptyChain(head)),
             Some(d) if d.has_next() => Err(DeviceError::Unterminated(head)),
             Some(d) => {
                 req.ends_writable = d.is_write_only();

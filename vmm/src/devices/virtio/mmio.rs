@@ -40,8 +40,9 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS,
     VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
 };
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{GuestMem, VirtioDevice, FEATURE_VERSION_1};
@@ -411,8 +412,16 @@ impl MmioTransport {
             Ok(false) => {}
             Ok(true) => {
                 self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
-                // An unreadable avail ring here is no reason to withhold it.
-                if q.needs_notification(&self.mem).unwrap_or(true) {
+                // virtio-queue does not look at VRING_AVAIL_F_NO_INTERRUPT
+                // (without EVENT_IDX), so check it here. An unreadable ring
+                // is no reason to withhold the interrupt.
+                let wanted = q.needs_notification(&self.mem).unwrap_or(true);
+                let flags: u16 = self
+                    .mem
+                    .read_obj(GuestAddress(q.avail_ring()))
+                    .map(u16::from_le)
+                    .unwrap_or(0);
+                if wanted && flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0 {
                     self.signal();
                 }
             }

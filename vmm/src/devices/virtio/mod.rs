@@ -39,7 +39,7 @@ mod mmio;
 mod pmem;
 
 pub use blk::{Block, BLK_ID_BYTES, SECTOR_SIZE};
-pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+pub use mmio::{MmioTransport, TransportError, MMIO_WINDOW_SIZE};
 pub use pmem::Pmem;
 
 /// Virtio device id of a block device.
@@ -64,9 +64,10 @@ pub enum DeviceError {
     /// The available ring could not be read (bad index or address).
     #[error("available ring is invalid: {0}")]
     AvailRing(String),
-    /// The chain's head index is outside the descriptor table.
-    #[error("descriptor chain head {0} is outside the descriptor table")]
-    BadHead(u16),
+    /// The chain yields no descriptor: its head index is outside the
+    /// descriptor table, or it starts with a bad indirect table.
+    #[error("descriptor chain at head {0} has no readable descriptor")]
+    EmptyChain(u16),
     /// The chain loops, is longer than the queue, or links to a descriptor
     /// outside the table.
     #[error("descriptor chain starting at {0} loops or is longer than the queue")]
@@ -199,5 +200,11 @@ pub trait PmemBackend: Send {
     fn flush(&mut self) -> io::Result<()>;
 }
 
+#[cfg(test)]
+mod blk_tests;
+#[cfg(test)]
+mod mmio_tests;
+#[cfg(test)]
+mod pmem_tests;
 #[cfg(test)]
 pub(crate) mod testutil;
