@@ -164,6 +164,10 @@ impl Block {
                 let Some(offset) = self.check_range(sector, data_in) else {
                     return IOERR;
                 };
+                if data_in == 0 {
+                    // Nothing to write, nothing to trace.
+                    return (VIRTIO_BLK_S_OK as u8, 0);
+                }
                 let mut buf = vec![0u8; data_in as usize];
                 if !req.readable.read(mem, HEADER_LEN, &mut buf) {
                     return IOERR;

@@ -688,3 +688,21 @@ fn file_backend_round_trip() {
     // Reading past the end of the file is an error, not a short read.
     assert!(b.read_at(4000, &mut buf).is_err());
 }
+
+#[test]
+fn empty_read_and_write_succeed_without_io() {
+    let mut f = fix();
+    let mut d = Driver::new(&f.mem, 16);
+    header(&f.mem, HDR, VIRTIO_BLK_T_OUT, 3);
+    header(&f.mem, HDR + 0x100, VIRTIO_BLK_T_IN, 128);
+    d.add(&[D(HDR, 16, false), D(STATUS, 1, true)]);
+    d.add(&[D(HDR + 0x100, 16, false), D(STATUS + 1, 1, true)]);
+    let mut q = d.queue();
+    let before = f.disk.data.lock().unwrap().clone();
+    assert_eq!(run!(f, &mut q), Ok(true));
+    assert_eq!(guest(&f.mem, STATUS, 2), vec![OK, OK]);
+    assert_eq!(d.used(0).1, 1);
+    assert_eq!(d.used(1).1, 1);
+    assert_eq!(*f.disk.data.lock().unwrap(), before);
+    assert!(f.rec.events().is_empty(), "an empty write is not traced");
+}

@@ -312,13 +312,7 @@ fn queue_setup_is_validated() {
             USED_ADDR,
             "avail ring far outside memory",
         ),
-        (
-            16,
-            u64::MAX & !15,
-            AVAIL_ADDR,
-            USED_ADDR,
-            "descriptor table wraps",
-        ),
+        (16, !15u64, AVAIL_ADDR, USED_ADDR, "descriptor table wraps"),
         (16, 0x100, 0, USED_ADDR, "avail ring at 0"),
     ];
     for &(size, desc, avail, used, what) in cases {
@@ -588,4 +582,84 @@ fn invalid_device_queue_size_is_an_error() {
         }
     }
     assert!(MmioTransport::new(Box::new(Bad), mem(), None).is_err());
+}
+
+#[test]
+fn activate_and_reset_reach_the_device() {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Calls(Arc<Mutex<Vec<String>>>);
+    struct Dev(Calls);
+    impl VirtioDevice for Dev {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8, 4]
+        }
+        fn avail_features(&self) -> u64 {
+            FEATURE_VERSION_1 | 1
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0xab);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.0
+                 .0
+                .lock()
+                .unwrap()
+                .push(format!("config {offset} {data:?}"));
+        }
+        fn activate(&mut self, acked: u64) {
+            self.0
+                 .0
+                .lock()
+                .unwrap()
+                .push(format!("activate {acked:#x}"));
+        }
+        fn reset(&mut self) {
+            self.0 .0.lock().unwrap().push("reset".into());
+        }
+        fn process_queue(
+            &mut self,
+            index: usize,
+            _: &GuestMem,
+            _: &mut virtio_queue::Queue,
+        ) -> Result<bool, DeviceError> {
+            self.0 .0.lock().unwrap().push(format!("queue {index}"));
+            Ok(false)
+        }
+    }
+    let calls = Calls::default();
+    let mem = mem();
+    let mut t = MmioTransport::new(Box::new(Dev(calls.clone())), mem, None).unwrap();
+    w(&mut t, QUEUE_SEL, 1);
+    assert_eq!(r(&t, QUEUE_NUM_MAX), 4);
+    assert_eq!(r(&t, CONFIG + 3), 0xabab_abab);
+    t.write(CONFIG + 2, &[1, 2]);
+    negotiate(&mut t, FEATURE_VERSION_1);
+    // Queue 1 with size 4 on the test ring.
+    w(&mut t, QUEUE_SEL, 1);
+    w(&mut t, QUEUE_NUM, 4);
+    w(&mut t, QUEUE_DESC_LOW, DESC_ADDR as u32);
+    w(&mut t, QUEUE_AVAIL_LOW, AVAIL_ADDR as u32);
+    w(&mut t, QUEUE_USED_LOW, USED_ADDR as u32);
+    w(&mut t, QUEUE_READY, 1);
+    assert_eq!(r(&t, QUEUE_READY), 1);
+    w(&mut t, QUEUE_SEL, 0);
+    assert_eq!(r(&t, QUEUE_READY), 0);
+    w(&mut t, STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    w(&mut t, QUEUE_NOTIFY, 0); // not ready: ignored
+    w(&mut t, QUEUE_NOTIFY, 1);
+    w(&mut t, STATUS, 0);
+    assert_eq!(
+        *calls.0.lock().unwrap(),
+        vec![
+            "config 2 [1, 2]".to_string(),
+            format!("activate {FEATURE_VERSION_1:#x}"),
+            "queue 1".to_string(),
+            "reset".to_string(),
+        ]
+    );
 }
