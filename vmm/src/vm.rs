@@ -1,0 +1,826 @@
+//! One run of a VM: set up, run the vCPU until the guest exits (or the
+//! watchdog, a fault or KVM stops it), and return everything that happened.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use protocol::{layout, MessageHeader, MessageKind};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::boot::{self, BootError};
+use crate::crash::TraceWindow;
+use crate::devices::serial::{Console, ConsoleSink};
+use crate::devices::virtio::{self, Block, IoObserver, MmioTransport, Pmem, PmemBackend};
+use crate::devices::MmioBus;
+use crate::disk::{DiskImage, Overlay};
+use crate::memory::{self, ImageMode, MemoryError, PmemRegion};
+use crate::trace::{Event, Trace};
+use crate::watchdog::Watchdog;
+
+/// Errors that stop the VMM itself (as opposed to outcomes of the guest).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (the VMM needs read-write access to /dev/kvm: run as root or add yourself to the `kvm` group)")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("KVM lacks {0}, which the VMM needs")]
+    MissingCap(&'static str),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("console log {path}: {source}")]
+    ConsoleLog {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("tracing needs copy-on-write images (a write-through image has no frozen base)")]
+    TraceNeedsCopyOnWrite,
+    #[error("setting up devices: {0}")]
+    Devices(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Where the console goes.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleConfig {
+    /// Append the console to this file.
+    pub log: Option<PathBuf>,
+    /// Echo the console to the VMM's standard error.
+    pub terminal: bool,
+}
+
+/// Everything a run needs. The images are opened beforehand (see
+/// [`VmConfig::new`]); crash images from [`crate::crash`] can be used directly.
+#[derive(Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    /// Kernel command line (the VMM appends the `virtio_mmio.device=` entries).
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub pmem: PmemRegion,
+    pub disk: DiskImage,
+    /// Trace from the first instruction (otherwise the guest's control markers decide).
+    pub trace: bool,
+    pub timeout: Duration,
+    pub console: ConsoleConfig,
+}
+
+impl VmConfig {
+    /// A configuration with copy-on-write views of the given images, default
+    /// RAM, no tracing, a 10 s timeout and a quiet console.
+    pub fn new(
+        kernel: impl Into<PathBuf>,
+        cmdline: impl Into<String>,
+        pmem: &std::path::Path,
+        disk: &std::path::Path,
+    ) -> Result<Self, VmError> {
+        Ok(VmConfig {
+            kernel: kernel.into(),
+            cmdline: cmdline.into(),
+            mem_mib: layout::RAM_DEFAULT_MIB,
+            pmem: PmemRegion::open(pmem, ImageMode::CopyOnWrite)?,
+            disk: DiskImage::open(disk, ImageMode::CopyOnWrite)?,
+            trace: false,
+            timeout: Duration::from_secs(10),
+            console: ConsoleConfig::default(),
+        })
+    }
+}
+
+/// The guest's general and control registers when a run stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registers {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub cs: u16,
+    pub ss: u16,
+}
+
+impl Registers {
+    fn read(vcpu: &VcpuFd) -> Self {
+        let mut r = Registers::default();
+        if let Ok(g) = vcpu.get_regs() {
+            r.rip = g.rip;
+            r.rsp = g.rsp;
+            r.rflags = g.rflags;
+            r.rax = g.rax;
+            r.rbx = g.rbx;
+            r.rcx = g.rcx;
+            r.rdx = g.rdx;
+            r.rsi = g.rsi;
+            r.rdi = g.rdi;
+            r.rbp = g.rbp;
+        }
+        if let Ok(s) = vcpu.get_sregs() {
+            r.cr0 = s.cr0;
+            r.cr2 = s.cr2;
+            r.cr3 = s.cr3;
+            r.cr4 = s.cr4;
+            r.efer = s.efer;
+            r.cs = s.cs.selector;
+            r.ss = s.ss.selector;
+        }
+        r
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The guest wrote `code` to the exit port.
+    Exited { code: u32 },
+    /// The run exceeded its time budget.
+    Timeout { regs: Registers },
+    /// Triple fault or shutdown.
+    Shutdown { regs: Registers },
+    /// The guest halted with nothing to wake it.
+    Halted { regs: Registers },
+    /// KVM could not run the guest (for example an instruction the PVM
+    /// emulator rejects: suberror 1).
+    InternalError { suberror: u32, regs: Registers },
+    /// VM entry failed.
+    FailEntry { reason: u64, regs: Registers },
+    /// Another KVM exit the VMM does not handle.
+    Unhandled { exit: String, regs: Registers },
+}
+
+impl Outcome {
+    /// The guest's exit code, when it exited.
+    pub fn exit_code(&self) -> Option<u32> {
+        match self {
+            Outcome::Exited { code } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Short name: `exited`, `timeout`, `shutdown`, ...
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Exited { .. } => "exited",
+            Outcome::Timeout { .. } => "timeout",
+            Outcome::Shutdown { .. } => "shutdown",
+            Outcome::Halted { .. } => "halted",
+            Outcome::InternalError { .. } => "internal-error",
+            Outcome::FailEntry { .. } => "fail-entry",
+            Outcome::Unhandled { .. } => "unhandled",
+        }
+    }
+}
+
+/// A message the guest sent on the protocol's channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Raw kind; see [`Message::kind`].
+    pub kind: u32,
+    pub payload: Vec<u8>,
+    /// Time since the VMM started.
+    pub at_ns: u64,
+}
+
+impl Message {
+    pub fn kind(&self) -> Option<MessageKind> {
+        MessageKind::from_u32(self.kind)
+    }
+
+    /// The payload as text (lossy), for text-like kinds.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+
+    /// The exception report, for [`MessageKind::Exception`].
+    pub fn exception(&self) -> Option<protocol::ExceptionReport> {
+        (self.kind() == Some(MessageKind::Exception))
+            .then(|| protocol::ExceptionReport::decode(&self.payload))
+            .flatten()
+    }
+}
+
+/// A marker the guest wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkerRecord {
+    pub id: u32,
+    /// Time since the VMM started.
+    pub at_ns: u64,
+    /// `(window index, sequence number)` of the marker when tracing was on.
+    pub trace_pos: Option<(usize, u64)>,
+}
+
+/// Counters of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunStats {
+    /// VMM start to the first `KVM_RUN`.
+    pub setup_ns: u64,
+    /// VMM start to the end of the run.
+    pub total_ns: u64,
+    pub exits: u64,
+    pub pio_exits: u64,
+    pub mmio_exits: u64,
+    pub traced_stores: u64,
+    /// Accesses to addresses or ports nothing claims (ignored).
+    pub stray_accesses: u64,
+}
+
+/// Everything a run produced.
+#[derive(Debug)]
+pub struct RunResult {
+    pub outcome: Outcome,
+    pub messages: Vec<Message>,
+    pub markers: Vec<MarkerRecord>,
+    /// What the guest wrote to COM1.
+    pub console: Vec<u8>,
+    /// The traced windows, in order (the last may still have been open).
+    pub windows: Vec<TraceWindow>,
+    /// Guest protocol violations the VMM refused (bad message addresses, ...).
+    pub protocol_errors: Vec<String>,
+    pub stats: RunStats,
+    /// The images as the run left them.
+    pub pmem: PmemRegion,
+    pub disk: DiskImage,
+}
+
+impl RunResult {
+    pub fn console_text(&self) -> String {
+        String::from_utf8_lossy(&self.console).into_owned()
+    }
+
+    /// The trace of the first window (empty when nothing was traced).
+    pub fn trace(&self) -> Trace {
+        self.windows
+            .first()
+            .map(|w| w.trace.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The KVM handle and supported CPUID, opened once per process (both cost
+/// more than the rest of a VM's setup).
+struct Host {
+    kvm: Kvm,
+    cpuid: CpuId,
+}
+
+fn host() -> Result<&'static Host, VmError> {
+    static HOST: OnceLock<Result<Host, String>> = OnceLock::new();
+    let h = HOST.get_or_init(|| {
+        let kvm = Kvm::new().map_err(|e| VmError::NoKvm(e).to_string())?;
+        for (cap, name) in [
+            (kvm_ioctls::Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM"),
+            (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name).to_string());
+            }
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| e.to_string())?;
+        Ok(Host { kvm, cpuid })
+    });
+    match h {
+        Ok(h) => Ok(h),
+        Err(msg) => Err(VmError::Devices(msg.clone())),
+    }
+}
+
+/// Checks that `/dev/kvm` can be used, with an error that says how to fix it.
+pub fn check_kvm() -> Result<(), VmError> {
+    Kvm::new().map_err(VmError::NoKvm)?;
+    host().map(|_| ())
+}
+
+/// Trace state shared by the vCPU loop and the device observers.
+pub(crate) struct Tracer {
+    on: bool,
+    trace: Trace,
+    base: Option<WindowBase>,
+    windows: Vec<TraceWindow>,
+}
+
+struct WindowBase {
+    pmem_pages: std::collections::BTreeMap<u64, Box<[u8]>>,
+    disk_overlay: Overlay,
+}
+
+impl Tracer {
+    fn record(&mut self, e: Event) -> Option<u64> {
+        self.on.then(|| self.trace.push(e))
+    }
+}
+
+/// Forwards device I/O into the trace.
+struct Observer(Arc<Mutex<Tracer>>);
+
+impl IoObserver for Observer {
+    fn blk_write(&mut self, sector: u64, data: &[u8]) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if t.on {
+            t.trace.push_blk_write(sector, data);
+        }
+    }
+    fn blk_flush(&mut self) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.record(Event::BlkFlush);
+    }
+    fn pmem_flush(&mut self) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.record(Event::PmemFlush);
+    }
+}
+
+/// The disk as the block device sees it, shared with the VMM (which freezes
+/// its overlay when tracing starts).
+struct SharedDisk(Arc<Mutex<DiskImage>>);
+
+impl virtio::BlockBackend for SharedDisk {
+    fn size(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
+/// virtio-pmem flushes: `msync` for a write-through image, nothing for a
+/// copy-on-write one.
+struct PmemFlusher(Arc<PmemRegion>);
+
+impl PmemBackend for PmemFlusher {
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Runs a VM to its end. Errors are VMM failures; everything the guest does
+/// (exit, fault, hang) is an [`Outcome`].
+pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
+    let start = Instant::now();
+    let host = host()?;
+    if config.trace && config.pmem.mode() != ImageMode::CopyOnWrite {
+        return Err(VmError::TraceNeedsCopyOnWrite);
+    }
+    if !config.kernel.exists() {
+        return Err(BootError::KernelOpen {
+            path: config.kernel.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        }
+        .into());
+    }
+
+    let vm = host.kvm.create_vm().map_err(kvm_err("create VM"))?;
+    let ram = memory::create_ram(config.mem_mib)?;
+    memory::register_ram(&vm, &ram)?;
+    let pmem = Arc::new(config.pmem);
+    pmem.register(&vm, config.trace, false)?;
+    let disk = Arc::new(Mutex::new(config.disk));
+
+    let kernel = boot::load_kernel(&ram, &config.kernel)?;
+    let blk_base = layout::virtio_mmio_addr(layout::VIRTIO_BLK_SLOT);
+    let pmem_base = layout::virtio_mmio_addr(layout::VIRTIO_PMEM_SLOT);
+    let irq = |slot: u64| layout::VIRTIO_IRQ_BASE + slot as u32;
+    let cmdline = boot::build_cmdline(
+        &config.cmdline,
+        &[
+            (
+                layout::VIRTIO_MMIO_SIZE,
+                blk_base,
+                irq(layout::VIRTIO_BLK_SLOT),
+            ),
+            (
+                layout::VIRTIO_MMIO_SIZE,
+                pmem_base,
+                irq(layout::VIRTIO_PMEM_SLOT),
+            ),
+        ],
+    )?;
+    boot::write_boot_params(&ram, &cmdline, config.mem_mib << 20)?;
+
+    let tracer = Arc::new(Mutex::new(Tracer {
+        on: false,
+        trace: Trace::new(),
+        base: None,
+        windows: Vec::new(),
+    }));
+
+    // Devices. The guest polls, so no interrupt lines are wired.
+    let mut bus = MmioBus::new();
+    let mut blk = Block::new(Box::new(SharedDisk(disk.clone())), b"pcache-disk");
+    blk.set_observer(Box::new(Observer(tracer.clone())));
+    let mut pm = Pmem::new(
+        layout::PMEM_START,
+        pmem.size(),
+        Box::new(PmemFlusher(pmem.clone())),
+    );
+    pm.set_observer(Box::new(Observer(tracer.clone())));
+    for (base, dev) in [
+        (blk_base, Box::new(blk) as Box<dyn virtio::VirtioDevice>),
+        (pmem_base, Box::new(pm)),
+    ] {
+        let t = MmioTransport::new(dev, ram.clone(), None)
+            .map_err(|e| VmError::Devices(e.to_string()))?;
+        bus.insert(base, layout::VIRTIO_MMIO_SIZE, Box::new(t))
+            .map_err(|e| VmError::Devices(e.to_string()))?;
+    }
+
+    let mut sink = ConsoleSink {
+        terminal: config.console.terminal,
+        ..Default::default()
+    };
+    if let Some(p) = &config.console.log {
+        sink.log = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmError::ConsoleLog {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        );
+    }
+
+    let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
+    boot::setup_vcpu(&ram, &vcpu, &host.cpuid, kernel.entry)?;
+
+    let mut state = RunState {
+        start,
+        vm: &vm,
+        ram: &ram,
+        pmem: &pmem,
+        disk: &disk,
+        tracer: &tracer,
+        bus,
+        console: Console::new(sink),
+        messages: Vec::new(),
+        markers: Vec::new(),
+        protocol_errors: Vec::new(),
+        stats: RunStats::default(),
+    };
+    if config.trace {
+        state.trace_on()?;
+    }
+    state.stats.setup_ns = start.elapsed().as_nanos() as u64;
+    let watchdog = Watchdog::start(config.timeout);
+    let outcome = state.run_loop(&mut vcpu, &watchdog);
+    drop(watchdog);
+    let outcome = outcome?;
+
+    let RunState {
+        bus,
+        console,
+        messages,
+        markers,
+        protocol_errors,
+        mut stats,
+        ..
+    } = state;
+    // The devices hold the other references to the images.
+    drop(bus);
+    drop(vcpu);
+    drop(vm);
+    let windows = {
+        let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
+        if t.on {
+            close_window(&mut t, &pmem, &disk, true);
+        }
+        std::mem::take(&mut t.windows)
+    };
+    let pmem = Arc::try_unwrap(pmem).map_err(|_| VmError::Devices("pmem still shared".into()))?;
+    let disk = Arc::try_unwrap(disk)
+        .map_err(|_| VmError::Devices("disk still shared".into()))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    stats.total_ns = start.elapsed().as_nanos() as u64;
+    Ok(RunResult {
+        outcome,
+        messages,
+        markers,
+        console: console.into_sink().buffer,
+        windows,
+        protocol_errors,
+        stats,
+        pmem,
+        disk,
+    })
+}
+
+fn close_window(t: &mut Tracer, pmem: &PmemRegion, disk: &Mutex<DiskImage>, open: bool) {
+    let base = t.base.take().expect("a window is open");
+    let d = disk.lock().unwrap_or_else(|e| e.into_inner());
+    let trace = std::mem::take(&mut t.trace);
+    t.windows.push(TraceWindow {
+        trace,
+        pmem_file: pmem.file().clone(),
+        pmem_size: pmem.size(),
+        pmem_pages: base.pmem_pages,
+        disk_file: d.file().clone(),
+        disk_size: d.size(),
+        disk_overlay: base.disk_overlay,
+        open_at_end: open,
+    });
+    t.on = false;
+}
+
+struct RunState<'a> {
+    start: Instant,
+    vm: &'a VmFd,
+    ram: &'a GuestMemoryMmap,
+    pmem: &'a Arc<PmemRegion>,
+    disk: &'a Arc<Mutex<DiskImage>>,
+    tracer: &'a Arc<Mutex<Tracer>>,
+    bus: MmioBus,
+    console: Console,
+    messages: Vec<Message>,
+    markers: Vec<MarkerRecord>,
+    protocol_errors: Vec<String>,
+    stats: RunStats,
+}
+
+/// Protocol errors kept per run; a guest cannot make the VMM hold more.
+const MAX_PROTOCOL_ERRORS: usize = 100;
+
+impl RunState<'_> {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn protocol_error(&mut self, msg: String) {
+        if self.protocol_errors.len() < MAX_PROTOCOL_ERRORS {
+            self.protocol_errors.push(msg);
+        }
+    }
+
+    /// Starts a window: freezes the base (pages and sectors changed so far)
+    /// and makes the pmem slot read-only so every store exits.
+    fn trace_on(&mut self) -> Result<(), VmError> {
+        let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
+        if t.on {
+            drop(t);
+            self.protocol_error("trace-on marker while tracing is already on".into());
+            return Ok(());
+        }
+        if self.pmem.mode() != ImageMode::CopyOnWrite {
+            drop(t);
+            self.protocol_error("trace-on refused: tracing needs copy-on-write images".to_string());
+            return Ok(());
+        }
+        let pmem_pages = self.pmem.private_pages()?;
+        let disk_overlay = self
+            .disk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .overlay()
+            .clone();
+        t.base = Some(WindowBase {
+            pmem_pages,
+            disk_overlay,
+        });
+        t.on = true;
+        drop(t);
+        self.pmem.register(self.vm, true, true)?;
+        Ok(())
+    }
+
+    fn trace_off(&mut self) -> Result<(), VmError> {
+        let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
+        if !t.on {
+            drop(t);
+            self.protocol_error("trace-off marker while tracing is off".into());
+            return Ok(());
+        }
+        close_window(&mut t, self.pmem, self.disk, false);
+        drop(t);
+        self.pmem.register(self.vm, false, true)?;
+        Ok(())
+    }
+
+    fn marker(&mut self, id: u32) -> Result<(), VmError> {
+        match id {
+            protocol::MARKER_TRACE_ON => self.trace_on()?,
+            protocol::MARKER_TRACE_OFF => self.trace_off()?,
+            _ => {}
+        }
+        let trace_pos = if id & protocol::MARKER_CONTROL_BIT == 0 {
+            let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
+            let w = t.windows.len();
+            t.record(Event::Marker { id }).map(|seq| (w, seq))
+        } else {
+            None
+        };
+        if self.markers.len() < 1 << 20 {
+            self.markers.push(MarkerRecord {
+                id,
+                at_ns: self.now_ns(),
+                trace_pos,
+            });
+        }
+        Ok(())
+    }
+
+    fn message(&mut self, gpa: u64) {
+        let hdr: [u8; MessageHeader::SIZE] = match self.ram.read_obj(GuestAddress(gpa)) {
+            Ok(h) => h,
+            Err(_) => {
+                return self
+                    .protocol_error(format!("message header at {gpa:#x} is outside guest RAM"))
+            }
+        };
+        let h = MessageHeader::decode(hdr);
+        if h.len > protocol::MESSAGE_MAX_LEN {
+            return self.protocol_error(format!(
+                "message at {gpa:#x} claims {} bytes (at most {})",
+                h.len,
+                protocol::MESSAGE_MAX_LEN
+            ));
+        }
+        let mut payload = vec![0u8; h.len as usize];
+        let at = gpa.checked_add(MessageHeader::SIZE as u64);
+        if at
+            .map(|a| self.ram.read_slice(&mut payload, GuestAddress(a)))
+            .is_none_or(|r| r.is_err())
+        {
+            return self.protocol_error(format!(
+                "message payload of {} bytes at {gpa:#x} is outside guest RAM",
+                h.len
+            ));
+        }
+        if self.messages.len() >= 1 << 16 {
+            return self.protocol_error("too many messages; dropped".into());
+        }
+        self.messages.push(Message {
+            kind: h.kind,
+            payload,
+            at_ns: self.now_ns(),
+        });
+    }
+
+    /// Applies a guest store that hit the read-only pmem slot and traces it.
+    fn pmem_store(&mut self, addr: u64, data: &[u8]) {
+        let off = addr - layout::PMEM_START;
+        if data.is_empty() || data.len() > 8 || self.pmem.write(off, data).is_err() {
+            return self.protocol_error(format!(
+                "pmem store of {} bytes at {addr:#x} rejected",
+                data.len()
+            ));
+        }
+        self.stats.traced_stores += 1;
+        let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
+        if t.on {
+            t.trace.push_pmem_store(off, data);
+        }
+    }
+
+    fn in_pmem(&self, addr: u64, len: usize) -> bool {
+        addr >= layout::PMEM_START
+            && (addr - layout::PMEM_START)
+                .checked_add(len as u64)
+                .is_some_and(|e| e <= self.pmem.size())
+    }
+
+    fn run_loop(&mut self, vcpu: &mut VcpuFd, wd: &Watchdog) -> Result<Outcome, VmError> {
+        loop {
+            if wd.expired() {
+                return Ok(Outcome::Timeout {
+                    regs: Registers::read(vcpu),
+                });
+            }
+            let exit = match vcpu.run() {
+                Ok(e) => e,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    vcpu.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e) => return Err(kvm_err("KVM_RUN")(e)),
+            };
+            self.stats.exits += 1;
+            match exit {
+                VcpuExit::IoOut(port, data) => {
+                    self.stats.pio_exits += 1;
+                    let word = (data.len() == 4)
+                        .then(|| u32::from_le_bytes(data.try_into().expect("4 bytes")));
+                    match (port, word) {
+                        (protocol::PORT_EXIT, Some(code)) => {
+                            return Ok(Outcome::Exited { code });
+                        }
+                        (protocol::PORT_MESSAGE, Some(gpa)) => self.message(gpa as u64),
+                        (protocol::PORT_MARKER, Some(id)) => self.marker(id)?,
+                        (protocol::PORT_EXIT | protocol::PORT_MESSAGE | protocol::PORT_MARKER, None) => {
+                            self.protocol_error(format!(
+                                "{}-byte write to port {port:#x} (the protocol's ports take 32-bit writes)",
+                                data.len()
+                            ))
+                        }
+                        (p, _) if (protocol::PORT_COM1..protocol::PORT_COM1 + 8).contains(&p) => {
+                            let v = data.first().copied().unwrap_or(0);
+                            if let Err(e) = self.console.write((p - protocol::PORT_COM1) as u8, v) {
+                                self.protocol_error(format!("console: {e}"));
+                            }
+                        }
+                        _ => self.stats.stray_accesses += 1,
+                    }
+                }
+                VcpuExit::IoIn(port, data) => {
+                    self.stats.pio_exits += 1;
+                    if (protocol::PORT_COM1..protocol::PORT_COM1 + 8).contains(&port) {
+                        let v = self.console.read((port - protocol::PORT_COM1) as u8);
+                        data.fill(0);
+                        if let Some(b) = data.first_mut() {
+                            *b = v;
+                        }
+                    } else {
+                        data.fill(0xff);
+                        self.stats.stray_accesses += 1;
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.stats.mmio_exits += 1;
+                    if self.in_pmem(addr, data.len()) {
+                        let d = data.to_vec();
+                        self.pmem_store(addr, &d);
+                    } else if !self.bus.write(addr, data) {
+                        self.stats.stray_accesses += 1;
+                    }
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    self.stats.mmio_exits += 1;
+                    if self.in_pmem(addr, data.len()) {
+                        // Reads of the slot are native; serve stray ones anyway.
+                        let _ = self.pmem.read(addr - layout::PMEM_START, data);
+                    } else if !self.bus.read(addr, data) {
+                        data.fill(0xff);
+                        self.stats.stray_accesses += 1;
+                    }
+                }
+                VcpuExit::Hlt => {
+                    return Ok(Outcome::Halted {
+                        regs: Registers::read(vcpu),
+                    })
+                }
+                VcpuExit::Shutdown => {
+                    return Ok(Outcome::Shutdown {
+                        regs: Registers::read(vcpu),
+                    })
+                }
+                VcpuExit::InternalError => {
+                    // SAFETY: after an internal-error exit KVM filled the `internal` member.
+                    let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    return Ok(Outcome::InternalError {
+                        suberror,
+                        regs: Registers::read(vcpu),
+                    });
+                }
+                VcpuExit::FailEntry(reason, _) => {
+                    return Ok(Outcome::FailEntry {
+                        reason,
+                        regs: Registers::read(vcpu),
+                    })
+                }
+                VcpuExit::Intr => continue,
+                other => {
+                    let exit = format!("{other:?}");
+                    return Ok(Outcome::Unhandled {
+                        exit,
+                        regs: Registers::read(vcpu),
+                    });
+                }
+            }
+        }
+    }
+}
