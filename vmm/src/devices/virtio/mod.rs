@@ -10,6 +10,9 @@
 //! 2. Wrap it in an [`MmioTransport`] with the guest memory (a clone of the
 //!    VMM's `GuestMemoryMmap`; its regions are shared, not copied) and,
 //!    optionally, an interrupt [`EventFd`] that the VMM registers as an irqfd.
+//!    Give the transports RAM only, not the pmem region: device DMA into a
+//!    traced pmem region would bypass the trace, and with RAM only such a
+//!    buffer is simply "outside guest memory" (the request fails).
 //! 3. Route every guest MMIO access inside the device's window
 //!    ([`MMIO_WINDOW_SIZE`] bytes) to [`MmioTransport::read`] /
 //!    [`MmioTransport::write`] with the offset from the window's base.
@@ -38,9 +41,9 @@ mod chain;
 mod mmio;
 mod pmem;
 
-pub use blk::{Block, BLK_ID_BYTES, SECTOR_SIZE};
+pub use blk::{Block, BLK_ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
 pub use mmio::{MmioTransport, TransportError, MMIO_WINDOW_SIZE};
-pub use pmem::Pmem;
+pub use pmem::{Pmem, VIRTIO_PMEM_REQ_TYPE_FLUSH, VIRTIO_PMEM_RESP_EIO, VIRTIO_PMEM_RESP_OK};
 
 /// Virtio device id of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
