@@ -1,0 +1,197 @@
+//! The backing device: the slow block device the cache fronts, in 512-byte
+//! sectors. Part 2 (writeback, miss fill) uses it; part 1 only defines it.
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// Bytes per sector.
+pub const SECTOR: usize = 512;
+
+/// Errors of a backing-device access.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BackingError {
+    /// The access reaches past the end of the device.
+    #[error("access of {sectors} sectors at sector {sector} is beyond the device ({size} sectors)")]
+    OutOfBounds {
+        /// First sector.
+        sector: u64,
+        /// Number of sectors.
+        sectors: u64,
+        /// Device size in sectors.
+        size: u64,
+    },
+    /// A buffer that is not a whole number of sectors.
+    #[error("buffer of {len} bytes is not a whole number of 512-byte sectors")]
+    PartialSector {
+        /// Buffer length.
+        len: usize,
+    },
+    /// A write to a read-only device.
+    #[error("the backing device is open read-only")]
+    ReadOnly,
+    /// An I/O error of the device.
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+fn check(sector: u64, len: usize, size: u64) -> Result<(), BackingError> {
+    if len % SECTOR != 0 {
+        return Err(BackingError::PartialSector { len });
+    }
+    let sectors = (len / SECTOR) as u64;
+    match sector.checked_add(sectors) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BackingError::OutOfBounds {
+            sector,
+            sectors,
+            size,
+        }),
+    }
+}
+
+/// A block device of 512-byte sectors with a volatile write cache: writes are
+/// durable only after [`Backing::flush`].
+pub trait Backing {
+    /// Size in sectors.
+    fn sectors(&self) -> u64;
+    /// Reads whole sectors starting at `sector`.
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BackingError>;
+    /// Writes whole sectors starting at `sector`.
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BackingError>;
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> Result<(), BackingError>;
+}
+
+/// A backing device in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VecBacking {
+    buf: Vec<u8>,
+}
+
+impl VecBacking {
+    /// A zeroed device of `sectors` sectors.
+    pub fn new(sectors: u64) -> Self {
+        VecBacking {
+            buf: vec![0; sectors as usize * SECTOR],
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Backing for VecBacking {
+    fn sectors(&self) -> u64 {
+        (self.buf.len() / SECTOR) as u64
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        check(sector, buf.len(), self.sectors())?;
+        let o = sector as usize * SECTOR;
+        buf.copy_from_slice(&self.buf[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BackingError> {
+        check(sector, buf.len(), self.sectors())?;
+        let o = sector as usize * SECTOR;
+        self.buf[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), BackingError> {
+        Ok(())
+    }
+}
+
+#[cfg(feature = "std")]
+pub use host::FileBacking;
+
+#[cfg(feature = "std")]
+mod host {
+    use super::{check, Backing, BackingError, SECTOR};
+    use std::fs::{File, OpenOptions};
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    fn io(e: std::io::Error) -> BackingError {
+        BackingError::Io(e.to_string())
+    }
+
+    /// A backing device in a host file (its length rounded down to sectors).
+    #[derive(Debug)]
+    pub struct FileBacking {
+        file: File,
+        sectors: u64,
+        writable: bool,
+    }
+
+    impl FileBacking {
+        /// Opens `path` read-write.
+        pub fn open(path: &Path) -> std::io::Result<Self> {
+            let file = OpenOptions::new().read(true).write(true).open(path)?;
+            let sectors = file.metadata()?.len() / SECTOR as u64;
+            Ok(FileBacking {
+                file,
+                sectors,
+                writable: true,
+            })
+        }
+
+        /// Opens `path` read-only.
+        pub fn open_read_only(path: &Path) -> std::io::Result<Self> {
+            let file = File::open(path)?;
+            let sectors = file.metadata()?.len() / SECTOR as u64;
+            Ok(FileBacking {
+                file,
+                sectors,
+                writable: false,
+            })
+        }
+    }
+
+    impl Backing for FileBacking {
+        fn sectors(&self) -> u64 {
+            self.sectors
+        }
+        fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+            check(sector, buf.len(), self.sectors)?;
+            self.file
+                .read_exact_at(buf, sector * SECTOR as u64)
+                .map_err(io)
+        }
+        fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BackingError> {
+            if !self.writable {
+                return Err(BackingError::ReadOnly);
+            }
+            check(sector, buf.len(), self.sectors)?;
+            self.file
+                .write_all_at(buf, sector * SECTOR as u64)
+                .map_err(io)
+        }
+        fn flush(&mut self) -> Result<(), BackingError> {
+            if self.writable {
+                self.file.sync_data().map_err(io)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vec_backing_bounds() {
+        let mut b = VecBacking::new(4);
+        let mut buf = [0u8; 1024];
+        assert!(b.read(3, &mut buf).is_err());
+        assert!(b.read(0, &mut buf[..100]).is_err());
+        b.write(2, &[7u8; 1024]).unwrap();
+        b.read(2, &mut buf).unwrap();
+        assert_eq!(buf, [7u8; 1024]);
+        assert!(b.write(u64::MAX, &[0u8; 512]).is_err());
+        b.flush().unwrap();
+    }
+}
