@@ -7,9 +7,13 @@ use std::time::Duration;
 use vmm::{RunResult, VmConfig};
 use vmm_sys_util::tempdir::TempDir;
 
-/// The guest kernel built by `cargo xtask build-guest`.
+/// The guest kernel built by `cargo xtask build-guest` (or `$PCACHE_GUEST`).
 pub fn guest_kernel() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest/pcache-guest");
+    let p = std::env::var_os("PCACHE_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest/pcache-guest")
+        });
     assert!(
         p.exists(),
         "guest kernel {} is missing: run `cargo xtask build-guest` first",
