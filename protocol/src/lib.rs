@@ -20,7 +20,10 @@
 //! # Markers
 //! A 32-bit write to [`PORT_MARKER`] records a marker in the trace at its position
 //! among the traced stores and flushes. Ids with the top bit set are reserved for
-//! control markers ([`MARKER_TRACE_ON`], [`MARKER_TRACE_OFF`]).
+//! control markers ([`MARKER_TRACE_ON`], [`MARKER_TRACE_OFF`],
+//! [`MARKER_RING3_ENTERED`]). When tracing starts, the VMM freezes the pmem
+//! and disk contents as the window's base: everything stored before the
+//! trace-on marker counts as durable.
 //!
 //! # Test commands
 //! The guest's work comes from its kernel command line. The keys are
@@ -244,6 +247,10 @@ impl ExitCode {
 pub const MARKER_TRACE_ON: u32 = 0x8000_0001;
 /// Control marker: stop tracing.
 pub const MARKER_TRACE_OFF: u32 = 0x8000_0002;
+/// Control marker: the guest writes it once, as its first act in ring 3, so
+/// that the VMM can time "VMM start to first ring-3 instruction" (a time
+/// stamp in the run's marker list; not a trace event).
+pub const MARKER_RING3_ENTERED: u32 = 0x8000_0003;
 /// Marker ids with this bit set are control markers, not trace events.
 pub const MARKER_CONTROL_BIT: u32 = 0x8000_0000;
 

@@ -27,6 +27,8 @@ pub enum BootError {
         path: String,
         source: std::io::Error,
     },
+    #[error("kernel {0} does not exist (the project's guest kernel is built by `cargo xtask build-guest` into target/guest/pcache-guest)")]
+    KernelMissing(String),
     #[error("kernel {0} is not an ELF file (the VMM boots 64-bit ELF kernels; build the guest with `cargo xtask build-guest`)")]
     NotElf(String),
     #[error("loading kernel {path}: {source}")]

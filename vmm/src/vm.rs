@@ -264,7 +264,82 @@ pub struct RunResult {
     pub disk: DiskImage,
 }
 
+/// A message as written to JSON: its kind's name and a readable payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageSummary {
+    pub kind: String,
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exception: Option<ExceptionSummary>,
+    pub at_ns: u64,
+}
+
+/// An [`protocol::ExceptionReport`] for JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExceptionSummary {
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cr2: u64,
+}
+
+/// What a run produced, without the images: for JSON output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub outcome: Outcome,
+    pub messages: Vec<MessageSummary>,
+    pub markers: Vec<MarkerRecord>,
+    pub console: String,
+    pub protocol_errors: Vec<String>,
+    /// Number of events in each traced window.
+    pub window_events: Vec<usize>,
+    pub stats: RunStats,
+}
+
 impl RunResult {
+    /// The run without its images, ready for `serde_json`.
+    pub fn summary(&self) -> RunSummary {
+        RunSummary {
+            outcome: self.outcome.clone(),
+            messages: self
+                .messages
+                .iter()
+                .map(|m| MessageSummary {
+                    kind: m
+                        .kind()
+                        .map(|k| format!("{k:?}").to_lowercase())
+                        .unwrap_or_else(|| format!("unknown-{}", m.kind)),
+                    text: if m.kind() == Some(MessageKind::Exception) {
+                        String::new()
+                    } else {
+                        m.text()
+                    },
+                    exception: m.exception().map(|e| ExceptionSummary {
+                        vector: e.vector,
+                        error_code: e.error_code,
+                        rip: e.rip,
+                        cr2: e.cr2,
+                    }),
+                    at_ns: m.at_ns,
+                })
+                .collect(),
+            markers: self.markers.clone(),
+            console: self.console_text(),
+            protocol_errors: self.protocol_errors.clone(),
+            window_events: self.windows.iter().map(|w| w.trace.len()).collect(),
+            stats: self.stats,
+        }
+    }
+
+    /// When the guest entered ring 3 ([`protocol::MARKER_RING3_ENTERED`]),
+    /// as time since the VMM started.
+    pub fn ring3_entered_ns(&self) -> Option<u64> {
+        self.markers
+            .iter()
+            .find(|m| m.id == protocol::MARKER_RING3_ENTERED)
+            .map(|m| m.at_ns)
+    }
+
     pub fn console_text(&self) -> String {
         String::from_utf8_lossy(&self.console).into_owned()
     }
@@ -397,11 +472,7 @@ pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
         return Err(VmError::TraceNeedsCopyOnWrite);
     }
     if !config.kernel.exists() {
-        return Err(BootError::KernelOpen {
-            path: config.kernel.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-        }
-        .into());
+        return Err(BootError::KernelMissing(config.kernel.display().to_string()).into());
     }
 
     let vm = host.kvm.create_vm().map_err(kvm_err("create VM"))?;
