@@ -12,7 +12,8 @@
 //! feature the device did not offer or did not accept `VIRTIO_F_VERSION_1`.
 //!
 //! Queue registers are written between FEATURES_OK and DRIVER_OK while the
-//! queue is not ready. Writing 1 to QueueReady validates the queue (size a
+//! queue is not ready; writing 0 to QueueReady (disabling a queue) is
+//! accepted at any time. Writing 1 to QueueReady validates the queue (size a
 //! power of two not above QueueNumMax; descriptor table 16-byte, available
 //! ring 2-byte, used ring 4-byte aligned; all three inside guest memory); an
 //! invalid queue stays not ready (QueueReady reads 0).
@@ -288,20 +289,24 @@ impl MmioTransport {
     }
 
     fn write_queue_ready(&mut self, v: u32) {
-        if !self.queue_setup_allowed() {
-            warn!(
-                "virtio-mmio: QueueReady write in status {:#x} ignored",
-                self.status
-            );
-            return;
-        }
+        let setup = self.queue_setup_allowed();
         let i = self.queue_sel as usize;
         let (Some(q), Some(r)) = (self.queues.get_mut(i), self.regs.get(i)) else {
             warn!("virtio-mmio: QueueReady for missing queue {i} ignored");
             return;
         };
         if v == 0 {
+            // Allowed in any state: Linux (vm_del_vq) and virtio-drivers
+            // (queue_unset) disable queues after DRIVER_OK and wait until
+            // QueueReady reads back 0; virtio-drivers spins forever if not.
             q.set_ready(false);
+            return;
+        }
+        if !setup {
+            warn!(
+                "virtio-mmio: QueueReady write in status {:#x} ignored",
+                self.status
+            );
             return;
         }
         if q.ready() {

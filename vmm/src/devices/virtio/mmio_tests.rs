@@ -663,3 +663,100 @@ fn activate_and_reset_reach_the_device() {
         ]
     );
 }
+
+/// The register sequence of virtio-drivers 0.13's `VirtIOBlk` over its
+/// modern `MmioTransport` (the project's guest driver), replayed step by
+/// step: probe, `begin_init`, config read, `VirtQueue::new`, `finish_init`,
+/// requests framed as it frames them, then `Drop` (`queue_unset`, reset).
+#[test]
+fn virtio_drivers_blk_lifecycle() {
+    let mem = mem();
+    let (mut t, disk, _) = blk(&mem);
+    // MmioTransport::new_from_unique
+    assert_eq!(r(&t, MAGIC), 0x7472_6976);
+    assert_eq!(r(&t, DEVICE_ID), 2);
+    assert_eq!(r(&t, VERSION), 2);
+    // begin_init
+    w(&mut t, STATUS, 0);
+    w(&mut t, STATUS, ACK | DRIVER);
+    w(&mut t, DEVICE_FEATURES_SEL, 0);
+    let mut dev_features = u64::from(r(&t, DEVICE_FEATURES));
+    w(&mut t, DEVICE_FEATURES_SEL, 1);
+    dev_features += u64::from(r(&t, DEVICE_FEATURES)) << 32;
+    // RO | FLUSH | RING_INDIRECT_DESC | RING_EVENT_IDX | VERSION_1
+    let supported: u64 = 1 << 5 | 1 << 9 | 1 << 28 | 1 << 29 | 1 << 32;
+    let negotiated = dev_features & supported;
+    assert_eq!(negotiated, 1 << 9 | 1 << 32);
+    w(&mut t, DRIVER_FEATURES_SEL, 0);
+    w(&mut t, DRIVER_FEATURES, negotiated as u32);
+    w(&mut t, DRIVER_FEATURES_SEL, 1);
+    w(&mut t, DRIVER_FEATURES, (negotiated >> 32) as u32);
+    w(&mut t, STATUS, ACK | DRIVER | FEATURES_OK);
+    // capacity through read_consistent
+    let gen = r(&t, CONFIG_GENERATION);
+    let capacity = u64::from(r(&t, CONFIG)) | u64::from(r(&t, CONFIG + 4)) << 32;
+    assert_eq!(r(&t, CONFIG_GENERATION), gen);
+    assert_eq!(capacity, 128);
+    // VirtQueue::<_, 16>::new: queue_used, max_queue_size, queue_set
+    w(&mut t, QUEUE_SEL, 0);
+    assert_eq!(r(&t, QUEUE_READY), 0);
+    w(&mut t, QUEUE_SEL, 0);
+    assert!(r(&t, QUEUE_NUM_MAX) >= 16);
+    set_queue(&mut t, 16, DESC_ADDR, AVAIL_ADDR, USED_ADDR);
+    w(&mut t, QUEUE_READY, 1);
+    // finish_init
+    w(&mut t, STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_eq!(r(&t, STATUS), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+
+    // write_blocks(3, 512 bytes): [req] readable, [resp] writable.
+    let mut d = Driver::new(&mem, 16);
+    let req = |ty: u32, sector: u64| {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        h
+    };
+    let (hdr, data, resp) = (DATA, DATA + 0x1000, DATA + 0x2000);
+    mem.write_slice(&req(1, 3), GuestAddress(hdr)).unwrap();
+    mem.write_slice(&[0x42; 512], GuestAddress(data)).unwrap();
+    d.add(&[D(hdr, 16, false), D(data, 512, false), D(resp, 1, true)]);
+    w(&mut t, QUEUE_NOTIFY, 0);
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(resp)).unwrap(), 0);
+    assert_eq!(disk.data.lock().unwrap()[3 * 512..4 * 512], [0x42; 512]);
+    // read_blocks(3): [req] readable, [buf, resp] writable.
+    mem.write_slice(&req(0, 3), GuestAddress(hdr)).unwrap();
+    d.add(&[
+        D(hdr, 16, false),
+        D(data + 512, 512, true),
+        D(resp, 1, true),
+    ]);
+    w(&mut t, QUEUE_NOTIFY, 0);
+    assert_eq!(d.used(1).1, 513);
+    let mut back = [0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(data + 512)).unwrap();
+    assert_eq!(back, [0x42; 512]);
+    // flush, device_id
+    mem.write_slice(&req(4, 0), GuestAddress(hdr)).unwrap();
+    d.add(&[D(hdr, 16, false), D(resp, 1, true)]);
+    w(&mut t, QUEUE_NOTIFY, 0);
+    assert_eq!(*disk.flushes.lock().unwrap(), 1);
+    mem.write_slice(&req(8, 0), GuestAddress(hdr)).unwrap();
+    d.add(&[D(hdr, 16, false), D(data, 20, true), D(resp, 1, true)]);
+    w(&mut t, QUEUE_NOTIFY, 0);
+    assert_eq!(d.used(3).1, 21);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(resp)).unwrap(), 0);
+
+    // Drop for VirtIOBlk: queue_unset(0) waits for QueueReady to read 0.
+    w(&mut t, QUEUE_SEL, 0);
+    w(&mut t, QUEUE_READY, 0);
+    assert_eq!(r(&t, QUEUE_READY), 0, "virtio-drivers would spin here");
+    set_queue(&mut t, 0, 0, 0, 0);
+    // A notify on the disabled queue does nothing.
+    d.add(&[D(hdr, 16, false), D(resp, 1, true)]);
+    w(&mut t, QUEUE_NOTIFY, 0);
+    assert_eq!(d.used_idx(), 4);
+    // Drop for MmioTransport: reset.
+    w(&mut t, STATUS, 0);
+    assert_eq!(r(&t, STATUS), 0);
+}
