@@ -206,6 +206,8 @@ pub trait PmemBackend: Send {
 #[cfg(test)]
 mod blk_tests;
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod mmio_tests;
 #[cfg(test)]
 mod pmem_tests;
