@@ -62,6 +62,9 @@ struct RunArgs {
     /// Let the guest modify the image files (default: copy-on-write views; the files are never written).
     #[arg(long)]
     write_through: bool,
+    /// Create the in-kernel irqchip and wire device interrupts as irqfds (slower; the project's guest polls).
+    #[arg(long)]
+    interrupts: bool,
     /// Print the run's summary as JSON on standard output.
     #[arg(long)]
     json: bool,
@@ -106,6 +109,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             log: a.console_log,
             terminal: a.console,
         },
+        interrupts: a.interrupts,
     };
     let result = vmm::run(config)?;
     if let Some(dir) = &a.save_trace {

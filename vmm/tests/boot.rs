@@ -20,3 +20,13 @@ fn guest_boots_and_exits_with_success() {
         r.stats.exits
     );
 }
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn guest_runs_with_the_in_kernel_irqchip_and_irqfds() {
+    let img = Images::new();
+    let mut c = img.config("harness.test=blk-write:1:7;blk-flush;pmem-flush");
+    c.interrupts = true;
+    let r = vmm::run(c).expect("the VMM runs");
+    assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", describe(&r));
+}

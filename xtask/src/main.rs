@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module; this file only parses the command
 //! line and dispatches.
 
+mod bench;
 mod guest;
 mod test;
 mod util;
@@ -27,12 +28,15 @@ enum Command {
     Test(test::TestArgs),
     /// Build the guest kernel into target/guest/pcache-guest.
     BuildGuest(guest::BuildGuestArgs),
+    /// Benchmark the VMM: start to ring 3, boot-to-exit, traced store, message, RSS.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Test(args) => test::test_all(args),
+        Command::Bench(args) => bench::bench(args),
         Command::BuildGuest(args) => guest::build(args).map(|path| {
             println!("guest kernel: {}", path.display());
         }),
