@@ -1,0 +1,223 @@
+//! Device recipes: the images a scenario starts from, made on the host with the
+//! same pcache code the guest runs.
+
+use crate::spec::{Device, Mode, Recipe};
+use pcache::pmem::FilePmem;
+use pcache::{activate, NoHooks, Options, Outcome, Pmem};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Byte offset of the superblock's magic (`pcache-format.md` §3.2: sb at 4096, magic at +8).
+const SB_MAGIC_OFF: u64 = 4096 + 8;
+
+/// The images of one device, ready for a run.
+#[derive(Clone, Debug)]
+pub struct PreparedDevice {
+    pub pmem: PathBuf,
+    pub disk: PathBuf,
+    /// For `older-cache`: the cache_info seq of the older cache's last activation.
+    pub older_seq: Option<u8>,
+}
+
+/// Why a device could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("recipe for `{device}`: activation {n} of {total} gave `{outcome}`: {message}")]
+    Activation {
+        device: String,
+        n: u32,
+        total: u32,
+        outcome: Outcome,
+        message: String,
+    },
+    #[error("recipe for `{device}`: {source}")]
+    Pmem {
+        device: String,
+        source: pcache::PmemError,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
+    move |source| RecipeError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// A sparse file of `size` zero bytes (refuses to overwrite).
+pub fn create_sparse(path: &Path, size: u64) -> Result<(), RecipeError> {
+    let f = File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(size).map_err(io(path))
+}
+
+/// Makes `device`'s images in `dir` for a run in `mode`. A `file` recipe's image
+/// is used in place: runs only ever see copy-on-write views of it.
+pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice, RecipeError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let disk = dir.join(format!("{}.disk", device.name));
+    create_sparse(&disk, device.disk_size.0)?;
+    let pmem = match &device.recipe {
+        Recipe::File { path } => {
+            return Ok(PreparedDevice {
+                pmem: path.clone(),
+                disk,
+                older_seq: None,
+            })
+        }
+        _ => dir.join(format!("{}.pmem", device.name)),
+    };
+    create_sparse(&pmem, device.pmem_size.0)?;
+    let older_seq = match device.recipe {
+        Recipe::Blank | Recipe::File { .. } => None,
+        Recipe::Formatted { activations } => {
+            activate_times(device, mode, &pmem, activations)?;
+            None
+        }
+        Recipe::OlderCache { activations } => {
+            let seq = activate_times(device, mode, &pmem, activations)?;
+            let mut dev = FilePmem::open(&pmem).map_err(io(&pmem))?;
+            let pmem_err = |source| RecipeError::Pmem {
+                device: device.name.clone(),
+                source,
+            };
+            dev.store_u64(SB_MAGIC_OFF, 0).map_err(pmem_err)?;
+            dev.persist(SB_MAGIC_OFF, 8).map_err(pmem_err)?;
+            Some(seq)
+        }
+    };
+    Ok(PreparedDevice {
+        pmem,
+        disk,
+        older_seq,
+    })
+}
+
+/// Activates the image `n` times; returns the cache_info seq the last one wrote.
+fn activate_times(device: &Device, mode: Mode, path: &Path, n: u32) -> Result<u8, RecipeError> {
+    let opts = Options {
+        mode: pcache_mode(mode),
+        data_crc: false,
+    };
+    let mut dev = FilePmem::open(path).map_err(io(path))?;
+    let mut seq = 0;
+    for i in 1..=n {
+        let r = activate(&mut dev, &opts, &mut NoHooks);
+        let want = if i == 1 {
+            Outcome::Formatted
+        } else {
+            Outcome::Opened
+        };
+        if r.outcome != want {
+            return Err(RecipeError::Activation {
+                device: device.name.clone(),
+                n: i,
+                total: n,
+                outcome: r.outcome,
+                message: r.message.unwrap_or_default(),
+            });
+        }
+        seq = r.cache_info.map_or(0, |c| c.seq);
+    }
+    Ok(seq)
+}
+
+/// The module's mode for a scenario mode.
+pub fn pcache_mode(mode: Mode) -> pcache::Mode {
+    match mode {
+        Mode::Strict => pcache::Mode::Strict,
+        Mode::Recover => pcache::Mode::Recover,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Size;
+
+    fn device(recipe: Recipe) -> Device {
+        Device {
+            name: "d".into(),
+            pmem_size: Size(512 << 20),
+            disk_size: Size(1 << 20),
+            recipe,
+        }
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("scn-recipe-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn blank_is_sparse_zeros() {
+        let dir = tempdir("blank");
+        let p = prepare(&device(Recipe::Blank), Mode::Recover, &dir).unwrap();
+        let meta = std::fs::metadata(&p.pmem).unwrap();
+        assert_eq!(meta.len(), 512 << 20);
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 < 1 << 20, "a blank image stays sparse");
+        assert_eq!(std::fs::metadata(&p.disk).unwrap().len(), 1 << 20);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn older_cache_has_its_seq_and_no_magic() {
+        for mode in [Mode::Strict, Mode::Recover] {
+            let dir = tempdir(mode.as_str());
+            let p = prepare(&device(Recipe::OlderCache { activations: 3 }), mode, &dir).unwrap();
+            assert_eq!(
+                p.older_seq,
+                Some(3),
+                "format writes seq 1, each activation one more"
+            );
+            let dev = FilePmem::open_read_only(&p.pmem).unwrap();
+            let mut magic = [0xffu8; 8];
+            dev.read(SB_MAGIC_OFF, &mut magic).unwrap();
+            assert_eq!(magic, [0; 8]);
+            // With its magic zeroed, the next activation formats it again.
+            let mut dev = FilePmem::open(&p.pmem).unwrap();
+            let opts = Options {
+                mode: pcache_mode(mode),
+                data_crc: false,
+            };
+            let r = activate(&mut dev, &opts, &mut NoHooks);
+            assert_eq!(r.outcome, Outcome::Formatted);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn formatted_opens() {
+        let dir = tempdir("formatted");
+        let p = prepare(
+            &device(Recipe::Formatted { activations: 2 }),
+            Mode::Recover,
+            &dir,
+        )
+        .unwrap();
+        let mut dev = FilePmem::open(&p.pmem).unwrap();
+        let r = activate(&mut dev, &Options::default(), &mut NoHooks);
+        assert_eq!(r.outcome, Outcome::Opened);
+        assert_eq!(r.cache_info.unwrap().seq, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn existing_images_are_not_overwritten() {
+        let dir = tempdir("exists");
+        prepare(&device(Recipe::Blank), Mode::Recover, &dir).unwrap();
+        let err = prepare(&device(Recipe::Blank), Mode::Recover, &dir).unwrap_err();
+        assert!(matches!(err, RecipeError::Io { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
