@@ -172,6 +172,9 @@ pub enum Outcome {
     FailEntry { reason: u64, regs: Registers },
     /// Another KVM exit the VMM does not handle.
     Unhandled { exit: String, regs: Registers },
+    /// The trace outgrew [`MAX_TRACE_EVENTS`] events or [`MAX_TRACE_DATA`]
+    /// bytes of disk data; the run was stopped rather than traced partially.
+    TraceLimit { regs: Registers },
 }
 
 impl Outcome {
@@ -193,6 +196,7 @@ impl Outcome {
             Outcome::InternalError { .. } => "internal-error",
             Outcome::FailEntry { .. } => "fail-entry",
             Outcome::Unhandled { .. } => "unhandled",
+            Outcome::TraceLimit { .. } => "trace-limit",
         }
     }
 }
@@ -393,9 +397,19 @@ pub fn check_kvm() -> Result<(), VmError> {
     host().map(|_| ())
 }
 
+/// Most events one traced window may hold.
+pub const MAX_TRACE_EVENTS: usize = 64 << 20;
+/// Most disk-write bytes one traced window may hold.
+pub const MAX_TRACE_DATA: usize = 1 << 30;
+/// Most message payload bytes a run keeps.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Trace state shared by the vCPU loop and the device observers.
 pub(crate) struct Tracer {
     on: bool,
+    /// Set when the window outgrew its limits; the run loop stops the run.
+    overflow: bool,
+    data_bytes: usize,
     trace: Trace,
     base: Option<WindowBase>,
     windows: Vec<TraceWindow>,
@@ -407,8 +421,15 @@ struct WindowBase {
 }
 
 impl Tracer {
+    fn full(&mut self, extra: usize) -> bool {
+        if self.trace.len() >= MAX_TRACE_EVENTS || self.data_bytes + extra > MAX_TRACE_DATA {
+            self.overflow = true;
+        }
+        self.overflow
+    }
+
     fn record(&mut self, e: Event) -> Option<u64> {
-        self.on.then(|| self.trace.push(e))
+        (self.on && !self.full(0)).then(|| self.trace.push(e))
     }
 }
 
@@ -418,7 +439,8 @@ struct Observer(Arc<Mutex<Tracer>>);
 impl IoObserver for Observer {
     fn blk_write(&mut self, sector: u64, data: &[u8]) {
         let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if t.on {
+        if t.on && !t.full(data.len()) {
+            t.data_bytes += data.len();
             t.trace.push_blk_write(sector, data);
         }
     }
@@ -509,6 +531,8 @@ pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
 
     let tracer = Arc::new(Mutex::new(Tracer {
         on: false,
+        overflow: false,
+        data_bytes: 0,
         trace: Trace::new(),
         base: None,
         windows: Vec::new(),
@@ -586,6 +610,7 @@ pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
         bus,
         console: Console::new(sink),
         messages: Vec::new(),
+        message_bytes: 0,
         markers: Vec::new(),
         protocol_errors: Vec::new(),
         stats: RunStats::default(),
@@ -642,6 +667,7 @@ fn close_window(t: &mut Tracer, pmem: &PmemRegion, disk: &Mutex<DiskImage>, open
     let base = t.base.take().expect("a window is open");
     let d = disk.lock().unwrap_or_else(|e| e.into_inner());
     let trace = std::mem::take(&mut t.trace);
+    t.data_bytes = 0;
     t.windows.push(TraceWindow {
         trace,
         pmem_file: pmem.file().clone(),
@@ -665,9 +691,39 @@ struct RunState<'a> {
     bus: MmioBus,
     console: Console,
     messages: Vec<Message>,
+    message_bytes: usize,
     markers: Vec<MarkerRecord>,
     protocol_errors: Vec<String>,
     stats: RunStats,
+}
+
+/// Reads a message announced at guest-physical `gpa`: `(kind, payload)`, or
+/// why it was refused. Nothing the guest wrote is trusted: the header and the
+/// payload must lie in RAM and the length within the protocol's limit.
+pub(crate) fn read_message(ram: &GuestMemoryMmap, gpa: u64) -> Result<(u32, Vec<u8>), String> {
+    let hdr: [u8; MessageHeader::SIZE] = ram
+        .read_obj(GuestAddress(gpa))
+        .map_err(|_| format!("message header at {gpa:#x} is outside guest RAM"))?;
+    let h = MessageHeader::decode(hdr);
+    if h.len > protocol::MESSAGE_MAX_LEN {
+        return Err(format!(
+            "message at {gpa:#x} claims {} bytes (at most {})",
+            h.len,
+            protocol::MESSAGE_MAX_LEN
+        ));
+    }
+    let mut payload = vec![0u8; h.len as usize];
+    let at = gpa.checked_add(MessageHeader::SIZE as u64);
+    if at
+        .map(|a| ram.read_slice(&mut payload, GuestAddress(a)))
+        .is_none_or(|r| r.is_err())
+    {
+        return Err(format!(
+            "message payload of {} bytes at {gpa:#x} is outside guest RAM",
+            h.len
+        ));
+    }
+    Ok((h.kind, payload))
 }
 
 /// Protocol errors kept per run; a guest cannot make the VMM hold more.
@@ -752,37 +808,16 @@ impl RunState<'_> {
     }
 
     fn message(&mut self, gpa: u64) {
-        let hdr: [u8; MessageHeader::SIZE] = match self.ram.read_obj(GuestAddress(gpa)) {
-            Ok(h) => h,
-            Err(_) => {
-                return self
-                    .protocol_error(format!("message header at {gpa:#x} is outside guest RAM"))
-            }
+        let (kind, payload) = match read_message(self.ram, gpa) {
+            Ok(m) => m,
+            Err(e) => return self.protocol_error(e),
         };
-        let h = MessageHeader::decode(hdr);
-        if h.len > protocol::MESSAGE_MAX_LEN {
-            return self.protocol_error(format!(
-                "message at {gpa:#x} claims {} bytes (at most {})",
-                h.len,
-                protocol::MESSAGE_MAX_LEN
-            ));
+        if self.message_bytes + payload.len() > MAX_MESSAGE_BYTES {
+            return self.protocol_error("message limit reached; message dropped".into());
         }
-        let mut payload = vec![0u8; h.len as usize];
-        let at = gpa.checked_add(MessageHeader::SIZE as u64);
-        if at
-            .map(|a| self.ram.read_slice(&mut payload, GuestAddress(a)))
-            .is_none_or(|r| r.is_err())
-        {
-            return self.protocol_error(format!(
-                "message payload of {} bytes at {gpa:#x} is outside guest RAM",
-                h.len
-            ));
-        }
-        if self.messages.len() >= 1 << 16 {
-            return self.protocol_error("too many messages; dropped".into());
-        }
+        self.message_bytes += payload.len();
         self.messages.push(Message {
-            kind: h.kind,
+            kind,
             payload,
             at_ns: self.now_ns(),
         });
@@ -799,7 +834,7 @@ impl RunState<'_> {
         }
         self.stats.traced_stores += 1;
         let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
-        if t.on {
+        if t.on && !t.full(0) {
             t.trace.push_pmem_store(off, data);
         }
     }
@@ -815,6 +850,16 @@ impl RunState<'_> {
         loop {
             if wd.expired() {
                 return Ok(Outcome::Timeout {
+                    regs: Registers::read(vcpu),
+                });
+            }
+            if self
+                .tracer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .overflow
+            {
+                return Ok(Outcome::TraceLimit {
                     regs: Registers::read(vcpu),
                 });
             }
@@ -919,5 +964,64 @@ impl RunState<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram() -> GuestMemoryMmap {
+        memory::create_ram(4).unwrap()
+    }
+
+    fn put(ram: &GuestMemoryMmap, gpa: u64, kind: u32, len: u32, payload: &[u8]) {
+        ram.write_slice(&MessageHeader { kind, len }.encode(), GuestAddress(gpa))
+            .unwrap();
+        ram.write_slice(payload, GuestAddress(gpa + 8)).unwrap();
+    }
+
+    #[test]
+    fn messages_are_read_from_guest_ram() {
+        let m = ram();
+        put(&m, 0x1000, MessageKind::Text as u32, 5, b"hello");
+        assert_eq!(read_message(&m, 0x1000), Ok((1, b"hello".to_vec())));
+        put(&m, 0x2000, MessageKind::Error as u32, 0, b"");
+        assert_eq!(read_message(&m, 0x2000), Ok((3, vec![])));
+    }
+
+    #[test]
+    fn bad_message_addresses_and_lengths_are_refused() {
+        let m = ram();
+        let end = 4u64 << 20;
+        // Header outside RAM, or straddling its end.
+        assert!(read_message(&m, end).is_err());
+        assert!(read_message(&m, end - 4).is_err());
+        assert!(read_message(&m, u64::MAX - 3).is_err());
+        // Payload running past the end of RAM.
+        put(&m, end - 16, 1, 9, b"");
+        assert!(read_message(&m, end - 16).unwrap_err().contains("outside"));
+        // Length over the protocol's limit.
+        put(&m, 0x1000, 1, protocol::MESSAGE_MAX_LEN + 1, b"");
+        assert!(read_message(&m, 0x1000).unwrap_err().contains("claims"));
+        put(&m, 0x1000, 1, u32::MAX, b"");
+        assert!(read_message(&m, 0x1000).is_err());
+    }
+
+    #[test]
+    fn outcome_serialises_with_its_kind() {
+        let o = Outcome::Exited { code: 4 };
+        assert_eq!(
+            serde_json::to_string(&o).unwrap(),
+            r#"{"kind":"exited","code":4}"#
+        );
+        let t = Outcome::Timeout {
+            regs: Registers::default(),
+        };
+        assert!(serde_json::to_string(&t)
+            .unwrap()
+            .starts_with(r#"{"kind":"timeout","regs":{"rip":0"#));
+        assert_eq!(t.exit_code(), None);
+        assert_eq!(t.name(), "timeout");
     }
 }
