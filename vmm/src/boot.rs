@@ -6,7 +6,7 @@
 //! stack below 0x8ff0, zero page and command line where `protocol::layout` says.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::Path;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId};
@@ -75,23 +75,38 @@ pub struct LoadedKernel {
     pub end: u64,
 }
 
+/// Checks that `path` exists and starts with the ELF magic, so that a wrong
+/// path fails before any VM is made, with an error that says what to do.
+pub fn check_kernel(path: &Path) -> Result<(), BootError> {
+    let shown = path.display().to_string();
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(BootError::KernelMissing(shown))
+        }
+        Err(source) => {
+            return Err(BootError::KernelOpen {
+                path: shown,
+                source,
+            })
+        }
+    };
+    let mut magic = [0u8; 4];
+    if file.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
+        return Err(BootError::NotElf(shown));
+    }
+    Ok(())
+}
+
 /// Loads a 64-bit ELF kernel into guest RAM. The file is checked for the ELF
 /// magic first so that the error says what is wrong.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    check_kernel(path)?;
     let shown = path.display().to_string();
     let mut file = File::open(path).map_err(|source| BootError::KernelOpen {
         path: shown.clone(),
         source,
     })?;
-    let mut magic = [0u8; 4];
-    if file.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
-        return Err(BootError::NotElf(shown));
-    }
-    file.seek(SeekFrom::Start(0))
-        .map_err(|source| BootError::KernelOpen {
-            path: shown.clone(),
-            source,
-        })?;
     let res = Elf::load(
         mem,
         None,

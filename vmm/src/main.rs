@@ -91,7 +91,8 @@ fn run(a: RunArgs) -> Result<ExitCode> {
     if a.save_trace.is_some() && !a.trace && !a.cmdline.contains("marker") {
         eprintln!("vmm: note: --save-trace without --trace saves only windows the guest opens");
     }
-    vmm::vm::check_kvm()?;
+    // Cheap checks first, so each mistake is reported on its own.
+    vmm::boot::check_kernel(&a.kernel)?;
     let mode = if a.write_through {
         ImageMode::WriteThrough
     } else {
@@ -111,6 +112,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         },
         interrupts: a.interrupts,
     };
+    vmm::vm::check_kvm()?;
     let result = vmm::run(config)?;
     if let Some(dir) = &a.save_trace {
         for (i, w) in result.windows.iter().enumerate() {

@@ -1,0 +1,139 @@
+//! The `vmm` command line: errors that say what to fix (no KVM needed), and a
+//! run whose exit status is the guest's exit code (KVM).
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn vmm(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .output()
+        .expect("run the vmm binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn paths(img: &Images) -> (String, String) {
+    (
+        img.pmem().display().to_string(),
+        img.disk().display().to_string(),
+    )
+}
+
+#[test]
+fn missing_kernel_says_how_to_build_one() {
+    let img = Images::new();
+    let (p, d) = paths(&img);
+    let (code, _, err) = vmm(&[
+        "run",
+        "--kernel",
+        "/no/such/kernel",
+        "--pmem",
+        &p,
+        "--disk",
+        &d,
+    ]);
+    assert_eq!(code, 100, "{err}");
+    assert!(
+        err.contains("/no/such/kernel") && err.contains("cargo xtask build-guest"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_elf_kernel_is_refused() {
+    let img = Images::new();
+    let (p, d) = paths(&img);
+    let (code, _, err) = vmm(&["run", "--kernel", &d, "--pmem", &p, "--disk", &d]);
+    assert_eq!(code, 100, "{err}");
+    assert!(err.contains("not an ELF"), "{err}");
+}
+
+#[test]
+fn small_pmem_is_refused_before_boot_with_a_fix() {
+    let img = Images::new();
+    let small = img.dir.as_path().join("small.img");
+    vmm::memory::create_sparse_file(&small, 64 << 20).unwrap();
+    let elf = std::env::current_exe().unwrap(); // any ELF will do: nothing boots
+    let (code, _, err) = vmm(&[
+        "run",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--pmem",
+        small.to_str().unwrap(),
+        "--disk",
+        &img.disk().display().to_string(),
+    ]);
+    assert_eq!(code, 100, "{err}");
+    assert!(
+        err.contains("at least 512 MiB") && err.contains("truncate -s 512M"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_timeout_is_refused() {
+    let img = Images::new();
+    let (p, d) = paths(&img);
+    let (code, _, err) = vmm(&[
+        "run",
+        "--kernel",
+        "k",
+        "--pmem",
+        &p,
+        "--disk",
+        &d,
+        "--timeout",
+        "-1",
+    ]);
+    assert_ne!(code, 0, "{err}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn run_reports_the_outcome_and_exits_with_the_guest_code() {
+    let img = Images::new();
+    let (p, d) = paths(&img);
+    let kernel = guest_kernel().display().to_string();
+    let (code, out, err) = vmm(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--pmem",
+        &p,
+        "--disk",
+        &d,
+        "--trace",
+        "--json",
+        "--cmdline",
+        "harness.test=message:from-cli;pmem-store:0x10:1",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON on stdout");
+    assert_eq!(v["outcome"]["kind"], "exited");
+    assert_eq!(v["outcome"]["code"], 0);
+    assert_eq!(v["messages"][0]["text"], "from-cli");
+    assert_eq!(v["window_events"][0], 1);
+
+    let (code, out, err) = vmm(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--pmem",
+        &p,
+        "--disk",
+        &d,
+        "--timeout",
+        "0.3",
+        "--cmdline",
+        "harness.test=spin",
+    ]);
+    assert_eq!(code, 124, "{out}{err}");
+    assert!(out.contains("outcome: timeout"), "{out}");
+}
