@@ -37,20 +37,9 @@ pub const ALL_SUBSETS_MAX: usize = 12;
 /// Bytes per disk sector (the unit of disk writes).
 pub const SECTOR: usize = 512;
 
-/// One event of a traced window.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// A guest store of `len` (1..=8) bytes at pmem byte offset `off`.
-    PmemStore { off: u64, len: u8, data: [u8; 8] },
-    /// A completed virtio-pmem flush: every earlier pmem store is durable.
-    PmemFlush,
-    /// A completed disk write of whole sectors starting at `sector`.
-    DiskWrite { sector: u64, data: Vec<u8> },
-    /// A completed disk FLUSH: every earlier disk write is durable.
-    DiskFlush,
-    /// A marker from the guest.
-    Marker(u32),
-}
+pub use vmm::trace::{Event, Trace};
+/// One unit of durability: a pmem store, or one sector of a disk write.
+pub use vmm::WriteRef as Write;
 
 /// The image the window starts from (everything before it is durable).
 pub trait BaseImage {
@@ -72,15 +61,6 @@ pub enum Model {
         /// Seed of the random sample.
         seed: u64,
     },
-}
-
-/// One unit of durability: a pmem store, or one sector of a disk write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Write {
-    /// Index of the event in the trace.
-    pub event: usize,
-    /// Sector index within a disk write; 0 for pmem stores.
-    pub part: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,17 +103,18 @@ pub enum EnumerateError {
     #[error("event {event}: store of {len} bytes (must be 1..=8)")]
     BadStoreLength { event: usize, len: u8 },
     #[error("event {event}: disk write of {len} bytes is not a whole number of sectors")]
-    BadDiskWrite { event: usize, len: usize },
+    BadDiskWrite { event: usize, len: u32 },
 }
 
 /// Enumerates the crash states of cuts at positions `start..=end`.
 pub fn enumerate(
-    events: &[Event],
+    trace: &Trace,
     start: usize,
     end: usize,
     model: &Model,
     base: &dyn BaseImage,
 ) -> Result<Enumeration, EnumerateError> {
+    let events = trace.events();
     if start > end || end > events.len() {
         return Err(EnumerateError::BadWindow {
             start,
@@ -141,20 +122,21 @@ pub fn enumerate(
             len: events.len(),
         });
     }
-    let trace = Trace::new(events, base)?;
-    let mut out = Emitter::new(&trace);
-    out.enumeration.unchanged_writes = trace.unchanged;
+    let writes = Writes::new(trace, base)?;
+    let mut out = Emitter::new(&writes);
+    out.enumeration.unchanged_writes = writes.unchanged;
+    let trace = &writes;
     match model {
         Model::Prefix => {
             out.emit_prefix(start);
             for w in trace.writes_in(start, end) {
-                out.emit_prefix(w.event + 1);
+                out.emit_prefix(w.event as usize + 1);
             }
         }
         Model::FlushedOnly => {
             out.emit_flushed(start);
             for (i, e) in events.iter().enumerate().take(end).skip(start) {
-                if matches!(e, Event::PmemFlush | Event::DiskFlush) {
+                if matches!(e, Event::PmemFlush | Event::BlkFlush) {
                     out.emit_flushed(i + 1);
                 }
             }
@@ -167,7 +149,7 @@ pub fn enumerate(
                     pending_pmem.len() <= ALL_SUBSETS_MAX && pending_disk.len() <= ALL_SUBSETS_MAX;
                 // The last cut of an epoch: the window's end, or just before a barrier.
                 let epoch_end = cut == end
-                    || matches!(events.get(cut), Some(Event::PmemFlush | Event::DiskFlush));
+                    || matches!(events.get(cut), Some(Event::PmemFlush | Event::BlkFlush));
                 if small || epoch_end {
                     let pmem = subset_family(&pending_pmem, *sample, seed ^ cut as u64);
                     let disk = subset_family(&pending_disk, *sample, !seed ^ cut as u64);
@@ -184,48 +166,43 @@ pub fn enumerate(
 }
 
 /// The trace's writes, with unchanged ones dropped, and its barriers.
-struct Trace<'a> {
-    events: &'a [Event],
+struct Writes<'a> {
+    trace: &'a Trace,
     /// Writes that changed the image when issued, in trace order.
     writes: Vec<(Domain, Write)>,
     unchanged: usize,
     base: &'a dyn BaseImage,
 }
 
-impl<'a> Trace<'a> {
-    fn new(events: &'a [Event], base: &'a dyn BaseImage) -> Result<Self, EnumerateError> {
+impl<'a> Writes<'a> {
+    fn new(trace: &'a Trace, base: &'a dyn BaseImage) -> Result<Self, EnumerateError> {
         let mut volatile = Overlay::default();
         let mut writes = Vec::new();
         let mut unchanged = 0;
-        for (i, e) in events.iter().enumerate() {
-            match e {
-                Event::PmemStore { off, len, data } => {
-                    if !(1..=8).contains(len) {
-                        return Err(EnumerateError::BadStoreLength {
-                            event: i,
-                            len: *len,
-                        });
+        for (i, e) in trace.events().iter().enumerate() {
+            let event = i as u64;
+            match *e {
+                Event::PmemStore { offset, len, .. } => {
+                    if !(1..=8).contains(&len) {
+                        return Err(EnumerateError::BadStoreLength { event: i, len });
                     }
-                    let bytes = &data[..*len as usize];
-                    if volatile.pmem_apply(*off, bytes, base) {
-                        writes.push((Domain::Pmem, Write { event: i, part: 0 }));
+                    if volatile.pmem_apply(offset, &Trace::store_bytes(e), base) {
+                        writes.push((Domain::Pmem, Write { event, part: 0 }));
                     } else {
                         unchanged += 1;
                     }
                 }
-                Event::DiskWrite { sector, data } => {
+                Event::BlkWrite { sector, len, .. } => {
+                    let data = trace.blk_data(e);
                     if data.is_empty() || data.len() % SECTOR != 0 {
-                        return Err(EnumerateError::BadDiskWrite {
-                            event: i,
-                            len: data.len(),
-                        });
+                        return Err(EnumerateError::BadDiskWrite { event: i, len });
                     }
                     for (part, chunk) in data.chunks(SECTOR).enumerate() {
                         if volatile.disk_apply(sector + part as u64, chunk, base) {
                             writes.push((
                                 Domain::Disk,
                                 Write {
-                                    event: i,
+                                    event,
                                     part: part as u32,
                                 },
                             ));
@@ -234,11 +211,11 @@ impl<'a> Trace<'a> {
                         }
                     }
                 }
-                Event::PmemFlush | Event::DiskFlush | Event::Marker(_) => {}
+                Event::PmemFlush | Event::BlkFlush | Event::Marker { .. } => {}
             }
         }
-        Ok(Trace {
-            events,
+        Ok(Writes {
+            trace,
             writes,
             unchanged,
             base,
@@ -248,30 +225,32 @@ impl<'a> Trace<'a> {
     fn writes_in(&self, start: usize, end: usize) -> impl Iterator<Item = Write> + '_ {
         self.writes
             .iter()
-            .filter(move |(_, w)| w.event >= start && w.event < end)
+            .filter(move |(_, w)| (start..end).contains(&(w.event as usize)))
             .map(|(_, w)| *w)
     }
 
     /// Position of the last completed barrier of `domain` before `cut` (0 if none).
     fn barrier_before(&self, domain: Domain, cut: usize) -> usize {
-        self.events[..cut]
+        self.trace.events()[..cut]
             .iter()
             .rposition(|e| match domain {
                 Domain::Pmem => matches!(e, Event::PmemFlush),
-                Domain::Disk => matches!(e, Event::DiskFlush),
+                Domain::Disk => matches!(e, Event::BlkFlush),
             })
             .map_or(0, |i| i + 1)
     }
 
     fn durable(&self, domain: Domain, cut: usize) -> Vec<Write> {
         let barrier = self.barrier_before(domain, cut);
-        self.of(domain).filter(|w| w.event < barrier).collect()
+        self.of(domain)
+            .filter(|w| (w.event as usize) < barrier)
+            .collect()
     }
 
     fn pending(&self, domain: Domain, cut: usize) -> Vec<Write> {
         let barrier = self.barrier_before(domain, cut);
         self.of(domain)
-            .filter(|w| w.event >= barrier && w.event < cut)
+            .filter(|w| (barrier..cut).contains(&(w.event as usize)))
             .collect()
     }
 
@@ -340,13 +319,13 @@ impl Overlay {
 
 /// Collects states, dropping those whose images equal an earlier state's.
 struct Emitter<'a> {
-    trace: &'a Trace<'a>,
+    trace: &'a Writes<'a>,
     seen: HashSet<DeltaKey>,
     enumeration: Enumeration,
 }
 
 impl<'a> Emitter<'a> {
-    fn new(trace: &'a Trace<'a>) -> Self {
+    fn new(trace: &'a Writes<'a>) -> Self {
         Emitter {
             trace,
             seen: HashSet::new(),
@@ -358,12 +337,12 @@ impl<'a> Emitter<'a> {
         let pmem = self
             .trace
             .of(Domain::Pmem)
-            .filter(|w| w.event < cut)
+            .filter(|w| (w.event as usize) < cut)
             .collect();
         let disk = self
             .trace
             .of(Domain::Disk)
-            .filter(|w| w.event < cut)
+            .filter(|w| (w.event as usize) < cut)
             .collect();
         self.emit(CrashState { cut, pmem, disk });
     }
@@ -383,7 +362,7 @@ impl<'a> Emitter<'a> {
     }
 
     fn emit(&mut self, state: CrashState) {
-        let key = apply(self.trace.events, &state, self.trace.base).delta_key(self.trace.base);
+        let key = apply(self.trace.trace, &state, self.trace.base).delta_key(self.trace.base);
         if self.seen.insert(key) {
             self.enumeration.states.push(state);
         } else {
@@ -393,17 +372,19 @@ impl<'a> Emitter<'a> {
 }
 
 /// The overlay a state's durable writes make over the base, applied in trace order.
-fn apply(events: &[Event], state: &CrashState, base: &dyn BaseImage) -> Overlay {
+fn apply(trace: &Trace, state: &CrashState, base: &dyn BaseImage) -> Overlay {
     let mut o = Overlay::default();
-    for w in &state.pmem {
-        if let Event::PmemStore { off, len, data } = &events[w.event] {
-            o.pmem_apply(*off, &data[..*len as usize], base);
-        }
-    }
-    for w in &state.disk {
-        if let Event::DiskWrite { sector, data } = &events[w.event] {
-            let p = w.part as usize;
-            o.disk_apply(sector + p as u64, &data[p * SECTOR..(p + 1) * SECTOR], base);
+    for w in state.pmem.iter().chain(&state.disk) {
+        match trace.get(w.event) {
+            Some(e @ Event::PmemStore { offset, .. }) => {
+                o.pmem_apply(*offset, &Trace::store_bytes(e), base);
+            }
+            Some(e @ Event::BlkWrite { sector, .. }) => {
+                let p = w.part as usize;
+                let data = &trace.blk_data(e)[p * SECTOR..(p + 1) * SECTOR];
+                o.disk_apply(sector + p as u64, data, base);
+            }
+            _ => {}
         }
     }
     o
@@ -467,35 +448,43 @@ mod tests {
         }
     }
 
-    fn store(off: u64, v: u64) -> Event {
+    fn store(offset: u64, value: u64) -> Event {
         Event::PmemStore {
-            off,
+            offset,
             len: 8,
-            data: v.to_le_bytes(),
+            value,
         }
+    }
+
+    fn trace_of(events: Vec<Event>) -> Trace {
+        let mut t = Trace::new();
+        for e in events {
+            t.push(e);
+        }
+        t
     }
 
     fn events_of(states: &[CrashState]) -> Vec<Vec<usize>> {
         states
             .iter()
-            .map(|s| s.pmem.iter().map(|w| w.event).collect())
+            .map(|s| s.pmem.iter().map(|w| w.event as usize).collect())
             .collect()
     }
 
     /// The superblock write of a format: three words then a fence, preceded by
     /// zeroing that changes nothing on a blank device.
-    fn sb_write() -> Vec<Event> {
-        vec![
-            Event::Marker(1),
+    fn sb_write() -> Trace {
+        trace_of(vec![
+            Event::Marker { id: 1 },
             store(8192, 0),
             store(8200, 0),
-            Event::Marker(2),
+            Event::Marker { id: 2 },
             store(4096, 0x0000_0000_047f_7742),
             store(4104, 0x65b0_5efa_96c5_96ef),
             store(4112, 31),
             Event::PmemFlush,
-            Event::Marker(3),
-        ]
+            Event::Marker { id: 3 },
+        ])
     }
 
     #[test]
@@ -547,7 +536,12 @@ mod tests {
 
     #[test]
     fn writes_before_a_flush_are_durable_in_every_later_state() {
-        let ev = vec![store(0, 1), Event::PmemFlush, store(8, 2), store(16, 3)];
+        let ev = trace_of(vec![
+            store(0, 1),
+            Event::PmemFlush,
+            store(8, 2),
+            store(16, 3),
+        ]);
         let e = enumerate(
             &ev,
             2,
@@ -566,7 +560,7 @@ mod tests {
     #[test]
     fn identical_images_are_counted_once() {
         // The second store writes back the base value: {} and {0,1} give the same image.
-        let ev = vec![store(0, 7), store(0, 0)];
+        let ev = trace_of(vec![store(0, 7), store(0, 0)]);
         let e = enumerate(
             &ev,
             0,
@@ -583,7 +577,7 @@ mod tests {
     #[test]
     fn many_pending_stores_use_the_families_and_a_seeded_sample() {
         let n = 20u64;
-        let ev: Vec<Event> = (0..n).map(|i| store(i * 8, i + 1)).collect();
+        let ev = trace_of((0..n).map(|i| store(i * 8, i + 1)).collect());
         let model = Model::Subsets {
             sample: 16,
             seed: 42,
@@ -618,11 +612,10 @@ mod tests {
     fn disk_writes_are_split_into_sectors_with_their_own_barrier() {
         let mut data = vec![1u8; SECTOR];
         data.extend(vec![2u8; SECTOR]);
-        let ev = vec![
-            Event::DiskWrite { sector: 10, data },
-            Event::PmemFlush, // not a disk barrier
-            Event::DiskFlush,
-        ];
+        let mut ev = Trace::new();
+        ev.push_blk_write(10, &data);
+        ev.push(Event::PmemFlush); // not a disk barrier
+        ev.push(Event::BlkFlush);
         let e = enumerate(
             &ev,
             0,
@@ -641,22 +634,22 @@ mod tests {
     fn bad_inputs_are_errors() {
         let base = Base::default();
         assert!(matches!(
-            enumerate(&[], 0, 1, &Model::Prefix, &base),
+            enumerate(&Trace::new(), 0, 1, &Model::Prefix, &base),
             Err(EnumerateError::BadWindow { .. })
         ));
-        let ev = vec![Event::PmemStore {
-            off: 0,
+        // A trace decoded from a file is checked by the VMM; one built in memory
+        // can still hold a bad store length.
+        let ev = trace_of(vec![Event::PmemStore {
+            offset: 0,
             len: 9,
-            data: [0; 8],
-        }];
+            value: 0,
+        }]);
         assert_eq!(
             enumerate(&ev, 0, 1, &Model::Prefix, &base).unwrap_err(),
             EnumerateError::BadStoreLength { event: 0, len: 9 }
         );
-        let ev = vec![Event::DiskWrite {
-            sector: 0,
-            data: vec![1; 100],
-        }];
+        let mut ev = Trace::new();
+        ev.push_blk_write(0, &[1; 100]);
         assert!(matches!(
             enumerate(&ev, 0, 1, &Model::Prefix, &base),
             Err(EnumerateError::BadDiskWrite { .. })
@@ -667,7 +660,7 @@ mod tests {
     fn a_store_of_the_base_value_is_dropped() {
         let mut base = Base::default();
         base.pmem.insert(0, 5);
-        let ev = vec![store(0, 5)];
+        let ev = trace_of(vec![store(0, 5)]);
         let e = enumerate(&ev, 0, 1, &Model::Prefix, &base).unwrap();
         assert_eq!(e.unchanged_writes, 1);
         assert_eq!(e.states.len(), 1);
