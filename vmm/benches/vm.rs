@@ -107,7 +107,9 @@ fn main() {
     let mut exit = Vec::new();
     let mut ring3 = Vec::new();
     let mut ring3_from_marker = true;
+    let mut devices = Vec::new();
     for _ in 0..RUNS {
+        devices.push(ms(env.run("blk-flush;pmem-flush", false).stats.total_ns));
         let r = env.run("", false);
         setup.push(ms(r.stats.setup_ns));
         exit.push(ms(r.stats.total_ns));
@@ -125,6 +127,7 @@ fn main() {
     let setup = stat(setup);
     let exit = stat(exit);
     let ring3 = stat(ring3);
+    let devices = stat(devices);
 
     let stores: String = (0..K)
         .map(|i| format!("pmem-store:{:#x}:{i}", i * 8))
@@ -166,6 +169,23 @@ fn main() {
     }
     let build = stat(build);
 
+    // A recovery boot: crash images in, guest checks the disk, exit.
+    let mut recovery = Vec::new();
+    for i in 0..RUNS {
+        let cut = (i * K / RUNS) as u64 + 1;
+        let t0 = Instant::now();
+        let c = saved
+            .build_flushed_plus(cut, &saved.trace.pending_at(cut))
+            .unwrap();
+        let mut cfg = env.config("blk-read:0:0", false);
+        cfg.pmem = c.pmem;
+        cfg.disk = c.disk;
+        let r = vmm::run(cfg).unwrap();
+        assert_eq!(r.outcome.exit_code(), Some(0));
+        recovery.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let recovery = stat(recovery);
+
     let rss_kib = vmm_rss(&env);
 
     println!("vmm benchmark ({RUNS} runs each; median / p90)");
@@ -187,6 +207,10 @@ fn main() {
         "  boot-to-exit (no steps)                    {:7.3} / {:7.3} ms",
         exit.median, exit.p90
     );
+    println!(
+        "  boot + init blk and pmem + flush each + exit {:5.3} / {:7.3} ms",
+        devices.median, devices.p90
+    );
     println!("  traced pmem store, extra cost per store    {per_store_us:7.1} µs  ({K} stores)");
     println!(
         "  protocol message, cost per message         {per_message_us:7.1} µs  ({K} messages)"
@@ -195,6 +219,10 @@ fn main() {
     println!(
         "  build crash images (cut ≤ {K} stores)      {:7.3} / {:7.3} ms",
         build.median, build.p90
+    );
+    println!(
+        "  crash images + boot + blk-read + exit      {:7.3} / {:7.3} ms",
+        recovery.median, recovery.p90
     );
     match rss_kib {
         Some(k) => println!(
@@ -211,10 +239,12 @@ fn main() {
             "start_to_ring3_is_marker": ring3_from_marker,
             "boot_to_exit_ms": exit.median,
             "boot_to_exit_p90_ms": exit.p90,
+            "boot_devices_flush_exit_ms": devices.median,
             "traced_store_us": per_store_us,
             "message_us": per_message_us,
             "window_save_ms": save_ms,
             "crash_build_ms": build.median,
+            "recovery_boot_ms": recovery.median,
             "vmm_rss_kib": rss_kib,
         })
     );

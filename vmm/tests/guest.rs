@@ -260,3 +260,36 @@ fn touching_an_unmapped_address_reports_a_page_fault() {
     assert_eq!(rep.cr2, 0xdead_0000);
     assert_ne!(rep.rip, 0);
 }
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn write_through_images_keep_what_the_guest_flushed() {
+    let img = Images::new();
+    let mut c =
+        img.config("harness.test=pmem-store:0x2000:0x77;pmem-flush;blk-write:2:0x99;blk-flush");
+    c.pmem = vmm::PmemRegion::open(&img.pmem(), vmm::ImageMode::WriteThrough).unwrap();
+    c.disk = vmm::DiskImage::open(&img.disk(), vmm::ImageMode::WriteThrough).unwrap();
+    let r = vmm::run(c).unwrap();
+    assert_exit(&r, ExitCode::Success);
+    drop(r);
+    let mut b = [0u8; 8];
+    std::fs::File::open(img.pmem())
+        .unwrap()
+        .read_exact_at(&mut b, 0x2000)
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(b), 0x77);
+    let mut s = [0u8; 512];
+    std::fs::File::open(img.disk())
+        .unwrap()
+        .read_exact_at(&mut s, 1024)
+        .unwrap();
+    assert_eq!(s, [0x99; 512]);
+    // Tracing is refused on write-through images: there is no frozen base.
+    let mut c = img.config("");
+    c.pmem = vmm::PmemRegion::open(&img.pmem(), vmm::ImageMode::WriteThrough).unwrap();
+    c.trace = true;
+    assert!(matches!(
+        vmm::run(c),
+        Err(vmm::VmError::TraceNeedsCopyOnWrite)
+    ));
+}
