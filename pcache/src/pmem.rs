@@ -270,6 +270,19 @@ impl SparsePmem {
         Ok(())
     }
 
+    /// Whether any byte of `[off, off+len)` is non-zero.
+    pub fn any_nonzero(&self, off: u64, len: u64) -> bool {
+        let end = off.saturating_add(len);
+        let first = off / SPARSE_PAGE;
+        let last = end.div_ceil(SPARSE_PAGE);
+        self.pages.range(first..last).any(|(&k, p)| {
+            let ps = k * SPARSE_PAGE;
+            let a = core::cmp::max(ps, off);
+            let b = core::cmp::min(ps + SPARSE_PAGE, end);
+            p[(a - ps) as usize..(b - ps) as usize].iter().any(|&x| x != 0)
+        })
+    }
+
     /// Indices of the pages held, ascending.
     pub fn page_indices(&self) -> impl Iterator<Item = u64> + '_ {
         self.pages.keys().copied()
@@ -458,7 +471,7 @@ impl RecordingPmem {
             if i >= start && !persisted(i) {
                 continue;
             }
-            apply(&mut img, e);
+            apply_event(&mut img, e);
         }
         img
     }
@@ -468,21 +481,31 @@ impl RecordingPmem {
         self.crash_image(cut, |_| true)
     }
 
-    /// Whether applying event `i` on top of the first `i` events (all persisted)
-    /// changes the image.
-    pub fn changes_image(&self, i: usize) -> bool {
-        let e = self.events.borrow()[i];
-        if !e.is_write() {
-            return false;
+    /// For every event, whether it is a write that changes the image when
+    /// applied on top of all earlier events (all persisted). One pass.
+    pub fn changing_writes(&self) -> Vec<bool> {
+        let ev = self.events.borrow();
+        let mut img = self.base.clone();
+        let mut out = Vec::with_capacity(ev.len());
+        for e in ev.iter() {
+            let changes = match *e {
+                Event::Store { off, val } => {
+                    let mut b = [0u8; 8];
+                    img.read(off, &mut b).is_ok() && u64::from_le_bytes(b) != val
+                }
+                Event::ZeroRange { off, len } => img.any_nonzero(off, len),
+                _ => false,
+            };
+            out.push(changes);
+            apply_event(&mut img, e);
         }
-        let before = self.image_at(i);
-        let mut after = before.clone();
-        apply(&mut after, &e);
-        !before.same_bytes(&after)
+        out
     }
 }
 
-fn apply(img: &mut SparsePmem, e: &Event) {
+/// Applies a recorded write to an image (other events are no-ops). Events
+/// were bounds-checked when they were recorded.
+pub fn apply_event(img: &mut SparsePmem, e: &Event) {
     // The events were validated when they were recorded.
     match *e {
         Event::Store { off, val } => {
@@ -783,7 +806,7 @@ mod tests {
         let img = r.crash_image(1, |_| false);
         assert_eq!(word(&img, 0), 0);
         assert!(r.image_at(7).same_bytes(r.current()));
-        assert!(r.changes_image(0));
-        assert!(!r.changes_image(1));
+        let ch = r.changing_writes();
+        assert_eq!(ch, vec![true, false, false, true, true, true, false]);
     }
 }
