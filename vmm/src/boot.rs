@@ -53,8 +53,10 @@ const IDT_ADDR: u64 = 0x520;
 const PML4_ADDR: u64 = 0x9000;
 const PDPT_ADDR: u64 = 0xa000;
 const PD_ADDR: u64 = 0xb000;
-/// The boot page tables identity-map the first 4 GiB: RAM and the virtio-mmio hole.
-const IDENTITY_GIB: u64 = 4;
+/// The boot page tables identity-map the first 5 GiB: RAM, the virtio-mmio
+/// hole and the first GiB of the pmem region (the page directories fill
+/// 0xb000..0x10000, below the command line).
+const IDENTITY_GIB: u64 = 5;
 const BOOT_STACK: u64 = 0x8ff0;
 /// Start of the legacy EBDA/VGA/BIOS hole kept out of the e820 map.
 const EBDA_START: u64 = 0x9fc00;
@@ -238,6 +240,7 @@ pub fn setup_vcpu(
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))?;
 
     // PML4[0] -> PDPT; PDPT[i] -> PD i; PD i maps GiB i with 2 MiB pages.
+    const _: () = assert!(PD_ADDR + IDENTITY_GIB * 4096 <= layout::CMDLINE_START);
     mem.write_obj(PDPT_ADDR | 0x3, GuestAddress(PML4_ADDR))?;
     let mut pd = vec![0u8; 4096 * IDENTITY_GIB as usize];
     for i in 0..IDENTITY_GIB {
