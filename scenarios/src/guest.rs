@@ -1,0 +1,241 @@
+//! What the runner tells the guest and what it reads back.
+//!
+//! The guest runs the steps of its `pcache.run=` command line in order and
+//! sends one `StepResult` message per step, a JSON object with a `step` field;
+//! `start` carries the module's whole activation report under `report`
+//! (`guest-images/README.md` documents the language).
+
+use crate::spec::Mode;
+use serde::Deserialize;
+use vmm::{Message, RunResult};
+
+/// The command line of a guest run of `steps` (`a;b;c`) in `mode`: `start`
+/// steps without a mode get the run's mode, so the mode governs every step.
+pub fn cmdline(steps: &str, mode: Mode, markers: bool) -> String {
+    let steps: Vec<String> = steps
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s == "start" {
+                format!("start:mode={}", mode.as_str())
+            } else {
+                s.to_string()
+            }
+        })
+        .collect();
+    let mut line = format!("{}={}", protocol::CMDLINE_RUN_KEY, steps.join(";"));
+    if !markers {
+        line.push_str(" pcache.markers=off");
+    }
+    line
+}
+
+/// The part of an activation report the runner decides on.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct StartReport {
+    pub outcome: String,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub cache_info: Option<SlotSeq>,
+}
+
+/// Slot and seq of a cache_info copy.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub struct SlotSeq {
+    pub slot: usize,
+    pub seq: u8,
+}
+
+/// What a recovery boot showed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recovery {
+    /// Every step result, as sent.
+    pub steps: Vec<serde_json::Value>,
+    /// The `start` reports, in order.
+    pub starts: Vec<StartReport>,
+    /// Error messages the guest sent.
+    pub errors: Vec<String>,
+    /// `None` when the guest exited with code 0; otherwise what went wrong
+    /// (an exit code, a timeout, an exception, a protocol error).
+    pub failure: Option<String>,
+}
+
+impl Recovery {
+    /// Reads a finished run.
+    pub fn from_run(run: &RunResult) -> Recovery {
+        let mut r = Recovery {
+            steps: vec![],
+            starts: vec![],
+            errors: vec![],
+            failure: None,
+        };
+        for m in &run.messages {
+            r.read_message(m);
+        }
+        r.failure = match run.outcome.exit_code() {
+            Some(0) if run.protocol_errors.is_empty() => None,
+            Some(0) => Some(format!(
+                "protocol errors: {}",
+                run.protocol_errors.join("; ")
+            )),
+            Some(code) => Some(match protocol::ExitCode::from_u32(code) {
+                Some(c) => format!("guest exited with {c:?} ({code})"),
+                None => format!("guest exited with unknown code {code}"),
+            }),
+            None => Some(format!("run ended as `{}`", run.outcome.name())),
+        };
+        if let Some(f) = &mut r.failure {
+            if let Some(e) = run.messages.iter().find_map(|m| m.exception()) {
+                f.push_str(&format!(
+                    ": exception vector {} error {:#x} at rip {:#x} cr2 {:#x}",
+                    e.vector, e.error_code, e.rip, e.cr2
+                ));
+            }
+            if !r.errors.is_empty() {
+                f.push_str(&format!(": {}", r.errors.join("; ")));
+            }
+        }
+        r
+    }
+
+    fn read_message(&mut self, m: &Message) {
+        match m.kind() {
+            Some(protocol::MessageKind::StepResult) => {
+                match serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                    Ok(v) => {
+                        if v.get("step").and_then(|s| s.as_str()) == Some("start") {
+                            match v.get("report").map(|r| StartReport::deserialize(r)) {
+                                Some(Ok(rep)) => self.starts.push(rep),
+                                _ => self
+                                    .errors
+                                    .push(format!("a start result without a report: {v}")),
+                            }
+                        }
+                        self.steps.push(v);
+                    }
+                    Err(e) => self.errors.push(format!(
+                        "a step result that is not JSON ({e}): {}",
+                        m.text()
+                    )),
+                }
+            }
+            Some(protocol::MessageKind::Error | protocol::MessageKind::Panic) => {
+                self.errors.push(m.text())
+            }
+            _ => {}
+        }
+    }
+
+    /// The outcome of the first `start`, or why there is none.
+    pub fn outcome(&self) -> String {
+        match (&self.failure, self.starts.first()) {
+            (_, Some(s)) => s.outcome.clone(),
+            (Some(_), None) => "guest-failure".into(),
+            (None, None) => "no-start".into(),
+        }
+    }
+
+    /// Usable: the first `start` was not refused and the next `start` (after a
+    /// `stop`) opened the cache, in a run that ended cleanly.
+    pub fn usable(&self) -> bool {
+        self.failure.is_none()
+            && matches!(self.starts.as_slice(), [first, second, ..]
+                if first.outcome != "refused" && second.outcome == "opened")
+    }
+
+    /// The older cache came back: the first `start` opened the cache whose last
+    /// activation wrote cache_info seq `older_seq` (so it wrote `older_seq + 1`).
+    pub fn older_cache_back(&self, older_seq: Option<u8>) -> bool {
+        match (older_seq, self.starts.first()) {
+            (Some(old), Some(s)) => {
+                s.outcome == "opened" && s.cache_info.map(|c| c.seq) == Some(old.wrapping_add(1))
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(outcome: &str, seq: u8) -> StartReport {
+        StartReport {
+            outcome: outcome.into(),
+            message: None,
+            cache_info: Some(SlotSeq { slot: 0, seq }),
+        }
+    }
+
+    fn recovery(starts: Vec<StartReport>, failure: Option<&str>) -> Recovery {
+        Recovery {
+            steps: vec![],
+            starts,
+            errors: vec![],
+            failure: failure.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn cmdlines_carry_the_mode_into_every_start() {
+        assert_eq!(
+            cmdline("start;stop;start", Mode::Strict, false),
+            "pcache.run=start:mode=strict;stop;start:mode=strict pcache.markers=off"
+        );
+        assert_eq!(
+            cmdline(
+                "trace:on; start:mode=recover ;trace:off",
+                Mode::Strict,
+                true
+            ),
+            "pcache.run=trace:on;start:mode=recover;trace:off"
+        );
+    }
+
+    #[test]
+    fn usable_needs_a_clean_run_an_unrefused_start_and_an_open() {
+        assert!(recovery(vec![start("formatted", 1), start("opened", 2)], None).usable());
+        assert!(recovery(vec![start("format-redone", 1), start("opened", 2)], None).usable());
+        assert!(!recovery(vec![start("refused", 0)], None).usable());
+        assert!(!recovery(vec![start("formatted", 1), start("refused", 0)], None).usable());
+        assert!(!recovery(
+            vec![start("formatted", 1), start("opened", 2)],
+            Some("timeout")
+        )
+        .usable());
+    }
+
+    #[test]
+    fn the_older_cache_is_recognised_by_its_seq() {
+        let back = recovery(vec![start("opened", 4)], None);
+        assert!(back.older_cache_back(Some(3)));
+        assert!(!back.older_cache_back(None));
+        assert!(!recovery(vec![start("formatted", 1)], None).older_cache_back(Some(3)));
+        assert!(recovery(vec![start("opened", 0)], None).older_cache_back(Some(255)));
+    }
+
+    #[test]
+    fn outcome_names_failures() {
+        assert_eq!(recovery(vec![], Some("timeout")).outcome(), "guest-failure");
+        assert_eq!(recovery(vec![], None).outcome(), "no-start");
+        assert_eq!(
+            recovery(vec![start("refused", 0)], None).outcome(),
+            "refused"
+        );
+    }
+
+    #[test]
+    fn start_reports_parse_from_the_modules_own_json() {
+        use pcache::{activate, NoHooks, Options, SparsePmem};
+        let mut dev = SparsePmem::new(512 << 20);
+        for (outcome, seq) in [("formatted", 1), ("opened", 2)] {
+            let report = activate(&mut dev, &Options::default(), &mut NoHooks);
+            let v = serde_json::to_value(&report).unwrap();
+            let r = StartReport::deserialize(&v).unwrap();
+            assert_eq!(r.outcome, outcome);
+            assert_eq!(r.cache_info.map(|c| c.seq), Some(seq));
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! The scenario runner: for each device and mode, run the workload with tracing
+//! on, enumerate the crash states the model allows, boot recovery on each (in
+//! parallel, in fresh VMs), and check the outcomes against the expectations.
+
+use crate::guest::{self, Recovery};
+use crate::persistence::{self, BaseImage, CrashState, Event, Trace};
+use crate::recipe::{self, PreparedDevice};
+use crate::result::{
+    write_atomic, AppliedWrite, DeviceModeRun, ObservedCounts, RunResult, StateResult,
+    SCHEMA_VERSION,
+};
+use crate::spec::{Device, Expectation, Mode, Run, Scenario, Window};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vmm::{SavedWindow, VmConfig};
+
+/// What the runner needs besides the scenario.
+pub struct RunnerConfig {
+    /// The guest kernel (`target/guest/pcache-guest`).
+    pub kernel: PathBuf,
+    /// Where this run's results go (`results/NAME/<timestamp>`).
+    pub out_dir: PathBuf,
+    /// Scratch space for images and traces (removed at the end).
+    pub work_dir: PathBuf,
+    /// Recovery boots run at once.
+    pub jobs: usize,
+    /// Time budget of one recovery boot.
+    pub state_timeout: Duration,
+    /// Time budget of the traced workload run.
+    pub workload_timeout: Duration,
+}
+
+/// Progress callbacks (the command line draws a progress bar with them).
+pub trait Progress: Sync {
+    fn begin(&self, label: &str, states: usize);
+    fn state_done(&self);
+    fn end(&self);
+}
+
+/// A progress sink that shows nothing.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn begin(&self, _: &str, _: usize) {}
+    fn state_done(&self) {}
+    fn end(&self) {}
+}
+
+/// Why a scenario could not be run (as opposed to a state failing its expectation).
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Recipe(#[from] recipe::RecipeError),
+    #[error("VM: {0}")]
+    Vm(#[from] vmm::VmError),
+    #[error("crash images: {0}")]
+    Crash(#[from] vmm::crash::CrashError),
+    #[error("{device}/{mode}: the workload run failed: {why}")]
+    Workload {
+        device: String,
+        mode: &'static str,
+        why: String,
+    },
+    #[error("{device}/{mode}: {why}")]
+    Window {
+        device: String,
+        mode: &'static str,
+        why: String,
+    },
+    #[error(transparent)]
+    Enumerate(#[from] persistence::EnumerateError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What is saved with a violating state, for `cargo xtask reproduce`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SavedState {
+    pub scenario: String,
+    pub state: String,
+    pub device: String,
+    pub mode: Mode,
+    /// The recovery command line the state was checked with.
+    pub cmdline: String,
+    pub outcome: String,
+    pub violations: Vec<String>,
+}
+
+/// Runs a whole scenario and writes its result file; returns the result.
+pub fn run(
+    name: &str,
+    scenario: &Scenario,
+    cfg: &RunnerConfig,
+    progress: &dyn Progress,
+) -> Result<RunResult, RunnerError> {
+    let t0 = Instant::now();
+    let started = now_rfc3339();
+    let mut runs = Vec::new();
+    for device in &scenario.devices {
+        for &mode in &scenario.modes {
+            let expect = scenario
+                .expect
+                .iter()
+                .find(|e| e.device == device.name && e.mode == mode);
+            let dir = cfg
+                .work_dir
+                .join(format!("{}-{}", device.name, mode.as_str()));
+            let prepared = recipe::prepare(device, mode, &dir)?;
+            let run = match &scenario.run {
+                Run::PowerCut {
+                    workload,
+                    window,
+                    model,
+                } => power_cut(
+                    name, scenario, device, mode, expect, &prepared, workload, window, model, cfg,
+                    &dir, progress,
+                )?,
+                Run::Images { generator } => {
+                    return Err(RunnerError::Unsupported(format!(
+                        "image generator `{generator:?}` is not implemented yet"
+                    )))
+                }
+            };
+            runs.push(run);
+        }
+    }
+    let passed = runs.iter().all(DeviceModeRun::passed);
+    let result = RunResult {
+        schema_version: SCHEMA_VERSION,
+        scenario: name.into(),
+        started,
+        elapsed_seconds: t0.elapsed().as_secs_f64(),
+        runs,
+        passed,
+    };
+    let path = cfg.out_dir.join("result.json");
+    let json = serde_json::to_vec_pretty(&result).expect("results serialize");
+    write_atomic(&path, &json).map_err(|source| RunnerError::Io { path, source })?;
+    Ok(result)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn power_cut(
+    name: &str,
+    scenario: &Scenario,
+    device: &Device,
+    mode: Mode,
+    expect: Option<&Expectation>,
+    prepared: &PreparedDevice,
+    workload: &str,
+    window: &Window,
+    model: &persistence::Model,
+    cfg: &RunnerConfig,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> Result<DeviceModeRun, RunnerError> {
+    let label = format!("{}/{}", device.name, mode.as_str());
+    let fail = |why: String| RunnerError::Workload {
+        device: device.name.clone(),
+        mode: mode.as_str(),
+        why,
+    };
+
+    // The traced workload run: tracing starts right before the workload, so
+    // everything the recipe left is the window's durable base.
+    let steps = format!("trace:on;{workload};trace:off");
+    let mut vm = VmConfig::new(
+        &cfg.kernel,
+        guest::cmdline(&steps, mode, true),
+        &prepared.pmem,
+        &prepared.disk,
+    )?;
+    vm.timeout = cfg.workload_timeout;
+    let out = vmm::run(vm)?;
+    let rec = Recovery::from_run(&out);
+    if let Some(f) = rec.failure {
+        return Err(fail(f));
+    }
+    let window_mem = out
+        .windows
+        .into_iter()
+        .next()
+        .ok_or_else(|| fail("no traced window".into()))?;
+    let saved = window_mem.save(&dir.join("window"))?;
+    let (start, end) = cut_range(&saved.trace, window).map_err(|why| RunnerError::Window {
+        device: device.name.clone(),
+        mode: mode.as_str(),
+        why,
+    })?;
+    let base = WindowBase::new(&saved);
+    let e = persistence::enumerate(&saved.trace, start, end, model, &base)?;
+
+    // Recovery boots, in parallel.
+    progress.begin(&label, e.states.len());
+    let recovery_line = guest::cmdline(&scenario.recovery, mode, false);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<StateResult>>> = Mutex::new(vec![None; e.states.len()]);
+    let first_error: Mutex<Option<RunnerError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..cfg.jobs.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= e.states.len() || first_error.lock().unwrap().is_some() {
+                    break;
+                }
+                let id = format!("{}-{}-{:04}", device.name, mode.as_str(), i);
+                let state = &e.states[i];
+                let checked = check_state(
+                    &saved,
+                    state,
+                    &id,
+                    &recovery_line,
+                    prepared.older_seq,
+                    expect,
+                    cfg,
+                )
+                .and_then(|mut st| {
+                    if !st.violations.is_empty() {
+                        save_state(
+                            name,
+                            device,
+                            mode,
+                            &recovery_line,
+                            &saved,
+                            state,
+                            &mut st,
+                            cfg,
+                        )?;
+                    }
+                    Ok(st)
+                });
+                match checked {
+                    Ok(st) => results.lock().unwrap()[i] = Some(st),
+                    Err(err) => {
+                        first_error.lock().unwrap().get_or_insert(err);
+                    }
+                }
+                progress.state_done();
+            });
+        }
+    });
+    progress.end();
+    if let Some(err) = first_error.into_inner().unwrap() {
+        return Err(err);
+    }
+    let states: Vec<StateResult> = results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut run = DeviceModeRun {
+        device: device.name.clone(),
+        mode,
+        model: serde_json::json!({
+            "model": model,
+            "window": window,
+            "cut-positions": [start, end],
+            "trace-events": saved.trace.len(),
+        }),
+        counts: ObservedCounts {
+            duplicates: e.duplicates,
+            unchanged_writes: e.unchanged_writes,
+            ..Default::default()
+        },
+        states,
+        violations: vec![],
+    };
+    run.finish(expect);
+    Ok(run)
+}
+
+/// The crash images of a state: the window's base plus its durable writes.
+fn build_images(saved: &SavedWindow, state: &CrashState) -> Result<vmm::CrashImages, RunnerError> {
+    let mut writes = state.pmem.clone();
+    writes.extend_from_slice(&state.disk);
+    Ok(saved.build(state.cut as u64, &writes)?)
+}
+
+/// Boots recovery on one crash state.
+fn check_state(
+    saved: &SavedWindow,
+    state: &CrashState,
+    id: &str,
+    cmdline: &str,
+    older_seq: Option<u8>,
+    expect: Option<&Expectation>,
+    cfg: &RunnerConfig,
+) -> Result<StateResult, RunnerError> {
+    let images = build_images(saved, state)?;
+    let applied = applied(&saved.trace, &images.applied);
+    let vm = VmConfig {
+        kernel: cfg.kernel.clone(),
+        cmdline: cmdline.to_string(),
+        mem_mib: protocol::layout::RAM_DEFAULT_MIB,
+        pmem: images.pmem,
+        disk: images.disk,
+        trace: false,
+        timeout: cfg.state_timeout,
+        console: Default::default(),
+        interrupts: false,
+    };
+    let out = vmm::run(vm)?;
+    let rec = Recovery::from_run(&out);
+    let first = rec.starts.first();
+    let mut st = StateResult {
+        id: id.into(),
+        cut: Some(state.cut),
+        applied,
+        outcome: rec.outcome(),
+        reason: first.and_then(|s| s.message.clone()),
+        usable: rec.usable(),
+        older_cache_back: rec.older_cache_back(older_seq),
+        reports: rec.steps.clone(),
+        violations: vec![],
+        saved: None,
+    };
+    if let Some(f) = &rec.failure {
+        st.violations
+            .push(format!("recovery did not finish cleanly: {f}"));
+    }
+    if let Some(e) = expect {
+        st.check(e);
+    }
+    Ok(st)
+}
+
+/// The applied writes as the result file lists them.
+fn applied(trace: &Trace, writes: &[vmm::WriteRef]) -> Vec<AppliedWrite> {
+    writes
+        .iter()
+        .filter_map(|w| match trace.get(w.event)? {
+            Event::PmemStore { offset, len, value } => Some(AppliedWrite::Pmem {
+                event: w.event as usize,
+                offset: *offset,
+                len: *len,
+                value: format!("{value:#018x}"),
+            }),
+            Event::BlkWrite { sector, .. } => Some(AppliedWrite::Disk {
+                event: w.event as usize,
+                sector: sector + w.part as u64,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Saves a violating state's images (built again: recovery ran on copy-on-write
+/// views that it may have written) and what is needed to replay it.
+#[allow(clippy::too_many_arguments)]
+fn save_state(
+    scenario: &str,
+    device: &Device,
+    mode: Mode,
+    cmdline: &str,
+    saved: &SavedWindow,
+    state: &CrashState,
+    st: &mut StateResult,
+    cfg: &RunnerConfig,
+) -> Result<(), RunnerError> {
+    let dir = cfg.out_dir.join(&st.id);
+    std::fs::create_dir_all(&dir).map_err(|source| RunnerError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let images = build_images(saved, state)?;
+    images.write_files(&dir.join("pmem.img"), &dir.join("disk.img"))?;
+    let meta = SavedState {
+        scenario: scenario.into(),
+        state: st.id.clone(),
+        device: device.name.clone(),
+        mode,
+        cmdline: cmdline.into(),
+        outcome: st.outcome.clone(),
+        violations: st.violations.clone(),
+    };
+    let path = dir.join("state.json");
+    write_atomic(
+        &path,
+        &serde_json::to_vec_pretty(&meta).expect("serializes"),
+    )
+    .map_err(|source| RunnerError::Io { path, source })?;
+    st.saved = Some(dir.display().to_string());
+    Ok(())
+}
+
+/// The cut positions `(start, end)` a window allows in a trace.
+pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), String> {
+    let find = |id: u32, from: usize| {
+        trace.events()[from..]
+            .iter()
+            .position(|e| *e == Event::Marker { id })
+            .map(|i| i + from)
+    };
+    match window {
+        Window::Everything => Ok((0, trace.len())),
+        Window::TracePositions { from, to } => {
+            if *to > trace.len() {
+                return Err(format!(
+                    "window ends at {to}, after the trace's {} events",
+                    trace.len()
+                ));
+            }
+            Ok((*from, *to))
+        }
+        Window::BetweenMarkers { from, to } => {
+            let name = |m: &crate::spec::MarkerName| String::from(m.clone());
+            let a = find(from.0, 0)
+                .ok_or_else(|| format!("marker {} is not in the trace", name(from)))?;
+            let b = find(to.0, a).ok_or_else(|| {
+                format!(
+                    "marker {} is not in the trace after {}",
+                    name(to),
+                    name(from)
+                )
+            })?;
+            // From before the first marker's sequence to after the last one's.
+            Ok((a, b + 1))
+        }
+    }
+}
+
+/// The window's frozen base, read through a small page cache.
+struct WindowBase<'a> {
+    saved: &'a SavedWindow,
+    pages: RefCell<HashMap<u64, Box<[u8]>>>,
+}
+
+const PAGE: u64 = 4096;
+
+impl<'a> WindowBase<'a> {
+    fn new(saved: &'a SavedWindow) -> Self {
+        WindowBase {
+            saved,
+            pages: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+impl BaseImage for WindowBase<'_> {
+    fn pmem_byte(&self, off: u64) -> u8 {
+        let page = off / PAGE;
+        let mut pages = self.pages.borrow_mut();
+        let p = pages.entry(page).or_insert_with(|| {
+            let mut buf = vec![0u8; PAGE as usize].into_boxed_slice();
+            // The trace only holds stores inside the region; a short read at
+            // the region's end leaves zeros, which no store can match anyway.
+            let _ = self.saved.base_pmem_read(page * PAGE, &mut buf);
+            buf
+        });
+        p[(off % PAGE) as usize]
+    }
+
+    fn disk_sector(&self, sector: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; persistence::SECTOR];
+        let _ = self
+            .saved
+            .base_disk_read(sector * persistence::SECTOR as u64, &mut buf);
+        buf
+    }
+}
+
+/// The current UTC time, RFC 3339 (seconds).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rfc3339(secs)
+}
+
+/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days,
+/// so that no date crate is needed for one timestamp).
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::MarkerName;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_650_000), "2026-11-25T23:40:00Z");
+    }
+
+    #[test]
+    fn marker_windows_cover_both_markers() {
+        let mut t = Trace::new();
+        for e in [
+            Event::Marker { id: 7 },
+            Event::PmemStore {
+                offset: 0,
+                len: 8,
+                value: 1,
+            },
+            Event::Marker { id: 1 },
+            Event::PmemStore {
+                offset: 8,
+                len: 8,
+                value: 1,
+            },
+            Event::Marker { id: 2 },
+            Event::PmemStore {
+                offset: 16,
+                len: 8,
+                value: 1,
+            },
+        ] {
+            t.push(e);
+        }
+        let w = Window::BetweenMarkers {
+            from: MarkerName(1),
+            to: MarkerName(2),
+        };
+        assert_eq!(cut_range(&t, &w), Ok((2, 5)));
+        let missing = Window::BetweenMarkers {
+            from: MarkerName(2),
+            to: MarkerName(1),
+        };
+        assert!(cut_range(&t, &missing)
+            .unwrap_err()
+            .contains("not in the trace after"));
+        assert_eq!(cut_range(&t, &Window::Everything), Ok((0, 6)));
+        assert!(cut_range(&t, &Window::TracePositions { from: 0, to: 7 }).is_err());
+    }
+}
