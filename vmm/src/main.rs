@@ -25,6 +25,31 @@ struct Cli {
 enum Command {
     /// Boot a kernel and run it to its end.
     Run(RunArgs),
+    /// Build the crash images of a saved traced window (see `run --save-trace`).
+    Crash(CrashArgs),
+}
+
+#[derive(clap::Args)]
+struct CrashArgs {
+    /// A window directory written by `vmm run --save-trace`.
+    #[arg(long)]
+    window: PathBuf,
+    /// Cut position: events [0, CUT) were issued before power failed (default: all).
+    #[arg(long)]
+    cut: Option<u64>,
+    /// Pending writes (sequence numbers) that reached the media; the flushed
+    /// ones always did. Default: none.
+    #[arg(long, value_delimiter = ',')]
+    keep: Vec<u64>,
+    /// Keep every pending write.
+    #[arg(long, conflicts_with = "keep")]
+    keep_all: bool,
+    /// Where to write the pmem crash image.
+    #[arg(long)]
+    pmem_out: PathBuf,
+    /// Where to write the disk crash image.
+    #[arg(long)]
+    disk_out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -74,6 +99,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Run(args) => run(args),
+        Command::Crash(args) => crash(args).map(|()| ExitCode::SUCCESS),
     };
     match r {
         Ok(code) => code,
@@ -161,4 +187,23 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         Outcome::Timeout { .. } => ExitCode::from(124),
         _ => ExitCode::from(125),
     })
+}
+
+fn crash(a: CrashArgs) -> Result<()> {
+    let saved = vmm::SavedWindow::open(&a.window)?;
+    let cut = a.cut.unwrap_or(saved.trace.len() as u64);
+    let pending = saved.trace.pending_at(cut);
+    let keep = if a.keep_all { pending.clone() } else { a.keep };
+    let images = saved.build_flushed_plus(cut, &keep)?;
+    images.write_files(&a.pmem_out, &a.disk_out)?;
+    println!(
+        "cut {cut} of {}: {} writes applied ({} pending, {} kept); wrote {} and {}",
+        saved.trace.len(),
+        images.applied.len(),
+        pending.len(),
+        keep.len(),
+        a.pmem_out.display(),
+        a.disk_out.display()
+    );
+    Ok(())
 }

@@ -137,3 +137,49 @@ fn run_reports_the_outcome_and_exits_with_the_guest_code() {
     assert_eq!(code, 124, "{out}{err}");
     assert!(out.contains("outcome: timeout"), "{out}");
 }
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn saved_window_becomes_crash_image_files() {
+    let img = Images::new();
+    let (p, d) = paths(&img);
+    let kernel = guest_kernel().display().to_string();
+    let win = img.dir.as_path().join("win");
+    let (code, out, err) = vmm(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--pmem",
+        &p,
+        "--disk",
+        &d,
+        "--trace",
+        "--save-trace",
+        win.to_str().unwrap(),
+        "--cmdline",
+        "harness.test=pmem-store:0x10:5;pmem-flush;pmem-store:0x18:6",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let w0 = win.join("window-0");
+    let po = img.dir.as_path().join("crash-pmem");
+    let dout = img.dir.as_path().join("crash-disk");
+    let (code, out, err) = vmm(&[
+        "crash",
+        "--window",
+        w0.to_str().unwrap(),
+        "--pmem-out",
+        po.to_str().unwrap(),
+        "--disk-out",
+        dout.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1 writes applied (1 pending, 0 kept)"),
+        "{out}"
+    );
+    let f = std::fs::File::open(&po).unwrap();
+    let mut b = [0u8; 16];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0x10).unwrap();
+    assert_eq!(&b[..8], &5u64.to_le_bytes());
+    assert_eq!(&b[8..], &[0; 8], "the pending store was not kept");
+}
