@@ -221,3 +221,27 @@ fn stores_into_the_traced_region_are_traced_and_others_are_not() {
     saved.base_pmem_read(0x1008, &mut b).unwrap();
     assert_eq!(u64::from_le_bytes(b), 0);
 }
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn guest_reads_back_its_traced_stores() {
+    let img = Images::new();
+    let pmem = protocol::layout::PMEM_START;
+    let mut code = Vec::new();
+    code.extend(out32(protocol::PORT_MARKER, protocol::MARKER_TRACE_ON));
+    code.extend(movabs_rax(pmem + 0x3000));
+    code.extend([0x48, 0x8b, 0x18]); // mov rbx, [rax]: the page is mapped for reading first
+    code.extend([0x48, 0xc7, 0x00, 0x2a, 0x00, 0x00, 0x00]); // mov qword [rax], 42 (traced)
+    code.extend([0x48, 0x8b, 0x08]); // mov rcx, [rax]: must see 42
+    code.extend([0x48, 0x01, 0xd9]); // add rcx, rbx (rbx was 0)
+    code.extend([0x66, 0xba, 0x14, 0x05]); // mov dx, PORT_EXIT
+    code.extend([0x89, 0xc8, 0xef]); // mov eax, ecx; out dx, eax
+    let r = run(&img, &code, Duration::from_secs(5));
+    assert_eq!(
+        r.outcome,
+        Outcome::Exited { code: 42 },
+        "{:?}",
+        r.protocol_errors
+    );
+    assert_eq!(r.stats.traced_stores, 1);
+}
