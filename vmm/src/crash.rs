@@ -312,14 +312,16 @@ impl SavedWindow {
                 len: self.trace.len(),
             });
         }
-        let pending = self.trace.pending_at(cut);
+        let pending: std::collections::HashSet<u64> =
+            self.trace.pending_at(cut).into_iter().collect();
         if let Some(bad) = chosen_pending.iter().find(|s| !pending.contains(s)) {
             return Err(CrashError::NotPending(*bad));
         }
+        let chosen: std::collections::HashSet<u64> = chosen_pending.iter().copied().collect();
         let mut writes = Vec::new();
         for (seq, e) in self.trace.events()[..cut as usize].iter().enumerate() {
             let seq = seq as u64;
-            if pending.contains(&seq) && !chosen_pending.contains(&seq) {
+            if pending.contains(&seq) && !chosen.contains(&seq) {
                 continue;
             }
             match *e {

@@ -46,6 +46,8 @@ pub enum VmError {
     TraceNeedsCopyOnWrite,
     #[error("setting up devices: {0}")]
     Devices(String),
+    #[error("{0}")]
+    Host(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -382,12 +384,12 @@ fn host() -> Result<&'static Host, VmError> {
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
         Ok(Host { kvm, cpuid })
     });
     match h {
         Ok(h) => Ok(h),
-        Err(msg) => Err(VmError::Devices(msg.clone())),
+        Err(msg) => Err(VmError::Host(msg.clone())),
     }
 }
 
