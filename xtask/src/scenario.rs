@@ -1,0 +1,232 @@
+//! `cargo xtask scenario NAME`: runs a power-cut scenario and reports.
+
+use crate::guest;
+use crate::util::workspace_root;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use scenarios::result::{write_atomic, RunResult};
+use scenarios::runner::{self, Progress, RunnerConfig};
+use scenarios::spec::{self, Scenario};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ScenarioArgs {
+    /// The scenario to run (a file `scenarios/NAME.json`).
+    #[arg(required_unless_present_any = ["list", "all"])]
+    pub name: Option<String>,
+    /// List the scenarios and exit.
+    #[arg(long, conflicts_with_all = ["name", "all"])]
+    pub list: bool,
+    /// Run every scenario.
+    #[arg(long, conflicts_with = "name")]
+    pub all: bool,
+    /// Also write JUnit XML to this file.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Recovery boots run at once (default: the number of CPUs).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Time budget of one recovery boot, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub state_timeout: u64,
+}
+
+fn scenarios_dir() -> PathBuf {
+    workspace_root().join("scenarios")
+}
+
+pub fn scenario(args: ScenarioArgs) -> Result<()> {
+    let all = spec::list(&scenarios_dir())?;
+    if args.list {
+        for (name, path) in &all {
+            match Scenario::load(path) {
+                Ok(s) => println!("{name:24} {}", s.description),
+                Err(e) => println!("{name:24} (unreadable: {e})"),
+            }
+        }
+        return Ok(());
+    }
+    let names: Vec<String> = if args.all {
+        all.iter().map(|(n, _)| n.clone()).collect()
+    } else {
+        let name = args
+            .name
+            .clone()
+            .expect("clap requires NAME without --list/--all");
+        if !all.iter().any(|(n, _)| *n == name) {
+            let known: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+            bail!(
+                "no scenario `{name}` in scenarios/ (known: {})",
+                known.join(", ")
+            );
+        }
+        vec![name]
+    };
+    // Load every scenario before building anything: a typo fails at once.
+    let loaded: Vec<(String, Scenario)> = names
+        .iter()
+        .map(|n| {
+            Ok((
+                n.clone(),
+                Scenario::load(&scenarios_dir().join(format!("{n}.json")))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+
+    let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
+    vmm::vm::check_kvm()?;
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+
+    let mut results = Vec::new();
+    for (name, scenario) in &loaded {
+        let stamp = runner::now_rfc3339().replace(':', "");
+        let out_dir = workspace_root().join("results").join(name).join(&stamp);
+        let work_dir =
+            std::env::temp_dir().join(format!("pcache-scenario-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work_dir);
+        let cfg = RunnerConfig {
+            kernel: kernel.clone(),
+            out_dir: out_dir.clone(),
+            work_dir: work_dir.clone(),
+            jobs,
+            state_timeout: Duration::from_secs(args.state_timeout),
+            workload_timeout: Duration::from_secs(120),
+        };
+        println!("scenario {name}: {}", scenario.description);
+        let outcome = runner::run(name, scenario, &cfg, &Bar::default());
+        let _ = std::fs::remove_dir_all(&work_dir);
+        let result = outcome.with_context(|| format!("scenario {name}"))?;
+        point_latest(&out_dir)?;
+        print_table(&result);
+        println!("result: {}", out_dir.join("result.json").display());
+        results.push(result);
+    }
+    if let Some(path) = &args.junit {
+        write_atomic(path, junit(&results)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| r.scenario.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("scenario(s) failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Points `results/NAME/latest` at this run (a relative link, replaced atomically).
+fn point_latest(out_dir: &Path) -> Result<()> {
+    let parent = out_dir.parent().expect("results/NAME/<stamp>");
+    let stamp = out_dir.file_name().expect("a run folder");
+    let tmp = parent.join(format!(".latest-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(stamp, &tmp)?;
+    std::fs::rename(&tmp, parent.join("latest"))?;
+    Ok(())
+}
+
+fn print_table(r: &RunResult) {
+    println!(
+        "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10}",
+        "device", "mode", "states", "outcomes", "unusable", "violations"
+    );
+    for run in &r.runs {
+        let outcomes: Vec<String> = run
+            .counts
+            .outcomes
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10}",
+            run.device,
+            run.mode.as_str(),
+            run.counts.states,
+            outcomes.join(", "),
+            run.counts.unusable,
+            run.counts.violations
+        );
+        for v in &run.violations {
+            println!("  violation: {v}");
+        }
+        for s in run.states.iter().filter(|s| !s.violations.is_empty()) {
+            println!("  {} ({}): {}", s.id, s.outcome, s.violations.join("; "));
+            if let Some(saved) = &s.saved {
+                println!("    replay: cargo xtask reproduce {saved}");
+            }
+        }
+    }
+    println!(
+        "{} in {:.1} s: {}",
+        r.scenario,
+        r.elapsed_seconds,
+        if r.passed { "PASSED" } else { "FAILED" }
+    );
+}
+
+/// JUnit XML: one suite per scenario, one test case per (device, mode, state).
+fn junit(results: &[RunResult]) -> Result<String> {
+    use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+    let mut report = Report::new("pcache-scenarios");
+    for r in results {
+        let mut suite = TestSuite::new(r.scenario.as_str());
+        for run in &r.runs {
+            let class = format!("{}.{}", run.device, run.mode.as_str());
+            if !run.violations.is_empty() {
+                let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                status.set_message(run.violations.join("; "));
+                let mut case = TestCase::new(format!("{class}.counts"), status);
+                case.set_classname(class.as_str());
+                suite.add_test_case(case);
+            }
+            for s in &run.states {
+                let status = if s.violations.is_empty() {
+                    TestCaseStatus::success()
+                } else {
+                    let mut st = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                    st.set_message(s.violations.join("; "));
+                    st
+                };
+                let mut case = TestCase::new(format!("{} ({})", s.id, s.outcome), status);
+                case.set_classname(class.as_str());
+                suite.add_test_case(case);
+            }
+        }
+        report.add_test_suite(suite);
+    }
+    Ok(report.to_string()?)
+}
+
+/// An indicatif bar per device and mode.
+#[derive(Default)]
+struct Bar(Mutex<Option<ProgressBar>>);
+
+impl Progress for Bar {
+    fn begin(&self, label: &str, states: usize) {
+        let bar = ProgressBar::new(states as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>22} [{bar:40}] {pos}/{len} states {per_sec}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        *self.0.lock().unwrap() = Some(bar);
+    }
+    fn state_done(&self) {
+        if let Some(b) = &*self.0.lock().unwrap() {
+            b.inc(1);
+        }
+    }
+    fn end(&self) {
+        if let Some(b) = self.0.lock().unwrap().take() {
+            b.finish();
+        }
+    }
+}
