@@ -5,6 +5,7 @@
 
 mod bench;
 mod guest;
+mod image;
 mod test;
 mod util;
 
@@ -30,6 +31,10 @@ enum Command {
     BuildGuest(guest::BuildGuestArgs),
     /// Benchmark the VMM: start to ring 3, boot-to-exit, traced store, message, RSS.
     Bench(bench::BenchArgs),
+    /// Create a sparse pcache cache-device image and run a first activation on it.
+    Format(image::FormatArgs),
+    /// Inspect a pcache image read-only: superblock, cache_info, tails, segments, key-set log.
+    Inspect(image::InspectArgs),
 }
 
 fn main() -> Result<()> {
@@ -40,5 +45,7 @@ fn main() -> Result<()> {
         Command::BuildGuest(args) => guest::build(args).map(|path| {
             println!("guest kernel: {}", path.display());
         }),
+        Command::Format(args) => image::format(args),
+        Command::Inspect(args) => image::inspect(args),
     }
 }

@@ -1,0 +1,268 @@
+//! `cargo xtask format` and `cargo xtask inspect`, run as the binary.
+
+use pcache::format::*;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const MIB: u64 = 1 << 20;
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .output()
+        .expect("run xtask")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("xtask-image-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sparse(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+fn write_at(path: &Path, off: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, off).unwrap();
+}
+
+fn format_image(path: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["format", path.to_str().unwrap(), "--size", "512M"];
+    args.extend_from_slice(extra);
+    xtask(&args)
+}
+
+fn inspect_json(path: &Path) -> serde_json::Value {
+    let o = xtask(&["inspect", path.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn format_then_inspect() {
+    let d = TempDir::new("fmt");
+    let img = d.file("a.img");
+    let o = format_image(&img, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("outcome: formatted"));
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 512 * MIB);
+    let before = std::fs::metadata(&img).unwrap().modified().unwrap();
+
+    let o = xtask(&["inspect", img.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for want in [
+        "superblock @4096: valid (seg_num 31, flags 0x0)",
+        "slot 1 @12288: valid, seq 1: seg_id 0, n_segs 31, flags 0x1182",
+        "<- current",
+        "chain: 31 of 31 segment(s)",
+        "0..=29: info slot0* seq 2 flags 0x3 next +1",
+        "log ends at 0:0: terminator (zero record)",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+
+    let j = inspect_json(&img);
+    assert_eq!(j["superblock"]["state"]["state"], "valid");
+    assert_eq!(j["cache_info"]["current"], 1);
+    assert_eq!(j["cache_info"]["slots"][1]["record"]["flags"], 0x1182);
+    assert_eq!(j["key_tail"]["current"], 0);
+    assert_eq!(j["segments"].as_array().unwrap().len(), 31);
+    assert_eq!(j["segments"][3]["info"]["slots"][0]["record"]["next_seg"], 4);
+    assert_eq!(j["chain"]["psegs"].as_array().unwrap().len(), 31);
+    assert_eq!(j["log"]["ksets"], 0);
+    assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "terminator");
+    // inspect never writes.
+    assert_eq!(std::fs::metadata(&img).unwrap().modified().unwrap(), before);
+
+    // Existing file: refused without --force; --force, data_crc and strict work.
+    let o = format_image(&img, &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already exists; pass --force"), "{}", stderr(&o));
+    let o = format_image(&img, &["--force", "--data-crc", "--mode", "strict"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("flags 0x1183"));
+    assert!(stdout(&o).contains("mode: strict"));
+}
+
+#[test]
+fn format_refuses_small_sizes() {
+    let d = TempDir::new("small");
+    let img = d.file("s.img");
+    for size in ["511M", "1000", "0"] {
+        let o = xtask(&["format", img.to_str().unwrap(), "--size", size]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("below the minimum"), "{}", stderr(&o));
+        assert!(!img.exists());
+    }
+    let o = xtask(&["format", img.to_str().unwrap(), "--size", "lots"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("invalid size"), "{}", stderr(&o));
+}
+
+#[test]
+fn inspect_bad_inputs_get_clear_messages() {
+    let d = TempDir::new("bad");
+    // Missing file.
+    let o = xtask(&["inspect", d.file("missing.img").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot open"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+
+    // Smaller than 512 MiB.
+    let small = d.file("small.img");
+    sparse(&small, 64 * MIB);
+    let o = xtask(&["inspect", small.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("smaller than the 512 MiB"), "{}", stderr(&o));
+
+    // 512 MiB of zeros.
+    let zeros = d.file("zeros.img");
+    sparse(&zeros, 512 * MIB);
+    let o = xtask(&["inspect", zeros.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("unformatted (magic 0)"));
+    assert!(stdout(&o).contains("no valid copy: an activation treats this as a new cache"));
+    let j = inspect_json(&zeros);
+    assert_eq!(j["superblock"]["state"]["state"], "unformatted");
+    assert_eq!(j["seg_num_source"], "device-size");
+    assert!(j["cache_info"]["current"].is_null());
+    assert!(j["log"]["not_walked"].as_str().unwrap().contains("no valid cache_info"));
+
+    // Random bytes over the metadata and every segment header.
+    let random = d.file("random.img");
+    sparse(&random, 512 * MIB);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rnd = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    write_at(&random, 0, &rnd(1 << 20));
+    for p in 0..31 {
+        write_at(&random, seg_off(p), &rnd(16 * 1024));
+    }
+    let o = xtask(&["inspect", random.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("is not pcache's"), "{}", stdout(&o));
+    inspect_json(&random);
+}
+
+fn formatted(d: &TempDir, name: &str) -> PathBuf {
+    let img = d.file(name);
+    let o = format_image(&img, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    img
+}
+
+#[test]
+fn inspect_forged_seg_num() {
+    let d = TempDir::new("segnum");
+    let img = formatted(&d, "f.img");
+    write_at(&img, SB_OFF, &Superblock::new(u32::MAX, 0).to_bytes());
+    let o = xtask(&["inspect", img.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("seg_num 4294967295 out of range (1..=31 for this device)"), "{text}");
+    assert!(text.contains("inspecting 31 segment(s) (from the device size"), "{text}");
+    // An activation refuses it too.
+    let j = inspect_json(&img);
+    assert_eq!(j["superblock"]["state"]["state"], "seg-num-out-of-range");
+    // And a cache_info whose n_segs is forged.
+    let mut ci = CacheInfo {
+        n_segs: 1 << 30,
+        flags: 0x1182,
+        ..Default::default()
+    };
+    ci.header.seq = 9;
+    write_at(&img, CACHE_INFO_OFF, &ci.to_bytes());
+    let o = xtask(&["inspect", img.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("n_segs 1073741824 is larger than seg_num 31"), "{}", stdout(&o));
+}
+
+#[test]
+fn inspect_hostile_key_sets() {
+    let d = TempDir::new("kset");
+    // key_num out of range.
+    let img = formatted(&d, "k.img");
+    let h = KsetHeader {
+        crc: 0x1234,
+        key_num: 4000,
+        magic: KSET_MAGIC,
+        flags: 0,
+    };
+    write_at(&img, data_pos(0, 0), &h.raw_bytes());
+    let o = xtask(&["inspect", img.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("log ends at 0:0: key_num 4000 out of range (1..=128)"), "{text}");
+    assert!(text.contains("not an ordinary end"), "{text}");
+    let j = inspect_json(&img);
+    assert_eq!(j["log"]["end_is_ordinary"], false);
+    assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "key-num-out-of-range");
+
+    // A valid key-set, then a LAST record whose next segment is out of range.
+    let img = formatted(&d, "n.img");
+    let k1 = KeyOnMedia {
+        off: 0,
+        len: 4096,
+        cache_seg_id: 1,
+        ..Default::default()
+    };
+    let k2 = KeyOnMedia {
+        off: 1 << 20,
+        len: 8192,
+        flags: KEY_F_CLEAN,
+        cache_seg_id: 2,
+        cache_seg_off: 4096,
+        ..Default::default()
+    };
+    let ks = Kset::Keys { keys: vec![k1, k2] }.to_bytes();
+    write_at(&img, data_pos(0, 0), &ks);
+    let last = Kset::Last {
+        next_cache_seg_id: 99,
+    }
+    .to_bytes();
+    write_at(&img, data_pos(0, ks.len() as u32), &last);
+    let o = xtask(&["inspect", img.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("1 key-set(s), 2 key(s)"), "{text}");
+    assert!(text.contains("off 0x100000 len 8192 -> segment 2 (physical 2) offset 4096 gen 0 clean"), "{text}");
+    assert!(text.contains("log ends at 0:104: next segment id 99 out of range (n_segs 31)"), "{text}");
+    let j = inspect_json(&img);
+    assert_eq!(j["log"]["records"][0]["keys"][1]["key"]["len"], 8192);
+    assert_eq!(j["log"]["records"][0]["keys"][1]["pseg"], 2);
+    assert_eq!(j["log"]["end"]["pos"]["seg_off"], 104);
+}
