@@ -1,29 +1,69 @@
-//! The guest kernel (skeleton): enters through the Linux 64-bit boot protocol
-//! and reports success on the protocol's exit port. The VMM issue grows this
-//! into the real skeleton (ring-0 setup, ring 3, drivers).
+//! The guest kernel (skeleton): a freestanding `no_std` kernel entered
+//! through the Linux 64-bit boot protocol. Ring 0 only sets up (see
+//! `boot.rs`); everything else runs in ring 3 and polls its devices.
+//! See `guest-images/README.md` for the boot flow and the command line.
 #![no_std]
 #![no_main]
 
-use core::arch::global_asm;
+extern crate alloc;
 
-global_asm!(
-    ".section .text.boot, \"ax\"",
-    ".global _start",
-    "_start:",
-    "    mov dx, {exit_port}",
-    "    mov eax, {success}",
-    "    out dx, eax",
-    "2:  hlt",
-    "    jmp 2b",
-    exit_port = const protocol::PORT_EXIT,
-    success = const protocol::ExitCode::Success as u32,
-);
+mod boot;
+mod bootparams;
+mod channel;
+mod console;
+mod gdt;
+mod heap;
+mod idt;
+mod paging;
+mod rt;
+mod steps;
+mod virtio;
 
-#[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
-    loop {}
+use bootparams::BootParams;
+use channel::{exit, fatal};
+use protocol::{ExitCode, MessageKind, CMDLINE_CONSOLE_FLAG};
+
+/// Ring 3's Rust entry, called by `ring3_entry` (boot.rs) with the zero page address.
+extern "C" fn kernel_main(zero_page: u64) -> ! {
+    let boot = BootParams::new(zero_page).unwrap_or_else(|e| {
+        fatal(
+            MessageKind::Error,
+            ExitCode::DeviceError,
+            format_args!("{e}"),
+        )
+    });
+    let cmdline = boot.cmdline().unwrap_or_else(|e| {
+        fatal(
+            MessageKind::Error,
+            ExitCode::BadCommand,
+            format_args!("{e}"),
+        )
+    });
+    console::set_echo(guest_cmdline::flag(cmdline, CMDLINE_CONSOLE_FLAG));
+
+    let e820 = boot.e820().unwrap_or_else(|e| {
+        fatal(
+            MessageKind::Error,
+            ExitCode::DeviceError,
+            format_args!("{e}"),
+        )
+    });
+    heap::init(e820).unwrap_or_else(|e| {
+        fatal(
+            MessageKind::Error,
+            ExitCode::DeviceError,
+            format_args!("{e}"),
+        )
+    });
+
+    let mut devices = virtio::Devices::from_cmdline(cmdline).unwrap_or_else(|e| {
+        fatal(
+            MessageKind::Error,
+            ExitCode::BadCommand,
+            format_args!("{e}"),
+        )
+    });
+    let steps = steps::parse(cmdline);
+    steps::run(&steps, &mut devices);
+    exit(ExitCode::Success)
 }
-
-/// The precompiled libcore references this symbol even with `panic = "abort"`.
-#[no_mangle]
-pub extern "C" fn rust_eh_personality() {}

@@ -1,0 +1,23 @@
+//! The guest kernel's command-line grammar, as plain `no_std` Rust.
+//!
+//! The guest crate itself is built with freestanding flags and cannot run host
+//! tests, so everything that is pure parsing lives here and is unit-tested by
+//! `cargo test --workspace` at the repository root. The grammar is documented
+//! in `guest-images/README.md`; this crate is its reference implementation.
+//!
+//! Nothing here allocates: parsers return borrowed slices of the command line.
+#![no_std]
+#![forbid(unsafe_code)]
+
+#[cfg(test)]
+extern crate std;
+
+mod number;
+mod params;
+mod steps;
+mod virtio_mmio;
+
+pub use number::{parse_u64, NumberError};
+pub use params::{flag, params, values, Param, Params};
+pub use steps::{steps, Step, StepError, StepErrorKind, Steps};
+pub use virtio_mmio::{MmioDevice, MmioDeviceError, VIRTIO_MMIO_KEY};

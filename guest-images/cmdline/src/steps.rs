@@ -1,0 +1,282 @@
+//! The device-level test steps of `harness.test=STEP;STEP;...`.
+//!
+//! Grammar (each step is `name` or `name:args`; steps are separated by `;`,
+//! so TEXT cannot contain `;`; numbers are decimal or `0x`-hex):
+//!
+//! | step | meaning |
+//! |---|---|
+//! | `console:TEXT` | a line on COM1 |
+//! | `message:TEXT` | a Text message on the protocol channel |
+//! | `pmem-store:OFF:VAL` | one 8-byte volatile store of VAL at pmem byte offset OFF (OFF a multiple of 8) |
+//! | `pmem-flush` | a virtio-pmem flush request |
+//! | `blk-write:SECTOR:BYTE` | one 512-byte sector filled with BYTE (0..=255) |
+//! | `blk-read:SECTOR:BYTE` | read a sector; fails unless every byte equals BYTE |
+//! | `blk-flush` | a virtio-blk flush request |
+//! | `marker:ID` | a 32-bit marker |
+//! | `spin` | loop forever in ring 3 |
+//! | `touch:ADDR` | read one byte at virtual address ADDR |
+
+use crate::number::{parse_u64, NumberError};
+use core::fmt;
+
+/// One parsed step; TEXT borrows from the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    Console(&'a str),
+    Message(&'a str),
+    PmemStore { offset: u64, value: u64 },
+    PmemFlush,
+    BlkWrite { sector: u64, byte: u8 },
+    BlkRead { sector: u64, byte: u8 },
+    BlkFlush,
+    Marker(u32),
+    Spin,
+    Touch(u64),
+}
+
+/// Why a step is malformed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepErrorKind {
+    /// Nothing between two `;` (or at either end).
+    Empty,
+    /// The step's name is not one of the grammar's.
+    Unknown,
+    /// Fewer arguments than the step takes.
+    MissingArgument(&'static str),
+    /// More arguments than the step takes.
+    ExtraArgument,
+    /// The named argument is not a number.
+    BadNumber(&'static str, NumberError),
+    /// The named argument is a number outside its range.
+    OutOfRange(&'static str),
+    /// A pmem offset that is not a multiple of 8 (the store would be split).
+    Misaligned,
+}
+
+/// A malformed step: which one (1-based), its text, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepError<'a> {
+    pub index: usize,
+    pub step: &'a str,
+    pub kind: StepErrorKind,
+}
+
+impl fmt::Display for StepError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "step {} `{}`: ", self.index, self.step)?;
+        match self.kind {
+            StepErrorKind::Empty => f.write_str("empty step"),
+            StepErrorKind::Unknown => f.write_str("unknown step"),
+            StepErrorKind::MissingArgument(a) => write!(f, "missing argument {a}"),
+            StepErrorKind::ExtraArgument => f.write_str("too many arguments"),
+            StepErrorKind::BadNumber(a, e) => write!(f, "{a}: {e}"),
+            StepErrorKind::OutOfRange(a) => write!(f, "{a} out of range"),
+            StepErrorKind::Misaligned => f.write_str("OFF must be a multiple of 8"),
+        }
+    }
+}
+
+/// Iterator over the steps of a `harness.test` value.
+#[derive(Clone, Debug)]
+pub struct Steps<'a> {
+    parts: Option<core::str::Split<'a, char>>,
+    index: usize,
+}
+
+/// Parses the steps of `value`; an empty value has no steps.
+pub fn steps(value: &str) -> Steps<'_> {
+    Steps {
+        parts: (!value.is_empty()).then(|| value.split(';')),
+        index: 0,
+    }
+}
+
+impl<'a> Iterator for Steps<'a> {
+    type Item = Result<Step<'a>, StepError<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let text = self.parts.as_mut()?.next()?;
+        self.index += 1;
+        Some(parse_step(text).map_err(|kind| StepError {
+            index: self.index,
+            step: text,
+            kind,
+        }))
+    }
+}
+
+fn parse_step(text: &str) -> Result<Step<'_>, StepErrorKind> {
+    if text.is_empty() {
+        return Err(StepErrorKind::Empty);
+    }
+    let (name, args) = match text.split_once(':') {
+        Some((n, a)) => (n, Some(a)),
+        None => (text, None),
+    };
+    // TEXT steps take the rest verbatim (colons included).
+    match name {
+        "console" => {
+            return Ok(Step::Console(
+                args.ok_or(StepErrorKind::MissingArgument("TEXT"))?,
+            ))
+        }
+        "message" => {
+            return Ok(Step::Message(
+                args.ok_or(StepErrorKind::MissingArgument("TEXT"))?,
+            ))
+        }
+        _ => {}
+    }
+    let mut args = Args(args.map(|a| a.split(':')));
+    let step = match name {
+        "pmem-store" => {
+            let offset = args.number("OFF")?;
+            let value = args.number("VAL")?;
+            if offset % 8 != 0 {
+                return Err(StepErrorKind::Misaligned);
+            }
+            Step::PmemStore { offset, value }
+        }
+        "pmem-flush" => Step::PmemFlush,
+        "blk-write" => Step::BlkWrite {
+            sector: args.number("SECTOR")?,
+            byte: args.byte("BYTE")?,
+        },
+        "blk-read" => Step::BlkRead {
+            sector: args.number("SECTOR")?,
+            byte: args.byte("BYTE")?,
+        },
+        "blk-flush" => Step::BlkFlush,
+        "marker" => {
+            let id = args.number("ID")?;
+            Step::Marker(u32::try_from(id).map_err(|_| StepErrorKind::OutOfRange("ID"))?)
+        }
+        "spin" => Step::Spin,
+        "touch" => Step::Touch(args.number("ADDR")?),
+        _ => return Err(StepErrorKind::Unknown),
+    };
+    args.finish()?;
+    Ok(step)
+}
+
+/// The `:`-separated arguments of a step, consumed in order.
+struct Args<'a>(Option<core::str::Split<'a, char>>);
+
+impl Args<'_> {
+    fn number(&mut self, name: &'static str) -> Result<u64, StepErrorKind> {
+        let s = self
+            .0
+            .as_mut()
+            .and_then(|a| a.next())
+            .ok_or(StepErrorKind::MissingArgument(name))?;
+        parse_u64(s).map_err(|e| StepErrorKind::BadNumber(name, e))
+    }
+
+    fn byte(&mut self, name: &'static str) -> Result<u8, StepErrorKind> {
+        u8::try_from(self.number(name)?).map_err(|_| StepErrorKind::OutOfRange(name))
+    }
+
+    fn finish(mut self) -> Result<(), StepErrorKind> {
+        match self.0.as_mut().and_then(|a| a.next()) {
+            None => Ok(()),
+            Some(_) => Err(StepErrorKind::ExtraArgument),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use StepErrorKind::*;
+
+    fn one(s: &str) -> Result<Step<'_>, StepErrorKind> {
+        let mut it = steps(s);
+        let r = it.next().expect("one step").map_err(|e| e.kind);
+        assert!(it.next().is_none(), "more than one step in {s:?}");
+        r
+    }
+
+    #[test]
+    fn every_step_parses() {
+        assert_eq!(one("console:hello world"), Ok(Step::Console("hello world")));
+        assert_eq!(one("console:a:b"), Ok(Step::Console("a:b")));
+        assert_eq!(one("console:"), Ok(Step::Console("")));
+        assert_eq!(one("message:hi"), Ok(Step::Message("hi")));
+        assert_eq!(
+            one("pmem-store:0x1000:0xdeadbeef"),
+            Ok(Step::PmemStore {
+                offset: 0x1000,
+                value: 0xdead_beef
+            })
+        );
+        assert_eq!(one("pmem-flush"), Ok(Step::PmemFlush));
+        assert_eq!(
+            one("blk-write:7:0xab"),
+            Ok(Step::BlkWrite {
+                sector: 7,
+                byte: 0xab
+            })
+        );
+        assert_eq!(
+            one("blk-read:0x7:255"),
+            Ok(Step::BlkRead {
+                sector: 7,
+                byte: 255
+            })
+        );
+        assert_eq!(one("blk-flush"), Ok(Step::BlkFlush));
+        assert_eq!(one("marker:0x80000001"), Ok(Step::Marker(0x8000_0001)));
+        assert_eq!(one("spin"), Ok(Step::Spin));
+        assert_eq!(one("touch:0x4000000000"), Ok(Step::Touch(0x40_0000_0000)));
+    }
+
+    #[test]
+    fn sequences_run_in_order() {
+        let mut it = steps("marker:1;blk-flush;console:x");
+        assert_eq!(it.next(), Some(Ok(Step::Marker(1))));
+        assert_eq!(it.next(), Some(Ok(Step::BlkFlush)));
+        assert_eq!(it.next(), Some(Ok(Step::Console("x"))));
+        assert_eq!(it.next(), None);
+        assert_eq!(steps("").next(), None);
+    }
+
+    #[test]
+    fn malformed_steps_are_errors() {
+        assert_eq!(one("bogus"), Err(Unknown));
+        assert_eq!(one("Console:x"), Err(Unknown));
+        assert_eq!(one("console"), Err(MissingArgument("TEXT")));
+        assert_eq!(one("message"), Err(MissingArgument("TEXT")));
+        assert_eq!(one("pmem-store:8"), Err(MissingArgument("VAL")));
+        assert_eq!(one("pmem-store"), Err(MissingArgument("OFF")));
+        assert_eq!(one("pmem-store:4:1"), Err(Misaligned));
+        assert_eq!(one("pmem-store:8:1:2"), Err(ExtraArgument));
+        assert_eq!(one("pmem-flush:1"), Err(ExtraArgument));
+        assert_eq!(one("spin:"), Err(ExtraArgument));
+        assert_eq!(one("blk-write:1:256"), Err(OutOfRange("BYTE")));
+        assert_eq!(
+            one("blk-read:x:1"),
+            Err(BadNumber("SECTOR", NumberError::BadDigit))
+        );
+        assert_eq!(one("marker:0x100000000"), Err(OutOfRange("ID")));
+        assert_eq!(one("marker:"), Err(BadNumber("ID", NumberError::Empty)));
+        assert_eq!(one("touch"), Err(MissingArgument("ADDR")));
+    }
+
+    #[test]
+    fn empty_steps_are_errors_with_their_position() {
+        let mut it = steps("spin;;spin");
+        assert_eq!(it.next(), Some(Ok(Step::Spin)));
+        assert_eq!(
+            it.next(),
+            Some(Err(StepError {
+                index: 2,
+                step: "",
+                kind: Empty
+            }))
+        );
+        let last = steps("spin;").last().unwrap().unwrap_err();
+        assert_eq!((last.index, last.kind), (2, Empty));
+        let e = steps("spin;nope:1").nth(1).unwrap().unwrap_err();
+        assert_eq!(std::format!("{e}"), "step 2 `nope:1`: unknown step");
+    }
+}
