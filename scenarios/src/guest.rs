@@ -39,6 +39,15 @@ pub struct StartReport {
     pub message: Option<String>,
     #[serde(default)]
     pub cache_info: Option<SlotSeq>,
+    #[serde(default)]
+    pub refusal: Option<serde_json::Value>,
+}
+
+impl StartReport {
+    /// The refusal's kind (`seg-num`, `big-endian`, ...), when refused.
+    pub fn refusal_kind(&self) -> Option<&str> {
+        self.refusal.as_ref()?.get("kind")?.as_str()
+    }
 }
 
 /// Slot and seq of a cache_info copy.
@@ -166,6 +175,7 @@ mod tests {
             outcome: outcome.into(),
             message: None,
             cache_info: Some(SlotSeq { slot: 0, seq }),
+            refusal: None,
         }
     }
 

@@ -1,12 +1,14 @@
 //! Scripted power-cut scenarios: the pieces that do not need a VM.
 //!
 //! - [`spec`]: scenario files (format in `scenarios/README.md`).
+//! - [`generate`]: image variants for scenarios without a power cut.
 //! - [`guest`]: the guest's command lines and step results.
 //! - [`persistence`]: persistence models that turn a traced window into crash states.
 //! - [`recipe`]: the device images a scenario starts from.
 //! - [`runner`]: runs a scenario: workload, crash states, recovery boots, verdicts.
 //! - [`result`]: the result file of a run and the checks of expectations.
 
+pub mod generate;
 pub mod guest;
 pub mod persistence;
 pub mod recipe;

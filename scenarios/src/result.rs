@@ -66,6 +66,8 @@ pub struct StateResult {
     pub outcome: String,
     /// The refusal reason, when refused.
     pub reason: Option<String>,
+    /// The refusal's kind (e.g. `seg-num`), when refused.
+    pub refusal: Option<String>,
     pub usable: bool,
     pub older_cache_back: bool,
     /// The guest's full reports of the recovery steps.
@@ -90,9 +92,22 @@ pub enum AppliedWrite {
         event: usize,
         sector: u64,
     },
+    /// Bytes written over a generated image's base (hex).
+    Patch {
+        offset: u64,
+        bytes: String,
+    },
 }
 
 impl StateResult {
+    /// The outcome, with the refusal's kind when refused: `refused:seg-num`.
+    pub fn detailed_outcome(&self) -> String {
+        match &self.refusal {
+            Some(kind) => format!("{}:{kind}", self.outcome),
+            None => self.outcome.clone(),
+        }
+    }
+
     /// Records in `self.violations` what `expect` forbids of this state alone.
     pub fn check(&mut self, expect: &Expectation) {
         if !expect.allowed.is_empty() && !expect.allowed.contains(&self.outcome) {
@@ -186,6 +201,7 @@ mod tests {
             applied: vec![],
             outcome: outcome.into(),
             reason: None,
+            refusal: None,
             usable,
             older_cache_back: back,
             reports: vec![],

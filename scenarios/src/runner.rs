@@ -2,6 +2,7 @@
 //! on, enumerate the crash states the model allows, boot recovery on each (in
 //! parallel, in fresh VMs), and check the outcomes against the expectations.
 
+use crate::generate;
 use crate::guest::{self, Recovery};
 use crate::persistence::{self, BaseImage, CrashState, Event, Trace};
 use crate::recipe::{self, PreparedDevice};
@@ -9,7 +10,7 @@ use crate::result::{
     write_atomic, AppliedWrite, DeviceModeRun, ObservedCounts, RunResult, StateResult,
     SCHEMA_VERSION,
 };
-use crate::spec::{Device, Expectation, Mode, Run, Scenario, Window};
+use crate::spec::{Device, Expectation, Generator, Mode, Run, Scenario, Window};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -74,6 +75,8 @@ pub enum RunnerError {
     },
     #[error(transparent)]
     Enumerate(#[from] persistence::EnumerateError),
+    #[error(transparent)]
+    Generate(#[from] generate::GenerateError),
     #[error("{0}")]
     Unsupported(String),
     #[error("{path}: {source}")]
@@ -126,11 +129,9 @@ pub fn run(
                     name, scenario, device, mode, expect, &prepared, workload, window, model, cfg,
                     &dir, progress,
                 )?,
-                Run::Images { generator } => {
-                    return Err(RunnerError::Unsupported(format!(
-                        "image generator `{generator:?}` is not implemented yet"
-                    )))
-                }
+                Run::Images { generator } => images(
+                    name, scenario, device, mode, expect, &prepared, *generator, cfg, progress,
+                )?,
             };
             runs.push(run);
         }
@@ -165,7 +166,6 @@ fn power_cut(
     dir: &Path,
     progress: &dyn Progress,
 ) -> Result<DeviceModeRun, RunnerError> {
-    let label = format!("{}/{}", device.name, mode.as_str());
     let fail = |why: String| RunnerError::Workload {
         device: device.name.clone(),
         mode: mode.as_str(),
@@ -202,64 +202,34 @@ fn power_cut(
     let e = persistence::enumerate(&saved.trace, start, end, model, &base)?;
 
     // Recovery boots, in parallel.
-    progress.begin(&label, e.states.len());
-    let recovery_line = guest::cmdline(&scenario.recovery, mode, false);
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<StateResult>>> = Mutex::new(vec![None; e.states.len()]);
-    let first_error: Mutex<Option<RunnerError>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..cfg.jobs.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= e.states.len() || first_error.lock().unwrap().is_some() {
-                    break;
-                }
-                let id = format!("{}-{}-{:04}", device.name, mode.as_str(), i);
-                let state = &e.states[i];
-                let checked = check_state(
-                    &saved,
-                    state,
-                    &id,
-                    &recovery_line,
-                    prepared.older_seq,
-                    expect,
-                    cfg,
-                )
-                .and_then(|mut st| {
-                    if !st.violations.is_empty() {
-                        save_state(
-                            name,
-                            device,
-                            mode,
-                            &recovery_line,
-                            &saved,
-                            state,
-                            &mut st,
-                            cfg,
-                        )?;
-                    }
-                    Ok(st)
-                });
-                match checked {
-                    Ok(st) => results.lock().unwrap()[i] = Some(st),
-                    Err(err) => {
-                        first_error.lock().unwrap().get_or_insert(err);
-                    }
-                }
-                progress.state_done();
-            });
+    let line = guest::cmdline(&scenario.recovery, mode, false);
+    let label = format!("{}/{}", device.name, mode.as_str());
+    let states = parallel_states(&label, e.states.len(), cfg.jobs, progress, |i| {
+        let state = &e.states[i];
+        let id = format!("{}-{}-{:04}", device.name, mode.as_str(), i);
+        let images = build_images(&saved, state)?;
+        let applied = applied(&saved.trace, &images.applied);
+        let mut st = recover(
+            images.pmem,
+            images.disk,
+            &id,
+            &line,
+            prepared.older_seq,
+            cfg,
+        )?;
+        st.cut = Some(state.cut);
+        st.applied = applied;
+        if let Some(e) = expect {
+            st.check(e);
         }
-    });
-    progress.end();
-    if let Some(err) = first_error.into_inner().unwrap() {
-        return Err(err);
-    }
-    let states: Vec<StateResult> = results
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .flatten()
-        .collect();
+        if !st.violations.is_empty() {
+            // Built again: recovery ran on the first copy-on-write views and may
+            // have written them.
+            let images = build_images(&saved, state)?;
+            save_state(name, device, mode, &line, images, &mut st, cfg)?;
+        }
+        Ok(st)
+    })?;
     let mut run = DeviceModeRun {
         device: device.name.clone(),
         mode,
@@ -281,6 +251,139 @@ fn power_cut(
     Ok(run)
 }
 
+/// A scenario without a power cut: recovery on each generated variant of the
+/// device's image.
+#[allow(clippy::too_many_arguments)]
+fn images(
+    name: &str,
+    scenario: &Scenario,
+    device: &Device,
+    mode: Mode,
+    expect: Option<&Expectation>,
+    prepared: &PreparedDevice,
+    generator: Generator,
+    cfg: &RunnerConfig,
+    progress: &dyn Progress,
+) -> Result<DeviceModeRun, RunnerError> {
+    let io = |source| RunnerError::Io {
+        path: prepared.pmem.clone(),
+        source,
+    };
+    let base = pcache::pmem::FilePmem::open_read_only(&prepared.pmem).map_err(io)?;
+    let variants = generate::variants(generator, &base)?;
+    if let Some(e) = expect {
+        let known: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+        if let Some(missing) = e.per_image.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(RunnerError::Unsupported(format!(
+                "expect.per-image names `{missing}`, which the generator does not make (it makes: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    // Each variant runs on copy-on-write views of the prepared images.
+    let open = |v: &generate::Variant| -> Result<vmm::CrashImages, RunnerError> {
+        let pmem = vmm::PmemRegion::open(&prepared.pmem, vmm::ImageMode::CopyOnWrite)
+            .map_err(vmm::VmError::from)?;
+        for (off, bytes) in &v.patches {
+            pmem.write(*off, bytes).map_err(io)?;
+        }
+        let disk = vmm::DiskImage::open(&prepared.disk, vmm::ImageMode::CopyOnWrite)
+            .map_err(vmm::VmError::from)?;
+        Ok(vmm::CrashImages {
+            pmem,
+            disk,
+            applied: vec![],
+        })
+    };
+    let line = guest::cmdline(&scenario.recovery, mode, false);
+    let label = format!("{}/{}", device.name, mode.as_str());
+    let states = parallel_states(&label, variants.len(), cfg.jobs, progress, |i| {
+        let v = &variants[i];
+        let images = open(v)?;
+        let mut st = recover(
+            images.pmem,
+            images.disk,
+            &v.name,
+            &line,
+            prepared.older_seq,
+            cfg,
+        )?;
+        st.applied = v
+            .patches
+            .iter()
+            .map(|(offset, bytes)| AppliedWrite::Patch {
+                offset: *offset,
+                bytes: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            })
+            .collect();
+        if let Some(e) = expect {
+            st.check(e);
+            if let Some(want) = e.per_image.get(&v.name) {
+                let got = st.detailed_outcome();
+                if *want != got {
+                    st.violations
+                        .push(format!("expected `{want}`, got `{got}`"));
+                }
+            }
+        }
+        if !st.violations.is_empty() {
+            save_state(name, device, mode, &line, open(v)?, &mut st, cfg)?;
+        }
+        Ok(st)
+    })?;
+    let mut run = DeviceModeRun {
+        device: device.name.clone(),
+        mode,
+        model: serde_json::json!({ "generator": generator }),
+        counts: ObservedCounts::default(),
+        states,
+        violations: vec![],
+    };
+    run.finish(expect);
+    Ok(run)
+}
+
+/// Runs `check(i)` for `0..n` on `jobs` threads; the first error stops the rest.
+fn parallel_states(
+    label: &str,
+    n: usize,
+    jobs: usize,
+    progress: &dyn Progress,
+    check: impl Fn(usize) -> Result<StateResult, RunnerError> + Sync,
+) -> Result<Vec<StateResult>, RunnerError> {
+    progress.begin(label, n);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<StateResult>>> = Mutex::new(vec![None; n]);
+    let first_error: Mutex<Option<RunnerError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || first_error.lock().unwrap().is_some() {
+                    break;
+                }
+                match check(i) {
+                    Ok(st) => results.lock().unwrap()[i] = Some(st),
+                    Err(err) => {
+                        first_error.lock().unwrap().get_or_insert(err);
+                    }
+                }
+                progress.state_done();
+            });
+        }
+    });
+    progress.end();
+    if let Some(err) = first_error.into_inner().unwrap() {
+        return Err(err);
+    }
+    Ok(results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
 /// The crash images of a state: the window's base plus its durable writes.
 fn build_images(saved: &SavedWindow, state: &CrashState) -> Result<vmm::CrashImages, RunnerError> {
     let mut writes = state.pmem.clone();
@@ -288,24 +391,21 @@ fn build_images(saved: &SavedWindow, state: &CrashState) -> Result<vmm::CrashIma
     Ok(saved.build(state.cut as u64, &writes)?)
 }
 
-/// Boots recovery on one crash state.
-fn check_state(
-    saved: &SavedWindow,
-    state: &CrashState,
+/// Boots recovery on a pair of images and reads what it did.
+fn recover(
+    pmem: vmm::PmemRegion,
+    disk: vmm::DiskImage,
     id: &str,
     cmdline: &str,
     older_seq: Option<u8>,
-    expect: Option<&Expectation>,
     cfg: &RunnerConfig,
 ) -> Result<StateResult, RunnerError> {
-    let images = build_images(saved, state)?;
-    let applied = applied(&saved.trace, &images.applied);
     let vm = VmConfig {
         kernel: cfg.kernel.clone(),
         cmdline: cmdline.to_string(),
         mem_mib: protocol::layout::RAM_DEFAULT_MIB,
-        pmem: images.pmem,
-        disk: images.disk,
+        pmem,
+        disk,
         trace: false,
         timeout: cfg.state_timeout,
         console: Default::default(),
@@ -316,10 +416,11 @@ fn check_state(
     let first = rec.starts.first();
     let mut st = StateResult {
         id: id.into(),
-        cut: Some(state.cut),
-        applied,
+        cut: None,
+        applied: vec![],
         outcome: rec.outcome(),
         reason: first.and_then(|s| s.message.clone()),
+        refusal: first.and_then(|s| s.refusal_kind().map(str::to_string)),
         usable: rec.usable(),
         older_cache_back: rec.older_cache_back(older_seq),
         reports: rec.steps.clone(),
@@ -329,9 +430,6 @@ fn check_state(
     if let Some(f) = &rec.failure {
         st.violations
             .push(format!("recovery did not finish cleanly: {f}"));
-    }
-    if let Some(e) = expect {
-        st.check(e);
     }
     Ok(st)
 }
@@ -356,25 +454,22 @@ fn applied(trace: &Trace, writes: &[vmm::WriteRef]) -> Vec<AppliedWrite> {
         .collect()
 }
 
-/// Saves a violating state's images (built again: recovery ran on copy-on-write
-/// views that it may have written) and what is needed to replay it.
-#[allow(clippy::too_many_arguments)]
+/// Saves a violating state's images and what is needed to replay it.
 fn save_state(
     scenario: &str,
     device: &Device,
     mode: Mode,
     cmdline: &str,
-    saved: &SavedWindow,
-    state: &CrashState,
+    images: vmm::CrashImages,
     st: &mut StateResult,
     cfg: &RunnerConfig,
 ) -> Result<(), RunnerError> {
-    let dir = cfg.out_dir.join(&st.id);
+    // Image-set ids contain '/' (`magic/stale-crc`): one folder per state.
+    let dir = cfg.out_dir.join(st.id.replace('/', "_"));
     std::fs::create_dir_all(&dir).map_err(|source| RunnerError::Io {
         path: dir.clone(),
         source,
     })?;
-    let images = build_images(saved, state)?;
     images.write_files(&dir.join("pmem.img"), &dir.join("disk.img"))?;
     let meta = SavedState {
         scenario: scenario.into(),

@@ -492,7 +492,14 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
         let all = list(dir).unwrap();
         let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
-        assert!(names.contains(&"crash-mid-sb-write"), "{names:?}");
+        for want in [
+            "crash-mid-sb-write",
+            "crash-mid-format",
+            "corrupt-sb",
+            "forged-metadata",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
         for (name, path) in &all {
             Scenario::load(path).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
