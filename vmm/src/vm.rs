@@ -246,7 +246,10 @@ pub struct MarkerRecord {
 pub struct RunStats {
     /// VMM start to the first `KVM_RUN`.
     pub setup_ns: u64,
-    /// VMM start to the end of the run.
+    /// VMM start to the moment the run stopped (the guest's exit, a fault, the
+    /// watchdog), before the VM is torn down.
+    pub stop_ns: u64,
+    /// VMM start to the end of the run, VM teardown included.
     pub total_ns: u64,
     pub exits: u64,
     pub pio_exits: u64,
@@ -623,6 +626,7 @@ pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
     state.stats.setup_ns = start.elapsed().as_nanos() as u64;
     let watchdog = Watchdog::start(config.timeout);
     let outcome = state.run_loop(&mut vcpu, &watchdog);
+    state.stats.stop_ns = start.elapsed().as_nanos() as u64;
     drop(watchdog);
     let outcome = outcome?;
 
@@ -638,7 +642,7 @@ pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
     // The devices hold the other references to the images.
     drop(bus);
     drop(vcpu);
-    drop(vm);
+    reap(vm, ram);
     let windows = {
         let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
         if t.on {
@@ -663,6 +667,29 @@ pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
         pmem,
         disk,
     })
+}
+
+/// Destroys a finished VM and its RAM on a background thread: closing a VM
+/// fd takes ~0.5 ms on PVM hosts, which the next run need not wait for.
+/// (The pmem mapping may be unmapped meanwhile: nothing runs in the VM.)
+fn reap(vm: VmFd, ram: GuestMemoryMmap) {
+    use std::sync::mpsc;
+    static REAPER: OnceLock<Option<mpsc::Sender<(VmFd, GuestMemoryMmap)>>> = OnceLock::new();
+    let tx = REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<(VmFd, GuestMemoryMmap)>();
+        std::thread::Builder::new()
+            .name("vm-reaper".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    match tx {
+        // The reaper lives as long as the process; a failed send drops here.
+        Some(tx) => {
+            let _ = tx.send((vm, ram));
+        }
+        None => drop((vm, ram)),
+    }
 }
 
 fn close_window(t: &mut Tracer, pmem: &PmemRegion, disk: &Mutex<DiskImage>, open: bool) {
