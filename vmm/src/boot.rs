@@ -422,6 +422,20 @@ mod tests {
     }
 
     #[test]
+    fn overlong_or_invalid_command_lines_are_refused() {
+        let long = "x".repeat(layout::CMDLINE_MAX);
+        assert!(build_cmdline(&long, &[]).is_err());
+        let dev = [(0x1000, layout::virtio_mmio_addr(0), 5)];
+        let near = "y".repeat(layout::CMDLINE_MAX - 20);
+        assert!(
+            build_cmdline(&near, &dev).is_err(),
+            "no room for the device entry"
+        );
+        assert!(build_cmdline("bad\0nul", &[]).is_err());
+        assert!(build_cmdline("  ", &dev).is_ok());
+    }
+
+    #[test]
     fn gdt_entries_decode_to_long_mode_segments() {
         let code = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
         assert_eq!((code.l, code.db, code.present, code.s), (1, 0, 1, 1));

@@ -245,3 +245,47 @@ fn guest_reads_back_its_traced_stores() {
     );
     assert_eq!(r.stats.traced_stores, 1);
 }
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn parallel_runs_keep_their_own_outcomes() {
+    // Spinners with short budgets next to guests that exit: each watchdog
+    // kick must reach its own vCPU thread only.
+    let img = Images::new();
+    let spin = img.dir.as_path().join("spin.elf");
+    std::fs::write(&spin, elf(&[0xeb, 0xfe])).unwrap();
+    let quit = img.dir.as_path().join("quit.elf");
+    let mut code = Vec::new();
+    for _ in 0..200 {
+        code.extend(out32(protocol::PORT_MARKER, 7)); // a few ms of exits
+    }
+    code.extend(exit(3));
+    std::fs::write(&quit, elf(&code)).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let kernel = if i % 2 == 0 { &spin } else { &quit };
+                let img = &img;
+                s.spawn(move || {
+                    let mut c = vmm::VmConfig::new(kernel, "", &img.pmem(), &img.disk()).unwrap();
+                    c.timeout =
+                        Duration::from_millis(if i % 2 == 0 { 100 + i * 20 } else { 20_000 });
+                    (i, vmm::run(c).unwrap())
+                })
+            })
+            .collect();
+        for h in handles {
+            let (i, r) = h.join().unwrap();
+            if i % 2 == 0 {
+                assert!(
+                    matches!(r.outcome, Outcome::Timeout { .. }),
+                    "{i}: {:?}",
+                    r.outcome
+                );
+            } else {
+                assert_eq!(r.outcome, Outcome::Exited { code: 3 }, "{i}");
+                assert_eq!(r.markers.len(), 200);
+            }
+        }
+    });
+}
