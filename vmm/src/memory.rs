@@ -5,8 +5,8 @@
 //! never modified, the default) or write-through (`MAP_SHARED`: stores reach
 //! the file, a flush is `msync`). The slot is registered read-write (guest
 //! stores run at full speed) or read-only (every guest store exits to the
-//! VMM, which applies and traces it); [`PmemRegion::set_traced`] switches
-//! between the two while the guest runs.
+//! VMM, which applies and traces it); the VMM switches between the two while
+//! the guest runs by registering the slot again.
 
 use std::collections::BTreeMap;
 use std::fs::File;
