@@ -6,6 +6,24 @@
 //! * [`crash`] saves a traced window and builds crash images from it.
 //! * [`trace`] is the persistence trace and its file encoding.
 //!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::path::Path;
+//! let mut cfg = vmm::VmConfig::new(
+//!     "target/guest/pcache-guest",
+//!     "harness.test=pmem-store:0x40:7;pmem-flush",
+//!     Path::new("pmem.img"),
+//!     Path::new("disk.img"),
+//! )?;
+//! cfg.trace = true;
+//! let run = vmm::run(cfg)?;
+//! assert_eq!(run.outcome.exit_code(), Some(0));
+//! let saved = run.windows[0].save(Path::new("window"))?;
+//! let cut = saved.trace.len() as u64;
+//! let images = saved.build_flushed_plus(cut, &saved.trace.pending_at(cut))?;
+//! # let _ = images; Ok(()) }
+//! ```
+//!
 //! Module map (Firecracker-like): [`boot`] (kernel, zero page, long mode),
 //! [`memory`] (RAM and the pmem slot), [`disk`] (the disk image),
 //! [`devices`] (bus, COM1, virtio), [`vm`] (setup and the vCPU loop),
@@ -24,4 +42,7 @@ pub use crash::{CrashImages, SavedWindow, TraceWindow, WriteRef};
 pub use disk::DiskImage;
 pub use memory::{ImageMode, PmemRegion};
 pub use trace::{Event, Trace};
-pub use vm::{run, Message, Outcome, Registers, RunResult, VmConfig, VmError};
+pub use vm::{
+    check_kvm, run, ConsoleConfig, MarkerRecord, Message, Outcome, Registers, RunResult, RunStats,
+    RunSummary, VmConfig, VmError,
+};
