@@ -12,7 +12,9 @@ pub const SECTOR: usize = 512;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BackingError {
     /// The access reaches past the end of the device.
-    #[error("access of {sectors} sectors at sector {sector} is beyond the device ({size} sectors)")]
+    #[error(
+        "access of {sectors} sectors at sector {sector} is beyond the device ({size} sectors)"
+    )]
     OutOfBounds {
         /// First sector.
         sector: u64,

@@ -155,9 +155,7 @@ fn load_tail<P: Pmem + ?Sized>(
     mode: Mode,
 ) -> Result<TailState, Refusal> {
     let slots = read_tail(pmem, tail)?;
-    let (slot, rec) = slots
-        .latest_record()
-        .ok_or(Refusal::TailMissing { tail })?;
+    let (slot, rec) = slots.latest_record().ok_or(Refusal::TailMissing { tail })?;
     let pos = CachePos {
         cache_seg_id: rec.cache_seg_id,
         seg_off: rec.seg_off,
@@ -417,7 +415,10 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         state: DualCopy::fresh(policy),
     };
     let mut key_tail = dirty_tail;
-    for (tail, t) in [(Tail::DirtyTail, &mut dirty_tail), (Tail::KeyTail, &mut key_tail)] {
+    for (tail, t) in [
+        (Tail::DirtyTail, &mut dirty_tail),
+        (Tail::KeyTail, &mut key_tail),
+    ] {
         write_dual(
             pmem,
             hooks,

@@ -91,10 +91,16 @@ impl core::fmt::Display for SbState {
                 "corrupted: CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"
             ),
             SbState::BigEndian { flags } => {
-                write!(f, "flags {flags:#x} have the big-endian bit set (formatted by a big-endian host)")
+                write!(
+                    f,
+                    "flags {flags:#x} have the big-endian bit set (formatted by a big-endian host)"
+                )
             }
             SbState::SegNumOutOfRange { seg_num, max } => {
-                write!(f, "seg_num {seg_num} out of range (1..={max} for this device)")
+                write!(
+                    f,
+                    "seg_num {seg_num} out of range (1..={max} for this device)"
+                )
             }
         }
     }
@@ -242,7 +248,10 @@ mod tests {
                 flags: 0
             }
         );
-        assert_eq!(classify_sb(&Superblock::default(), size), SbState::Unformatted);
+        assert_eq!(
+            classify_sb(&Superblock::default(), size),
+            SbState::Unformatted
+        );
         let mut foreign = good;
         foreign.magic = 0x1234;
         assert!(matches!(
@@ -254,7 +263,10 @@ mod tests {
         ));
         let mut torn = good;
         torn.seg_num = 0;
-        assert!(matches!(classify_sb(&torn, size), SbState::CrcMismatch { .. }));
+        assert!(matches!(
+            classify_sb(&torn, size),
+            SbState::CrcMismatch { .. }
+        ));
         for seg_num in [0, 32, u32::MAX] {
             let sb = Superblock::new(seg_num, 0);
             assert_eq!(

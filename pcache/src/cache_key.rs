@@ -9,8 +9,8 @@ use alloc::vec::Vec;
 use serde::Serialize;
 
 use crate::format::{
-    data_pos, decode_kset, KeyOnMedia, Kset, KsetError, DATA_SIZE, KSET_ONMEDIA_SIZE_MAX,
-    KSET_HEADER_SIZE,
+    data_pos, decode_kset, KeyOnMedia, Kset, KsetError, DATA_SIZE, KSET_HEADER_SIZE,
+    KSET_ONMEDIA_SIZE_MAX,
 };
 use crate::pmem::{Pmem, PmemError};
 
@@ -51,7 +51,9 @@ pub enum LogStop {
         error: KsetError,
     },
     /// A LAST record leads back to a segment the log already went through.
-    #[error("LAST record leads back to cache segment {next_cache_seg_id}, already in the log (loop)")]
+    #[error(
+        "LAST record leads back to cache segment {next_cache_seg_id}, already in the log (loop)"
+    )]
     Loop {
         /// The segment revisited.
         next_cache_seg_id: u32,
@@ -139,20 +141,23 @@ impl<'a, P: Pmem + ?Sized> LogWalker<'a, P> {
         };
         let space = DATA_SIZE.saturating_sub(pos.seg_off as u64);
         let len = core::cmp::min(space, self.buf.len() as u64) as usize;
-        if let Err(error) = self.pmem.read(data_pos(pseg, pos.seg_off), &mut self.buf[..len]) {
+        if let Err(error) = self
+            .pmem
+            .read(data_pos(pseg, pos.seg_off), &mut self.buf[..len])
+        {
             return end(LogStop::Io { error });
         }
         let kset = match decode_kset(&self.buf[..len], n_segs) {
             Ok(k) => k,
             Err(error) => {
-                    return end(LogStop::Invalid { error });
+                return end(LogStop::Invalid { error });
             }
         };
         match kset {
             Kset::Last { next_cache_seg_id } => {
                 let v = &mut self.visited[next_cache_seg_id as usize];
                 if *v {
-                            return end(LogStop::Loop { next_cache_seg_id });
+                    return end(LogStop::Loop { next_cache_seg_id });
                 }
                 *v = true;
                 self.pos = CachePos {

@@ -157,7 +157,10 @@ fn run<P: Pmem + ?Sized, H: Hooks + ?Sized>(
             rep.seg_num = Some(seg_num);
             start_cache(pmem, hooks, opts, seg_num, rep, Outcome::Formatted)
         }
-        SbState::BadMagic { magic, crc_ok: true } => Err(Refusal::NotPcache { magic }),
+        SbState::BadMagic {
+            magic,
+            crc_ok: true,
+        } => Err(Refusal::NotPcache { magic }),
         SbState::BigEndian { flags } => Err(Refusal::BigEndian { flags }),
         SbState::SegNumOutOfRange { seg_num, max } => Err(Refusal::SegNum {
             seg_num: seg_num as u64,
@@ -190,7 +193,10 @@ fn start_cache<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     match ci.latest_record() {
         Some((slot, info)) if info.init_done() => {
             let loaded = load_existing(pmem, seg_num, opts, slot, info, rep)?;
-            Ok((Outcome::Opened, open(pmem, hooks, opts.mode, seg_num, loaded)?))
+            Ok((
+                Outcome::Opened,
+                open(pmem, hooks, opts.mode, seg_num, loaded)?,
+            ))
         }
         found => Ok((
             new_outcome,

@@ -168,7 +168,11 @@ const fn crc32c_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82F6_3B78
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -432,7 +436,8 @@ impl CacheInfo {
 
     /// Flags of a fresh cache: INIT_DONE clear, mode 0, gc_percent 70, DATA_CRC as asked.
     pub fn default_flags(data_crc: bool) -> u32 {
-        (GC_PERCENT_DEFAULT << CACHE_INFO_GC_SHIFT) | if data_crc { CACHE_INFO_F_DATA_CRC } else { 0 }
+        (GC_PERCENT_DEFAULT << CACHE_INFO_GC_SHIFT)
+            | if data_crc { CACHE_INFO_F_DATA_CRC } else { 0 }
     }
 
     /// DATA_CRC flag.
@@ -739,7 +744,9 @@ pub enum KeyError {
         n_segs: u32,
     },
     /// The data would cross the end of the segment's data area.
-    #[error("data at segment offset {cache_seg_off} length {len} crosses the end of the data area")]
+    #[error(
+        "data at segment offset {cache_seg_off} length {len} crosses the end of the data area"
+    )]
     BeyondDataArea {
         /// Offset in the data area.
         cache_seg_off: u32,
@@ -1013,7 +1020,10 @@ mod tests {
 
     #[test]
     fn crc_table_matches_standard_check_value() {
-        assert_eq!(crc32c_raw(0xFFFF_FFFF, b"123456789") ^ 0xFFFF_FFFF, 0xE306_9283);
+        assert_eq!(
+            crc32c_raw(0xFFFF_FFFF, b"123456789") ^ 0xFFFF_FFFF,
+            0xE306_9283
+        );
     }
 
     #[test]
@@ -1029,7 +1039,11 @@ mod tests {
             for &b in data {
                 crc ^= b as u32;
                 for _ in 0..8 {
-                    crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+                    crc = if crc & 1 != 0 {
+                        (crc >> 1) ^ 0x82F6_3B78
+                    } else {
+                        crc >> 1
+                    };
                 }
             }
             crc
@@ -1119,10 +1133,19 @@ mod tests {
             let d = <CacheInfo as DualRecord>::decode(&hex(bytes));
             assert!(d.crc_ok());
             assert_eq!(d.header.crc, crc);
-            assert_eq!((d.seg_id, d.n_segs, d.flags), (rec.seg_id, rec.n_segs, rec.flags));
+            assert_eq!(
+                (d.seg_id, d.n_segs, d.flags),
+                (rec.seg_id, rec.n_segs, rec.flags)
+            );
         }
-        assert_eq!(CacheInfo::default_flags(false) | CACHE_INFO_F_INIT_DONE, 0x1182);
-        assert_eq!(CacheInfo::default_flags(true) | CACHE_INFO_F_INIT_DONE, 0x1183);
+        assert_eq!(
+            CacheInfo::default_flags(false) | CACHE_INFO_F_INIT_DONE,
+            0x1182
+        );
+        assert_eq!(
+            CacheInfo::default_flags(true) | CACHE_INFO_F_INIT_DONE,
+            0x1183
+        );
         let d = ci(1, 0, 31, 0x1181);
         assert!(d.data_crc() && !d.init_done());
         assert!(ci(1, 0, 31, 0x1182).init_done());
@@ -1144,10 +1167,26 @@ mod tests {
     #[test]
     fn cache_pos_vectors() {
         for (rec, crc, bytes) in [
-            (pos(1, 0, 0), 0x6ef5_dfb0, "b0dff56e 01000000 00000000 00000000"),
-            (pos(2, 0, 5144), 0xcc3b_a8ab, "aba83bcc 02000000 00000000 18140000"),
-            (pos(255, 3, 4096), 0x6ac6_c263, "63c2c66a ff000000 03000000 00100000"),
-            (pos(0, 3, 8192), 0x6584_77fd, "fd778465 00000000 03000000 00200000"),
+            (
+                pos(1, 0, 0),
+                0x6ef5_dfb0,
+                "b0dff56e 01000000 00000000 00000000",
+            ),
+            (
+                pos(2, 0, 5144),
+                0xcc3b_a8ab,
+                "aba83bcc 02000000 00000000 18140000",
+            ),
+            (
+                pos(255, 3, 4096),
+                0x6ac6_c263,
+                "63c2c66a ff000000 03000000 00100000",
+            ),
+            (
+                pos(0, 3, 8192),
+                0x6584_77fd,
+                "fd778465 00000000 03000000 00200000",
+            ),
         ] {
             assert_eq!(rec.computed_crc(), crc);
             assert_eq!(rec.to_bytes().to_vec(), hex(bytes));
@@ -1174,10 +1213,22 @@ mod tests {
             },
             gen,
         };
-        assert_eq!(si(1, 2, 0).to_bytes().to_vec(), hex("fe258dfc 01000000 02000000 00000000"));
-        assert_eq!(si(2, 3, 1).to_bytes().to_vec(), hex("318e663b 02000000 03000000 01000000"));
-        assert_eq!(sg(1, 0).to_bytes().to_vec(), hex("b0dff56e 01000000 00000000 00000000"));
-        assert_eq!(sg(2, 1).to_bytes().to_vec(), hex("c7de5b74 02000000 01000000 00000000"));
+        assert_eq!(
+            si(1, 2, 0).to_bytes().to_vec(),
+            hex("fe258dfc 01000000 02000000 00000000")
+        );
+        assert_eq!(
+            si(2, 3, 1).to_bytes().to_vec(),
+            hex("318e663b 02000000 03000000 01000000")
+        );
+        assert_eq!(
+            sg(1, 0).to_bytes().to_vec(),
+            hex("b0dff56e 01000000 00000000 00000000")
+        );
+        assert_eq!(
+            sg(2, 1).to_bytes().to_vec(),
+            hex("c7de5b74 02000000 01000000 00000000")
+        );
         assert_eq!(si(1, 2, 0).computed_crc(), 0xfc8d_25fe);
         assert_eq!(si(2, 3, 1).computed_crc(), 0x3b66_8e31);
         assert_eq!(sg(1, 0).computed_crc(), 0x6ef5_dfb0);
@@ -1210,7 +1261,9 @@ mod tests {
             reserved: 0,
         };
         let k1b = "0000000000000000 00100000 00000000 01000000 00000000 0000000000000000 00000000 00000000";
-        let one = Kset::Keys { keys: alloc::vec![k1] };
+        let one = Kset::Keys {
+            keys: alloc::vec![k1],
+        };
         let ob = hex(&(alloc::string::String::from(
             "14c6d6d4 01000000 1a4f164ea6946867 0000000000000000",
         ) + k1b));
@@ -1244,13 +1297,19 @@ mod tests {
         assert_eq!(decode_kset(&area, 31), Ok(two));
         // Torn: flip a key byte.
         area[30] ^= 1;
-        assert!(matches!(decode_kset(&area, 31), Err(KsetError::CrcMismatch { .. })));
+        assert!(matches!(
+            decode_kset(&area, 31),
+            Err(KsetError::CrcMismatch { .. })
+        ));
     }
 
     #[test]
     fn kset_hostile_values() {
         assert_eq!(decode_kset(&[0u8; 64], 31), Err(KsetError::Terminator));
-        assert_eq!(decode_kset(&[0u8; 10], 31), Err(KsetError::NoRoom { space: 10 }));
+        assert_eq!(
+            decode_kset(&[0u8; 10], 31),
+            Err(KsetError::NoRoom { space: 10 })
+        );
         // key_num out of range with the magic.
         let mut b = alloc::vec![0u8; 8192];
         put_u64(&mut b, 8, KSET_MAGIC);
@@ -1260,7 +1319,10 @@ mod tests {
             Err(KsetError::KeyNumOutOfRange { key_num: 129 })
         );
         put_u32(&mut b, 4, 0);
-        assert_eq!(decode_kset(&b, 31), Err(KsetError::KeyNumOutOfRange { key_num: 0 }));
+        assert_eq!(
+            decode_kset(&b, 31),
+            Err(KsetError::KeyNumOutOfRange { key_num: 0 })
+        );
         // LAST pointing out of the chain (with a valid CRC).
         let l = Kset::Last {
             next_cache_seg_id: 31,
@@ -1280,7 +1342,10 @@ mod tests {
             cache_seg_id: 40,
             ..Default::default()
         };
-        let mut r = Kset::Keys { keys: alloc::vec![k] }.to_bytes();
+        let mut r = Kset::Keys {
+            keys: alloc::vec![k],
+        }
+        .to_bytes();
         r.resize(200, 0);
         assert!(matches!(
             decode_kset(&r, 31),
@@ -1292,7 +1357,10 @@ mod tests {
         // Too large for the space left.
         assert!(matches!(
             decode_kset(&r[..70], 31),
-            Err(KsetError::TooLarge { size: 64, space: 70 })
+            Err(KsetError::TooLarge {
+                size: 64,
+                space: 70
+            })
         ));
     }
 
@@ -1308,14 +1376,23 @@ mod tests {
         assert_eq!(ok.validate(4), Ok(()));
         assert!(ok.validate(3).is_err());
         let cross = KeyOnMedia { len: 8192, ..ok };
-        assert!(matches!(cross.validate(4), Err(KeyError::CrossesSubtree { .. })));
+        assert!(matches!(
+            cross.validate(4),
+            Err(KeyError::CrossesSubtree { .. })
+        ));
         let beyond = KeyOnMedia {
             off: 0,
             len: 8192,
             ..ok
         };
-        assert!(matches!(beyond.validate(4), Err(KeyError::BeyondDataArea { .. })));
-        let empty = KeyOnMedia { flags: KEY_F_EMPTY, ..ok };
+        assert!(matches!(
+            beyond.validate(4),
+            Err(KeyError::BeyondDataArea { .. })
+        ));
+        let empty = KeyOnMedia {
+            flags: KEY_F_EMPTY,
+            ..ok
+        };
         assert!(matches!(empty.validate(4), Err(KeyError::Flags { .. })));
         let huge = KeyOnMedia {
             off: u64::MAX - 511,

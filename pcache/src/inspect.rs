@@ -251,7 +251,11 @@ pub fn inspect<P: Pmem + ?Sized>(
         cache_info_slot_off(0),
         cache_info_slot_off(1) - cache_info_slot_off(0),
     );
-    let key_tail = DualView::new(read_tail(pmem, Tail::KeyTail)?, KEY_TAIL_OFF, CACHE_POS_STRIDE);
+    let key_tail = DualView::new(
+        read_tail(pmem, Tail::KeyTail)?,
+        KEY_TAIL_OFF,
+        CACHE_POS_STRIDE,
+    );
     let dirty_tail = DualView::new(
         read_tail(pmem, Tail::DirtyTail)?,
         DIRTY_TAIL_OFF,
@@ -430,10 +434,8 @@ fn walk<P: Pmem + ?Sized>(
                         for k in keys {
                             // Validated by the decoder: cache_seg_id < n_segs.
                             let kp = chain.psegs[k.cache_seg_id as usize];
-                            let segment_gen = segs[kp as usize]
-                                .gen
-                                .current_record()
-                                .map_or(0, |g| g.gen);
+                            let segment_gen =
+                                segs[kp as usize].gen.current_record().map_or(0, |g| g.gen);
                             rv.keys.push(KeyView {
                                 key: *k,
                                 pseg: kp,
@@ -508,7 +510,11 @@ fn seg_line(s: &SegmentView) -> String {
                 out.push_str(" |");
             }
             let r = v.record;
-            let cur = if s.info.current == Some(v.slot) { "*" } else { "" };
+            let cur = if s.info.current == Some(v.slot) {
+                "*"
+            } else {
+                ""
+            };
             if v.valid {
                 let next = if r.has_next() {
                     if r.next_seg == s.pseg + 1 {
@@ -539,7 +545,11 @@ fn seg_line(s: &SegmentView) -> String {
         if v.slot == 1 {
             out.push_str(" |");
         }
-        let cur = if s.gen.current == Some(v.slot) { "*" } else { "" };
+        let cur = if s.gen.current == Some(v.slot) {
+            "*"
+        } else {
+            ""
+        };
         if v.valid {
             out.push_str(&alloc::format!(
                 " slot{}{cur} seq {} gen {}",
@@ -602,10 +612,16 @@ impl fmt::Display for InspectReport {
             writeln!(f)?;
         }
         if self.cache_info.current.is_none() {
-            writeln!(f, "  no valid copy: an activation treats this as a new cache")?;
+            writeln!(
+                f,
+                "  no valid copy: an activation treats this as a new cache"
+            )?;
         }
 
-        for (name, t) in [("key_tail", &self.key_tail), ("dirty_tail", &self.dirty_tail)] {
+        for (name, t) in [
+            ("key_tail", &self.key_tail),
+            ("dirty_tail", &self.dirty_tail),
+        ] {
             writeln!(f, "{name}:")?;
             for s in &t.slots {
                 write!(f, "  slot {} @{}: ", s.slot, s.offset)?;
@@ -671,7 +687,13 @@ impl fmt::Display for InspectReport {
                     match r.next_cache_seg_id {
                         Some(n) => writeln!(f, "  {} LAST -> cache segment {n}", r.pos)?,
                         None => {
-                            writeln!(f, "  {} key-set, {} key(s), {} bytes", r.pos, r.keys.len(), r.size)?;
+                            writeln!(
+                                f,
+                                "  {} key-set, {} key(s), {} bytes",
+                                r.pos,
+                                r.keys.len(),
+                                r.size
+                            )?;
                             for k in &r.keys {
                                 writeln!(
                                     f,
@@ -690,7 +712,11 @@ impl fmt::Display for InspectReport {
                     }
                 }
                 if l.truncated {
-                    writeln!(f, "  ... {} more record(s) not listed", l.ksets + l.lasts - l.records.len() as u64)?;
+                    writeln!(
+                        f,
+                        "  ... {} more record(s) not listed",
+                        l.ksets + l.lasts - l.records.len() as u64
+                    )?;
                 }
                 if let (Some(e), Some(ordinary)) = (&l.end, l.end_is_ordinary) {
                     writeln!(

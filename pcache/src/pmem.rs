@@ -140,7 +140,11 @@ impl<P: Pmem + ?Sized> Pmem for &mut P {
 
 /// Writes an 8-aligned record as ascending 8-byte stores (what the kernel's
 /// `memcpy_flushcache` does for these sizes), then flushes it. No fence.
-pub fn write_words<P: Pmem + ?Sized>(pmem: &mut P, off: u64, bytes: &[u8]) -> Result<(), PmemError> {
+pub fn write_words<P: Pmem + ?Sized>(
+    pmem: &mut P,
+    off: u64,
+    bytes: &[u8],
+) -> Result<(), PmemError> {
     if bytes.len() % 8 != 0 {
         return Err(PmemError::Unaligned {
             off,
@@ -279,7 +283,9 @@ impl SparsePmem {
             let ps = k * SPARSE_PAGE;
             let a = core::cmp::max(ps, off);
             let b = core::cmp::min(ps + SPARSE_PAGE, end);
-            p[(a - ps) as usize..(b - ps) as usize].iter().any(|&x| x != 0)
+            p[(a - ps) as usize..(b - ps) as usize]
+                .iter()
+                .any(|&x| x != 0)
         })
     }
 
@@ -294,7 +300,12 @@ impl SparsePmem {
             return false;
         }
         let zero = [0u8; SPARSE_PAGE as usize];
-        let mut keys: Vec<u64> = self.pages.keys().chain(other.pages.keys()).copied().collect();
+        let mut keys: Vec<u64> = self
+            .pages
+            .keys()
+            .chain(other.pages.keys())
+            .copied()
+            .collect();
         keys.sort_unstable();
         keys.dedup();
         keys.into_iter().all(|k| {
@@ -333,7 +344,7 @@ impl Pmem for SparsePmem {
         check_word(off, len, self.size)?;
         let end = off + len;
         let first = off / SPARSE_PAGE;
-        let last = (end + SPARSE_PAGE - 1) / SPARSE_PAGE;
+        let last = end.div_ceil(SPARSE_PAGE);
         let keys: Vec<u64> = self.pages.range(first..last).map(|(k, _)| *k).collect();
         for k in keys {
             let ps = k * SPARSE_PAGE;
@@ -669,7 +680,9 @@ mod host {
 
     impl core::fmt::Debug for MmapPmem {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-            f.debug_struct("MmapPmem").field("size", &self.map.len()).finish()
+            f.debug_struct("MmapPmem")
+                .field("size", &self.map.len())
+                .finish()
         }
     }
 
@@ -747,12 +760,27 @@ mod tests {
         let mut v = VecPmem::new(64);
         let mut s = SparsePmem::new(64);
         for p in [&mut v as &mut dyn Pmem, &mut s as &mut dyn Pmem] {
-            assert!(matches!(p.store_u64(60, 1), Err(PmemError::Unaligned { .. })));
-            assert!(matches!(p.store_u64(64, 1), Err(PmemError::OutOfBounds { .. })));
-            assert!(matches!(p.zero_range(8, 4), Err(PmemError::Unaligned { .. })));
-            assert!(matches!(p.zero_range(0, 72), Err(PmemError::OutOfBounds { .. })));
+            assert!(matches!(
+                p.store_u64(60, 1),
+                Err(PmemError::Unaligned { .. })
+            ));
+            assert!(matches!(
+                p.store_u64(64, 1),
+                Err(PmemError::OutOfBounds { .. })
+            ));
+            assert!(matches!(
+                p.zero_range(8, 4),
+                Err(PmemError::Unaligned { .. })
+            ));
+            assert!(matches!(
+                p.zero_range(0, 72),
+                Err(PmemError::OutOfBounds { .. })
+            ));
             let mut b = [0u8; 8];
-            assert!(matches!(p.read(u64::MAX, &mut b), Err(PmemError::OutOfBounds { .. })));
+            assert!(matches!(
+                p.read(u64::MAX, &mut b),
+                Err(PmemError::OutOfBounds { .. })
+            ));
             assert!(p.read(57, &mut b).is_err());
             p.store_u64(56, 0x0102_0304_0506_0708).unwrap();
             p.read(56, &mut b).unwrap();

@@ -480,7 +480,11 @@ impl fmt::Display for ActivationReport {
         }
         match (self.cache_info, self.cache_info_flags, self.n_segs) {
             (Some(ci), Some(flags), n) => {
-                write!(f, "cache_info: slot {} seq {}, flags {flags:#x}", ci.slot, ci.seq)?;
+                write!(
+                    f,
+                    "cache_info: slot {} seq {}, flags {flags:#x}",
+                    ci.slot, ci.seq
+                )?;
                 if let Some(n) = n {
                     write!(f, ", n_segs {n}")?;
                 }
@@ -488,7 +492,10 @@ impl fmt::Display for ActivationReport {
             }
             _ => writeln!(f, "cache_info: none")?,
         }
-        for (name, t) in [("key_tail", &self.key_tail), ("dirty_tail", &self.dirty_tail)] {
+        for (name, t) in [
+            ("key_tail", &self.key_tail),
+            ("dirty_tail", &self.dirty_tail),
+        ] {
             match t {
                 Some(t) => writeln!(f, "{name}: {} (slot {} seq {})", t.pos, t.slot, t.seq)?,
                 None => writeln!(f, "{name}: none")?,

@@ -31,7 +31,10 @@ fn first_activation_matches_kernel_image_512m_and_1g() {
                     Some(if data_crc { 0x1183 } else { 0x1182 })
                 );
                 for t in [r.key_tail.unwrap(), r.dirty_tail.unwrap()] {
-                    assert_eq!((t.slot, t.seq, t.pos.cache_seg_id, t.pos.seg_off), (0, 1, 0, 0));
+                    assert_eq!(
+                        (t.slot, t.seq, t.pos.cache_seg_id, t.pos.seg_off),
+                        (0, 1, 0, 0)
+                    );
                 }
                 assert_eq!(r.superblock, Some(pcache::SbState::Unformatted));
             }
@@ -105,7 +108,13 @@ fn later_activations_rewrite_cache_info_in_the_other_slot() {
             let ci = r.cache_info.unwrap();
             assert_eq!((ci.slot, ci.seq), (want_slot, n));
             assert_eq!(r.chain_len, 31);
-            assert_eq!(r.superblock, Some(pcache::SbState::Valid { seg_num: 31, flags: 0 }));
+            assert_eq!(
+                r.superblock,
+                Some(pcache::SbState::Valid {
+                    seg_num: 31,
+                    flags: 0
+                })
+            );
             let kt = r.key_tail.unwrap();
             assert_eq!((kt.slot, kt.seq), (0, 1));
             let log = r.log.as_ref().unwrap();
@@ -115,7 +124,10 @@ fn later_activations_rewrite_cache_info_in_the_other_slot() {
             before
                 .write_bytes(slot_off, &cache_info_rec(n, 31, 0x1182))
                 .unwrap();
-            assert!(dev.same_bytes(&before), "activation {n} wrote more than cache_info");
+            assert!(
+                dev.same_bytes(&before),
+                "activation {n} wrote more than cache_info"
+            );
         }
         // The documented seq-2 vector (1 GiB, n_segs 63).
         let mut g = formatted(SIZE_1G, mode);
@@ -224,7 +236,14 @@ fn write_order_and_markers() {
             match e {
                 Event::Begin(cp) => {
                     depth += 1;
-                    assert!(cp.number() <= 7 && [ZeroMeta, SbWrite, SegFormat, CacheInfo, TailUpdate, SegInfo, SegGen].contains(cp));
+                    assert!(
+                        cp.number() <= 7
+                            && [
+                                ZeroMeta, SbWrite, SegFormat, CacheInfo, TailUpdate, SegInfo,
+                                SegGen
+                            ]
+                            .contains(cp)
+                    );
                 }
                 Event::End(_) => depth -= 1,
                 _ => {}
@@ -235,7 +254,10 @@ fn write_order_and_markers() {
         // A later activation writes exactly C4.
         let mut rec2 = RecordingPmem::new(rec.current().clone());
         let mut hooks2 = rec2.hooks();
-        assert_eq!(activate(&mut rec2, &opts(mode), &mut hooks2).outcome, Outcome::Opened);
+        assert_eq!(
+            activate(&mut rec2, &opts(mode), &mut hooks2).outcome,
+            Outcome::Opened
+        );
         let n_writes = rec2.events().iter().filter(|e| e.is_write()).count();
         assert_eq!(n_writes, 3);
         assert_eq!(rec2.events().first(), Some(&Event::Begin(CacheInfo)));
@@ -263,7 +285,11 @@ fn file_and_mmap_pmem_give_the_same_image() {
         let ro = pcache::pmem::FilePmem::open_read_only(&path).unwrap();
         for page in want.page_indices().chain([0, 1, 2, 3, 4, 5]) {
             let off = page * 4096;
-            assert_eq!(read_vec(&ro, off, 4096), read_vec(&want, off, 4096), "{kind} page {page}");
+            assert_eq!(
+                read_vec(&ro, off, 4096),
+                read_vec(&want, off, 4096),
+                "{kind} page {page}"
+            );
         }
         let mut ro = ro;
         assert!(ro.store_u64(0, 1).is_err());

@@ -51,11 +51,19 @@ fn table_outcome(img: &SparsePmem, mode: Mode) -> (&'static str, Outcome) {
         };
     }
     if sb.magic == PCACHE_MAGIC && !ci.any_valid() && !kt.any_valid() && !dt.any_valid() {
-        let o = if strict { Outcome::Refused } else { Outcome::FormatRedone };
+        let o = if strict {
+            Outcome::Refused
+        } else {
+            Outcome::FormatRedone
+        };
         return ("4: pcache magic, CRC wrong, no cache_info, no tail", o);
     }
     if ci_done {
-        let o = if strict { Outcome::Refused } else { Outcome::SuperblockRebuilt };
+        let o = if strict {
+            Outcome::Refused
+        } else {
+            Outcome::SuperblockRebuilt
+        };
         return ("5: CRC wrong, complete cache", o);
     }
     ("8: other inconsistency", Outcome::Refused)
@@ -108,7 +116,9 @@ fn crash_states(rec: &RecordingPmem) -> Vec<State> {
     let sb_words: Vec<usize> = ev
         .iter()
         .enumerate()
-        .filter(|(_, e)| matches!(e, Event::Store { off, .. } if (SB_OFF..SB_OFF + 24).contains(off)))
+        .filter(
+            |(_, e)| matches!(e, Event::Store { off, .. } if (SB_OFF..SB_OFF + 24).contains(off)),
+        )
         .map(|(i, _)| i)
         .collect();
     assert_eq!(sb_words.len(), 3);
@@ -237,7 +247,8 @@ fn run_device(device: &SparsePmem, mode: Mode, older_seq: Option<u8>) -> Finding
                 // Refused again and again: the device needs a person.
                 let again = act(&mut img, mode);
                 assert_eq!(again.outcome, Outcome::Refused);
-                f.refuses_forever.push(format!("{}: {}", s.label, r.message.unwrap()));
+                f.refuses_forever
+                    .push(format!("{}: {}", s.label, r.message.unwrap()));
                 f.refused_images.push((s.label.clone(), s.image.clone()));
             }
             Outcome::Opened if is_older(&r) => {
@@ -325,7 +336,10 @@ fn older_cache_device_recover() {
     let dev = older_cache(activations);
     let f = run_device(&dev, Mode::Recover, Some(older_cache_next_seq(activations)));
     print("older-cache device, recover", &f);
-    assert!(f.opens_older.is_empty(), "recover mode opened the older cache");
+    assert!(
+        f.opens_older.is_empty(),
+        "recover mode opened the older cache"
+    );
     assert!(f.refuses_forever.is_empty());
 }
 

@@ -63,14 +63,22 @@ fn row2_valid_sb_without_cache_info_formats() {
         zero(&mut dev, CACHE_INFO_OFF + CACHE_INFO_SIZE + 4, 4);
         let (r, d) = run(&dev, mode);
         assert_eq!(r.outcome, Outcome::Formatted, "{r}");
-        assert_eq!(r.superblock, Some(SbState::Valid { seg_num: 31, flags: 0 }));
+        assert_eq!(
+            r.superblock,
+            Some(SbState::Valid {
+                seg_num: 31,
+                flags: 0
+            })
+        );
         let (r2, _) = run(&d, mode);
         assert_eq!(r2.outcome, Outcome::Opened);
 
         // A valid cache_info without INIT_DONE (never written by a kernel).
         let mut dev = SparsePmem::new(SIZE_512M);
-        dev.write_bytes(SB_OFF, &Superblock::new(31, 0).to_bytes()).unwrap();
-        dev.write_bytes(CACHE_INFO_OFF, &cache_info_rec(9, 31, 70 << 6)).unwrap();
+        dev.write_bytes(SB_OFF, &Superblock::new(31, 0).to_bytes())
+            .unwrap();
+        dev.write_bytes(CACHE_INFO_OFF, &cache_info_rec(9, 31, 70 << 6))
+            .unwrap();
         let (r, _) = run(&dev, mode);
         assert_eq!(r.outcome, Outcome::Formatted, "{r}");
         // The found copy (slot 0, seq 9) is not overwritten: seq 10 in slot 1.
@@ -79,12 +87,20 @@ fn row2_valid_sb_without_cache_info_formats() {
     }
     // Strict mode takes n_segs from such a record, as the kernel does.
     let mut dev = SparsePmem::new(SIZE_512M);
-    dev.write_bytes(SB_OFF, &Superblock::new(31, 0).to_bytes()).unwrap();
-    dev.write_bytes(CACHE_INFO_OFF, &cache_info_rec(9, 5, 70 << 6)).unwrap();
+    dev.write_bytes(SB_OFF, &Superblock::new(31, 0).to_bytes())
+        .unwrap();
+    dev.write_bytes(CACHE_INFO_OFF, &cache_info_rec(9, 5, 70 << 6))
+        .unwrap();
     let (r, _) = run(&dev, Mode::Strict);
-    assert_eq!((r.outcome, r.n_segs, r.chain_len), (Outcome::Formatted, Some(5), 5));
+    assert_eq!(
+        (r.outcome, r.n_segs, r.chain_len),
+        (Outcome::Formatted, Some(5), 5)
+    );
     let (r, _) = run(&dev, Mode::Recover);
-    assert_eq!((r.outcome, r.n_segs, r.chain_len), (Outcome::Formatted, Some(31), 31));
+    assert_eq!(
+        (r.outcome, r.n_segs, r.chain_len),
+        (Outcome::Formatted, Some(31), 31)
+    );
 }
 
 // Row 3: everything valid -> opened.
@@ -95,7 +111,11 @@ fn row3_valid_cache_opens() {
         assert_eq!(r.outcome, Outcome::Opened, "{r}");
         assert_eq!(r.chain_len, 31);
         // A cache formatted in one mode opens in the other.
-        let other = if mode == Mode::Strict { Mode::Recover } else { Mode::Strict };
+        let other = if mode == Mode::Strict {
+            Mode::Recover
+        } else {
+            Mode::Strict
+        };
         let (r, _) = run(&formatted(SIZE_512M, mode), other);
         assert_eq!(r.outcome, Outcome::Opened, "{r}");
     }
@@ -107,9 +127,11 @@ fn row4_interrupted_format() {
     // The torn superblock write of a format on a blank device: only the
     // magic word persisted.
     let mut dev = SparsePmem::new(SIZE_512M);
-    dev.write_bytes(SB_OFF + 8, &PCACHE_MAGIC.to_le_bytes()).unwrap();
+    dev.write_bytes(SB_OFF + 8, &PCACHE_MAGIC.to_le_bytes())
+        .unwrap();
     // Segment info left by an older cache does not count.
-    dev.write_bytes(SEGMENTS_OFF + 4096, &seg_info_rec(1, 2, 0)).unwrap();
+    dev.write_bytes(SEGMENTS_OFF + 4096, &seg_info_rec(1, 2, 0))
+        .unwrap();
     assert!(matches!(
         refusal(&dev, Mode::Strict),
         Refusal::CorruptedSuperblock { .. }
@@ -137,7 +159,10 @@ fn row5_superblock_rebuilt() {
     for dev in [crc, magic, seg_num] {
         let r = refusal(&dev, Mode::Strict);
         assert!(
-            matches!(r, Refusal::CorruptedSuperblock { .. } | Refusal::NotPcache { .. }),
+            matches!(
+                r,
+                Refusal::CorruptedSuperblock { .. } | Refusal::NotPcache { .. }
+            ),
             "{r}"
         );
         let (r, d) = run(&dev, Mode::Recover);
@@ -164,7 +189,11 @@ fn row5_no_rebuild_when_the_device_size_disagrees() {
     corrupt_sb_crc(&mut grown);
     match refusal(&grown, Mode::Recover) {
         Refusal::SuperblockUnrecoverable {
-            blocker: RebuildBlocker::SegNumDisagrees { derived: 63, n_segs: 31 },
+            blocker:
+                RebuildBlocker::SegNumDisagrees {
+                    derived: 63,
+                    n_segs: 31,
+                },
             ..
         } => {}
         r => panic!("{r}"),
@@ -175,7 +204,9 @@ fn row5_no_rebuild_when_the_device_size_disagrees() {
 #[test]
 fn row6_foreign_device() {
     let mut dev = SparsePmem::new(SIZE_512M);
-    let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let junk: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     for p in 0..8 {
         dev.write_bytes(p * 4096, &junk).unwrap();
     }
@@ -190,7 +221,10 @@ fn row6_foreign_device() {
     let mut dev = SparsePmem::new(SIZE_512M);
     dev.write_bytes(SB_OFF, &sb.to_bytes()).unwrap();
     for mode in MODES {
-        assert!(matches!(refusal(&dev, mode), Refusal::NotPcache { magic: 0x1234_5678 }));
+        assert!(matches!(
+            refusal(&dev, mode),
+            Refusal::NotPcache { magic: 0x1234_5678 }
+        ));
     }
 }
 
@@ -211,7 +245,14 @@ fn row7_impossible_fields() {
         assert!(r.to_string().contains("big-endian"));
         for n in [0u32, 32, 1 << 20, (1 << 20) + 1, u32::MAX] {
             let r = refusal(&with_sb(Superblock::new(n, 0)), mode);
-            assert_eq!(r, Refusal::SegNum { seg_num: n as u64, max: 31 }, "{r}");
+            assert_eq!(
+                r,
+                Refusal::SegNum {
+                    seg_num: n as u64,
+                    max: 31
+                },
+                "{r}"
+            );
             assert!(r.to_string().contains("seg_num"));
         }
     }
@@ -222,21 +263,42 @@ fn row7_impossible_fields() {
 fn other_inconsistencies_are_refused() {
     let base = formatted(SIZE_512M, Mode::Recover);
     let seg = |p: u64| SEGMENTS_OFF + p * SEG_SIZE;
-    type Case = (&'static str, Box<dyn Fn(&mut SparsePmem)>, Box<dyn Fn(&Refusal) -> bool>);
+    type Case = (
+        &'static str,
+        Box<dyn Fn(&mut SparsePmem)>,
+        Box<dyn Fn(&Refusal) -> bool>,
+    );
     let cases: Vec<Case> = vec![
         (
             "key_tail missing",
             Box::new(|d| zero(d, KEY_TAIL_OFF, 32)),
-            Box::new(|r| matches!(r, Refusal::TailMissing { tail: pcache::report::Tail::KeyTail })),
+            Box::new(|r| {
+                matches!(
+                    r,
+                    Refusal::TailMissing {
+                        tail: pcache::report::Tail::KeyTail
+                    }
+                )
+            }),
         ),
         (
             "dirty_tail missing",
             Box::new(|d| zero(d, DIRTY_TAIL_OFF, 32)),
-            Box::new(|r| matches!(r, Refusal::TailMissing { tail: pcache::report::Tail::DirtyTail })),
+            Box::new(|r| {
+                matches!(
+                    r,
+                    Refusal::TailMissing {
+                        tail: pcache::report::Tail::DirtyTail
+                    }
+                )
+            }),
         ),
         (
             "key_tail segment out of range",
-            Box::new(|d| d.write_bytes(KEY_TAIL_OFF + 16, &pos_rec(2, 31, 0)).unwrap()),
+            Box::new(|d| {
+                d.write_bytes(KEY_TAIL_OFF + 16, &pos_rec(2, 31, 0))
+                    .unwrap()
+            }),
             Box::new(|r| matches!(r, Refusal::TailOutOfRange { .. })),
         ),
         (
@@ -249,7 +311,10 @@ fn other_inconsistencies_are_refused() {
         ),
         (
             "dirty_tail off the (empty) log",
-            Box::new(|d| d.write_bytes(DIRTY_TAIL_OFF + 16, &pos_rec(2, 0, 64)).unwrap()),
+            Box::new(|d| {
+                d.write_bytes(DIRTY_TAIL_OFF + 16, &pos_rec(2, 0, 64))
+                    .unwrap()
+            }),
             Box::new(|r| matches!(r, Refusal::DirtyTailOffLog { .. })),
         ),
         (
@@ -258,17 +323,42 @@ fn other_inconsistencies_are_refused() {
                 zero(d, seg(5), 16);
                 zero(d, seg(5) + 4096, 16);
             }),
-            Box::new(|r| matches!(r, Refusal::SegInfoMissing { cache_seg: 5, pseg: 5 })),
+            Box::new(|r| {
+                matches!(
+                    r,
+                    Refusal::SegInfoMissing {
+                        cache_seg: 5,
+                        pseg: 5
+                    }
+                )
+            }),
         ),
         (
             "chain broken (no HAS_NEXT)",
             Box::new(move |d| zero(d, seg(7), 16)),
-            Box::new(|r| matches!(r, Refusal::ChainBroken { cache_seg: 7, pseg: 7, .. })),
+            Box::new(|r| {
+                matches!(
+                    r,
+                    Refusal::ChainBroken {
+                        cache_seg: 7,
+                        pseg: 7,
+                        ..
+                    }
+                )
+            }),
         ),
         (
             "chain cycle",
             Box::new(move |d| d.write_bytes(seg(9), &seg_info_rec(3, 3, 4)).unwrap()),
-            Box::new(|r| matches!(r, Refusal::ChainDuplicate { cache_seg: 10, pseg: 4 })),
+            Box::new(|r| {
+                matches!(
+                    r,
+                    Refusal::ChainDuplicate {
+                        cache_seg: 10,
+                        pseg: 4
+                    }
+                )
+            }),
         ),
         (
             "chain leaves the device",
@@ -277,42 +367,91 @@ fn other_inconsistencies_are_refused() {
         ),
         (
             "n_segs beyond seg_num",
-            Box::new(|d| d.write_bytes(CACHE_INFO_OFF, &cache_info_rec(2, 32, 0x1182)).unwrap()),
-            Box::new(|r| matches!(r, Refusal::NSegs { n_segs: 32, seg_num: 31 })),
+            Box::new(|d| {
+                d.write_bytes(CACHE_INFO_OFF, &cache_info_rec(2, 32, 0x1182))
+                    .unwrap()
+            }),
+            Box::new(|r| {
+                matches!(
+                    r,
+                    Refusal::NSegs {
+                        n_segs: 32,
+                        seg_num: 31
+                    }
+                )
+            }),
         ),
         (
             "n_segs zero",
-            Box::new(|d| d.write_bytes(CACHE_INFO_OFF, &cache_info_rec(2, 0, 0x1182)).unwrap()),
+            Box::new(|d| {
+                d.write_bytes(CACHE_INFO_OFF, &cache_info_rec(2, 0, 0x1182))
+                    .unwrap()
+            }),
             Box::new(|r| matches!(r, Refusal::NSegs { n_segs: 0, .. })),
         ),
         (
             "a valid key-set: replay is part 2",
             Box::new(move |d| {
-                let k = KeyOnMedia { off: 0, len: 4096, cache_seg_id: 1, ..Default::default() };
+                let k = KeyOnMedia {
+                    off: 0,
+                    len: 4096,
+                    cache_seg_id: 1,
+                    ..Default::default()
+                };
                 d.write_bytes(seg(0) + DATA_OFF, &Kset::Keys { keys: vec![k] }.to_bytes())
                     .unwrap();
             }),
             Box::new(|r| {
-                matches!(r, Refusal::ReplayNotImplemented { ksets: 1, keys: 1, lasts: 0 })
-                    && r.to_string().contains("not implemented")
+                matches!(
+                    r,
+                    Refusal::ReplayNotImplemented {
+                        ksets: 1,
+                        keys: 1,
+                        lasts: 0
+                    }
+                ) && r.to_string().contains("not implemented")
             }),
         ),
         (
             "a LAST record then a valid key-set",
             Box::new(move |d| {
-                let l = Kset::Last { next_cache_seg_id: 3 }.to_bytes();
+                let l = Kset::Last {
+                    next_cache_seg_id: 3,
+                }
+                .to_bytes();
                 d.write_bytes(seg(0) + DATA_OFF, &l).unwrap();
-                let k = KeyOnMedia { off: 4096, len: 512, cache_seg_id: 2, ..Default::default() };
-                d.write_bytes(seg(3) + DATA_OFF, &Kset::Keys { keys: vec![k, k] }.to_bytes())
-                    .unwrap();
+                let k = KeyOnMedia {
+                    off: 4096,
+                    len: 512,
+                    cache_seg_id: 2,
+                    ..Default::default()
+                };
+                d.write_bytes(
+                    seg(3) + DATA_OFF,
+                    &Kset::Keys { keys: vec![k, k] }.to_bytes(),
+                )
+                .unwrap();
             }),
-            Box::new(|r| matches!(r, Refusal::ReplayNotImplemented { ksets: 1, keys: 2, lasts: 1 })),
+            Box::new(|r| {
+                matches!(
+                    r,
+                    Refusal::ReplayNotImplemented {
+                        ksets: 1,
+                        keys: 2,
+                        lasts: 1
+                    }
+                )
+            }),
         ),
         (
             "hostile key_num",
             Box::new(move |d| {
-                let mut h = KsetHeader { key_num: 4000, magic: KSET_MAGIC, ..Default::default() }
-                    .raw_bytes();
+                let mut h = KsetHeader {
+                    key_num: 4000,
+                    magic: KSET_MAGIC,
+                    ..Default::default()
+                }
+                .raw_bytes();
                 h[0] = 1;
                 d.write_bytes(seg(0) + DATA_OFF, &h).unwrap();
             }),
@@ -323,7 +462,10 @@ fn other_inconsistencies_are_refused() {
         (
             "hostile next segment",
             Box::new(move |d| {
-                let l = Kset::Last { next_cache_seg_id: 31 }.to_bytes();
+                let l = Kset::Last {
+                    next_cache_seg_id: 31,
+                }
+                .to_bytes();
                 d.write_bytes(seg(0) + DATA_OFF, &l).unwrap();
             }),
             Box::new(|r| r.to_string().contains("next segment id 31 out of range")),
@@ -331,7 +473,12 @@ fn other_inconsistencies_are_refused() {
         (
             "hostile key (segment outside the chain)",
             Box::new(move |d| {
-                let k = KeyOnMedia { off: 0, len: 4096, cache_seg_id: 99, ..Default::default() };
+                let k = KeyOnMedia {
+                    off: 0,
+                    len: 4096,
+                    cache_seg_id: 99,
+                    ..Default::default()
+                };
                 d.write_bytes(seg(0) + DATA_OFF, &Kset::Keys { keys: vec![k] }.to_bytes())
                     .unwrap();
             }),
@@ -340,10 +487,22 @@ fn other_inconsistencies_are_refused() {
         (
             "log loop",
             Box::new(move |d| {
-                d.write_bytes(seg(0) + DATA_OFF, &Kset::Last { next_cache_seg_id: 2 }.to_bytes())
-                    .unwrap();
-                d.write_bytes(seg(2) + DATA_OFF, &Kset::Last { next_cache_seg_id: 0 }.to_bytes())
-                    .unwrap();
+                d.write_bytes(
+                    seg(0) + DATA_OFF,
+                    &Kset::Last {
+                        next_cache_seg_id: 2,
+                    }
+                    .to_bytes(),
+                )
+                .unwrap();
+                d.write_bytes(
+                    seg(2) + DATA_OFF,
+                    &Kset::Last {
+                        next_cache_seg_id: 0,
+                    }
+                    .to_bytes(),
+                )
+                .unwrap();
             }),
             Box::new(|r| r.to_string().contains("loop")),
         ),
@@ -382,7 +541,11 @@ fn superblock_recovery_refusals_name_what_was_found() {
     zero(&mut d, CACHE_INFO_OFF, 4096 * 2);
     match refusal(&d, Mode::Recover) {
         Refusal::SuperblockUnrecoverable {
-            blocker: RebuildBlocker::TailsWithoutCacheInfo { key_tail: true, dirty_tail: true },
+            blocker:
+                RebuildBlocker::TailsWithoutCacheInfo {
+                    key_tail: true,
+                    dirty_tail: true,
+                },
             ..
         } => {}
         r => panic!("{r}"),
@@ -390,13 +553,15 @@ fn superblock_recovery_refusals_name_what_was_found() {
     // Wrong CRC, a cache_info without INIT_DONE.
     let mut d = formatted(SIZE_512M, Mode::Recover);
     corrupt_sb_crc(&mut d);
-    d.write_bytes(CACHE_INFO_OFF, &cache_info_rec(7, 31, 0x1180)).unwrap();
+    d.write_bytes(CACHE_INFO_OFF, &cache_info_rec(7, 31, 0x1180))
+        .unwrap();
     zero(&mut d, CACHE_INFO_OFF + CACHE_INFO_SIZE, 24);
     let r = refusal(&d, Mode::Recover);
     assert!(r.to_string().contains("lacks INIT_DONE"), "{r}");
     // Foreign magic with pcache metadata present but broken: named, not "not pcache".
     let mut d = formatted(SIZE_512M, Mode::Recover);
-    d.write_bytes(SB_OFF + 8, &0xdead_beefu64.to_le_bytes()).unwrap();
+    d.write_bytes(SB_OFF + 8, &0xdead_beefu64.to_le_bytes())
+        .unwrap();
     zero(&mut d, KEY_TAIL_OFF, 32);
     let r = refusal(&d, Mode::Recover);
     assert!(r.to_string().contains("key_tail has no valid copy"), "{r}");
@@ -404,8 +569,21 @@ fn superblock_recovery_refusals_name_what_was_found() {
     let mut d = formatted(SIZE_512M, Mode::Recover);
     corrupt_sb_crc(&mut d);
     let before = d.clone();
-    let r = activate(&mut d, &Options { mode: Mode::Recover, data_crc: true }, &mut NoHooks);
-    assert!(matches!(r.refusal, Some(Refusal::DataCrcOption { option: true, cache: false })));
+    let r = activate(
+        &mut d,
+        &Options {
+            mode: Mode::Recover,
+            data_crc: true,
+        },
+        &mut NoHooks,
+    );
+    assert!(matches!(
+        r.refusal,
+        Some(Refusal::DataCrcOption {
+            option: true,
+            cache: false
+        })
+    ));
     assert!(d.same_bytes(&before));
 }
 
@@ -435,13 +613,23 @@ fn report_serializes_with_kebab_case_outcomes() {
     let j = serde_json::to_value(&r).unwrap();
     assert_eq!(j["outcome"], "refused");
     assert_eq!(j["refusal"]["kind"], "corrupted-superblock");
-    assert!(j["message"].as_str().unwrap().contains("corrupted superblock"));
+    assert!(j["message"]
+        .as_str()
+        .unwrap()
+        .contains("corrupted superblock"));
     let r = act(&mut dev, Mode::Recover);
-    assert_eq!(serde_json::to_value(&r).unwrap()["outcome"], "superblock-rebuilt");
+    assert_eq!(
+        serde_json::to_value(&r).unwrap()["outcome"],
+        "superblock-rebuilt"
+    );
     let text = r.to_string();
     assert!(text.starts_with("outcome: superblock-rebuilt"), "{text}");
     let mut d = SparsePmem::new(SIZE_512M);
-    d.write_bytes(SB_OFF + 8, &PCACHE_MAGIC.to_le_bytes()).unwrap();
+    d.write_bytes(SB_OFF + 8, &PCACHE_MAGIC.to_le_bytes())
+        .unwrap();
     let r = act(&mut d, Mode::Recover);
-    assert_eq!(serde_json::to_value(&r).unwrap()["outcome"], "format-redone");
+    assert_eq!(
+        serde_json::to_value(&r).unwrap()["outcome"],
+        "format-redone"
+    );
 }

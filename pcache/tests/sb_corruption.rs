@@ -34,14 +34,22 @@ fn every_single_byte_corruption() {
             assert_eq!(r.outcome, Outcome::Refused, "byte {i} = {v:#x}: {r}");
             match (i, r.refusal.as_ref().unwrap(), r.superblock.unwrap()) {
                 (8..=15, Refusal::NotPcache { .. }, SbState::BadMagic { crc_ok: false, .. }) => {}
-                (0..=7 | 16..=23, Refusal::CorruptedSuperblock { .. }, SbState::CrcMismatch { .. }) => {}
+                (
+                    0..=7 | 16..=23,
+                    Refusal::CorruptedSuperblock { .. },
+                    SbState::CrcMismatch { .. },
+                ) => {}
                 (_, f, s) => panic!("byte {i} = {v:#x}: strict refused with {f} (sb {s})"),
             }
             assert!(strict.same_bytes(&dev), "strict refusal wrote");
 
             let mut rec = dev.clone();
             let r = act(&mut rec, Mode::Recover);
-            assert_eq!(r.outcome, Outcome::SuperblockRebuilt, "byte {i} = {v:#x}: {r}");
+            assert_eq!(
+                r.outcome,
+                Outcome::SuperblockRebuilt,
+                "byte {i} = {v:#x}: {r}"
+            );
             assert_eq!(read_vec(&rec, SB_OFF, 24), good, "byte {i} = {v:#x}");
             assert_eq!(r.cache_info.unwrap().seq, 2);
             // Checking the follow-up open for every value would only repeat

@@ -93,7 +93,10 @@ fn format_then_inspect() {
     assert_eq!(j["cache_info"]["slots"][1]["record"]["flags"], 0x1182);
     assert_eq!(j["key_tail"]["current"], 0);
     assert_eq!(j["segments"].as_array().unwrap().len(), 31);
-    assert_eq!(j["segments"][3]["info"]["slots"][0]["record"]["next_seg"], 4);
+    assert_eq!(
+        j["segments"][3]["info"]["slots"][0]["record"]["next_seg"],
+        4
+    );
     assert_eq!(j["chain"]["psegs"].as_array().unwrap().len(), 31);
     assert_eq!(j["log"]["ksets"], 0);
     assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "terminator");
@@ -103,7 +106,11 @@ fn format_then_inspect() {
     // Existing file: refused without --force; --force, data_crc and strict work.
     let o = format_image(&img, &[]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("already exists; pass --force"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("already exists; pass --force"),
+        "{}",
+        stderr(&o)
+    );
     let o = format_image(&img, &["--force", "--data-crc", "--mode", "strict"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("flags 0x1183"));
@@ -139,7 +146,11 @@ fn inspect_bad_inputs_get_clear_messages() {
     sparse(&small, 64 * MIB);
     let o = xtask(&["inspect", small.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("smaller than the 512 MiB"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("smaller than the 512 MiB"),
+        "{}",
+        stderr(&o)
+    );
 
     // 512 MiB of zeros.
     let zeros = d.file("zeros.img");
@@ -152,7 +163,10 @@ fn inspect_bad_inputs_get_clear_messages() {
     assert_eq!(j["superblock"]["state"]["state"], "unformatted");
     assert_eq!(j["seg_num_source"], "device-size");
     assert!(j["cache_info"]["current"].is_null());
-    assert!(j["log"]["not_walked"].as_str().unwrap().contains("no valid cache_info"));
+    assert!(j["log"]["not_walked"]
+        .as_str()
+        .unwrap()
+        .contains("no valid cache_info"));
 
     // Random bytes over the metadata and every segment header.
     let random = d.file("random.img");
@@ -193,8 +207,14 @@ fn inspect_forged_seg_num() {
     let o = xtask(&["inspect", img.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("seg_num 4294967295 out of range (1..=31 for this device)"), "{text}");
-    assert!(text.contains("inspecting 31 segment(s) (from the device size"), "{text}");
+    assert!(
+        text.contains("seg_num 4294967295 out of range (1..=31 for this device)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("inspecting 31 segment(s) (from the device size"),
+        "{text}"
+    );
     // An activation refuses it too.
     let j = inspect_json(&img);
     assert_eq!(j["superblock"]["state"]["state"], "seg-num-out-of-range");
@@ -208,7 +228,11 @@ fn inspect_forged_seg_num() {
     write_at(&img, CACHE_INFO_OFF, &ci.to_bytes());
     let o = xtask(&["inspect", img.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("n_segs 1073741824 is larger than seg_num 31"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("n_segs 1073741824 is larger than seg_num 31"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -226,11 +250,17 @@ fn inspect_hostile_key_sets() {
     let o = xtask(&["inspect", img.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("log ends at 0:0: key_num 4000 out of range (1..=128)"), "{text}");
+    assert!(
+        text.contains("log ends at 0:0: key_num 4000 out of range (1..=128)"),
+        "{text}"
+    );
     assert!(text.contains("not an ordinary end"), "{text}");
     let j = inspect_json(&img);
     assert_eq!(j["log"]["end_is_ordinary"], false);
-    assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "key-num-out-of-range");
+    assert_eq!(
+        j["log"]["end"]["stop"]["error"]["kind"],
+        "key-num-out-of-range"
+    );
 
     // A valid key-set, then a LAST record whose next segment is out of range.
     let img = formatted(&d, "n.img");
@@ -259,8 +289,14 @@ fn inspect_hostile_key_sets() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
     assert!(text.contains("1 key-set(s), 2 key(s)"), "{text}");
-    assert!(text.contains("off 0x100000 len 8192 -> segment 2 (physical 2) offset 4096 gen 0 clean"), "{text}");
-    assert!(text.contains("log ends at 0:104: next segment id 99 out of range (n_segs 31)"), "{text}");
+    assert!(
+        text.contains("off 0x100000 len 8192 -> segment 2 (physical 2) offset 4096 gen 0 clean"),
+        "{text}"
+    );
+    assert!(
+        text.contains("log ends at 0:104: next segment id 99 out of range (n_segs 31)"),
+        "{text}"
+    );
     let j = inspect_json(&img);
     assert_eq!(j["log"]["records"][0]["keys"][1]["key"]["len"], 8192);
     assert_eq!(j["log"]["records"][0]["keys"][1]["pseg"], 2);

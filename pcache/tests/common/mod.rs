@@ -109,11 +109,13 @@ pub fn expected_fresh_image(size: u64, data_crc: bool) -> SparsePmem {
     img.write_bytes(DIRTY_TAIL_OFF, &pos_rec(1, 0, 0)).unwrap();
     for s in 0..seg_num {
         let base = SEGMENTS_OFF + s as u64 * SEG_SIZE;
-        img.write_bytes(base + 4096, &seg_info_rec(1, 0x2, 0)).unwrap();
+        img.write_bytes(base + 4096, &seg_info_rec(1, 0x2, 0))
+            .unwrap();
         if s + 1 < seg_num {
             img.write_bytes(base, &seg_info_rec(2, 0x3, s + 1)).unwrap();
         }
-        img.write_bytes(base + 8192 + 16, &seg_gen_rec(1, 0)).unwrap();
+        img.write_bytes(base + 8192 + 16, &seg_gen_rec(1, 0))
+            .unwrap();
     }
     img
 }
