@@ -3,8 +3,10 @@
 //! The guest crate is not a workspace member: it needs its own target flags
 //! (`guest-images/.cargo/config.toml`), which cargo only reads when it runs
 //! from inside `guest-images/`. So we run a nested cargo there, with its own
-//! target directory, and copy the ELF to a fixed path.
+//! target directory, scan its ring-0 code (`ring0_scan`), and copy the ELF
+//! to a fixed path.
 
+use crate::ring0_scan;
 use crate::util::{cargo, locked, run, workspace_root};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -41,6 +43,12 @@ pub fn build(args: BuildGuestArgs) -> Result<PathBuf> {
     let built = target_dir.join(format!(
         "x86_64-unknown-linux-gnu/{profile_dir}/pcache-guest"
     ));
+    // A kernel with an instruction PVM cannot run at CPL 0 never reaches `dest`.
+    let scan = ring0_scan::check_kernel(&built)?;
+    eprintln!(
+        "ring-0 scan: {} instructions in {:#x}..{:#x}, none rejected",
+        scan.instructions, scan.start, scan.end
+    );
     let dest = guest_kernel_path();
     std::fs::create_dir_all(dest.parent().unwrap())?;
     // Copy to a temporary name and rename, so a reader never sees half a kernel.

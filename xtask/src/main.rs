@@ -6,6 +6,7 @@
 mod bench;
 mod guest;
 mod image;
+mod ring0_scan;
 mod test;
 mod util;
 
