@@ -4,7 +4,7 @@
 //! cache_info write.
 //!
 //! An existing cache is first *loaded* without writing anything
-//! ([`load_existing`]); only when every check passed does [`open`] write. This
+//! (`load_existing`); only when every check passed does `open` write. This
 //! is what lets superblock recovery try an open before it rewrites a
 //! superblock.
 

@@ -2,7 +2,7 @@
 //! cache target, byte-compatible with the kernel's on-media format (M2/H of
 //! `pcache-format.md`).
 //!
-//! Part 1 (this crate so far): the on-media format ([`format`]), persistent
+//! Part 1 (this crate so far): the on-media format ([`mod@format`]), persistent
 //! memory ([`pmem`]) and backing devices ([`backing`]), the cache-device layer
 //! ([`cache_dev`]), segments ([`segment`]), dual-copy metadata ([`meta`]),
 //! cache start ([`cache`]) with the key-set log check ([`cache_key`]), and
