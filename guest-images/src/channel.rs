@@ -8,6 +8,7 @@
 
 use crate::console;
 use core::fmt::{self, Write};
+use core::mem::MaybeUninit;
 use core::ptr::addr_of_mut;
 use protocol::{
     ExitCode, MessageHeader, MessageKind, MESSAGE_MAX_LEN, PORT_EXIT, PORT_MARKER, PORT_MESSAGE,
@@ -22,11 +23,20 @@ struct Buffer {
 }
 
 /// The one message buffer. Ring 3 is single-threaded and takes no interrupts;
-/// it is only ever reached through raw pointers, inside [`send_fmt`].
-static mut BUFFER: Buffer = Buffer {
-    header: [0; MessageHeader::SIZE],
-    payload: [0; MAX],
-};
+/// it is only ever reached through raw pointers, and every byte sent is
+/// written first, so it needs no zeroing (see `.noinit` in linker.ld).
+#[link_section = ".bss.noinit.message"]
+static mut BUFFER: MaybeUninit<Buffer> = MaybeUninit::uninit();
+
+fn buffer() -> *mut Buffer {
+    // SAFETY: only the address is taken.
+    unsafe { addr_of_mut!(BUFFER).cast::<Buffer>() }
+}
+
+fn payload_ptr() -> *mut u8 {
+    // SAFETY: a field address inside the static; nothing is read.
+    unsafe { addr_of_mut!((*buffer()).payload).cast::<u8>() }
+}
 
 /// A 32-bit `out`. Not `nomem`: it must also order the buffer's stores before it.
 pub fn out32(port: u16, value: u32) {
@@ -58,7 +68,7 @@ impl Write for Writer {
         }
         // SAFETY: single-threaded; `self.len + n <= MAX`; no reference to BUFFER lives elsewhere.
         unsafe {
-            let dst = addr_of_mut!(BUFFER.payload).cast::<u8>().add(self.len);
+            let dst = payload_ptr().add(self.len);
             core::ptr::copy_nonoverlapping(s.as_ptr(), dst, n);
         }
         self.len += n;
@@ -80,11 +90,7 @@ pub fn send_bytes(kind: MessageKind, payload: &[u8]) {
     let n = payload.len().min(MAX);
     // SAFETY: as in `Writer::write_str`.
     unsafe {
-        core::ptr::copy_nonoverlapping(
-            payload.as_ptr(),
-            addr_of_mut!(BUFFER.payload).cast::<u8>(),
-            n,
-        );
+        core::ptr::copy_nonoverlapping(payload.as_ptr(), payload_ptr(), n);
     }
     send_prepared(kind, n);
 }
@@ -96,12 +102,12 @@ fn send_prepared(kind: MessageKind, len: usize) {
     };
     // SAFETY: as in `Writer::write_str`; the buffer lives in the image, below 4 GiB.
     let addr = unsafe {
-        addr_of_mut!(BUFFER.header).write(header.encode());
+        addr_of_mut!((*buffer()).header).write(header.encode());
         if kind != MessageKind::Exception && console::echo_enabled() {
-            let text = core::slice::from_raw_parts(addr_of_mut!(BUFFER.payload).cast::<u8>(), len);
+            let text = core::slice::from_raw_parts(payload_ptr(), len);
             console::echo(kind, text);
         }
-        addr_of_mut!(BUFFER) as usize
+        buffer() as usize
     };
     out32(PORT_MESSAGE, addr as u32);
 }
