@@ -29,8 +29,7 @@ struct Buffer {
 static mut BUFFER: MaybeUninit<Buffer> = MaybeUninit::uninit();
 
 fn buffer() -> *mut Buffer {
-    // SAFETY: only the address is taken.
-    unsafe { addr_of_mut!(BUFFER).cast::<Buffer>() }
+    addr_of_mut!(BUFFER).cast::<Buffer>()
 }
 
 fn payload_ptr() -> *mut u8 {
