@@ -115,7 +115,7 @@ impl Recovery {
                 match serde_json::from_slice::<serde_json::Value>(&m.payload) {
                     Ok(v) => {
                         if v.get("step").and_then(|s| s.as_str()) == Some("start") {
-                            match v.get("report").map(|r| StartReport::deserialize(r)) {
+                            match v.get("report").map(StartReport::deserialize) {
                                 Some(Ok(rep)) => self.starts.push(rep),
                                 _ => self
                                     .errors

@@ -6,7 +6,9 @@
 mod bench;
 mod guest;
 mod image;
+mod reproduce;
 mod ring0_scan;
+mod scenario;
 mod test;
 mod util;
 
@@ -16,6 +18,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "Developer commands of the pcache test harness",
     disable_help_subcommand = true
 )]
@@ -30,6 +33,10 @@ enum Command {
     Test(test::TestArgs),
     /// Build the guest kernel into target/guest/pcache-guest.
     BuildGuest(guest::BuildGuestArgs),
+    /// Run a power-cut scenario (scenarios/NAME.json); --list, --all.
+    Scenario(scenario::ScenarioArgs),
+    /// Replay recovery on a saved crash state or on a user's image (never modified).
+    Reproduce(reproduce::ReproduceArgs),
     /// Benchmark the VMM: start to ring 3, boot-to-exit, traced store, message, RSS.
     Bench(bench::BenchArgs),
     /// Create a sparse pcache cache-device image and run a first activation on it.
@@ -43,6 +50,8 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Test(args) => test::test_all(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Scenario(args) => scenario::scenario(args),
+        Command::Reproduce(args) => reproduce::reproduce(args),
         Command::BuildGuest(args) => guest::build(args).map(|path| {
             println!("guest kernel: {}", path.display());
         }),
