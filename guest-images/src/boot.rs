@@ -18,6 +18,17 @@ use core::arch::global_asm;
 pub const USER_STACK_SIZE: usize = 1 << 20;
 /// Size of the ring-0 stack: the `iretq` frame at boot and the exception stubs only.
 pub const KERNEL_STACK_SIZE: usize = 4096;
+/// The unmapped page below the ring-3 stack.
+pub const GUARD_SIZE: usize = 4096;
+/// Where the guard page is (linker.ld puts the stacks first, at KERNEL_START).
+pub const STACK_GUARD: u64 = protocol::layout::KERNEL_START;
+/// Where the ring-0 code starts, right after the stacks: the exception stubs
+/// are there (linker.ld asserts the same number), so the IDT is constant.
+pub const RING0_TEXT: u64 = STACK_GUARD + (GUARD_SIZE + USER_STACK_SIZE + KERNEL_STACK_SIZE) as u64;
+
+// The guard must fall in the 4 KiB-paged first 2 MiB (paging.rs).
+const _: () = assert!(STACK_GUARD + GUARD_SIZE as u64 <= 2 << 20);
+const _: () = assert!(RING0_TEXT == 0x20_2000, "keep linker.ld's ASSERT in step");
 
 // CR0.EM (bit 2) cleared, CR0.MP (bit 1) set; CR4.OSFXSR (bit 9) | CR4.OSXMMEXCPT (bit 10).
 const CR0_EM: u64 = 1 << 2;
@@ -89,16 +100,21 @@ global_asm!(
     "    call {main}",
     "    ud2",
     ".popsection",
-    // Stacks: not zeroed, not in the file.
+    // Stacks, at KERNEL_START (linker.ld): a guard page the page tables leave
+    // unmapped, so a ring-3 stack overflow faults (and is reported on the
+    // kernel stack) instead of overwriting the image; not zeroed, not in the file.
     ".pushsection .stack, \"aw\", @nobits",
     ".balign 4096",
+    ".global stack_guard",
+    "stack_guard:",
+    "    .skip {guard}",
+    "user_stack:",
+    "    .skip {ustack}",
+    "user_stack_top:",
     "kernel_stack:",
     "    .skip {kstack}",
     ".global kernel_stack_top",
     "kernel_stack_top:",
-    "user_stack:",
-    "    .skip {ustack}",
-    "user_stack_top:",
     ".popsection",
     not_em = const !CR0_EM,
     mp = const CR0_MP,
@@ -107,6 +123,7 @@ global_asm!(
     user_ds = const USER_DS,
     user_cs = const USER_CS,
     rflags = const USER_RFLAGS,
+    guard = const GUARD_SIZE,
     kstack = const KERNEL_STACK_SIZE,
     ustack = const USER_STACK_SIZE,
     port_marker = const protocol::PORT_MARKER,

@@ -6,15 +6,15 @@
 //! assembly: no `core::fmt` (it emits `pxor`, which PVM's CPL-0 emulator
 //! rejects), no Rust.
 //!
-//! The IDT is constant data: the stubs sit at `KERNEL_START + 16 * vector`
+//! The IDT is constant data: the stubs sit at `RING0_TEXT + 16 * vector`
 //! (the linker script places them there and asserts it), so each gate's
 //! address is known at compile time and no CPL-0 loop has to fill the table.
 //! Vectors above 31 have no gate (the IDT limit covers 32): they would raise
 //! #GP, which is reported.
 
+use crate::boot::RING0_TEXT;
 use crate::gdt::KERNEL_CS;
 use core::arch::global_asm;
-use protocol::layout::KERNEL_START;
 use protocol::{ExceptionReport, ExitCode, MessageHeader, MessageKind, PORT_EXIT, PORT_MESSAGE};
 
 const VECTORS: u64 = 32;
@@ -23,7 +23,7 @@ const STUB_STRIDE: u64 = 16;
 const GATE_TYPE: u64 = 0x8e;
 
 // The gates hold 32-bit offsets here (high half written as 0).
-const _: () = assert!(KERNEL_START + VECTORS * STUB_STRIDE < 1 << 32);
+const _: () = assert!(RING0_TEXT + VECTORS * STUB_STRIDE < 1 << 32);
 const _: () = assert!(MessageHeader::SIZE == 8 && ExceptionReport::SIZE == 32);
 
 global_asm!(
@@ -113,7 +113,7 @@ global_asm!(
     kind_exception = const MessageKind::Exception as u32,
     report_size = const ExceptionReport::SIZE,
     vectors = const VECTORS,
-    base = const KERNEL_START,
+    base = const RING0_TEXT,
     stride = const STUB_STRIDE,
     kcs = const KERNEL_CS,
     gate = const GATE_TYPE,

@@ -8,7 +8,7 @@
 //! | virtual = physical | mapping |
 //! |---|---|
 //! | 0 .. 4 KiB | **not mapped**, so null-pointer accesses fault |
-//! | 4 KiB .. 2 MiB | 4 KiB pages (zero page, command line, kernel start) |
+//! | 4 KiB .. 2 MiB | 4 KiB pages (zero page, command line, kernel start), except the ring-3 stack's guard page (`boot::STACK_GUARD`), **not mapped** |
 //! | 2 MiB .. `RAM_MAX` (3 GiB) | RAM, write-back |
 //! | `VIRTIO_MMIO_BASE` .. + 2 MiB | the virtio-mmio windows, cache-disabled |
 //! | `PMEM_START` .. + `PMEM_MAX_SIZE` | the pmem region, write-back |
@@ -83,12 +83,16 @@ global_asm!(
     ".set i, i + 1",
     ".endr",
     "    .fill 512 - {pmem_first} - {pmem_gib}, 8, 0",
-    // First 2 MiB in 4 KiB pages; page 0 left out.
+    // First 2 MiB in 4 KiB pages; page 0 and the stack guard left out.
     "pt_low:",
     "    .quad 0",
     ".set i, 1",
     ".rept 511",
+    ".if i == {guard_page}",
+    "    .quad 0",
+    ".else",
     "    .quad i * 4096 + {page_4k}",
+    ".endif",
     ".set i, i + 1",
     ".endr",
     "pd_ram:",
@@ -120,4 +124,5 @@ global_asm!(
     pmem_start = const PMEM_START,
     mmio_index = const MMIO_PD_INDEX,
     mmio_base = const VIRTIO_MMIO_BASE,
+    guard_page = const crate::boot::STACK_GUARD / 4096,
 );

@@ -337,7 +337,8 @@ mod tests {
         assert!(findings.is_empty(), "{findings:?}");
         // 32 exception stubs (2-3 instructions each) plus entry and handler code.
         assert!(summary.instructions > 100, "{summary:?}");
-        // The stubs open the range at the kernel's load address (protocol::layout::KERNEL_START).
-        assert_eq!(summary.start, 0x10_0000);
+        // The range opens with the exception stubs, page-aligned (guest-images/linker.ld);
+        // `scan_elf` already checked that the entry point lies inside it.
+        assert_eq!(summary.start % 4096, 0, "{summary:?}");
     }
 }
