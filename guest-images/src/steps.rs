@@ -80,12 +80,12 @@ fn run_one(step: &Step<'_>, devices: &mut Devices) -> Result<(), Failure> {
         }
         Step::BlkWrite { sector, byte } => {
             let blk = devices.blk().map_err(Failure::Device)?;
-            blk.write_sector(sector, &[byte; SECTOR]).map_err(failed)?;
+            blk.write_sectors(sector, &[byte; SECTOR]).map_err(failed)?;
         }
         Step::BlkRead { sector, byte } => {
             let blk = devices.blk().map_err(Failure::Device)?;
             let mut buf = [!byte; SECTOR];
-            blk.read_sector(sector, &mut buf).map_err(failed)?;
+            blk.read_sectors(sector, &mut buf).map_err(failed)?;
             if let Some(at) = buf.iter().position(|&b| b != byte) {
                 return Err(Failure::Step(alloc::format!(
                     "sector {sector} byte {at} is {:#04x}, expected {byte:#04x}",

@@ -23,8 +23,11 @@ pub enum BlkError {
     Virtio(virtio_drivers::Error),
     OutOfRange {
         sector: u64,
+        count: u64,
         capacity: u64,
     },
+    /// A transfer that is empty or not a whole number of sectors.
+    Length(usize),
     /// `VirtIOBlk::flush` silently does nothing without this feature; we refuse instead.
     NoFlush,
 }
@@ -34,9 +37,15 @@ impl core::fmt::Display for BlkError {
         match self {
             BlkError::Transport(e) => write!(f, "virtio-blk transport: {e}"),
             BlkError::Virtio(e) => write!(f, "virtio-blk: {e}"),
-            BlkError::OutOfRange { sector, capacity } => {
-                write!(f, "sector {sector} is beyond the disk's {capacity} sectors")
-            }
+            BlkError::OutOfRange {
+                sector,
+                count,
+                capacity,
+            } => write!(
+                f,
+                "sectors {sector}..+{count} are beyond the disk's {capacity} sectors"
+            ),
+            BlkError::Length(n) => write!(f, "transfer of {n} bytes is not whole sectors"),
             BlkError::NoFlush => f.write_str("virtio-blk does not offer VIRTIO_BLK_F_FLUSH"),
         }
     }
@@ -65,21 +74,33 @@ impl Blk {
         self.dev.capacity()
     }
 
-    fn check(&self, sector: u64) -> Result<usize, BlkError> {
-        let capacity = self.capacity();
-        if sector >= capacity {
-            return Err(BlkError::OutOfRange { sector, capacity });
+    /// The first sector of `len` bytes at `sector`, checked against the disk's end.
+    fn check(&self, sector: u64, len: usize) -> Result<usize, BlkError> {
+        if len == 0 || !len.is_multiple_of(SECTOR) {
+            return Err(BlkError::Length(len));
         }
-        usize::try_from(sector).map_err(|_| BlkError::OutOfRange { sector, capacity })
+        let capacity = self.capacity();
+        let count = (len / SECTOR) as u64;
+        let out_of_range = BlkError::OutOfRange {
+            sector,
+            count,
+            capacity,
+        };
+        if sector.checked_add(count).is_none_or(|end| end > capacity) {
+            return Err(out_of_range);
+        }
+        usize::try_from(sector).map_err(|_| out_of_range)
     }
 
-    pub fn write_sector(&mut self, sector: u64, data: &[u8; SECTOR]) -> Result<(), BlkError> {
-        let s = self.check(sector)?;
+    /// Writes `data` (a non-zero multiple of 512 bytes) from `sector` on.
+    pub fn write_sectors(&mut self, sector: u64, data: &[u8]) -> Result<(), BlkError> {
+        let s = self.check(sector, data.len())?;
         Ok(self.dev.write_blocks(s, data)?)
     }
 
-    pub fn read_sector(&mut self, sector: u64, data: &mut [u8; SECTOR]) -> Result<(), BlkError> {
-        let s = self.check(sector)?;
+    /// Reads `data.len()` bytes (a non-zero multiple of 512) from `sector` on.
+    pub fn read_sectors(&mut self, sector: u64, data: &mut [u8]) -> Result<(), BlkError> {
+        let s = self.check(sector, data.len())?;
         Ok(self.dev.read_blocks(s, data)?)
     }
 
