@@ -5,7 +5,6 @@ use super::mmio::Window;
 use core::ptr::NonNull;
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::transport::mmio::{MmioError, MmioTransport, VirtIOHeader};
-use virtio_drivers::transport::Transport;
 
 /// VIRTIO_BLK_F_FLUSH.
 const FEATURE_FLUSH: u64 = 1 << 9;
@@ -59,12 +58,13 @@ impl From<virtio_drivers::Error> for BlkError {
 
 impl Blk {
     pub fn new(window: Window) -> Result<Self, BlkError> {
+        // Bit 9 lies in the low word: read it before the transport owns the window.
+        let flush = u64::from(window.device_features_low()) & FEATURE_FLUSH != 0;
         let header =
             NonNull::new(window.base as *mut VirtIOHeader).expect("window base is non-zero");
         // SAFETY: a validated, mapped window used by nothing else, for the kernel's lifetime.
-        let mut transport = unsafe { MmioTransport::new(header, window.size as usize) }
+        let transport = unsafe { MmioTransport::new(header, window.size as usize) }
             .map_err(BlkError::Transport)?;
-        let flush = transport.read_device_features() & FEATURE_FLUSH != 0;
         let dev = VirtIOBlk::new(transport)?;
         Ok(Blk { dev, flush })
     }

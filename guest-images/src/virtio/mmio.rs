@@ -101,6 +101,12 @@ impl Window {
         unsafe { self.reg(off).write_volatile(v) }
     }
 
+    /// Feature bits 0-31 the device offers (two exits).
+    pub fn device_features_low(&self) -> u32 {
+        self.write32(DEVICE_FEATURES_SEL, 0);
+        self.read32(DEVICE_FEATURES)
+    }
+
     /// `(magic ok, version, device id)`: three register reads (three exits).
     pub fn probe(&self) -> Probe {
         Probe {

@@ -11,7 +11,7 @@ pub mod pmem;
 
 use blk::{Blk, BlkError};
 use guest_cmdline::{MmioDevice, MmioDeviceError, VIRTIO_MMIO_KEY};
-use mmio::{RawTransport, Window, WindowError};
+use mmio::{Probe, RawTransport, Window, WindowError};
 use pmem::{Pmem, PmemError};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::Transport;
@@ -63,6 +63,8 @@ impl core::fmt::Display for DeviceError {
 /// The announced windows, and the drivers started so far.
 pub struct Devices {
     windows: [Option<Window>; MAX_DEVICES],
+    /// Each window's identification registers, read once on first need.
+    probes: Option<[Option<Probe>; MAX_DEVICES]>,
     blk: Option<Blk>,
     pmem: Option<Pmem>,
 }
@@ -78,16 +80,22 @@ impl Devices {
         }
         Ok(Devices {
             windows,
+            probes: None,
             blk: None,
             pmem: None,
         })
     }
 
-    /// The one window whose device id is `id` (probing each window: three exits).
-    fn find(&self, id: u32, name: &'static str) -> Result<Window, DeviceError> {
+    /// The one window whose device id is `id`. The first call probes every
+    /// window (three exits each); later calls reuse the answers.
+    fn find(&mut self, id: u32, name: &'static str) -> Result<Window, DeviceError> {
+        let windows = self.windows;
+        let probes = self
+            .probes
+            .get_or_insert_with(|| windows.map(|w| w.map(|w| w.probe())));
         let mut found = None;
-        for w in self.windows.iter().flatten() {
-            let p = w.probe();
+        for (w, p) in windows.iter().zip(probes.iter()) {
+            let (Some(w), Some(p)) = (w, p) else { continue };
             if !p.magic_ok || p.device_id != id {
                 continue;
             }
