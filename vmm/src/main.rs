@@ -72,7 +72,8 @@ struct RunArgs {
     /// Trace pmem stores, flushes and disk writes from the first instruction.
     #[arg(long)]
     trace: bool,
-    /// Save the traced windows (base images + trace) under this directory, one subdirectory each.
+    /// Save the traced windows (base images + trace) under this directory, one
+    /// subdirectory each (windows come from --trace or the guest's trace markers).
     #[arg(long, value_name = "DIR")]
     save_trace: Option<PathBuf>,
     /// Time budget in seconds.
@@ -113,9 +114,6 @@ fn main() -> ExitCode {
 fn run(a: RunArgs) -> Result<ExitCode> {
     if !(a.timeout > 0.0 && a.timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
-    }
-    if a.save_trace.is_some() && !a.trace && !a.cmdline.contains("marker") {
-        eprintln!("vmm: note: --save-trace without --trace saves only windows the guest opens");
     }
     // Cheap checks first, so each mistake is reported on its own.
     vmm::boot::check_kernel(&a.kernel)?;
