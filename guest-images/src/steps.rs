@@ -13,7 +13,7 @@ use guest_cmdline::Step;
 use protocol::{ExitCode, MessageKind, CMDLINE_TEST_KEY};
 
 /// The parsed steps, or exits with `BadCommand`.
-pub fn parse(cmdline: &str) -> Vec<Step<'_>> {
+pub fn parse(cmdline: &str) -> Vec<(&str, Step<'_>)> {
     let mut values = guest_cmdline::values(cmdline, CMDLINE_TEST_KEY);
     let Some(value) = values.next() else {
         return Vec::new();
@@ -21,7 +21,7 @@ pub fn parse(cmdline: &str) -> Vec<Step<'_>> {
     if values.next().is_some() {
         bad_command(format_args!("{CMDLINE_TEST_KEY}= given more than once"));
     }
-    guest_cmdline::steps(value)
+    guest_cmdline::steps_with_text(value)
         .map(|s| s.unwrap_or_else(|e| bad_command(format_args!("{CMDLINE_TEST_KEY}: {e}"))))
         .collect()
 }
@@ -31,8 +31,8 @@ fn bad_command(args: core::fmt::Arguments<'_>) -> ! {
 }
 
 /// Runs `steps` in order; the first failure ends the run.
-pub fn run(steps: &[Step<'_>], devices: &mut Devices) {
-    for (i, step) in steps.iter().enumerate() {
+pub fn run(steps: &[(&str, Step<'_>)], devices: &mut Devices) {
+    for (i, (text, step)) in steps.iter().enumerate() {
         if let Err(e) = run_one(step, devices) {
             let code = match e {
                 Failure::Device(_) => ExitCode::DeviceError,
@@ -41,7 +41,7 @@ pub fn run(steps: &[Step<'_>], devices: &mut Devices) {
             fatal(
                 MessageKind::Error,
                 code,
-                format_args!("{CMDLINE_TEST_KEY} step {} {step:?} failed: {e}", i + 1),
+                format_args!("{CMDLINE_TEST_KEY} step {} `{text}` failed: {e}", i + 1),
             );
         }
     }

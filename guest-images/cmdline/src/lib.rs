@@ -19,5 +19,5 @@ mod virtio_mmio;
 
 pub use number::{parse_u64, NumberError};
 pub use params::{flag, params, values, Param, Params};
-pub use steps::{steps, Step, StepError, StepErrorKind, Steps};
+pub use steps::{steps, steps_with_text, Step, StepError, StepErrorKind, Steps};
 pub use virtio_mmio::{MmioDevice, MmioDeviceError, VIRTIO_MMIO_KEY};

@@ -91,6 +91,19 @@ pub fn steps(value: &str) -> Steps<'_> {
     }
 }
 
+/// Like [`steps`], each step paired with its text (for messages about it).
+pub fn steps_with_text(
+    value: &str,
+) -> impl Iterator<Item = Result<(&str, Step<'_>), StepError<'_>>> {
+    // `steps` splits exactly like this, so the pairs line up.
+    let texts = (!value.is_empty()).then(|| value.split(';'));
+    texts
+        .into_iter()
+        .flatten()
+        .zip(steps(value))
+        .map(|(text, step)| step.map(|s| (text, s)))
+}
+
 impl<'a> Iterator for Steps<'a> {
     type Item = Result<Step<'a>, StepError<'a>>;
 
@@ -260,6 +273,18 @@ mod tests {
         assert_eq!(one("marker:0x100000000"), Err(OutOfRange("ID")));
         assert_eq!(one("marker:"), Err(BadNumber("ID", NumberError::Empty)));
         assert_eq!(one("touch"), Err(MissingArgument("ADDR")));
+    }
+
+    #[test]
+    fn steps_come_with_their_text() {
+        let mut it = steps_with_text("marker:0x10;console:a:b;spin");
+        assert_eq!(it.next(), Some(Ok(("marker:0x10", Step::Marker(16)))));
+        assert_eq!(it.next(), Some(Ok(("console:a:b", Step::Console("a:b")))));
+        assert_eq!(it.next(), Some(Ok(("spin", Step::Spin))));
+        assert_eq!(it.next(), None);
+        assert_eq!(steps_with_text("").next(), None);
+        let e = steps_with_text("spin;x").nth(1).unwrap().unwrap_err();
+        assert_eq!((e.index, e.step), (2, "x"));
     }
 
     #[test]
