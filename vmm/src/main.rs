@@ -88,7 +88,7 @@ struct RunArgs {
     /// Let the guest modify the image files (default: copy-on-write views; the files are never written).
     #[arg(long)]
     write_through: bool,
-    /// Create the in-kernel irqchip and wire device interrupts as irqfds (slower; the project's guest polls).
+    /// Create the in-kernel irqchip and wire device interrupts as irqfds (traced stores cost 2x; the project's guest polls).
     #[arg(long)]
     interrupts: bool,
     /// Print the run's summary as JSON on standard output.

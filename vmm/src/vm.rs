@@ -78,7 +78,8 @@ pub struct VmConfig {
     pub timeout: Duration,
     pub console: ConsoleConfig,
     /// Create the in-kernel irqchip and wire each device's interrupt as an
-    /// irqfd (costs ~11 ms per run on PVM hosts; the project's guest polls).
+    /// irqfd. Off by default: the project's guest polls, and on PVM hosts the
+    /// irqchip makes every traced store cost ~68 µs instead of ~28 µs.
     pub interrupts: bool,
 }
 
@@ -544,8 +545,7 @@ pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
     }));
 
     // Interrupts (optional): the in-kernel irqchip and one irqfd per device on
-    // the IRQ the command line announces. Off by default: the project's guest
-    // polls, and on PVM hosts the irqchip adds ~11 ms to every run.
+    // the IRQ the command line announces. Off by default (see VmConfig).
     let irqchip = config.interrupts;
     if irqchip {
         vm.create_irq_chip()
