@@ -21,49 +21,23 @@ mod virtio;
 
 use bootparams::BootParams;
 use channel::{exit, fatal};
+use core::fmt::Display;
 use protocol::{ExitCode, MessageKind, CMDLINE_CONSOLE_FLAG};
 
 /// Ring 3's Rust entry, called by `ring3_entry` (boot.rs) with the zero page address.
 extern "C" fn kernel_main(zero_page: u64) -> ! {
-    let boot = BootParams::new(zero_page).unwrap_or_else(|e| {
-        fatal(
-            MessageKind::Error,
-            ExitCode::DeviceError,
-            format_args!("{e}"),
-        )
-    });
-    let cmdline = boot.cmdline().unwrap_or_else(|e| {
-        fatal(
-            MessageKind::Error,
-            ExitCode::BadCommand,
-            format_args!("{e}"),
-        )
-    });
+    let boot = or_exit(BootParams::new(zero_page), ExitCode::DeviceError);
+    let cmdline = or_exit(boot.cmdline(), ExitCode::BadCommand);
     console::set_echo(guest_cmdline::flag(cmdline, CMDLINE_CONSOLE_FLAG));
-
-    let e820 = boot.e820().unwrap_or_else(|e| {
-        fatal(
-            MessageKind::Error,
-            ExitCode::DeviceError,
-            format_args!("{e}"),
-        )
-    });
-    heap::init(e820).unwrap_or_else(|e| {
-        fatal(
-            MessageKind::Error,
-            ExitCode::DeviceError,
-            format_args!("{e}"),
-        )
-    });
-
-    let mut devices = virtio::Devices::from_cmdline(cmdline).unwrap_or_else(|e| {
-        fatal(
-            MessageKind::Error,
-            ExitCode::BadCommand,
-            format_args!("{e}"),
-        )
-    });
+    let e820 = or_exit(boot.e820(), ExitCode::DeviceError);
+    or_exit(heap::init(e820), ExitCode::DeviceError);
+    let mut devices = or_exit(virtio::Devices::from_cmdline(cmdline), ExitCode::BadCommand);
     let steps = steps::parse(cmdline);
     steps::run(&steps, &mut devices);
     exit(ExitCode::Success)
+}
+
+/// The value, or an `Error` message and exit `code`.
+fn or_exit<T, E: Display>(r: Result<T, E>, code: ExitCode) -> T {
+    r.unwrap_or_else(|e| fatal(MessageKind::Error, code, format_args!("{e}")))
 }

@@ -101,11 +101,17 @@ impl Pmem {
                 transport.read_config_space::<u64>(CONFIG_SIZE)?,
             ))
         })?;
-        if start != PMEM_START {
-            return Err(PmemError::Start(start));
-        }
-        if size == 0 || size > PMEM_MAX_SIZE {
-            return Err(PmemError::Size(size));
+        let bad = if start != PMEM_START {
+            Some(PmemError::Start(start))
+        } else if size == 0 || size > PMEM_MAX_SIZE {
+            Some(PmemError::Size(size))
+        } else {
+            None
+        };
+        if let Some(e) = bad {
+            // Tell the device we gave up on it (virtio 3.1.1).
+            transport.set_status(virtio_drivers::transport::DeviceStatus::FAILED);
+            return Err(e);
         }
         let queue = VirtQueue::new(&mut transport, REQUEST_QUEUE, false, false)?;
         transport.finish_init();
