@@ -160,7 +160,10 @@ fn run<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         SbState::BadMagic {
             magic,
             crc_ok: true,
-        } => Err(Refusal::NotPcache { magic }),
+        } => Err(Refusal::NotPcache {
+            magic,
+            metadata_absent: false,
+        }),
         SbState::BigEndian { flags } => Err(Refusal::BigEndian { flags }),
         SbState::SegNumOutOfRange { seg_num, max } => Err(Refusal::SegNum {
             seg_num: seg_num as u64,
@@ -169,7 +172,10 @@ fn run<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         SbState::BadMagic {
             magic,
             crc_ok: false,
-        } if strict => Err(Refusal::NotPcache { magic }),
+        } if strict => Err(Refusal::NotPcache {
+            magic,
+            metadata_absent: false,
+        }),
         SbState::CrcMismatch { stored, computed } if strict => {
             Err(Refusal::CorruptedSuperblock { stored, computed })
         }
@@ -309,6 +315,9 @@ fn recover_superblock<P: Pmem + ?Sized, H: Hooks + ?Sized>(
             }))
         }
         // A foreign magic and no pcache metadata at all.
-        None => Err(Refusal::NotPcache { magic: sb.magic }),
+        None => Err(Refusal::NotPcache {
+            magic: sb.magic,
+            metadata_absent: true,
+        }),
     }
 }

@@ -162,10 +162,14 @@ pub enum Refusal {
         /// Minimum.
         min: u64,
     },
-    /// A non-zero magic that is not pcache's, and no pcache metadata.
+    /// A non-zero magic that is not pcache's.
     NotPcache {
         /// Magic found.
         magic: u64,
+        /// The rest of the device was searched for pcache metadata and none was
+        /// found (false: refused on the magic alone, as the kernel does, or
+        /// because a valid CRC over a foreign magic is no torn write).
+        metadata_absent: bool,
     },
     /// Strict mode: pcache's magic with a wrong CRC (the kernel's "corrupted sb").
     CorruptedSuperblock {
@@ -297,9 +301,17 @@ impl fmt::Display for Refusal {
                 f,
                 "device too small: {size} bytes, a pcache cache device needs at least {min} bytes (512 MiB)"
             ),
-            Refusal::NotPcache { magic } => write!(
+            Refusal::NotPcache {
+                magic,
+                metadata_absent,
+            } => write!(
                 f,
-                "not a pcache device: superblock magic {magic:#018x} is not pcache's and no pcache metadata was found (never formatting over unknown data)"
+                "not a pcache device: superblock magic {magic:#018x} is not pcache's{} (never formatting over unknown data)",
+                if *metadata_absent {
+                    " and no pcache metadata was found"
+                } else {
+                    ""
+                }
             ),
             Refusal::CorruptedSuperblock { stored, computed } => write!(
                 f,

@@ -214,6 +214,12 @@ fn row6_foreign_device() {
         let r = refusal(&dev, mode);
         assert!(matches!(r, Refusal::NotPcache { .. }), "{r}");
         assert!(r.to_string().contains("not a pcache device"));
+        // Recover mode searched the rest of the device; strict refuses on the magic.
+        assert_eq!(
+            r.to_string().contains("no pcache metadata was found"),
+            mode == Mode::Recover,
+            "{r}"
+        );
     }
     // A foreign magic whose CRC happens to be valid is refused too.
     let mut sb = Superblock::new(31, 0);
@@ -223,7 +229,10 @@ fn row6_foreign_device() {
     for mode in MODES {
         assert!(matches!(
             refusal(&dev, mode),
-            Refusal::NotPcache { magic: 0x1234_5678 }
+            Refusal::NotPcache {
+                magic: 0x1234_5678,
+                metadata_absent: false
+            }
         ));
     }
 }
