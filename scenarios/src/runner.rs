@@ -490,6 +490,55 @@ fn save_state(
     Ok(())
 }
 
+/// Boots recovery on a pair of image files (copy-on-write views: the files are
+/// never modified) with the guest steps of `cmdline`; `console` echoes the
+/// guest's console to the terminal.
+pub fn replay(
+    kernel: &Path,
+    pmem: &Path,
+    disk: &Path,
+    cmdline: &str,
+    timeout: Duration,
+    console: bool,
+) -> Result<Recovery, RunnerError> {
+    let line = if console {
+        format!("{cmdline} {}", protocol::CMDLINE_CONSOLE_FLAG)
+    } else {
+        cmdline.to_string()
+    };
+    let mut vm = VmConfig::new(kernel, line, pmem, disk)?;
+    vm.timeout = timeout;
+    vm.console.terminal = console;
+    Ok(Recovery::from_run(&vmm::run(vm)?))
+}
+
+/// Replays a state saved by a run (`results/NAME/<run>/<state>`).
+pub fn replay_saved(
+    kernel: &Path,
+    dir: &Path,
+    timeout: Duration,
+    console: bool,
+) -> Result<(SavedState, Recovery), RunnerError> {
+    let path = dir.join("state.json");
+    let text = std::fs::read(&path).map_err(|source| RunnerError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let meta: SavedState = serde_json::from_slice(&text).map_err(|e| RunnerError::Io {
+        path,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    let rec = replay(
+        kernel,
+        &dir.join("pmem.img"),
+        &dir.join("disk.img"),
+        &meta.cmdline,
+        timeout,
+        console,
+    )?;
+    Ok((meta, rec))
+}
+
 /// The cut positions `(start, end)` a window allows in a trace.
 pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), String> {
     let find = |id: u32, from: usize| {

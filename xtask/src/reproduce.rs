@@ -6,9 +6,9 @@ use crate::guest;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use scenarios::guest::{cmdline, Recovery};
-use scenarios::runner::SavedState;
+use scenarios::runner::{replay, replay_saved};
 use scenarios::spec::Mode;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Args)]
@@ -41,94 +41,67 @@ pub enum CliMode {
 
 pub fn reproduce(args: ReproduceArgs) -> Result<()> {
     let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
-    let mut scratch = None;
-    let (pmem, disk, line, expected) = match &args.state {
-        Some(dir) => {
-            let meta_path = dir.join("state.json");
-            let text = std::fs::read(&meta_path).with_context(|| {
-                format!("{} (is this a saved state folder?)", meta_path.display())
-            })?;
-            let meta: SavedState = serde_json::from_slice(&text)
-                .with_context(|| format!("{}: not a saved state", meta_path.display()))?;
-            println!(
-                "state {} of scenario {} ({} / {}): recorded outcome `{}`",
-                meta.state,
-                meta.scenario,
-                meta.device,
-                meta.mode.as_str(),
+    let timeout = Duration::from_secs(args.timeout);
+    if let Some(dir) = &args.state {
+        let (meta, rec) = replay_saved(&kernel, dir, timeout, true).with_context(|| {
+            format!("replaying {} (is it a saved state folder?)", dir.display())
+        })?;
+        println!(
+            "state {} of scenario {} ({} / {}): recorded outcome `{}`",
+            meta.state,
+            meta.scenario,
+            meta.device,
+            meta.mode.as_str(),
+            meta.outcome
+        );
+        for v in &meta.violations {
+            println!("  recorded violation: {v}");
+        }
+        report(&rec)?;
+        if rec.outcome() != meta.outcome {
+            bail!(
+                "outcome `{}` differs from the recorded `{}`",
+                rec.outcome(),
                 meta.outcome
             );
-            for v in &meta.violations {
-                println!("  recorded violation: {v}");
-            }
-            (
-                dir.join("pmem.img"),
-                dir.join("disk.img"),
-                meta.cmdline,
-                Some(meta.outcome),
-            )
         }
+        println!("same outcome as recorded");
+        return Ok(());
+    }
+    let pmem = args
+        .pmem
+        .clone()
+        .expect("clap requires --pmem without STATE");
+    let mode = match args.mode {
+        CliMode::Strict => Mode::Strict,
+        CliMode::Recover => Mode::Recover,
+    };
+    let line = cmdline(&args.steps, mode, false);
+    let rec = match &args.disk {
+        Some(disk) => replay(&kernel, &pmem, disk, &line, timeout, true)?,
         None => {
-            let pmem = args
-                .pmem
-                .clone()
-                .expect("clap requires --pmem without STATE");
-            let disk = match &args.disk {
-                Some(d) => d.clone(),
-                None => {
-                    let d = std::env::temp_dir()
-                        .join(format!("pcache-reproduce-{}.disk", std::process::id()));
-                    std::fs::File::create(&d)?.set_len(64 << 20)?;
-                    scratch = Some(d.clone());
-                    d
-                }
-            };
-            let mode = match args.mode {
-                CliMode::Strict => Mode::Strict,
-                CliMode::Recover => Mode::Recover,
-            };
-            (pmem, disk, cmdline(&args.steps, mode, false), None)
+            // No disk given: an empty scratch disk, removed afterwards.
+            let disk =
+                std::env::temp_dir().join(format!("pcache-reproduce-{}.disk", std::process::id()));
+            std::fs::File::create(&disk)?.set_len(64 << 20)?;
+            let rec = replay(&kernel, &pmem, &disk, &line, timeout, true);
+            let _ = std::fs::remove_file(&disk);
+            rec?
         }
     };
-    let result = boot(&kernel, &pmem, &disk, &line, args.timeout);
-    if let Some(d) = scratch {
-        let _ = std::fs::remove_file(d);
-    }
-    let rec = result?;
-    println!("outcome: {}", rec.outcome());
-    if let Some(want) = expected {
-        if rec.outcome() == want {
-            println!("same outcome as recorded");
-        } else {
-            bail!(
-                "outcome `{}` differs from the recorded `{want}`",
-                rec.outcome()
-            );
-        }
-    }
-    if let Some(f) = &rec.failure {
-        bail!("recovery did not finish cleanly: {f}");
-    }
-    Ok(())
+    report(&rec)
 }
 
-fn boot(kernel: &Path, pmem: &Path, disk: &Path, line: &str, timeout: u64) -> Result<Recovery> {
-    let line = format!("{line} {}", protocol::CMDLINE_CONSOLE_FLAG);
-    println!(
-        "$ vmm run --pmem {} --disk {} --cmdline '{line}'",
-        pmem.display(),
-        disk.display()
-    );
-    let mut vm = vmm::VmConfig::new(kernel, line, pmem, disk)?;
-    vm.timeout = Duration::from_secs(timeout);
-    vm.console.terminal = true;
-    let out = vmm::run(vm)?;
-    let rec = Recovery::from_run(&out);
+fn report(rec: &Recovery) -> Result<()> {
     for step in &rec.steps {
         println!("{}", serde_json::to_string_pretty(step)?);
     }
     for e in &rec.errors {
         println!("guest error: {e}");
     }
-    Ok(rec)
+    println!("outcome: {}", rec.outcome());
+    if let Some(f) = &rec.failure {
+        bail!("recovery did not finish cleanly: {f}");
+    }
+    Ok(())
 }
