@@ -1,12 +1,15 @@
-//! The guest kernel (skeleton): a freestanding `no_std` kernel entered
-//! through the Linux 64-bit boot protocol. Ring 0 only sets up (see
-//! `boot.rs`); everything else runs in ring 3 and polls its devices.
+//! The guest kernel: a freestanding `no_std` kernel entered through the Linux
+//! 64-bit boot protocol, carrying the pcache module. Ring 0 only sets up (see
+//! `boot.rs`); everything else, pcache included, runs in ring 3 and polls its
+//! devices.
 //! See `guest-images/README.md` for the boot flow and the command line.
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+mod backends;
+mod backing;
 mod boot;
 mod bootparams;
 mod channel;
@@ -15,6 +18,7 @@ mod gdt;
 mod heap;
 mod idt;
 mod paging;
+mod pcache_run;
 mod rt;
 mod steps;
 mod virtio;
@@ -32,8 +36,11 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
     let e820 = or_exit(boot.e820(), ExitCode::DeviceError);
     or_exit(heap::init(e820), ExitCode::DeviceError);
     let mut devices = or_exit(virtio::Devices::from_cmdline(cmdline), ExitCode::BadCommand);
+    // Every step of both keys is parsed before the first one runs.
     let steps = steps::parse(cmdline);
+    let plan = pcache_run::parse(cmdline);
     steps::run(&steps, &mut devices);
+    pcache_run::run(&plan, &mut devices);
     exit(ExitCode::Success)
 }
 

@@ -34,21 +34,27 @@ fn bad_command(args: core::fmt::Arguments<'_>) -> ! {
 pub fn run(steps: &[(&str, Step<'_>)], devices: &mut Devices) {
     for (i, (text, step)) in steps.iter().enumerate() {
         if let Err(e) = run_one(step, devices) {
-            let code = match e {
-                Failure::Device(_) => ExitCode::DeviceError,
-                Failure::Step(_) => ExitCode::StepFailed,
-            };
-            fatal(
-                MessageKind::Error,
-                code,
-                format_args!("{CMDLINE_TEST_KEY} step {} `{text}` failed: {e}", i + 1),
-            );
+            fail(CMDLINE_TEST_KEY, i, text, e);
         }
     }
 }
 
+/// Reports step `i` (0-based) of `key` as failed and exits: `DeviceError`
+/// for a device that is missing or would not start, else `StepFailed`.
+pub fn fail(key: &str, i: usize, text: &str, e: Failure) -> ! {
+    let code = match e {
+        Failure::Device(_) => ExitCode::DeviceError,
+        Failure::Step(_) => ExitCode::StepFailed,
+    };
+    fatal(
+        MessageKind::Error,
+        code,
+        format_args!("{key} step {} `{text}` failed: {e}", i + 1),
+    )
+}
+
 /// A device that is missing or would not start, versus a step that ran and failed.
-enum Failure {
+pub enum Failure {
     Device(crate::virtio::DeviceError),
     Step(alloc::string::String),
 }

@@ -14,10 +14,12 @@ extern crate std;
 
 mod number;
 mod params;
+mod run;
 mod steps;
 mod virtio_mmio;
 
 pub use number::{parse_u64, NumberError};
 pub use params::{flag, params, values, Param, Params};
+pub use run::{on_off, run_steps, Fault, RunStep, StartMode, StartOptions};
 pub use steps::{steps, steps_with_text, Step, StepError, StepErrorKind, Steps};
 pub use virtio_mmio::{MmioDevice, MmioDeviceError, VIRTIO_MMIO_KEY};

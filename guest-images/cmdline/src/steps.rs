@@ -51,6 +51,12 @@ pub enum StepErrorKind {
     OutOfRange(&'static str),
     /// A pmem offset that is not a multiple of 8 (the store would be split).
     Misaligned,
+    /// The named argument has a value outside its set (the `&str` lists the set).
+    BadValue(&'static str, &'static str),
+    /// An option (`name=value`) the step does not know.
+    UnknownOption,
+    /// The named option is given more than once.
+    DuplicateOption(&'static str),
 }
 
 /// A malformed step: which one (1-based), its text, and why.
@@ -72,6 +78,9 @@ impl fmt::Display for StepError<'_> {
             StepErrorKind::BadNumber(a, e) => write!(f, "{a}: {e}"),
             StepErrorKind::OutOfRange(a) => write!(f, "{a} out of range"),
             StepErrorKind::Misaligned => f.write_str("OFF must be a multiple of 8"),
+            StepErrorKind::BadValue(a, set) => write!(f, "{a} must be {set}"),
+            StepErrorKind::UnknownOption => f.write_str("unknown option"),
+            StepErrorKind::DuplicateOption(a) => write!(f, "option {a} given more than once"),
         }
     }
 }
@@ -95,13 +104,27 @@ pub fn steps(value: &str) -> Steps<'_> {
 pub fn steps_with_text(
     value: &str,
 ) -> impl Iterator<Item = Result<(&str, Step<'_>), StepError<'_>>> {
-    // `steps` splits exactly like this, so the pairs line up.
-    let texts = (!value.is_empty()).then(|| value.split(';'));
-    texts
+    split_steps(value, parse_step)
+}
+
+/// Splits `value` at `;` (an empty value has no steps) and parses each step
+/// with `parse`, pairing it with its text; errors carry the 1-based index.
+pub(crate) fn split_steps<'a, T: 'a>(
+    value: &'a str,
+    parse: fn(&'a str) -> Result<T, StepErrorKind>,
+) -> impl Iterator<Item = Result<(&'a str, T), StepError<'a>>> + 'a {
+    (!value.is_empty())
+        .then(|| value.split(';'))
         .into_iter()
         .flatten()
-        .zip(steps(value))
-        .map(|(text, step)| step.map(|s| (text, s)))
+        .enumerate()
+        .map(move |(i, text)| {
+            parse(text).map(|s| (text, s)).map_err(|kind| StepError {
+                index: i + 1,
+                step: text,
+                kind,
+            })
+        })
 }
 
 impl<'a> Iterator for Steps<'a> {
@@ -173,10 +196,10 @@ fn parse_step(text: &str) -> Result<Step<'_>, StepErrorKind> {
 }
 
 /// The `:`-separated arguments of a step, consumed in order.
-struct Args<'a>(Option<core::str::Split<'a, char>>);
+pub(crate) struct Args<'a>(pub(crate) Option<core::str::Split<'a, char>>);
 
-impl Args<'_> {
-    fn number(&mut self, name: &'static str) -> Result<u64, StepErrorKind> {
+impl<'a> Args<'a> {
+    pub(crate) fn number(&mut self, name: &'static str) -> Result<u64, StepErrorKind> {
         let s = self
             .0
             .as_mut()
@@ -185,11 +208,19 @@ impl Args<'_> {
         parse_u64(s).map_err(|e| StepErrorKind::BadNumber(name, e))
     }
 
+    /// The next argument as text (for steps whose argument is a word).
+    pub(crate) fn word(&mut self, name: &'static str) -> Result<&'a str, StepErrorKind> {
+        self.0
+            .as_mut()
+            .and_then(|a| a.next())
+            .ok_or(StepErrorKind::MissingArgument(name))
+    }
+
     fn byte(&mut self, name: &'static str) -> Result<u8, StepErrorKind> {
         u8::try_from(self.number(name)?).map_err(|_| StepErrorKind::OutOfRange(name))
     }
 
-    fn finish(mut self) -> Result<(), StepErrorKind> {
+    pub(crate) fn finish(mut self) -> Result<(), StepErrorKind> {
         match self.0.as_mut().and_then(|a| a.next()) {
             None => Ok(()),
             Some(_) => Err(StepErrorKind::ExtraArgument),

@@ -128,7 +128,6 @@ impl Pmem {
     }
 
     /// The region's size in bytes, as the device reports it.
-    #[expect(dead_code, reason = "for the pcache Pmem backend (issue 5)")]
     pub fn size(&self) -> u64 {
         self.size
     }
