@@ -34,6 +34,8 @@ pub struct DeviceModeRun {
     /// How the crash states were chosen (model, seed, sample size, window).
     pub model: serde_json::Value,
     pub counts: ObservedCounts,
+    /// Wall time of the recovery boots of all states (parallel), in seconds.
+    pub recovery_seconds: f64,
     pub states: Vec<StateResult>,
     /// Failed pinned counts and other run-level violations.
     pub violations: Vec<String>,
@@ -170,6 +172,15 @@ impl DeviceModeRun {
     pub fn passed(&self) -> bool {
         self.counts.violations == 0
     }
+
+    /// Crash states checked per second of recovery boots.
+    pub fn states_per_second(&self) -> f64 {
+        if self.recovery_seconds > 0.0 {
+            self.states.len() as f64 / self.recovery_seconds
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder,
@@ -237,6 +248,7 @@ mod tests {
             mode: Mode::Recover,
             model: serde_json::Value::Null,
             counts: ObservedCounts::default(),
+            recovery_seconds: 0.0,
             states,
             violations: vec![],
         }

@@ -204,6 +204,7 @@ fn power_cut(
     // Recovery boots, in parallel.
     let line = guest::cmdline(&scenario.recovery, mode, false);
     let label = format!("{}/{}", device.name, mode.as_str());
+    let t0 = Instant::now();
     let states = parallel_states(&label, e.states.len(), cfg.jobs, progress, |i| {
         let state = &e.states[i];
         let id = format!("{}-{}-{:04}", device.name, mode.as_str(), i);
@@ -244,6 +245,7 @@ fn power_cut(
             unchanged_writes: e.unchanged_writes,
             ..Default::default()
         },
+        recovery_seconds: t0.elapsed().as_secs_f64(),
         states,
         violations: vec![],
     };
@@ -297,6 +299,7 @@ fn images(
     };
     let line = guest::cmdline(&scenario.recovery, mode, false);
     let label = format!("{}/{}", device.name, mode.as_str());
+    let t0 = Instant::now();
     let states = parallel_states(&label, variants.len(), cfg.jobs, progress, |i| {
         let v = &variants[i];
         let images = open(v)?;
@@ -336,6 +339,7 @@ fn images(
         mode,
         model: serde_json::json!({ "generator": generator }),
         counts: ObservedCounts::default(),
+        recovery_seconds: t0.elapsed().as_secs_f64(),
         states,
         violations: vec![],
     };

@@ -134,8 +134,8 @@ fn point_latest(out_dir: &Path) -> Result<()> {
 
 fn print_table(r: &RunResult) {
     println!(
-        "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10}",
-        "device", "mode", "states", "outcomes", "unusable", "violations"
+        "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10} {:>9}",
+        "device", "mode", "states", "outcomes", "unusable", "violations", "states/s"
     );
     for run in &r.runs {
         let outcomes: Vec<String> = run
@@ -145,13 +145,14 @@ fn print_table(r: &RunResult) {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         println!(
-            "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10}",
+            "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10} {:>9.0}",
             run.device,
             run.mode.as_str(),
             run.counts.states,
             outcomes.join(", "),
             run.counts.unusable,
-            run.counts.violations
+            run.counts.violations,
+            run.states_per_second()
         );
         for v in &run.violations {
             println!("  violation: {v}");
