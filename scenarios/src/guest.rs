@@ -83,8 +83,13 @@ impl Recovery {
         for m in &run.messages {
             r.read_message(m);
         }
+        let refused_first = r.starts.first().is_some_and(|s| s.outcome == "refused");
+        let step_failed = protocol::ExitCode::StepFailed as u32;
         r.failure = match run.outcome.exit_code() {
             Some(0) if run.protocol_errors.is_empty() => None,
+            // After a refused first `start` nothing is active: the `stop` that
+            // follows fails by design, and the run ends there.
+            Some(c) if c == step_failed && refused_first && run.protocol_errors.is_empty() => None,
             Some(0) => Some(format!(
                 "protocol errors: {}",
                 run.protocol_errors.join("; ")
@@ -154,13 +159,17 @@ impl Recovery {
                 if first.outcome != "refused" && second.outcome == "opened")
     }
 
-    /// The older cache came back: the first `start` opened the cache whose last
-    /// activation wrote cache_info seq `older_seq` (so it wrote `older_seq + 1`).
+    /// The older cache came back: the first `start` opened a cache_info copy of
+    /// the older cache. Its last activation wrote seq `older_seq` and the one
+    /// before `older_seq - 1` (both copies on media); opening a copy writes its
+    /// seq + 1. A fresh format writes seq 1, so the recipe's at least three
+    /// activations keep the two apart.
     pub fn older_cache_back(&self, older_seq: Option<u8>) -> bool {
         match (older_seq, self.starts.first()) {
-            (Some(old), Some(s)) => {
-                s.outcome == "opened" && s.cache_info.map(|c| c.seq) == Some(old.wrapping_add(1))
-            }
+            (Some(old), Some(s)) if s.outcome == "opened" => s
+                .cache_info
+                .map(|c| c.seq.wrapping_sub(1))
+                .is_some_and(|found| found == old || found == old.wrapping_sub(1)),
             _ => false,
         }
     }
@@ -222,8 +231,13 @@ mod tests {
         let back = recovery(vec![start("opened", 4)], None);
         assert!(back.older_cache_back(Some(3)));
         assert!(!back.older_cache_back(None));
+        // The older cache's other copy (seq 2) opened: it writes seq 3.
+        assert!(recovery(vec![start("opened", 3)], None).older_cache_back(Some(3)));
+        // A fresh format's cache_info (seq 1) opened writes seq 2.
+        assert!(!recovery(vec![start("opened", 2)], None).older_cache_back(Some(3)));
         assert!(!recovery(vec![start("formatted", 1)], None).older_cache_back(Some(3)));
         assert!(recovery(vec![start("opened", 0)], None).older_cache_back(Some(255)));
+        assert!(recovery(vec![start("opened", 255)], None).older_cache_back(Some(255)));
     }
 
     #[test]

@@ -309,12 +309,20 @@ impl Scenario {
                     "devices[{i}].disk-size: must be a non-zero multiple of 512"
                 ));
             }
-            if let Recipe::Formatted { activations: 0 } | Recipe::OlderCache { activations: 0 } =
-                d.recipe
-            {
-                return Err(format!(
-                    "devices[{i}].recipe.activations: must be at least 1"
-                ));
+            match d.recipe {
+                Recipe::Formatted { activations: 0 } => {
+                    return Err(format!(
+                        "devices[{i}].recipe.formatted.activations: must be at least 1"
+                    ));
+                }
+                // Three or more keep the older cache's cache_info seqs (n, n-1)
+                // apart from a fresh format's (1).
+                Recipe::OlderCache { activations } if activations < 3 => {
+                    return Err(format!(
+                        "devices[{i}].recipe.older-cache.activations: must be at least 3 (got {activations}), so that its cache_info seqs differ from a fresh format's"
+                    ));
+                }
+                _ => {}
             }
         }
         for (i, e) in self.expect.iter().enumerate() {

@@ -157,6 +157,23 @@ fn print_table(r: &RunResult) {
         for v in &run.violations {
             println!("  violation: {v}");
         }
+        // What the scenario allows but a reader must see (in strict mode: the
+        // kernel's own behaviour), listed rather than hidden.
+        let listed = |what: &str, pick: &dyn Fn(&scenarios::result::StateResult) -> bool| {
+            let ids: Vec<&str> = run
+                .states
+                .iter()
+                .filter(|s| s.violations.is_empty() && pick(s))
+                .map(|s| s.id.rsplit('-').next().unwrap_or(&s.id))
+                .collect();
+            if !ids.is_empty() {
+                println!("  {what}: {} state(s): {}", ids.len(), ids.join(" "));
+            }
+        };
+        listed("refused (for ever: nothing is written)", &|s| {
+            s.outcome == "refused"
+        });
+        listed("the older cache came back", &|s| s.older_cache_back);
         for s in run.states.iter().filter(|s| !s.violations.is_empty()) {
             println!("  {} ({}): {}", s.id, s.outcome, s.violations.join("; "));
             if let Some(saved) = &s.saved {
