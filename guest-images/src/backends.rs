@@ -24,15 +24,12 @@ use protocol::ExitCode;
 pub struct GuestPmem<'a> {
     dev: &'a mut PmemDevice,
     size: u64,
-    /// A store happened since the last FLUSH (owned by the caller, so that it
-    /// survives from one step to the next).
-    dirty: &'a mut bool,
 }
 
 impl<'a> GuestPmem<'a> {
-    pub fn new(dev: &'a mut PmemDevice, dirty: &'a mut bool) -> Self {
+    pub fn new(dev: &'a mut PmemDevice) -> Self {
         let size = dev.size();
-        GuestPmem { dev, size, dirty }
+        GuestPmem { dev, size }
     }
 
     fn check_words(&self, off: u64, len: u64) -> Result<(), PmemError> {
@@ -55,9 +52,7 @@ impl<'a> GuestPmem<'a> {
     }
 
     fn store(&mut self, off: u64, val: u64) -> Result<(), PmemError> {
-        self.dev.store_u64(off, val).map_err(io)?;
-        *self.dirty = true;
-        Ok(())
+        self.dev.store_u64(off, val).map_err(io)
     }
 }
 
@@ -109,14 +104,13 @@ impl Pmem for GuestPmem<'_> {
     }
 
     fn fence(&mut self) -> Result<(), PmemError> {
-        if !*self.dirty {
+        // The driver knows whether anything was stored since its last FLUSH
+        // (by this module or by a `harness.test` step).
+        if !self.dev.dirty() {
             return Ok(());
         }
         match self.dev.flush() {
-            Ok(()) => {
-                *self.dirty = false;
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             // The device answered with an error: the module reports it.
             Err(e @ (DeviceError::FlushFailed(_) | DeviceError::ShortResponse(_))) => Err(io(e)),
             // No answer, or a broken queue: the device was marked FAILED and

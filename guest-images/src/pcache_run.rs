@@ -76,9 +76,6 @@ struct State {
     active: Option<Cache>,
     last: Option<ActivationReport>,
     hooks: MarkerHooks,
-    /// A pmem store happened since the last virtio-pmem FLUSH. True at first:
-    /// `harness.test` steps may have stored before.
-    pmem_dirty: bool,
 }
 
 /// Runs the steps in order; the first failure ends the run.
@@ -87,7 +84,6 @@ pub fn run(plan: &Plan<'_>, devices: &mut Devices) {
         active: None,
         last: None,
         hooks: MarkerHooks { on: plan.markers },
-        pmem_dirty: true,
     };
     for (i, (text, step)) in plan.steps.iter().enumerate() {
         if let Err(e) = run_one(*step, &mut state, devices) {
@@ -121,7 +117,7 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
                 data_crc,
             };
             let dev = devices.pmem().map_err(Failure::Device)?;
-            let mut pmem = GuestPmem::new(dev, &mut s.pmem_dirty);
+            let mut pmem = GuestPmem::new(dev);
             let activation = pcache::start(&mut pmem, &opts, &mut s.hooks);
             // A refusal is a result, not a failure: the next steps run.
             let json = report_json(&activation.report)?;

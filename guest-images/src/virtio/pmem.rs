@@ -27,6 +27,8 @@ pub struct Pmem {
     transport: RawTransport,
     queue: VirtQueue<IdentityHal, QUEUE_SIZE>,
     size: u64,
+    /// A store happened since the last completed FLUSH.
+    dirty: bool,
 }
 
 #[derive(Debug)]
@@ -119,6 +121,7 @@ impl Pmem {
             transport,
             queue,
             size,
+            dirty: false,
         })
     }
 
@@ -133,7 +136,7 @@ impl Pmem {
     }
 
     /// One 8-byte volatile store of `value` at byte `offset`.
-    pub fn store_u64(&self, offset: u64, value: u64) -> Result<(), PmemError> {
+    pub fn store_u64(&mut self, offset: u64, value: u64) -> Result<(), PmemError> {
         if !offset.is_multiple_of(8) {
             return Err(PmemError::Misaligned(offset));
         }
@@ -150,7 +153,13 @@ impl Pmem {
                 .cast::<u64>()
                 .write_volatile(value)
         };
+        self.dirty = true;
         Ok(())
+    }
+
+    /// Whether a store happened since the last successful FLUSH.
+    pub fn dirty(&self) -> bool {
+        self.dirty
     }
 
     /// FLUSH: returns when the device reports every earlier store durable.
@@ -170,7 +179,10 @@ impl Pmem {
             return Err(PmemError::ShortResponse(used));
         }
         match u32::from_le_bytes(resp) {
-            0 => Ok(()),
+            0 => {
+                self.dirty = false;
+                Ok(())
+            }
             ret => Err(PmemError::FlushFailed(ret)),
         }
     }
