@@ -159,12 +159,13 @@ fn print_table(r: &RunResult) {
         }
         // What the scenario allows but a reader must see (in strict mode: the
         // kernel's own behaviour), listed rather than hidden.
+        let prefix = format!("{}-{}-", run.device, run.mode.as_str());
         let listed = |what: &str, pick: &dyn Fn(&scenarios::result::StateResult) -> bool| {
             let ids: Vec<&str> = run
                 .states
                 .iter()
                 .filter(|s| s.violations.is_empty() && pick(s))
-                .map(|s| s.id.rsplit('-').next().unwrap_or(&s.id))
+                .map(|s| s.id.strip_prefix(&prefix).unwrap_or(&s.id))
                 .collect();
             if !ids.is_empty() {
                 println!("  {what}: {} state(s): {}", ids.len(), ids.join(" "));

@@ -1,0 +1,128 @@
+//! End-to-end runs of the shipped scenarios on KVM with the real guest kernel
+//! (`cargo xtask test` builds it into target/guest/pcache-guest first).
+
+use scenarios::result::RunResult;
+use scenarios::runner::{self, Quiet, RunnerConfig};
+use scenarios::spec::{Mode, Scenario};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+fn kernel() -> PathBuf {
+    let k = root().join("target/guest/pcache-guest");
+    assert!(
+        k.exists(),
+        "{} is missing: run `cargo xtask build-guest` (cargo xtask test does)",
+        k.display()
+    );
+    k
+}
+
+fn load(name: &str) -> Scenario {
+    Scenario::load(&root().join("scenarios").join(format!("{name}.json"))).unwrap()
+}
+
+/// Runs `scenario` with its results in a fresh temporary folder named by `tag`
+/// (tests run in parallel).
+fn run(tag: &str, name: &str, scenario: &Scenario) -> (RunResult, PathBuf) {
+    let tmp = std::env::temp_dir().join(format!("scn-e2e-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let cfg = RunnerConfig {
+        kernel: kernel(),
+        out_dir: tmp.join("out"),
+        work_dir: tmp.join("work"),
+        jobs: 2,
+        state_timeout: Duration::from_secs(20),
+        workload_timeout: Duration::from_secs(120),
+    };
+    let r = runner::run(name, scenario, &cfg, &Quiet).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let written: RunResult =
+        serde_json::from_slice(&std::fs::read(cfg.out_dir.join("result.json")).unwrap()).unwrap();
+    assert_eq!(written, r, "result.json holds the run");
+    (r, tmp)
+}
+
+fn violations(r: &RunResult) -> Vec<String> {
+    let mut v = Vec::new();
+    for run in &r.runs {
+        v.extend(
+            run.violations
+                .iter()
+                .map(|x| format!("{}/{}: {x}", run.device, run.mode.as_str())),
+        );
+        for s in &run.states {
+            v.extend(s.violations.iter().map(|x| format!("{}: {x}", s.id)));
+        }
+    }
+    v
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn crash_mid_sb_write_holds_its_expectations() {
+    let (r, tmp) = run(
+        "sb-write",
+        "crash-mid-sb-write",
+        &load("crash-mid-sb-write"),
+    );
+    assert!(r.passed, "{:#?}", violations(&r));
+    for run in &r.runs {
+        assert!(!run.states.is_empty());
+        for s in &run.states {
+            assert!(s.cut.is_some() && !s.reports.is_empty(), "{}", s.id);
+        }
+        if run.device == "blank" {
+            assert_eq!(run.counts.states, 8, "{}", run.mode.as_str());
+        }
+        if run.device == "older-cache" && run.mode == Mode::Recover {
+            assert!(run.states.iter().all(|s| s.usable && !s.older_cache_back));
+        }
+    }
+    std::fs::remove_dir_all(tmp).unwrap();
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn corrupt_sb_holds_its_expectations() {
+    let (r, tmp) = run("corrupt-sb", "corrupt-sb", &load("corrupt-sb"));
+    assert!(r.passed, "{:#?}", violations(&r));
+    for run in &r.runs {
+        assert_eq!(run.states.len(), 17, "every field and variant ran");
+    }
+    std::fs::remove_dir_all(tmp).unwrap();
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn a_violating_state_is_saved_and_replays_with_the_same_outcome() {
+    // corrupt-sb in recover mode, with one expectation made wrong on purpose.
+    let mut s = load("corrupt-sb");
+    s.modes = vec![Mode::Recover];
+    s.expect.retain(|e| e.mode == Mode::Recover);
+    s.expect[0]
+        .per_image
+        .insert("padding/new-crc".into(), "refused:not-what-happens".into());
+    let (r, tmp) = run("replay", "corrupt-sb", &s);
+    assert!(!r.passed);
+    let bad: Vec<_> = r.runs[0]
+        .states
+        .iter()
+        .filter(|s| !s.violations.is_empty())
+        .collect();
+    assert_eq!(bad.len(), 1, "{:#?}", violations(&r));
+    assert_eq!(bad[0].id, "padding/new-crc");
+    let dir = PathBuf::from(bad[0].saved.as_ref().expect("a violating state is saved"));
+    let (meta, rec) =
+        runner::replay_saved(&kernel(), &dir, Duration::from_secs(20), false).unwrap();
+    assert_eq!(meta.outcome, bad[0].outcome);
+    assert_eq!(
+        rec.outcome(),
+        bad[0].outcome,
+        "the replay gives the recorded outcome"
+    );
+    assert!(rec.failure.is_none(), "{:?}", rec.failure);
+    std::fs::remove_dir_all(tmp).unwrap();
+}
