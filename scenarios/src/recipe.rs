@@ -22,10 +22,10 @@ pub struct PreparedDevice {
 /// Why a device could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("recipe for `{device}`: activation {n} of {total} gave `{outcome}`: {message}")]
     Activation {
@@ -43,9 +43,9 @@ pub enum RecipeError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
-    move |source| RecipeError::Io {
+    move |error| RecipeError::Io {
         path: path.into(),
-        source,
+        error,
     }
 }
 

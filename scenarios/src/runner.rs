@@ -79,10 +79,10 @@ pub enum RunnerError {
     Generate(#[from] generate::GenerateError),
     #[error("{0}")]
     Unsupported(String),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -147,7 +147,7 @@ pub fn run(
     };
     let path = cfg.out_dir.join("result.json");
     let json = serde_json::to_vec_pretty(&result).expect("results serialize");
-    write_atomic(&path, &json).map_err(|source| RunnerError::Io { path, source })?;
+    write_atomic(&path, &json).map_err(|error| RunnerError::Io { path, error })?;
     Ok(result)
 }
 
@@ -267,9 +267,9 @@ fn images(
     cfg: &RunnerConfig,
     progress: &dyn Progress,
 ) -> Result<DeviceModeRun, RunnerError> {
-    let io = |source| RunnerError::Io {
+    let io = |error| RunnerError::Io {
         path: prepared.pmem.clone(),
-        source,
+        error,
     };
     let base = pcache::pmem::FilePmem::open_read_only(&prepared.pmem).map_err(io)?;
     let variants = generate::variants(generator, &base)?;
@@ -470,9 +470,9 @@ fn save_state(
 ) -> Result<(), RunnerError> {
     // Image-set ids contain '/' (`magic/stale-crc`): one folder per state.
     let dir = cfg.out_dir.join(st.id.replace('/', "_"));
-    std::fs::create_dir_all(&dir).map_err(|source| RunnerError::Io {
+    std::fs::create_dir_all(&dir).map_err(|error| RunnerError::Io {
         path: dir.clone(),
-        source,
+        error,
     })?;
     images.write_files(&dir.join("pmem.img"), &dir.join("disk.img"))?;
     let meta = SavedState {
@@ -489,7 +489,7 @@ fn save_state(
         &path,
         &serde_json::to_vec_pretty(&meta).expect("serializes"),
     )
-    .map_err(|source| RunnerError::Io { path, source })?;
+    .map_err(|error| RunnerError::Io { path, error })?;
     st.saved = Some(dir.display().to_string());
     Ok(())
 }
@@ -524,13 +524,13 @@ pub fn replay_saved(
     console: bool,
 ) -> Result<(SavedState, Recovery), RunnerError> {
     let path = dir.join("state.json");
-    let text = std::fs::read(&path).map_err(|source| RunnerError::Io {
+    let text = std::fs::read(&path).map_err(|error| RunnerError::Io {
         path: path.clone(),
-        source,
+        error,
     })?;
     let meta: SavedState = serde_json::from_slice(&text).map_err(|e| RunnerError::Io {
         path,
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        error: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
     let rec = replay(
         kernel,

@@ -239,10 +239,10 @@ impl From<Size> for String {
 /// Why a scenario file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("{file}: {source}")]
+    #[error("{file}: {error}")]
     Read {
         file: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{file}: at `{path}`: {message}")]
     Parse {
@@ -260,9 +260,9 @@ pub const PMEM_MIN: u64 = 512 << 20;
 impl Scenario {
     /// Reads and checks a scenario file.
     pub fn load(file: &Path) -> Result<Scenario, SpecError> {
-        let text = std::fs::read_to_string(file).map_err(|source| SpecError::Read {
+        let text = std::fs::read_to_string(file).map_err(|error| SpecError::Read {
             file: file.into(),
-            source,
+            error,
         })?;
         Scenario::parse(file, &text)
     }
@@ -366,16 +366,16 @@ impl Scenario {
 
 /// The scenario files in `dir`, by name (file stem), sorted.
 pub fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, SpecError> {
-    let rd = std::fs::read_dir(dir).map_err(|source| SpecError::Read {
+    let rd = std::fs::read_dir(dir).map_err(|error| SpecError::Read {
         file: dir.into(),
-        source,
+        error,
     })?;
     let mut out = Vec::new();
     for entry in rd {
         let path = entry
-            .map_err(|source| SpecError::Read {
+            .map_err(|error| SpecError::Read {
                 file: dir.into(),
-                source,
+                error,
             })?
             .path();
         if path.extension().is_some_and(|e| e == "json") {
