@@ -162,7 +162,11 @@ mod tests {
 
     fn one(s: &str) -> Result<RunStep, StepErrorKind> {
         let mut it = run_steps(s);
-        let r = it.next().expect("one step").map(|(_, s)| s).map_err(|e| e.kind);
+        let r = it
+            .next()
+            .expect("one step")
+            .map(|(_, s)| s)
+            .map_err(|e| e.kind);
         assert!(it.next().is_none(), "more than one step in {s:?}");
         r
     }
@@ -189,10 +193,22 @@ mod tests {
         assert_eq!(one("start:strict"), Err(UnknownOption));
         assert_eq!(one("start:mode"), Err(UnknownOption));
         assert_eq!(one("start:speed=fast"), Err(UnknownOption));
-        assert_eq!(one("start:mode=fast"), Err(BadValue("mode", "strict or recover")));
-        assert_eq!(one("start:mode=Strict"), Err(BadValue("mode", "strict or recover")));
-        assert_eq!(one("start:mode="), Err(BadValue("mode", "strict or recover")));
-        assert_eq!(one("start:data_crc=1"), Err(BadValue("data_crc", "true or false")));
+        assert_eq!(
+            one("start:mode=fast"),
+            Err(BadValue("mode", "strict or recover"))
+        );
+        assert_eq!(
+            one("start:mode=Strict"),
+            Err(BadValue("mode", "strict or recover"))
+        );
+        assert_eq!(
+            one("start:mode="),
+            Err(BadValue("mode", "strict or recover"))
+        );
+        assert_eq!(
+            one("start:data_crc=1"),
+            Err(BadValue("data_crc", "true or false"))
+        );
         assert_eq!(
             one("start:mode=strict:mode=recover"),
             Err(DuplicateOption("mode"))
@@ -214,11 +230,19 @@ mod tests {
         assert_eq!(one("trace:off"), Ok(RunStep::Trace(false)));
         assert_eq!(one("fault:pf"), Ok(RunStep::Fault(Fault::PageFault)));
         assert_eq!(one("fault:ud"), Ok(RunStep::Fault(Fault::InvalidOpcode)));
-        assert_eq!(one("fault:gp"), Ok(RunStep::Fault(Fault::GeneralProtection)));
+        assert_eq!(
+            one("fault:gp"),
+            Ok(RunStep::Fault(Fault::GeneralProtection))
+        );
         assert_eq!(one("fault:de"), Ok(RunStep::Fault(Fault::DivideError)));
         assert_eq!(
-            [Fault::PageFault, Fault::InvalidOpcode, Fault::GeneralProtection, Fault::DivideError]
-                .map(Fault::vector),
+            [
+                Fault::PageFault,
+                Fault::InvalidOpcode,
+                Fault::GeneralProtection,
+                Fault::DivideError
+            ]
+            .map(Fault::vector),
             [14, 6, 13, 0]
         );
     }
@@ -229,7 +253,10 @@ mod tests {
         assert_eq!(one("status:"), Err(ExtraArgument));
         assert_eq!(one("marker"), Err(MissingArgument("ID")));
         assert_eq!(one("marker:0x100000000"), Err(OutOfRange("ID")));
-        assert_eq!(one("marker:-1"), Err(BadNumber("ID", NumberError::BadDigit)));
+        assert_eq!(
+            one("marker:-1"),
+            Err(BadNumber("ID", NumberError::BadDigit))
+        );
         assert_eq!(one("marker:1:2"), Err(ExtraArgument));
         assert_eq!(one("trace"), Err(MissingArgument("on|off")));
         assert_eq!(one("trace:yes"), Err(BadValue("trace", "on or off")));
