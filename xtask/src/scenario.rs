@@ -249,3 +249,56 @@ impl Progress for Bar {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scenarios::result::{DeviceModeRun, ObservedCounts, StateResult};
+    use scenarios::spec::Mode;
+
+    fn state(id: &str, violations: Vec<String>) -> StateResult {
+        StateResult {
+            id: id.into(),
+            cut: Some(3),
+            applied: vec![],
+            outcome: "refused".into(),
+            reason: None,
+            refusal: None,
+            usable: false,
+            older_cache_back: false,
+            reports: vec![],
+            violations,
+            saved: None,
+        }
+    }
+
+    #[test]
+    fn junit_has_a_case_per_state_and_fails_the_violations() {
+        let run = DeviceModeRun {
+            device: "blank".into(),
+            mode: Mode::Strict,
+            model: serde_json::Value::Null,
+            counts: ObservedCounts::default(),
+            recovery_seconds: 0.1,
+            states: vec![
+                state("blank-strict-0000", vec![]),
+                state("blank-strict-0001", vec!["not usable".into()]),
+            ],
+            violations: vec!["pinned count `states`: expected 8, got 2".into()],
+        };
+        let result = RunResult {
+            schema_version: 1,
+            scenario: "x".into(),
+            started: "2026-11-26T00:00:00Z".into(),
+            elapsed_seconds: 1.0,
+            runs: vec![run],
+            passed: false,
+        };
+        let xml = junit(&[result]).unwrap();
+        assert!(xml.contains(r#"<testsuite name="x" tests="3""#), "{xml}");
+        assert!(xml.contains(r#"failures="2""#), "{xml}");
+        assert!(xml.contains("not usable"), "{xml}");
+        assert!(xml.contains("expected 8, got 2"), "{xml}");
+        assert!(xml.contains(r#"classname="blank.strict""#), "{xml}");
+    }
+}
