@@ -120,18 +120,23 @@ pub fn run(
                 .work_dir
                 .join(format!("{}-{}", device.name, mode.as_str()));
             let prepared = recipe::prepare(device, mode, &dir)?;
+            let job = Job {
+                name,
+                scenario,
+                device,
+                mode,
+                expect,
+                prepared: &prepared,
+                cfg,
+                progress,
+            };
             let run = match &scenario.run {
                 Run::PowerCut {
                     workload,
                     window,
                     model,
-                } => power_cut(
-                    name, scenario, device, mode, expect, &prepared, workload, window, model, cfg,
-                    &dir, progress,
-                )?,
-                Run::Images { generator } => images(
-                    name, scenario, device, mode, expect, &prepared, *generator, cfg, progress,
-                )?,
+                } => power_cut(&job, workload, window, model, &dir)?,
+                Run::Images { generator } => images(&job, *generator)?,
             };
             runs.push(run);
         }
@@ -151,21 +156,76 @@ pub fn run(
     Ok(result)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn power_cut(
-    name: &str,
-    scenario: &Scenario,
-    device: &Device,
+/// One device in one mode of a scenario run.
+struct Job<'a> {
+    name: &'a str,
+    scenario: &'a Scenario,
+    device: &'a Device,
     mode: Mode,
-    expect: Option<&Expectation>,
-    prepared: &PreparedDevice,
+    expect: Option<&'a Expectation>,
+    prepared: &'a PreparedDevice,
+    cfg: &'a RunnerConfig,
+    progress: &'a dyn Progress,
+}
+
+impl Job<'_> {
+    fn label(&self) -> String {
+        format!("{}/{}", self.device.name, self.mode.as_str())
+    }
+
+    /// The guest command line of every recovery boot.
+    fn recovery_line(&self) -> String {
+        guest::cmdline(&self.scenario.recovery, self.mode, false)
+    }
+
+    /// Saves a violating state's images and what is needed to replay it.
+    fn save_state(
+        &self,
+        images: vmm::CrashImages,
+        st: &mut StateResult,
+    ) -> Result<(), RunnerError> {
+        // Image-set ids contain '/' (`magic/stale-crc`): one folder per state.
+        let dir = self.cfg.out_dir.join(st.id.replace('/', "_"));
+        std::fs::create_dir_all(&dir).map_err(|error| RunnerError::Io {
+            path: dir.clone(),
+            error,
+        })?;
+        images.write_files(&dir.join("pmem.img"), &dir.join("disk.img"))?;
+        let meta = SavedState {
+            scenario: self.name.into(),
+            state: st.id.clone(),
+            device: self.device.name.clone(),
+            mode: self.mode,
+            cmdline: self.recovery_line(),
+            outcome: st.outcome.clone(),
+            violations: st.violations.clone(),
+        };
+        let path = dir.join("state.json");
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&meta).expect("serializes"),
+        )
+        .map_err(|error| RunnerError::Io { path, error })?;
+        st.saved = Some(dir.display().to_string());
+        Ok(())
+    }
+}
+
+fn power_cut(
+    job: &Job,
     workload: &str,
     window: &Window,
     model: &persistence::Model,
-    cfg: &RunnerConfig,
     dir: &Path,
-    progress: &dyn Progress,
 ) -> Result<DeviceModeRun, RunnerError> {
+    let Job {
+        device,
+        mode,
+        expect,
+        prepared,
+        cfg,
+        ..
+    } = *job;
     let fail = |why: String| RunnerError::Workload {
         device: device.name.clone(),
         mode: mode.as_str(),
@@ -202,10 +262,9 @@ fn power_cut(
     let e = persistence::enumerate(&saved.trace, start, end, model, &base)?;
 
     // Recovery boots, in parallel.
-    let line = guest::cmdline(&scenario.recovery, mode, false);
-    let label = format!("{}/{}", device.name, mode.as_str());
+    let line = job.recovery_line();
     let t0 = Instant::now();
-    let states = parallel_states(&label, e.states.len(), cfg.jobs, progress, |i| {
+    let states = parallel_states(&job.label(), e.states.len(), cfg.jobs, job.progress, |i| {
         let state = &e.states[i];
         let id = format!("{}-{}-{:04}", device.name, mode.as_str(), i);
         let images = build_images(&saved, state)?;
@@ -227,7 +286,7 @@ fn power_cut(
             // Built again: recovery ran on the first copy-on-write views and may
             // have written them.
             let images = build_images(&saved, state)?;
-            save_state(name, device, mode, &line, images, &mut st, cfg)?;
+            job.save_state(images, &mut st)?;
         }
         Ok(st)
     })?;
@@ -255,18 +314,15 @@ fn power_cut(
 
 /// A scenario without a power cut: recovery on each generated variant of the
 /// device's image.
-#[allow(clippy::too_many_arguments)]
-fn images(
-    name: &str,
-    scenario: &Scenario,
-    device: &Device,
-    mode: Mode,
-    expect: Option<&Expectation>,
-    prepared: &PreparedDevice,
-    generator: Generator,
-    cfg: &RunnerConfig,
-    progress: &dyn Progress,
-) -> Result<DeviceModeRun, RunnerError> {
+fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError> {
+    let Job {
+        device,
+        mode,
+        expect,
+        prepared,
+        cfg,
+        ..
+    } = *job;
     let io = |error| RunnerError::Io {
         path: prepared.pmem.clone(),
         error,
@@ -297,10 +353,9 @@ fn images(
             applied: vec![],
         })
     };
-    let line = guest::cmdline(&scenario.recovery, mode, false);
-    let label = format!("{}/{}", device.name, mode.as_str());
+    let line = job.recovery_line();
     let t0 = Instant::now();
-    let states = parallel_states(&label, variants.len(), cfg.jobs, progress, |i| {
+    let states = parallel_states(&job.label(), variants.len(), cfg.jobs, job.progress, |i| {
         let v = &variants[i];
         let images = open(v)?;
         let mut st = recover(
@@ -330,7 +385,7 @@ fn images(
             }
         }
         if !st.violations.is_empty() {
-            save_state(name, device, mode, &line, open(v)?, &mut st, cfg)?;
+            job.save_state(open(v)?, &mut st)?;
         }
         Ok(st)
     })?;
@@ -456,42 +511,6 @@ fn applied(trace: &Trace, writes: &[vmm::WriteRef]) -> Vec<AppliedWrite> {
             _ => None,
         })
         .collect()
-}
-
-/// Saves a violating state's images and what is needed to replay it.
-fn save_state(
-    scenario: &str,
-    device: &Device,
-    mode: Mode,
-    cmdline: &str,
-    images: vmm::CrashImages,
-    st: &mut StateResult,
-    cfg: &RunnerConfig,
-) -> Result<(), RunnerError> {
-    // Image-set ids contain '/' (`magic/stale-crc`): one folder per state.
-    let dir = cfg.out_dir.join(st.id.replace('/', "_"));
-    std::fs::create_dir_all(&dir).map_err(|error| RunnerError::Io {
-        path: dir.clone(),
-        error,
-    })?;
-    images.write_files(&dir.join("pmem.img"), &dir.join("disk.img"))?;
-    let meta = SavedState {
-        scenario: scenario.into(),
-        state: st.id.clone(),
-        device: device.name.clone(),
-        mode,
-        cmdline: cmdline.into(),
-        outcome: st.outcome.clone(),
-        violations: st.violations.clone(),
-    };
-    let path = dir.join("state.json");
-    write_atomic(
-        &path,
-        &serde_json::to_vec_pretty(&meta).expect("serializes"),
-    )
-    .map_err(|error| RunnerError::Io { path, error })?;
-    st.saved = Some(dir.display().to_string());
-    Ok(())
 }
 
 /// Boots recovery on a pair of image files (copy-on-write views: the files are
