@@ -31,18 +31,7 @@ pub struct DiskImage {
 impl DiskImage {
     /// Opens a disk image; its size must be a multiple of 512 bytes.
     pub fn open(path: &Path, mode: ImageMode) -> Result<Self, MemoryError> {
-        let shown = path.display().to_string();
-        let io_err = |source| MemoryError::Io {
-            what: "disk image",
-            path: shown.clone(),
-            source,
-        };
-        let file = File::options()
-            .read(true)
-            .write(mode == ImageMode::WriteThrough)
-            .open(path)
-            .map_err(io_err)?;
-        let size = file.metadata().map_err(io_err)?.len();
+        let (file, size, io_err) = crate::memory::open_image(path, mode, "disk image")?;
         if size % SECTOR != 0 || size == 0 {
             return Err(io_err(io::Error::new(
                 io::ErrorKind::InvalidInput,

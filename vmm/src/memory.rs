@@ -96,22 +96,34 @@ impl std::fmt::Debug for PmemRegion {
     }
 }
 
+/// Opens an image file for `mode` (written only in write-through mode) and
+/// returns it, its size, and a constructor of I/O errors that name it.
+pub(crate) fn open_image(
+    path: &Path,
+    mode: ImageMode,
+    what: &'static str,
+) -> Result<(File, u64, impl Fn(io::Error) -> MemoryError), MemoryError> {
+    let shown = path.display().to_string();
+    let io_err = move |source| MemoryError::Io {
+        what,
+        path: shown.clone(),
+        source,
+    };
+    let file = File::options()
+        .read(true)
+        .write(mode == ImageMode::WriteThrough)
+        .open(path)
+        .map_err(&io_err)?;
+    let size = file.metadata().map_err(&io_err)?.len();
+    Ok((file, size, io_err))
+}
+
 impl PmemRegion {
     /// Maps a pmem image, checking its size against what pcache and the
     /// guest's page tables accept.
     pub fn open(path: &Path, mode: ImageMode) -> Result<Self, MemoryError> {
+        let (file, size, io_err) = open_image(path, mode, "pmem image")?;
         let shown = path.display().to_string();
-        let io_err = |source| MemoryError::Io {
-            what: "pmem image",
-            path: shown.clone(),
-            source,
-        };
-        let file = File::options()
-            .read(true)
-            .write(mode == ImageMode::WriteThrough)
-            .open(path)
-            .map_err(io_err)?;
-        let size = file.metadata().map_err(io_err)?.len();
         if size < layout::PMEM_MIN_SIZE {
             return Err(MemoryError::PmemTooSmall { path: shown, size });
         }
