@@ -12,11 +12,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use guest_cmdline::{Fault, RunStep, StartMode, StartOptions};
 use pcache::{ActivationReport, Cache, Mode, Options};
-use protocol::{ExitCode, MessageKind, CMDLINE_RUN_KEY, MARKER_TRACE_OFF, MARKER_TRACE_ON};
-
-/// Kernel command-line key switching the module's crash-point markers
-/// (`on`, the default, or `off`).
-pub const CMDLINE_MARKERS_KEY: &str = "pcache.markers";
+use protocol::{
+    ExitCode, MessageKind, CMDLINE_MARKERS_KEY, CMDLINE_RUN_KEY, MARKER_TRACE_OFF, MARKER_TRACE_ON,
+};
 
 /// An address no page table maps (PML4 entry 0, PDPT entry 256): `fault:pf`
 /// reads it, so the report's CR2 is this value.
@@ -40,16 +38,11 @@ pub fn parse(cmdline: &str) -> Plan<'_> {
             bad_command(format_args!("{CMDLINE_MARKERS_KEY}= given more than once"));
         }
         markers = guest_cmdline::on_off(Some(v)).unwrap_or_else(|| {
+            // A bare key comes back as an empty value.
             bad_command(format_args!(
                 "{CMDLINE_MARKERS_KEY}=`{v}`: expected `on` or `off`"
             ))
         });
-    }
-    // A bare `pcache.markers` (no value) is not a valid switch either.
-    if guest_cmdline::params(cmdline).any(|p| p.key == CMDLINE_MARKERS_KEY && p.value.is_none()) {
-        bad_command(format_args!(
-            "{CMDLINE_MARKERS_KEY} needs a value: `on` or `off`"
-        ));
     }
     let mut values = guest_cmdline::values(cmdline, CMDLINE_RUN_KEY);
     let Some(value) = values.next() else {

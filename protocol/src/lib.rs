@@ -27,8 +27,9 @@
 //!
 //! # Test commands
 //! The guest's work comes from its kernel command line. The keys are
-//! [`CMDLINE_RUN_KEY`] (pcache steps, added by later issues) and
-//! [`CMDLINE_TEST_KEY`] (device-level test steps for the VMM's own tests);
+//! [`CMDLINE_RUN_KEY`] (pcache steps), [`CMDLINE_MARKERS_KEY`] (the pcache
+//! module's crash-point markers on or off) and [`CMDLINE_TEST_KEY`]
+//! (device-level test steps for the VMM's own tests);
 //! their grammar is documented in `guest-images/README.md`.
 #![no_std]
 #![forbid(unsafe_code)]
@@ -107,6 +108,9 @@ pub const MESSAGE_MAX_LEN: u32 = 64 * 1024;
 
 /// Kernel command-line key holding the pcache steps (`pcache.run=...`).
 pub const CMDLINE_RUN_KEY: &str = "pcache.run";
+/// Kernel command-line key switching the pcache module's crash-point markers
+/// (`pcache.markers=on|off`, default on; recovery boots use `off`).
+pub const CMDLINE_MARKERS_KEY: &str = "pcache.markers";
 /// Kernel command-line key holding device-level test steps (`harness.test=...`).
 pub const CMDLINE_TEST_KEY: &str = "harness.test";
 /// Kernel command-line flag asking the guest to echo its messages on COM1 too.

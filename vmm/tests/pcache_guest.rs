@@ -332,6 +332,14 @@ fn malformed_commands_are_errors_and_nothing_runs() {
         ("pcache.run=start;fault:nmi", "step 2 `fault:nmi`"),
         ("pcache.run=start pcache.run=status", "more than once"),
         ("pcache.run=start pcache.markers=maybe", "pcache.markers"),
+        (
+            "pcache.run=start pcache.markers",
+            "pcache.markers=``: expected `on` or `off`",
+        ),
+        (
+            "pcache.run=start pcache.markers=off pcache.markers=on",
+            "pcache.markers= given more than once",
+        ),
         ("pcache.run=start harness.test=nope", "step 1 `nope`"),
     ] {
         let r = dev.run(cmdline);
@@ -528,8 +536,25 @@ fn crash_point_markers_and_stores_are_traced_in_the_modules_order() {
         }
     }
 
-    // The run's marker list has them too; markers off removes every one.
+    // The run's marker list has them too, also with an explicit `on`;
+    // markers off removes every one.
     assert!(r.markers.iter().any(|m| m.id == crash_point_begin(1)));
+    let on = dev.run("pcache.run=start pcache.markers=on");
+    assert_eq!(only_start(&on)["outcome"], "formatted");
+    let on_ids: Vec<u32> = on
+        .markers
+        .iter()
+        .map(|m| m.id)
+        .filter(|&id| decode_crash_point(id).is_some())
+        .collect();
+    let expected_ids: Vec<u32> = expected
+        .iter()
+        .filter_map(|e| match e {
+            Ev::Marker(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(on_ids, expected_ids);
     let r = dev.run("pcache.run=trace:on;start;trace:off pcache.markers=off");
     assert_eq!(only_start(&r)["outcome"], "formatted");
     assert!(
