@@ -74,10 +74,22 @@ pub struct StateResult {
     pub older_cache_back: bool,
     /// The guest's full reports of the recovery steps.
     pub reports: Vec<serde_json::Value>,
+    /// `ok`, or `violation` when `violations` is not empty (set by
+    /// [`DeviceModeRun::finish`]).
+    pub verdict: Verdict,
     /// Why this state violates its expectation (empty: it does not).
     pub violations: Vec<String>,
     /// Where the state's images were saved for `cargo xtask reproduce` (violations only).
     pub saved: Option<String>,
+}
+
+/// A state's verdict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    #[default]
+    Ok,
+    Violation,
 }
 
 /// One durable write of a crash state.
@@ -131,6 +143,13 @@ impl StateResult {
 impl DeviceModeRun {
     /// Counts the states and checks the pinned counts of `expect`.
     pub fn finish(&mut self, expect: Option<&Expectation>) {
+        for s in &mut self.states {
+            s.verdict = if s.violations.is_empty() {
+                Verdict::Ok
+            } else {
+                Verdict::Violation
+            };
+        }
         let c = &mut self.counts;
         c.states = self.states.len();
         c.outcomes.clear();
@@ -216,6 +235,7 @@ mod tests {
             usable,
             older_cache_back: back,
             reports: vec![],
+            verdict: Verdict::Ok,
             violations: vec![],
             saved: None,
         }
@@ -266,6 +286,7 @@ mod tests {
         }
         r.finish(Some(&e));
         assert!(r.passed(), "{:?}", r.violations);
+        assert!(r.states.iter().all(|s| s.verdict == Verdict::Ok));
         assert_eq!(r.counts.outcomes["formatted"], 1);
     }
 
@@ -275,6 +296,9 @@ mod tests {
         let mut s = state("refused", false, true);
         s.check(&e);
         assert_eq!(s.violations.len(), 3, "{:?}", s.violations);
+        let mut one = run(vec![s]);
+        one.finish(Some(&e));
+        assert_eq!(one.states[0].verdict, Verdict::Violation);
 
         let mut r = run(vec![
             state("formatted", true, false),

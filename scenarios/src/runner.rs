@@ -483,6 +483,7 @@ fn recover(
         usable: rec.usable(),
         older_cache_back: rec.older_cache_back(older_seq),
         reports: rec.steps.clone(),
+        verdict: Default::default(),
         violations: vec![],
         saved: None,
     };

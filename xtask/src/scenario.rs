@@ -267,6 +267,7 @@ mod tests {
             usable: false,
             older_cache_back: false,
             reports: vec![],
+            verdict: Default::default(),
             violations,
             saved: None,
         }
