@@ -212,9 +212,15 @@ fn start_cache<P: Pmem + ?Sized, H: Hooks + ?Sized>(
 }
 
 /// The format of §5.2 (device of `size` bytes, superblock `found` as read,
-/// magic 0 or an interrupted format). Strict: the kernel's order — zero the
-/// metadata (C1, unfenced), validate, write the superblock (C2, fenced),
-/// padding kept as read. Recover: validate, C1 fenced, C2, padding 0.
+/// magic 0 or an interrupted format): validate the `seg_num` the device size
+/// gives, zero the metadata (C1), write the superblock (C2, fenced). Strict:
+/// C1 unfenced (ordered only by C2's fence), padding kept as read. Recover: C1
+/// fenced, padding 0.
+///
+/// The kernel zeroes C1 before it validates `seg_num`, so on a device beyond
+/// the maximum it zeroes and then refuses. Both modes validate first: a
+/// refusal writes nothing, and a format that goes ahead issues the kernel's
+/// stores in the kernel's order (the validation reads nothing C1 writes).
 fn format_device<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     pmem: &mut P,
     hooks: &mut H,
@@ -224,21 +230,15 @@ fn format_device<P: Pmem + ?Sized, H: Hooks + ?Sized>(
 ) -> Result<u32, Refusal> {
     let seg_num = seg_num_for_size(size);
     let max = max_seg_num(size);
-    let check = || {
-        if seg_num == 0 || seg_num > max as u64 {
-            Err(Refusal::SegNum { seg_num, max })
-        } else {
-            Ok(())
-        }
-    };
+    if seg_num == 0 || seg_num > max as u64 {
+        return Err(Refusal::SegNum { seg_num, max });
+    }
     let pad = match opts.mode {
         Mode::Strict => {
             zero_meta(pmem, hooks, false)?;
-            check()?;
             found.pad
         }
         Mode::Recover => {
-            check()?;
             zero_meta(pmem, hooks, true)?;
             0
         }

@@ -642,3 +642,35 @@ fn report_serializes_with_kebab_case_outcomes() {
         "format-redone"
     );
 }
+
+/// A device too large for the hardened kernel's `seg_num` maximum (over
+/// 16 TiB): the format is refused in both modes, and the refusal writes
+/// nothing — not even strict mode's C1 zeroing, which would otherwise wipe the
+/// cache_info and tails of a device whose magic was zeroed.
+#[test]
+fn oversized_device_refusal_writes_nothing() {
+    use pcache::pmem::RecordingPmem;
+    let size = 17u64 << 40;
+    let mut dev = SparsePmem::new(size);
+    // Metadata of an older cache under a zeroed magic.
+    dev.write_bytes(CACHE_INFO_OFF, &cache_info_rec(5, 31, 0x1182))
+        .unwrap();
+    dev.write_bytes(KEY_TAIL_OFF, &pos_rec(3, 0, 64)).unwrap();
+    for mode in MODES {
+        let mut rec = RecordingPmem::new(dev.clone());
+        let r = activate(&mut rec, &opts(mode), &mut NoHooks);
+        assert_eq!(r.outcome, Outcome::Refused, "{mode:?}: {r}");
+        assert!(
+            matches!(
+                r.refusal,
+                Some(Refusal::SegNum {
+                    seg_num: 1_114_111,
+                    max: 1_048_576
+                })
+            ),
+            "{mode:?}: {r}"
+        );
+        assert_eq!(rec.events(), vec![], "{mode:?}: the refusal wrote");
+        assert!(rec.current().same_bytes(&dev));
+    }
+}
