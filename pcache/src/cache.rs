@@ -350,7 +350,9 @@ fn write_cache_info<P: Pmem + ?Sized, H: Hooks + ?Sized>(
 /// `found` is a valid cache_info without INIT_DONE, if any (no kernel writes
 /// one). Strict mode uses it as the kernel does (its n_segs, flags and seq);
 /// recover mode starts from the defaults but keeps its seq, so the found copy
-/// is not overwritten.
+/// is not overwritten. Likewise for tails that still have valid copies:
+/// strict writes them fresh (seq 1, slot 0) as the kernel does, recover
+/// continues their sequences in the slot after the newest copy.
 pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     pmem: &mut P,
     hooks: &mut H,
@@ -419,6 +421,15 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         (Tail::DirtyTail, &mut dirty_tail),
         (Tail::KeyTail, &mut key_tail),
     ] {
+        // The kernel writes a fresh record (seq 1, slot 0) even when the tail
+        // still has valid copies (a valid superblock means C1 did not run):
+        // that overwrites the newest copy when it is in slot 0, and a newer
+        // seq left in slot 1 wins over the new tail at the next activation.
+        // Recover mode continues the sequence in the other slot instead. On a
+        // zeroed ctrl (every format) both are the same fresh write.
+        if opts.mode == Mode::Recover {
+            t.state = read_tail(pmem, tail)?.state(policy);
+        }
         write_dual(
             pmem,
             hooks,

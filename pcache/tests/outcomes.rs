@@ -674,3 +674,66 @@ fn oversized_device_refusal_writes_nothing() {
         assert!(rec.current().same_bytes(&dev));
     }
 }
+
+/// Row 2 on a device whose tails are still valid (no valid cache_info, e.g.
+/// both copies torn or damaged, but C1 did not run: the superblock is valid).
+/// The kernel writes each tail as a fresh record (seq 1 into slot 0), which
+/// overwrites the newest copy when it is in slot 0 and loses to it when it is
+/// in slot 1 with a later seq: the next activation then loads the old
+/// position, not the new cache's (0, 0). Recover mode continues each tail's
+/// sequence in the other slot instead, so the new tail is the latest and the
+/// old newest copy survives. Strict mode keeps the kernel's writes.
+#[test]
+fn row2_first_activation_over_valid_tails() {
+    use pcache::meta::read_slots;
+    // (slot 0, slot 1) of both tails before: (seq, seg_off), None = zero.
+    type Slot = Option<(u8, u32)>;
+    let cases: [(Slot, Slot); 4] = [
+        (Some((2, 5144)), Some((3, 10288))), // newest in slot 1
+        (Some((4, 10288)), Some((3, 5144))), // newest in slot 0
+        (Some((7, 10288)), None),            // only slot 0
+        (None, Some((255, 10288))),          // only slot 1, seq about to wrap
+    ];
+    for (s0, s1) in cases {
+        let mut dev = formatted(SIZE_512M, Mode::Recover);
+        for base in [KEY_TAIL_OFF, DIRTY_TAIL_OFF] {
+            for (i, s) in [s0, s1].into_iter().enumerate() {
+                let rec = s.map_or([0u8; 16], |(seq, off)| pos_rec(seq, 0, off));
+                dev.write_bytes(base + 16 * i as u64, &rec).unwrap();
+            }
+        }
+        zero(&mut dev, CACHE_INFO_OFF, 24);
+        zero(&mut dev, CACHE_INFO_OFF + CACHE_INFO_SIZE, 24);
+        let slot = pcache::meta::select_latest([s0.map(|s| s.0), s1.map(|s| s.0)]).unwrap();
+        let newest = (slot, [s0, s1][slot].unwrap());
+        let newest_bytes = pos_rec(newest.1 .0, 0, newest.1 .1);
+
+        // Recover: the new tails are the latest copies; the old newest survive.
+        let (r, d) = run(&dev, Mode::Recover);
+        assert_eq!(r.outcome, Outcome::Formatted, "{s0:?} {s1:?}: {r}");
+        for (t, base) in [(r.key_tail, KEY_TAIL_OFF), (r.dirty_tail, DIRTY_TAIL_OFF)] {
+            let t = t.unwrap();
+            assert_eq!(
+                (t.pos.cache_seg_id, t.pos.seg_off, t.slot, t.seq),
+                (0, 0, newest.0 ^ 1, newest.1 .0.wrapping_add(1)),
+                "{s0:?} {s1:?}"
+            );
+            let old = base + 16 * newest.0 as u64;
+            assert_eq!(read_vec(&d, old, 16), newest_bytes.to_vec());
+            let s = read_slots::<_, CachePosOnMedia>(&d, base, 16).unwrap();
+            assert_eq!(s.latest, Some(newest.0 ^ 1), "{s0:?} {s1:?}");
+        }
+        let (r2, _) = run(&d, Mode::Recover);
+        assert_eq!(r2.outcome, Outcome::Opened, "{s0:?} {s1:?}: {r2}");
+        for t in [r2.key_tail.unwrap(), r2.dirty_tail.unwrap()] {
+            assert_eq!((t.pos.cache_seg_id, t.pos.seg_off), (0, 0), "{s0:?} {s1:?}");
+        }
+
+        // Strict: the kernel's fresh write, seq 1 into slot 0.
+        let (r, d) = run(&dev, Mode::Strict);
+        assert_eq!(r.outcome, Outcome::Formatted, "{r}");
+        for base in [KEY_TAIL_OFF, DIRTY_TAIL_OFF] {
+            assert_eq!(read_vec(&d, base, 16), pos_rec(1, 0, 0).to_vec());
+        }
+    }
+}
