@@ -27,7 +27,7 @@ use common::*;
 use pcache::format::*;
 use pcache::meta::read_slots;
 use pcache::pmem::{apply_event, Event, RecordingPmem, SparsePmem};
-use pcache::{activate, ActivationReport, CrashPoint, Mode, Outcome};
+use pcache::{activate, ActivationReport, CrashPoint, Mode, NoHooks, Outcome};
 
 /// The table row an image falls in, from the raw records only (independent of
 /// the activation code's decision logic), and the outcome the row gives.
@@ -398,5 +398,93 @@ fn older_cache_wiped_whole_superblock() {
             Outcome::SuperblockRebuilt
         };
         assert_eq!(r.outcome, want, "{label}: {r}");
+    }
+}
+
+/// C1 is 1536 unfenced words in strict mode (§8): any subset can persist
+/// before the superblock's fence. The states above take C1 as a whole; here,
+/// on the older-cache device, the superblock persisted complete and C1 only
+/// partly, by 4 KiB region (cache_info slot 0, slot 1, cache_ctrl).
+///
+/// Where a cache_info copy survived: with cache_ctrl intact the older cache
+/// opens (both modes, as when all of C1 is lost); with cache_ctrl zeroed its
+/// cache_info has no tails, refused for ever in both modes.
+///
+/// With both cache_info slots zeroed and cache_ctrl not, the device is a new
+/// cache (row 2) that still holds the older cache's tails (latest: slot 1,
+/// seq 3, at 0:10288). The kernel (strict) writes the new tails as fresh
+/// records, seq 1 into slot 0, which lose to them: the next activation starts
+/// the log at the older cache's 0:10288. Recover mode continues their
+/// sequences, so its next activation starts at 0:0.
+#[test]
+fn older_cache_c1_torn_by_region() {
+    let dev = older_cache(4);
+    let mut rec = RecordingPmem::new(dev.clone());
+    let r = activate(&mut rec, &opts(Mode::Strict), &mut NoHooks);
+    assert_eq!(r.outcome, Outcome::Formatted);
+    let ev = rec.events();
+    let sb_fence = ev
+        .iter()
+        .position(|e| *e == Event::Fence)
+        .expect("the superblock's fence");
+    assert!(matches!(
+        ev[0],
+        Event::ZeroRange {
+            off: 8192,
+            len: 12288
+        }
+    ));
+    let regions = [CACHE_INFO_OFF, CACHE_INFO_OFF + 4096, CACHE_CTRL_OFF];
+    for mask in 0u32..8 {
+        let mut img = dev.clone();
+        for (b, &off) in regions.iter().enumerate() {
+            if mask & (1 << b) != 0 {
+                img.write_bytes(off, &[0u8; 4096]).unwrap();
+            }
+        }
+        for e in &ev[1..sb_fence] {
+            apply_event(&mut img, e);
+        }
+        let label = format!("C1 regions zeroed {mask:03b} (ctrl, ci1, ci0), superblock complete");
+        for mode in MODES {
+            let mut d = img.clone();
+            let first = act(&mut d, mode);
+            let next = act(&mut d, mode);
+            let ci_zeroed = mask & 0b011 == 0b011;
+            let ctrl_zeroed = mask & 0b100 != 0;
+            if !ci_zeroed && !ctrl_zeroed {
+                // A complete older cache under a valid superblock: opened, by
+                // the kernel and by recover mode alike (nothing tells it from
+                // a live cache).
+                assert_eq!(first.outcome, Outcome::Opened, "{mode:?} {label}: {first}");
+                assert_eq!(first.key_tail.unwrap().pos.seg_off, 10288);
+                continue;
+            }
+            if !ci_zeroed {
+                // The older cache's INIT_DONE cache_info without tails: the
+                // kernel's "corrupted key tail" for ever, and recover mode's
+                // too (a valid superblock, so no recovery applies).
+                assert!(
+                    matches!(first.refusal, Some(pcache::Refusal::TailMissing { .. })),
+                    "{mode:?} {label}: {first}"
+                );
+                assert_eq!(next.outcome, Outcome::Refused);
+                assert!(d.same_bytes(&img));
+                continue;
+            }
+            assert_eq!(
+                first.outcome,
+                Outcome::Formatted,
+                "{mode:?} {label}: {first}"
+            );
+            assert_eq!(next.outcome, Outcome::Opened, "{mode:?} {label}: {next}");
+            let kt = next.key_tail.unwrap().pos;
+            let stale = mode == Mode::Strict && !ctrl_zeroed;
+            assert_eq!(
+                (kt.cache_seg_id, kt.seg_off),
+                (0, if stale { 10288 } else { 0 }),
+                "{mode:?} {label}: {next}"
+            );
+        }
     }
 }
