@@ -12,7 +12,8 @@
 //!
 //! The models (`../shared/docs/pcache-format.md` §8 explains why they matter):
 //! - [`Model::Prefix`]: the writes before the cut are durable, in order. One state
-//!   at the window's start and one after every write in the window.
+//!   at the window's start and one after every write in the window (every
+//!   sector, for the disk: power may fail between the sectors of one write).
 //! - [`Model::FlushedOnly`]: only what a completed barrier covered is durable. One
 //!   state at the window's start and one after every barrier in the window.
 //! - [`Model::Subsets`]: what a completed barrier covered is durable, and any subset
@@ -128,9 +129,20 @@ pub fn enumerate(
     let trace = &writes;
     match model {
         Model::Prefix => {
-            out.emit_prefix(start);
-            for w in trace.writes_in(start, end) {
-                out.emit_prefix(w.event as usize + 1);
+            // Everything issued before the window's start, then one more write
+            // (a store, or one sector: a cut may fall between the sectors of
+            // a disk write) at a time.
+            let before = trace
+                .writes
+                .iter()
+                .take_while(|(_, w)| (w.event as usize) < start)
+                .count();
+            out.emit_prefix(start, before);
+            for (n, (_, w)) in trace.writes.iter().enumerate().skip(before) {
+                if w.event as usize >= end {
+                    break;
+                }
+                out.emit_prefix(w.event as usize + 1, n + 1);
             }
         }
         Model::FlushedOnly => {
@@ -220,13 +232,6 @@ impl<'a> Writes<'a> {
             unchanged,
             base,
         })
-    }
-
-    fn writes_in(&self, start: usize, end: usize) -> impl Iterator<Item = Write> + '_ {
-        self.writes
-            .iter()
-            .filter(move |(_, w)| (start..end).contains(&(w.event as usize)))
-            .map(|(_, w)| *w)
     }
 
     /// Position of the last completed barrier of `domain` before `cut` (0 if none).
@@ -333,17 +338,17 @@ impl<'a> Emitter<'a> {
         }
     }
 
-    fn emit_prefix(&mut self, cut: usize) {
-        let pmem = self
-            .trace
-            .of(Domain::Pmem)
-            .filter(|w| (w.event as usize) < cut)
-            .collect();
-        let disk = self
-            .trace
-            .of(Domain::Disk)
-            .filter(|w| (w.event as usize) < cut)
-            .collect();
+    /// The first `n` writes of the trace are durable.
+    fn emit_prefix(&mut self, cut: usize, n: usize) {
+        let first = &self.trace.writes[..n];
+        let of = |d: Domain| {
+            first
+                .iter()
+                .filter(|(dom, _)| *dom == d)
+                .map(|(_, w)| *w)
+                .collect()
+        };
+        let (pmem, disk) = (of(Domain::Pmem), of(Domain::Disk));
         self.emit(CrashState { cut, pmem, disk });
     }
 
@@ -626,8 +631,14 @@ mod tests {
         .unwrap();
         assert_eq!(e.states.len(), 4, "two sectors pending: four subsets");
         let prefix = enumerate(&ev, 0, 3, &Model::Prefix, &Base::default()).unwrap();
-        // a write's sectors share one event: the prefix model cuts between events
-        assert_eq!(prefix.states.len(), 2);
+        // sector granularity: power may fail between the sectors of one write
+        let sectors: Vec<Vec<u32>> = prefix
+            .states
+            .iter()
+            .map(|s| s.disk.iter().map(|w| w.part).collect())
+            .collect();
+        assert_eq!(sectors, vec![vec![], vec![0], vec![0, 1]]);
+        assert_eq!(prefix.states[1].cut, 1, "the write was issued");
     }
 
     #[test]
