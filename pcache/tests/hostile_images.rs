@@ -628,6 +628,9 @@ fn check_activation(img: &SparsePmem, mode: Mode, activator: Activator) -> Resul
     let mut rec = RecordingPmem::new(img.clone());
     let r = activator(&mut rec, mode);
     let after = rec.current().clone();
+    // The report renders, as text and JSON, whatever it holds.
+    let _ = r.to_string();
+    serde_json::to_string(&r).map_err(|e| format!("report json: {e}"))?;
     let ctx = || format!("{mode:?}: {r}");
 
     if r.outcome == Outcome::Refused {
