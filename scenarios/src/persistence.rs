@@ -7,8 +7,10 @@
 //! stores into the pmem region (barrier: a completed virtio-pmem flush) and
 //! sector writes to the disk (barrier: a completed virtio-blk FLUSH).
 //!
-//! Before any model runs, writes that change no byte of the image as it stood
-//! when they were issued are dropped (zeroing zeros is not a state).
+//! Before any model runs, writes that change no byte are dropped (zeroing zeros
+//! is not a state): a write is dropped when it changes no byte of the image as
+//! it stood when it was issued *and* no crash image can differ with or without
+//! it (see `Writes::new`), so dropping never loses a state.
 //!
 //! The models (`../shared/docs/pcache-format.md` §8 explains why they matter):
 //! - [`Model::Prefix`]: the writes before the cut are durable, in order. One state
@@ -30,7 +32,7 @@
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Every subset of the pending writes is enumerated up to this many.
 pub const ALL_SUBSETS_MAX: usize = 12;
@@ -191,6 +193,9 @@ impl<'a> Writes<'a> {
         let mut volatile = Overlay::default();
         let mut writes = Vec::new();
         let mut unchanged = 0;
+        // Per pmem byte: the kept store that last wrote it since the last pmem
+        // flush (its offset and length).
+        let mut last_kept: HashMap<u64, (u64, u8)> = HashMap::new();
         for (i, e) in trace.events().iter().enumerate() {
             let event = i as u64;
             match *e {
@@ -198,10 +203,30 @@ impl<'a> Writes<'a> {
                     if !(1..=8).contains(&len) {
                         return Err(EnumerateError::BadStoreLength { event: i, len });
                     }
-                    if volatile.pmem_apply(offset, &Trace::store_bytes(e), base) {
-                        writes.push((Domain::Pmem, Write { event, part: 0 }));
-                    } else {
+                    let bytes = Trace::store_bytes(e);
+                    // A store that changes no byte of the image as issued is
+                    // dropped only when that holds in every crash image too:
+                    // no kept store since the last flush wrote its bytes (they
+                    // hold the durable value), or one kept store of exactly
+                    // its bytes did (any state with this store has the same
+                    // images with that one instead). A narrower or wider
+                    // earlier store is not enough: persisting without it, this
+                    // store changes bytes.
+                    let droppable = volatile.pmem_unchanged(offset, &bytes, base) && {
+                        let mut writers =
+                            (offset..offset + u64::from(len)).map(|at| last_kept.get(&at).copied());
+                        let first = writers.next().flatten();
+                        writers.all(|w| w == first)
+                            && first.is_none_or(|range| range == (offset, len))
+                    };
+                    volatile.pmem_apply(offset, &bytes, base);
+                    if droppable {
                         unchanged += 1;
+                    } else {
+                        writes.push((Domain::Pmem, Write { event, part: 0 }));
+                        for at in offset..offset + u64::from(len) {
+                            last_kept.insert(at, (offset, len));
+                        }
                     }
                 }
                 Event::BlkWrite { sector, len, .. } => {
@@ -223,7 +248,8 @@ impl<'a> Writes<'a> {
                         }
                     }
                 }
-                Event::PmemFlush | Event::BlkFlush | Event::Marker { .. } => {}
+                Event::PmemFlush => last_kept.clear(),
+                Event::BlkFlush | Event::Marker { .. } => {}
             }
         }
         Ok(Writes {
@@ -278,6 +304,18 @@ struct Overlay {
 }
 
 impl Overlay {
+    /// True if a pmem store would change no byte.
+    fn pmem_unchanged(&self, off: u64, bytes: &[u8], base: &dyn BaseImage) -> bool {
+        bytes.iter().enumerate().all(|(i, &b)| {
+            let at = off + i as u64;
+            self.pmem
+                .get(&at)
+                .copied()
+                .unwrap_or_else(|| base.pmem_byte(at))
+                == b
+        })
+    }
+
     /// Applies a pmem store; true if it changed a byte.
     fn pmem_apply(&mut self, off: u64, bytes: &[u8], base: &dyn BaseImage) -> bool {
         let mut changed = false;
@@ -665,6 +703,39 @@ mod tests {
             enumerate(&ev, 0, 1, &Model::Prefix, &base),
             Err(EnumerateError::BadDiskWrite { .. })
         ));
+    }
+
+    #[test]
+    fn a_narrower_store_repeating_a_pending_one_is_a_state_of_its_own() {
+        // B (bytes 4..8) repeats what A (bytes 0..8) wrote: unchanged in the
+        // image as issued, but if B persists without A only bytes 4..8 change.
+        let a = store(0, 0x0202_0202_0101_0101);
+        let b = Event::PmemStore {
+            offset: 4,
+            len: 4,
+            value: 0x0202_0202,
+        };
+        let ev = trace_of(vec![a, b]);
+        let model = Model::Subsets { sample: 0, seed: 0 };
+        let e = enumerate(&ev, 0, 2, &model, &Base::default()).unwrap();
+        assert_eq!(e.unchanged_writes, 0, "B can change bytes: it is kept");
+        let mut sets = events_of(&e.states);
+        sets.sort();
+        assert_eq!(
+            sets,
+            vec![vec![], vec![0], vec![1]],
+            "{{1}} alone is a state"
+        );
+        // Once A is durable (a flush between them), B changes nothing in any state.
+        let ev = trace_of(vec![a, Event::PmemFlush, b]);
+        let e = enumerate(&ev, 0, 3, &model, &Base::default()).unwrap();
+        assert_eq!(e.unchanged_writes, 1);
+        assert_eq!(e.states.len(), 2);
+        // The same store repeated in full is dropped: it adds no image.
+        let ev = trace_of(vec![a, a]);
+        let e = enumerate(&ev, 0, 2, &model, &Base::default()).unwrap();
+        assert_eq!(e.unchanged_writes, 1);
+        assert_eq!(e.states.len(), 2);
     }
 
     #[test]
