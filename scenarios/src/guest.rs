@@ -74,34 +74,47 @@ pub struct Recovery {
 impl Recovery {
     /// Reads a finished run.
     pub fn from_run(run: &RunResult) -> Recovery {
+        Recovery::from_parts(&run.outcome, &run.messages, &run.protocol_errors)
+    }
+
+    /// Reads how a run ended, the guest's messages and the VMM's protocol errors.
+    pub fn from_parts(
+        outcome: &vmm::Outcome,
+        messages: &[Message],
+        protocol_errors: &[String],
+    ) -> Recovery {
         let mut r = Recovery {
             steps: vec![],
             starts: vec![],
             errors: vec![],
             failure: None,
         };
-        for m in &run.messages {
-            r.read_message(m);
+        let mut malformed = Vec::new();
+        for m in messages {
+            r.read_message(m, &mut malformed);
         }
         let refused_first = r.starts.first().is_some_and(|s| s.outcome == "refused");
         let step_failed = protocol::ExitCode::StepFailed as u32;
-        r.failure = match run.outcome.exit_code() {
-            Some(0) if run.protocol_errors.is_empty() => None,
+        let clean = protocol_errors.is_empty() && malformed.is_empty();
+        r.failure = match outcome.exit_code() {
+            Some(0) if clean => None,
             // After a refused first `start` nothing is active: the `stop` that
             // follows fails by design, and the run ends there.
-            Some(c) if c == step_failed && refused_first && run.protocol_errors.is_empty() => None,
-            Some(0) => Some(format!(
-                "protocol errors: {}",
-                run.protocol_errors.join("; ")
-            )),
+            Some(c) if c == step_failed && refused_first && clean => None,
+            // A result the runner cannot read is never a clean run, whatever
+            // the exit code: the state's outcome would be a guess.
+            Some(0) if !malformed.is_empty() => {
+                Some(format!("malformed step results: {}", malformed.join("; ")))
+            }
+            Some(0) => Some(format!("protocol errors: {}", protocol_errors.join("; "))),
             Some(code) => Some(match protocol::ExitCode::from_u32(code) {
                 Some(c) => format!("guest exited with {c:?} ({code})"),
                 None => format!("guest exited with unknown code {code}"),
             }),
-            None => Some(format!("run ended as `{}`", run.outcome.name())),
+            None => Some(format!("run ended as `{}`", outcome.name())),
         };
         if let Some(f) = &mut r.failure {
-            if let Some(e) = run.messages.iter().find_map(|m| m.exception()) {
+            if let Some(e) = messages.iter().find_map(|m| m.exception()) {
                 f.push_str(&format!(
                     ": exception vector {} error {:#x} at rip {:#x} cr2 {:#x}",
                     e.vector, e.error_code, e.rip, e.cr2
@@ -114,7 +127,12 @@ impl Recovery {
         r
     }
 
-    fn read_message(&mut self, m: &Message) {
+    /// Reads one message; what cannot be read goes to `malformed` (and to `errors`).
+    fn read_message(&mut self, m: &Message, malformed: &mut Vec<String>) {
+        let mut bad = |why: String| {
+            self.errors.push(why.clone());
+            malformed.push(why);
+        };
         match m.kind() {
             Some(protocol::MessageKind::StepResult) => {
                 match serde_json::from_slice::<serde_json::Value>(&m.payload) {
@@ -122,14 +140,17 @@ impl Recovery {
                         if v.get("step").and_then(|s| s.as_str()) == Some("start") {
                             match v.get("report").map(StartReport::deserialize) {
                                 Some(Ok(rep)) => self.starts.push(rep),
-                                _ => self
-                                    .errors
-                                    .push(format!("a start result without a report: {v}")),
+                                Some(Err(e)) => {
+                                    bad(format!("a start report the runner cannot read ({e}): {v}"))
+                                }
+                                None => bad(format!("a start result without a report: {v}")),
                             }
+                        } else if v.get("step").and_then(|s| s.as_str()).is_none() {
+                            bad(format!("a step result without a `step` name: {v}"));
                         }
                         self.steps.push(v);
                     }
-                    Err(e) => self.errors.push(format!(
+                    Err(e) => bad(format!(
                         "a step result that is not JSON ({e}): {}",
                         m.text()
                     )),
@@ -238,6 +259,103 @@ mod tests {
         assert!(!recovery(vec![start("formatted", 1)], None).older_cache_back(Some(3)));
         assert!(recovery(vec![start("opened", 0)], None).older_cache_back(Some(255)));
         assert!(recovery(vec![start("opened", 255)], None).older_cache_back(Some(255)));
+    }
+
+    fn msg(kind: protocol::MessageKind, payload: &str) -> Message {
+        Message {
+            kind: kind as u32,
+            payload: payload.as_bytes().to_vec(),
+            at_ns: 0,
+        }
+    }
+
+    fn start_msg(outcome: &str) -> Message {
+        msg(
+            protocol::MessageKind::StepResult,
+            &format!(
+                r#"{{"step":"start","report":{{"outcome":"{outcome}","cache_info":{{"slot":0,"seq":1}}}}}}"#
+            ),
+        )
+    }
+
+    const EXITED_0: vmm::Outcome = vmm::Outcome::Exited { code: 0 };
+
+    #[test]
+    fn a_clean_run_reads_as_clean() {
+        let r = Recovery::from_parts(
+            &EXITED_0,
+            &[
+                start_msg("formatted"),
+                msg(protocol::MessageKind::StepResult, r#"{"step":"stop"}"#),
+                start_msg("opened"),
+            ],
+            &[],
+        );
+        assert_eq!(r.failure, None);
+        assert!(r.usable());
+        assert_eq!(r.outcome(), "formatted");
+    }
+
+    #[test]
+    fn malformed_step_results_are_failures_even_after_a_clean_exit() {
+        for bad in [
+            msg(protocol::MessageKind::StepResult, "{not json"),
+            msg(protocol::MessageKind::StepResult, r#"{"step":"start"}"#),
+            msg(
+                protocol::MessageKind::StepResult,
+                r#"{"step":"start","report":{"outcome":7}}"#,
+            ),
+            msg(protocol::MessageKind::StepResult, r#"[1,2]"#),
+        ] {
+            let r = Recovery::from_parts(
+                &EXITED_0,
+                &[start_msg("formatted"), bad.clone(), start_msg("opened")],
+                &[],
+            );
+            let f = r.failure.as_deref().unwrap_or_else(|| {
+                panic!(
+                    "{:?} was read as a clean run",
+                    String::from_utf8_lossy(&bad.payload)
+                )
+            });
+            assert!(f.starts_with("malformed step results"), "{f}");
+            assert!(!r.usable());
+        }
+        // The same after a refused start (whose failing `stop` is expected).
+        let r = Recovery::from_parts(
+            &vmm::Outcome::Exited {
+                code: protocol::ExitCode::StepFailed as u32,
+            },
+            &[
+                start_msg("refused"),
+                msg(protocol::MessageKind::StepResult, "garbage"),
+            ],
+            &[],
+        );
+        assert!(r.failure.is_some());
+    }
+
+    #[test]
+    fn timeouts_and_panics_are_failures() {
+        let r = Recovery::from_parts(
+            &vmm::Outcome::Timeout {
+                regs: Default::default(),
+            },
+            &[start_msg("formatted")],
+            &[],
+        );
+        assert_eq!(r.failure.as_deref(), Some("run ended as `timeout`"));
+        assert!(!r.usable());
+        let r = Recovery::from_parts(
+            &vmm::Outcome::Exited {
+                code: protocol::ExitCode::Panic as u32,
+            },
+            &[msg(protocol::MessageKind::Panic, "src/x.rs:1: boom")],
+            &[],
+        );
+        let f = r.failure.unwrap();
+        assert!(f.contains("boom"), "{f}");
+        assert_eq!(r.starts.len(), 0);
     }
 
     #[test]
