@@ -326,6 +326,23 @@ impl Scenario {
             }
         }
         for (i, e) in self.expect.iter().enumerate() {
+            // The runner checks a device and mode against one expectation: a
+            // second one would be ignored silently.
+            if let Some(j) = self.expect[..i]
+                .iter()
+                .position(|o| o.device == e.device && o.mode == e.mode)
+            {
+                return Err(format!(
+                    "expect[{i}]: a second expectation for device `{}` in mode `{}` (the first is expect[{j}])",
+                    e.device,
+                    e.mode.as_str()
+                ));
+            }
+            if !e.per_image.is_empty() && matches!(self.run, Run::PowerCut { .. }) {
+                return Err(format!(
+                    "expect[{i}].per-image: only image-set scenarios (`run.images`) have named images"
+                ));
+            }
             if !names.contains(e.device.as_str()) {
                 return Err(format!(
                     "expect[{i}].device: no device named `{}`",
@@ -354,7 +371,9 @@ impl Scenario {
         } = &self.run
         {
             if from > to {
-                return Err(format!("run.window: `from` {from} is after `to` {to}"));
+                return Err(format!(
+                    "run.power-cut.window.trace-positions: `from` {from} is after `to` {to}"
+                ));
             }
         }
         if self.recovery.trim().is_empty() {
@@ -469,6 +488,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no device named `nope`"));
+    }
+
+    #[test]
+    fn a_second_expectation_for_a_device_and_mode_is_refused() {
+        let twice = MINIMAL.replace(
+            "\"expect\": [{",
+            "\"expect\": [{\"device\": \"blank\", \"mode\": \"strict\"}, {",
+        );
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("expect[1]: a second expectation for device `blank` in mode `strict`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn per_image_expectations_need_an_image_set() {
+        let text = MINIMAL.replace(
+            "\"counts\": {",
+            "\"per-image\": {\"magic/new-crc\": \"opened\"}, \"counts\": {",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("expect[0].per-image"), "{err}");
+    }
+
+    #[test]
+    fn a_reversed_trace_window_names_its_path() {
+        let text = MINIMAL.replace(
+            "{\"between-markers\": {\"from\": \"C1-begin\", \"to\": \"C2-end\"}}",
+            "{\"trace-positions\": {\"from\": 9, \"to\": 3}}",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("run.power-cut.window.trace-positions: `from` 9 is after `to` 3"),
+            "{err}"
+        );
     }
 
     #[test]
