@@ -85,7 +85,7 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
     let mut results = Vec::new();
     for (name, scenario) in &loaded {
         let stamp = runner::now_rfc3339().replace(':', "");
-        let out_dir = workspace_root().join("results").join(name).join(&stamp);
+        let out_dir = new_run_dir(&workspace_root().join("results").join(name), &stamp)?;
         let work_dir =
             std::env::temp_dir().join(format!("pcache-scenario-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work_dir);
@@ -119,6 +119,26 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         bail!("scenario(s) failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Creates this run's folder `parent/<stamp>`; a run started in the same second
+/// as an earlier one gets `<stamp>-2`, `-3`, ... instead of overwriting its
+/// result and mixing saved states with it.
+fn new_run_dir(parent: &Path, stamp: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    for n in 1.. {
+        let dir = if n == 1 {
+            parent.join(stamp)
+        } else {
+            parent.join(format!("{stamp}-{n}"))
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+    unreachable!("some suffix is free")
 }
 
 /// Points `results/NAME/latest` at this run (a relative link, replaced atomically).
@@ -271,6 +291,40 @@ mod tests {
             violations,
             saved: None,
         }
+    }
+
+    #[test]
+    fn runs_in_the_same_second_get_their_own_folders_and_latest_follows() {
+        let parent = std::env::temp_dir().join(format!("xtask-runs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let a = new_run_dir(&parent, "2026-11-26T010000Z").unwrap();
+        let b = new_run_dir(&parent, "2026-11-26T010000Z").unwrap();
+        let c = new_run_dir(&parent, "2026-11-26T010000Z").unwrap();
+        assert_eq!(a, parent.join("2026-11-26T010000Z"));
+        assert_eq!(b, parent.join("2026-11-26T010000Z-2"));
+        assert_eq!(c, parent.join("2026-11-26T010000Z-3"));
+        point_latest(&a).unwrap();
+        point_latest(&b).unwrap();
+        assert_eq!(
+            std::fs::read_link(parent.join("latest")).unwrap(),
+            PathBuf::from("2026-11-26T010000Z-2")
+        );
+        // Only the runs and the link: no temporary link left behind.
+        let mut names: Vec<String> = std::fs::read_dir(&parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "2026-11-26T010000Z",
+                "2026-11-26T010000Z-2",
+                "2026-11-26T010000Z-3",
+                "latest"
+            ]
+        );
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]
