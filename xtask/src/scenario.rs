@@ -83,6 +83,7 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
     let mut results = Vec::new();
+    let mut errors = Vec::new();
     for (name, scenario) in &loaded {
         let stamp = runner::now_rfc3339().replace(':', "");
         let out_dir = new_run_dir(&workspace_root().join("results").join(name), &stamp)?;
@@ -100,14 +101,28 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         println!("scenario {name}: {}", scenario.description);
         let outcome = runner::run(name, scenario, &cfg, &Bar::default());
         let _ = std::fs::remove_dir_all(&work_dir);
-        let result = outcome.with_context(|| format!("scenario {name}"))?;
-        point_latest(&out_dir)?;
-        print_table(&result);
-        println!("result: {}", out_dir.join("result.json").display());
-        results.push(result);
+        match outcome {
+            Ok(result) => {
+                point_latest(&out_dir)?;
+                print_table(&result);
+                println!("result: {}", out_dir.join("result.json").display());
+                results.push(result);
+            }
+            // A scenario that could not run stops neither the others nor the
+            // JUnit report: it is reported as an error there and fails the
+            // command at the end.
+            Err(e) => {
+                let _ = std::fs::remove_dir(&out_dir); // empty: nothing was written
+                eprintln!("scenario {name} could not run: {e}");
+                errors.push(RunError {
+                    scenario: name.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
     }
     if let Some(path) = &args.junit {
-        write_atomic(path, junit(&results)?.as_bytes())
+        write_atomic(path, junit(&results, &errors)?.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let failed: Vec<&str> = results
@@ -115,10 +130,28 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         .filter(|r| !r.passed)
         .map(|r| r.scenario.as_str())
         .collect();
+    if !errors.is_empty() {
+        let names: Vec<&str> = errors.iter().map(|e| e.scenario.as_str()).collect();
+        bail!(
+            "scenario(s) could not run: {}{}",
+            names.join(", "),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("; scenario(s) failed: {}", failed.join(", "))
+            }
+        );
+    }
     if !failed.is_empty() {
         bail!("scenario(s) failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// A scenario that could not be run (as opposed to one whose states failed).
+struct RunError {
+    scenario: String,
+    message: String,
 }
 
 /// Creates this run's folder `parent/<stamp>`; a run started in the same second
@@ -210,10 +243,18 @@ fn print_table(r: &RunResult) {
     );
 }
 
-/// JUnit XML: one suite per scenario, one test case per (device, mode, state).
-fn junit(results: &[RunResult]) -> Result<String> {
+/// JUnit XML: one suite per scenario, one test case per (device, mode, state);
+/// a scenario that could not run is one case in error.
+fn junit(results: &[RunResult], errors: &[RunError]) -> Result<String> {
     use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
     let mut report = Report::new("pcache-scenarios");
+    for e in errors {
+        let mut suite = TestSuite::new(e.scenario.as_str());
+        let mut status = TestCaseStatus::non_success(NonSuccessKind::Error);
+        status.set_message(e.message.as_str());
+        suite.add_test_case(TestCase::new("run", status));
+        report.add_test_suite(suite);
+    }
     for r in results {
         let mut suite = TestSuite::new(r.scenario.as_str());
         for run in &r.runs {
@@ -349,7 +390,19 @@ mod tests {
             runs: vec![run],
             passed: false,
         };
-        let xml = junit(&[result]).unwrap();
+        let xml = junit(
+            &[result],
+            &[RunError {
+                scenario: "y".into(),
+                message: "y/strict: the workload run failed: timeout".into(),
+            }],
+        )
+        .unwrap();
+        assert!(
+            xml.contains(r#"<testsuite name="y" tests="1" disabled="0" errors="1""#),
+            "{xml}"
+        );
+        assert!(xml.contains("the workload run failed: timeout"), "{xml}");
         assert!(xml.contains(r#"<testsuite name="x" tests="3""#), "{xml}");
         assert!(xml.contains(r#"failures="2""#), "{xml}");
         assert!(xml.contains("not usable"), "{xml}");
