@@ -98,6 +98,41 @@ pub struct SavedState {
     pub cmdline: String,
     pub outcome: String,
     pub violations: Vec<String>,
+    /// Whether the state was usable (absent in states saved before it was recorded).
+    #[serde(default)]
+    pub usable: Option<bool>,
+    /// Whether the recovery boot failed (timeout, panic, unreadable results);
+    /// absent in states saved before it was recorded.
+    #[serde(default)]
+    pub failed: Option<bool>,
+}
+
+impl SavedState {
+    /// How a replay differs from what was recorded (empty: it reproduces).
+    pub fn differences(&self, rec: &Recovery) -> Vec<String> {
+        let mut d = Vec::new();
+        if rec.outcome() != self.outcome {
+            d.push(format!(
+                "outcome `{}` differs from the recorded `{}`",
+                rec.outcome(),
+                self.outcome
+            ));
+        }
+        if let Some(u) = self.usable {
+            if rec.usable() != u {
+                d.push(format!("usable is {} (recorded {u})", rec.usable()));
+            }
+        }
+        if let Some(f) = self.failed {
+            if rec.failure.is_some() != f {
+                d.push(match &rec.failure {
+                    Some(why) => format!("recovery failed ({why}); it did not when recorded"),
+                    None => "recovery finished cleanly; it failed when recorded".into(),
+                });
+            }
+        }
+        d
+    }
 }
 
 /// Runs a whole scenario and writes its result file; returns the result.
@@ -199,6 +234,8 @@ impl Job<'_> {
             cmdline: self.recovery_line(),
             outcome: st.outcome.clone(),
             violations: st.violations.clone(),
+            usable: Some(st.usable),
+            failed: Some(st.violations.iter().any(|v| v.starts_with(RECOVERY_FAILED))),
         };
         let path = dir.join("state.json");
         write_atomic(
@@ -450,6 +487,9 @@ fn build_images(saved: &SavedWindow, state: &CrashState) -> Result<vmm::CrashIma
     Ok(saved.build(state.cut as u64, &writes)?)
 }
 
+/// How a state's violation says that its recovery boot failed.
+const RECOVERY_FAILED: &str = "recovery did not finish cleanly: ";
+
 /// Boots recovery on a pair of images and reads what it did.
 fn recover(
     pmem: vmm::PmemRegion,
@@ -488,8 +528,7 @@ fn recover(
         saved: None,
     };
     if let Some(f) = &rec.failure {
-        st.violations
-            .push(format!("recovery did not finish cleanly: {f}"));
+        st.violations.push(format!("{RECOVERY_FAILED}{f}"));
     }
     Ok(st)
 }
@@ -673,6 +712,60 @@ pub fn rfc3339(secs: u64) -> String {
 mod tests {
     use super::*;
     use crate::spec::MarkerName;
+
+    #[test]
+    fn a_replay_differs_in_outcome_usability_or_failure() {
+        let rec = |outcome: &str, second: Option<&str>, failure: Option<&str>| {
+            let report = |o: &str| crate::guest::StartReport {
+                outcome: o.into(),
+                message: None,
+                cache_info: None,
+                refusal: None,
+            };
+            Recovery {
+                steps: vec![],
+                starts: std::iter::once(outcome).chain(second).map(report).collect(),
+                errors: vec![],
+                failure: failure.map(Into::into),
+            }
+        };
+        let saved = SavedState {
+            scenario: "s".into(),
+            state: "blank-strict-0002".into(),
+            device: "blank".into(),
+            mode: Mode::Strict,
+            cmdline: String::new(),
+            outcome: "formatted".into(),
+            violations: vec![],
+            usable: Some(true),
+            failed: Some(false),
+        };
+        assert!(saved
+            .differences(&rec("formatted", Some("opened"), None))
+            .is_empty());
+        let d = saved.differences(&rec("refused", None, None));
+        assert!(
+            d[0].contains("`refused` differs from the recorded `formatted`"),
+            "{d:?}"
+        );
+        // Same first outcome, but the reopen failed: not the recorded state.
+        let d = saved.differences(&rec("formatted", Some("refused"), None));
+        assert_eq!(d, ["usable is false (recorded true)"]);
+        let d = saved.differences(&rec("formatted", Some("opened"), Some("timeout")));
+        assert!(
+            d.iter().any(|x| x.contains("recovery failed (timeout)")),
+            "{d:?}"
+        );
+        // A state saved before these were recorded compares the outcome only.
+        let old: SavedState = serde_json::from_value(serde_json::json!({
+            "scenario": "s", "state": "x", "device": "blank", "mode": "strict",
+            "cmdline": "", "outcome": "formatted", "violations": []
+        }))
+        .unwrap();
+        assert!(old
+            .differences(&rec("formatted", Some("refused"), Some("timeout")))
+            .is_empty());
+    }
 
     #[test]
     fn rfc3339_known_dates() {

@@ -196,6 +196,13 @@ fn a_violating_crash_state_is_saved_with_its_crash_image_and_replays() {
             runner::replay_saved(&kernel(), &dir, Duration::from_secs(20), false).unwrap();
         assert_eq!(meta.state, st.id);
         assert_eq!(rec.outcome(), "refused", "{}: replay differs", st.id);
+        assert_eq!(meta.usable, Some(false));
+        assert_eq!(meta.failed, Some(false));
+        assert!(
+            meta.differences(&rec).is_empty(),
+            "{:?}",
+            meta.differences(&rec)
+        );
         // The saved image is the crash image, not what recovery left of it:
         // replaying twice gives the same (nothing of the first replay stuck).
         let (_, again) =
