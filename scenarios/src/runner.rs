@@ -458,7 +458,21 @@ fn parallel_states(
                 if i >= n || first_error.lock().unwrap().is_some() {
                     break;
                 }
-                match check(i) {
+                // A panic in the harness while checking one state ends the
+                // run with an error naming the state, not a crash of the
+                // whole command (which would lose every other result).
+                let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(i)))
+                    .unwrap_or_else(|p| {
+                        let why = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".into());
+                        Err(RunnerError::Unsupported(format!(
+                            "{label}: the harness panicked while checking state {i}: {why}"
+                        )))
+                    });
+                match checked {
                     Ok(st) => results.lock().unwrap()[i] = Some(st),
                     Err(err) => {
                         first_error.lock().unwrap().get_or_insert(err);
@@ -765,6 +779,34 @@ mod tests {
         assert!(old
             .differences(&rec("formatted", Some("refused"), Some("timeout")))
             .is_empty());
+    }
+
+    #[test]
+    fn a_harness_panic_in_one_state_is_an_error_not_a_crash() {
+        let r = parallel_states("blank/strict", 6, 2, &Quiet, |i| {
+            if i == 3 {
+                panic!("boom at {i}");
+            }
+            Ok(crate::result::StateResult {
+                id: format!("s{i}"),
+                cut: None,
+                applied: vec![],
+                outcome: "formatted".into(),
+                reason: None,
+                refusal: None,
+                usable: true,
+                older_cache_back: false,
+                reports: vec![],
+                verdict: Default::default(),
+                violations: vec![],
+                saved: None,
+            })
+        });
+        let err = r.unwrap_err().to_string();
+        assert!(
+            err.contains("blank/strict: the harness panicked while checking state 3: boom at 3"),
+            "{err}"
+        );
     }
 
     #[test]
