@@ -147,7 +147,23 @@ impl<'a, P: Pmem + ?Sized> LogWalker<'a, P> {
         {
             return end(LogStop::Io { error });
         }
-        let kset = match decode_kset(&self.buf[..len], n_segs) {
+        let decoded = match decode_kset(&self.buf[..len], n_segs) {
+            // The header claims more than any record the kernel writes, but
+            // within the data area: read the whole claim so its CRC can be
+            // checked (valid: a hostile record; invalid: a torn one, the end).
+            // Bounded by the data area (16 MiB), and only for the record that
+            // ends the log.
+            Err(KsetError::CrcUnverifiable { size, .. }) if size <= space => {
+                let want = core::cmp::min(space, size + KSET_HEADER_SIZE as u64) as usize;
+                let mut whole = vec![0u8; want];
+                if let Err(error) = self.pmem.read(data_pos(pseg, pos.seg_off), &mut whole) {
+                    return end(LogStop::Io { error });
+                }
+                decode_kset(&whole, n_segs)
+            }
+            other => other,
+        };
+        let kset = match decoded {
             Ok(k) => k,
             Err(error) => {
                 return end(LogStop::Invalid { error });

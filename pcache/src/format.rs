@@ -879,14 +879,23 @@ pub enum KsetError {
         /// Bytes left.
         space: u64,
     },
-    /// A normal key-set with `key_num` 0 or above 128.
+    /// The header claims a record reaching past the data area, so its CRC
+    /// cannot be checked: a torn or stale record (end of log).
+    #[error("the header claims {size} bytes but only {space} are left in the data area (CRC cannot be checked)")]
+    CrcUnverifiable {
+        /// Claimed record size.
+        size: u64,
+        /// Bytes left.
+        space: u64,
+    },
+    /// A normal key-set with a valid CRC and `key_num` 0 or above 128.
     #[error("key_num {key_num} out of range (1..=128)")]
     KeyNumOutOfRange {
         /// key_num found.
         key_num: u32,
     },
-    /// The key-set does not fit in the data area (with room for a following
-    /// terminator, as the writer guarantees).
+    /// A key-set with a valid CRC that leaves no room in the data area for the
+    /// terminator the writer always leaves after it.
     #[error("key-set of {size} bytes does not fit in the {space} bytes left in the data area")]
     TooLarge {
         /// Record size.
@@ -924,7 +933,10 @@ impl KsetError {
     pub fn is_end_of_log(&self) -> bool {
         matches!(
             self,
-            KsetError::Terminator | KsetError::NoMagic { .. } | KsetError::CrcMismatch { .. }
+            KsetError::Terminator
+                | KsetError::NoMagic { .. }
+                | KsetError::CrcMismatch { .. }
+                | KsetError::CrcUnverifiable { .. }
         )
     }
 }
@@ -933,9 +945,13 @@ impl KsetError {
 /// the bytes from the record's position to the end of the segment's data area
 /// (or fewer: what could be read). `n_segs` bounds segment ids.
 ///
-/// Order of checks: room for a header; magic (absent ⇒ end of log); key_num and
-/// size bounds (they decide how many bytes the CRC covers, so they come first);
-/// CRC (mismatch ⇒ end of log); then every value of the valid record.
+/// Order of checks: room for a header; magic (absent ⇒ end of log); the CRC
+/// over the bytes the header claims (mismatch, or a claim reaching past the
+/// data area so that no CRC can be checked ⇒ end of log: a torn or stale
+/// record, which is what the kernel's replay sees too); then, for a record
+/// whose CRC is valid, every value (key_num 1..=128, room for the terminator
+/// the writer leaves, flags, next segment, keys): a valid CRC over an
+/// impossible value is a record no kernel writes.
 pub fn decode_kset(buf: &[u8], n_segs: u32) -> Result<Kset, KsetError> {
     if buf.len() < KSET_HEADER_SIZE {
         return Err(KsetError::NoRoom {
@@ -951,15 +967,32 @@ pub fn decode_kset(buf: &[u8], n_segs: u32) -> Result<Kset, KsetError> {
         }
         return Err(KsetError::NoMagic { magic: hdr.magic });
     }
+    // The size the header claims (u64: key_num is untrusted).
     let size = if hdr.is_last() {
-        KSET_HEADER_SIZE
+        KSET_HEADER_SIZE as u64
     } else {
+        KSET_HEADER_SIZE as u64 + hdr.key_num as u64 * KEY_SIZE as u64
+    };
+    if size > buf.len() as u64 {
+        return Err(KsetError::CrcUnverifiable {
+            size,
+            space: buf.len() as u64,
+        });
+    }
+    let size = size as usize;
+    let computed = pcache_crc(&buf[4..size]);
+    if computed != hdr.crc {
+        return Err(KsetError::CrcMismatch {
+            stored: hdr.crc,
+            computed,
+        });
+    }
+    if !hdr.is_last() {
         if hdr.key_num == 0 || hdr.key_num > KSET_KEYS_MAX {
             return Err(KsetError::KeyNumOutOfRange {
                 key_num: hdr.key_num,
             });
         }
-        let size = KSET_HEADER_SIZE + hdr.key_num as usize * KEY_SIZE;
         // The writer leaves room for a terminator after every normal record.
         if size + KSET_HEADER_SIZE > buf.len() {
             return Err(KsetError::TooLarge {
@@ -967,14 +1000,6 @@ pub fn decode_kset(buf: &[u8], n_segs: u32) -> Result<Kset, KsetError> {
                 space: buf.len() as u64,
             });
         }
-        size
-    };
-    let computed = pcache_crc(&buf[4..size]);
-    if computed != hdr.crc {
-        return Err(KsetError::CrcMismatch {
-            stored: hdr.crc,
-            computed,
-        });
     }
     if hdr.flags & !KSET_F_LAST != 0 {
         return Err(KsetError::Flags { flags: hdr.flags });
@@ -1310,19 +1335,36 @@ mod tests {
             decode_kset(&[0u8; 10], 31),
             Err(KsetError::NoRoom { space: 10 })
         );
-        // key_num out of range with the magic.
+        // key_num out of range with the magic: hostile only under a valid CRC.
         let mut b = alloc::vec![0u8; 8192];
         put_u64(&mut b, 8, KSET_MAGIC);
-        put_u32(&mut b, 4, 129);
+        for key_num in [129u32, 0] {
+            put_u32(&mut b, 4, key_num);
+            // A torn write (the magic persisted, the CRC word did not): the
+            // ordinary end of the log, as the kernel's replay sees it.
+            put_u32(&mut b, 0, 0);
+            let torn = decode_kset(&b, 31).unwrap_err();
+            assert!(matches!(torn, KsetError::CrcMismatch { .. }), "{torn:?}");
+            assert!(torn.is_end_of_log());
+            // The same header under a valid CRC: a record no kernel writes.
+            let size = KSET_HEADER_SIZE + key_num as usize * KEY_SIZE;
+            let crc = pcache_crc(&b[4..size]);
+            put_u32(&mut b, 0, crc);
+            let hostile = decode_kset(&b, 31).unwrap_err();
+            assert_eq!(hostile, KsetError::KeyNumOutOfRange { key_num });
+            assert!(!hostile.is_end_of_log());
+        }
+        // A claim past the data area: no CRC can be checked; end of log.
+        put_u32(&mut b, 4, 1_000_000);
+        let far = decode_kset(&b, 31).unwrap_err();
         assert_eq!(
-            decode_kset(&b, 31),
-            Err(KsetError::KeyNumOutOfRange { key_num: 129 })
+            far,
+            KsetError::CrcUnverifiable {
+                size: 24 + 40_000_000,
+                space: 8192
+            }
         );
-        put_u32(&mut b, 4, 0);
-        assert_eq!(
-            decode_kset(&b, 31),
-            Err(KsetError::KeyNumOutOfRange { key_num: 0 })
-        );
+        assert!(far.is_end_of_log());
         // LAST pointing out of the chain (with a valid CRC).
         let l = Kset::Last {
             next_cache_seg_id: 31,

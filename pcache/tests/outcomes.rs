@@ -453,16 +453,22 @@ fn other_inconsistencies_are_refused() {
             }),
         ),
         (
+            // A valid CRC over 4000 (zero) keys: a record no kernel writes. (With
+            // a wrong CRC the same header is just the end of the log.)
             "hostile key_num",
             Box::new(move |d| {
-                let mut h = KsetHeader {
-                    key_num: 4000,
-                    magic: KSET_MAGIC,
-                    ..Default::default()
-                }
-                .raw_bytes();
-                h[0] = 1;
-                d.write_bytes(seg(0) + DATA_OFF, &h).unwrap();
+                let mut rec = vec![0u8; KSET_HEADER_SIZE + 4000 * KEY_SIZE];
+                rec[..24].copy_from_slice(
+                    &KsetHeader {
+                        key_num: 4000,
+                        magic: KSET_MAGIC,
+                        ..Default::default()
+                    }
+                    .raw_bytes(),
+                );
+                let crc = pcache_crc(&rec[4..]);
+                rec[..4].copy_from_slice(&crc.to_le_bytes());
+                d.write_bytes(seg(0) + DATA_OFF, &rec).unwrap();
             }),
             Box::new(|r| {
                 matches!(r, Refusal::HostileLog { .. }) && r.to_string().contains("key_num 4000")
@@ -735,5 +741,28 @@ fn row2_first_activation_over_valid_tails() {
         for base in [KEY_TAIL_OFF, DIRTY_TAIL_OFF] {
             assert_eq!(read_vec(&d, base, 16), pos_rec(1, 0, 0).to_vec());
         }
+    }
+}
+
+/// The first key-set torn so that only its magic word persisted (key_num and
+/// CRC read as 0): the kernel's replay sees a CRC mismatch, the end of an empty
+/// log, and opens. So do both modes (never refused for ever as hostile).
+#[test]
+fn a_torn_first_key_set_ends_an_empty_log() {
+    for mode in MODES {
+        let mut d = formatted(SIZE_512M, mode);
+        d.write_bytes(SEGMENTS_OFF + DATA_OFF + 8, &KSET_MAGIC.to_le_bytes())
+            .unwrap();
+        let opts = Options {
+            mode,
+            data_crc: false,
+        };
+        let r = activate(&mut d, &opts, &mut NoHooks);
+        assert_eq!(r.outcome, Outcome::Opened, "{mode:?}: {r}");
+        let end = r
+            .log
+            .and_then(|l| l.end)
+            .expect("the log's end is reported");
+        assert!(end.stop.is_end_of_log(), "{mode:?}: {}", end.stop);
     }
 }
