@@ -67,11 +67,24 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
     create_sparse(&disk, device.disk_size.0)?;
     let pmem = match &device.recipe {
         Recipe::File { path } => {
+            let len = std::fs::metadata(path).map_err(io(path))?.len();
+            if len != device.pmem_size.0 {
+                return Err(RecipeError::Io {
+                    path: path.clone(),
+                    error: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!(
+                            "device `{}`: the image is {len} bytes, but its pmem-size is {} bytes",
+                            device.name, device.pmem_size.0
+                        ),
+                    ),
+                });
+            }
             return Ok(PreparedDevice {
                 pmem: path.clone(),
                 disk,
                 older_seq: None,
-            })
+            });
         }
         _ => dir.join(format!("{}.pmem", device.name)),
     };
@@ -150,6 +163,39 @@ mod tests {
             disk_size: Size(1 << 20),
             recipe,
         }
+    }
+
+    #[test]
+    fn a_users_image_must_have_the_scenarios_pmem_size() {
+        let dir = std::env::temp_dir().join(format!("recipe-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("user.pmem");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let d = device(Recipe::File { path: img.clone() });
+        let err = prepare(&d, Mode::Recover, &dir.join("work"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the image is 1073741824 bytes, but its pmem-size is 536870912"),
+            "{err}"
+        );
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(512 << 20)
+            .unwrap();
+        let p = prepare(&d, Mode::Recover, &dir.join("work2")).unwrap();
+        assert_eq!(
+            p.pmem, img,
+            "the user's file itself (runs use copy-on-write views)"
+        );
+        let missing = device(Recipe::File {
+            path: dir.join("nope.pmem"),
+        });
+        assert!(prepare(&missing, Mode::Recover, &dir.join("work3")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn tempdir(tag: &str) -> PathBuf {

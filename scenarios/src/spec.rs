@@ -278,10 +278,21 @@ impl Scenario {
                 message: e.into_inner().to_string(),
             }
         })?;
+        let mut scenario = scenario;
         scenario.check().map_err(|message| SpecError::Invalid {
             file: file.into(),
             message,
         })?;
+        // An image given as a file is found beside the scenario file, not in
+        // whatever folder the command was started from.
+        let dir = file.parent().unwrap_or(Path::new(""));
+        for d in &mut scenario.devices {
+            if let Recipe::File { path } = &mut d.recipe {
+                if path.is_relative() {
+                    *path = dir.join(&*path);
+                }
+            }
+        }
         Ok(scenario)
     }
 
@@ -523,6 +534,29 @@ mod tests {
         assert!(
             err.contains("run.power-cut.window.trace-positions: `from` 9 is after `to` 3"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn image_files_are_found_beside_the_scenario_file() {
+        let text = MINIMAL.replace(
+            "\"recipe\": \"blank\"",
+            "\"recipe\": {\"file\": {\"path\": \"reports/case.pmem\"}}",
+        );
+        let s = Scenario::parse(Path::new("/work/scenarios/x.json"), &text).unwrap();
+        assert_eq!(
+            s.devices[0].recipe,
+            Recipe::File {
+                path: "/work/scenarios/reports/case.pmem".into()
+            }
+        );
+        let abs = text.replace("reports/case.pmem", "/tmp/case.pmem");
+        let s = Scenario::parse(Path::new("/work/scenarios/x.json"), &abs).unwrap();
+        assert_eq!(
+            s.devices[0].recipe,
+            Recipe::File {
+                path: "/tmp/case.pmem".into()
+            }
         );
     }
 
