@@ -269,14 +269,21 @@ impl Scenario {
 
     /// Parses and checks scenario text; `file` is used in error messages.
     pub fn parse(file: &Path, text: &str) -> Result<Scenario, SpecError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let scenario: Scenario = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let scenario: Scenario = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             SpecError::Parse {
                 file: file.into(),
                 path,
                 message: e.into_inner().to_string(),
             }
+        })?;
+        // Text after the scenario's object (a second object, a stray brace
+        // from an edit) is an error, not silently ignored.
+        de.end().map_err(|e| SpecError::Parse {
+            file: file.into(),
+            path: ".".into(),
+            message: e.to_string(),
         })?;
         let mut scenario = scenario;
         scenario.check().map_err(|message| SpecError::Invalid {
@@ -557,6 +564,19 @@ mod tests {
             Recipe::File {
                 path: "/tmp/case.pmem".into()
             }
+        );
+    }
+
+    #[test]
+    fn text_after_the_scenario_is_an_error() {
+        let err = parse(&format!("{MINIMAL}\n}}")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("x.json: at `.`: trailing characters"),
+            "{err}"
+        );
+        assert!(
+            parse(&format!("{MINIMAL}\n  \n")).is_ok(),
+            "whitespace is fine"
         );
     }
 
