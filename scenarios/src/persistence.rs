@@ -19,9 +19,11 @@
 //! - [`Model::FlushedOnly`]: only what a completed barrier covered is durable. One
 //!   state at the window's start and one after every barrier in the window.
 //! - [`Model::Subsets`]: what a completed barrier covered is durable, and any subset
-//!   of the writes pending since then may be durable too. When at most
-//!   [`ALL_SUBSETS_MAX`] writes are pending every subset is a state, at every cut
-//!   position. Above that, at the end of each barrier epoch in the window (just
+//!   of the writes pending since then may be durable too. Each domain follows the
+//!   rule on its own, and a state is one choice of each. When at most
+//!   [`ALL_SUBSETS_MAX`] writes of a domain are pending, every subset of them is
+//!   a choice, at every cut position (paired with the other domain's families
+//!   there if it has more pending). Above that, at the end of each barrier epoch in the window (just
 //!   before the barrier, or at the window's end): every prefix, every suffix, every
 //!   single drop, every single write alone, and `sample` subsets drawn with a
 //!   seeded generator (each write kept with probability ½). The prefixes there
@@ -159,14 +161,21 @@ pub fn enumerate(
             for cut in start..=end {
                 let pending_pmem = trace.pending(Domain::Pmem, cut);
                 let pending_disk = trace.pending(Domain::Disk, cut);
-                let small =
-                    pending_pmem.len() <= ALL_SUBSETS_MAX && pending_disk.len() <= ALL_SUBSETS_MAX;
+                let few = |p: &[Write]| p.len() <= ALL_SUBSETS_MAX;
+                // Each domain follows the rule on its own: one whose pending
+                // writes are few gets every subset at this cut even when the
+                // other's are many (that one then gives its families here,
+                // without the random sample, which is drawn at epoch ends).
+                let small = few(&pending_pmem) && few(&pending_disk);
+                let mixed = (few(&pending_pmem) && !pending_pmem.is_empty())
+                    || (few(&pending_disk) && !pending_disk.is_empty());
                 // The last cut of an epoch: the window's end, or just before a barrier.
                 let epoch_end = cut == end
                     || matches!(events.get(cut), Some(Event::PmemFlush | Event::BlkFlush));
-                if small || epoch_end {
-                    let pmem = subset_family(&pending_pmem, *sample, seed ^ cut as u64);
-                    let disk = subset_family(&pending_disk, *sample, !seed ^ cut as u64);
+                if small || mixed || epoch_end {
+                    let n = if epoch_end { *sample } else { 0 };
+                    let pmem = subset_family(&pending_pmem, n, seed ^ cut as u64);
+                    let disk = subset_family(&pending_disk, n, !seed ^ cut as u64);
                     for p in &pmem {
                         for d in &disk {
                             out.emit_with(cut, p, d);
@@ -677,6 +686,39 @@ mod tests {
             .collect();
         assert_eq!(sectors, vec![vec![], vec![0], vec![0, 1]]);
         assert_eq!(prefix.states[1].cut, 1, "the write was issued");
+    }
+
+    #[test]
+    fn a_domain_with_few_pending_writes_gets_every_subset_whatever_the_other_holds() {
+        // 13 pmem stores pending (no flush), then a disk write of 4 sectors and
+        // one of 9 (no FLUSH). At the cut after the first disk write, 4 sectors
+        // are pending, so every subset of them is a state there (the pmem's
+        // own rule gives it its families). By the window's end 13 sectors are
+        // pending and {sector 0, sector 2} is none of their families: only
+        // that cut gives it.
+        let mut ev = Trace::new();
+        for i in 0..13u64 {
+            ev.push(store(i * 8, i + 1));
+        }
+        ev.push_blk_write(0, &[7u8; 4 * SECTOR]);
+        ev.push_blk_write(4, &[8u8; 9 * SECTOR]);
+        let e = enumerate(
+            &ev,
+            0,
+            ev.len(),
+            &Model::Subsets { sample: 0, seed: 0 },
+            &Base::default(),
+        )
+        .unwrap();
+        let has = |stores: usize, sectors: &[u32]| {
+            e.states.iter().any(|s| {
+                s.pmem.len() == stores
+                    && s.disk.iter().all(|w| w.event == 13)
+                    && s.disk.iter().map(|w| w.part).collect::<Vec<_>>() == sectors
+            })
+        };
+        assert!(has(0, &[0, 2]), "sectors {{0, 2}} with no store");
+        assert!(has(13, &[0, 2]), "sectors {{0, 2}} with every store");
     }
 
     #[test]
