@@ -238,14 +238,24 @@ fn inspect_forged_seg_num() {
 #[test]
 fn inspect_hostile_key_sets() {
     let d = TempDir::new("kset");
-    // key_num out of range.
-    let img = formatted(&d, "k.img");
-    let h = KsetHeader {
+    // key_num out of range under a wrong CRC: a torn record, the ordinary end.
+    let img = formatted(&d, "t.img");
+    let mut h = KsetHeader {
         crc: 0x1234,
         key_num: 4000,
         magic: KSET_MAGIC,
         flags: 0,
     };
+    write_at(&img, data_pos(0, 0), &h.raw_bytes());
+    let j = inspect_json(&img);
+    assert_eq!(j["log"]["end_is_ordinary"], true);
+    assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "crc-mismatch");
+
+    // The same header under a valid CRC (over 4000 zero keys): hostile.
+    let img = formatted(&d, "k.img");
+    let mut rec = vec![0u8; KSET_HEADER_SIZE + 4000 * KEY_SIZE];
+    rec[..24].copy_from_slice(&h.raw_bytes());
+    h.crc = pcache_crc(&rec[4..]);
     write_at(&img, data_pos(0, 0), &h.raw_bytes());
     let o = xtask(&["inspect", img.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
