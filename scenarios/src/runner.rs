@@ -225,7 +225,16 @@ impl Job<'_> {
             path: dir.clone(),
             error,
         })?;
-        images.write_files(&dir.join("pmem.img"), &dir.join("disk.img"))?;
+        // Temporary names, then renames: an interrupted save leaves no image
+        // that looks complete (state.json, written last, marks a whole state).
+        let (pmem_tmp, disk_tmp) = (dir.join(".pmem.img.tmp"), dir.join(".disk.img.tmp"));
+        images.write_files(&pmem_tmp, &disk_tmp)?;
+        for (tmp, name) in [(&pmem_tmp, "pmem.img"), (&disk_tmp, "disk.img")] {
+            std::fs::rename(tmp, dir.join(name)).map_err(|error| RunnerError::Io {
+                path: dir.join(name),
+                error,
+            })?;
+        }
         let meta = SavedState {
             scenario: self.name.into(),
             state: st.id.clone(),
