@@ -37,7 +37,7 @@ enum Command {
     Scenario(scenario::ScenarioArgs),
     /// Replay recovery on a saved crash state or on a user's image (never modified).
     Reproduce(reproduce::ReproduceArgs),
-    /// Benchmark the VMM: start to ring 3, boot-to-exit, traced store, message, RSS.
+    /// Benchmark the VMM and guest: boots, traced store, message, RSS, pcache start and recovery boots.
     Bench(bench::BenchArgs),
     /// Create a sparse pcache cache-device image and run a first activation on it.
     Format(image::FormatArgs),
