@@ -47,12 +47,16 @@ pub enum InspectError {
 pub struct InspectOptions {
     /// At most this many log records are listed (all are counted).
     pub max_log_records: usize,
+    /// At most this many keys are listed in all (all are counted): bounds the
+    /// memory a hostile log of full key-sets can make the inspector use.
+    pub max_log_keys: usize,
 }
 
 impl Default for InspectOptions {
     fn default() -> Self {
         InspectOptions {
             max_log_records: 100_000,
+            max_log_keys: 100_000,
         }
     }
 }
@@ -189,7 +193,8 @@ pub struct LogView {
     pub keys: u64,
     /// LAST records found.
     pub lasts: u64,
-    /// Listed records (at most `max_log_records`).
+    /// Listed records (at most `max_log_records`, with at most `max_log_keys`
+    /// keys in all).
     pub records: Vec<RecordView>,
     /// Whether records were left out of the list.
     pub truncated: bool,
@@ -412,9 +417,18 @@ fn walk<P: Pmem + ?Sized>(
     }
     v.start = Some(start);
     let mut w = LogWalker::new(pmem, &chain.psegs, start);
+    let mut listed_keys = 0usize;
     loop {
         match w.step() {
             LogStep::Record(r) => {
+                let n_keys = match &r.kset {
+                    Kset::Keys { keys } => keys.len(),
+                    Kset::Last { .. } => 0,
+                };
+                // Decide before building the record's view, so that what is
+                // not listed costs no memory.
+                let list = v.records.len() < opts.max_log_records
+                    && listed_keys + n_keys <= opts.max_log_keys;
                 let pseg = chain.psegs[r.pos.cache_seg_id as usize];
                 let mut rv = RecordView {
                     pos: r.pos,
@@ -431,7 +445,7 @@ fn walk<P: Pmem + ?Sized>(
                     Kset::Keys { keys } => {
                         v.ksets += 1;
                         v.keys += keys.len() as u64;
-                        for k in keys {
+                        for k in keys.iter().filter(|_| list) {
                             // Validated by the decoder: cache_seg_id < n_segs.
                             let kp = chain.psegs[k.cache_seg_id as usize];
                             let segment_gen =
@@ -447,7 +461,8 @@ fn walk<P: Pmem + ?Sized>(
                         }
                     }
                 }
-                if v.records.len() < opts.max_log_records {
+                if list {
+                    listed_keys += n_keys;
                     v.records.push(rv);
                 } else {
                     v.truncated = true;
@@ -735,5 +750,58 @@ impl fmt::Display for InspectReport {
             (None, None) => writeln!(f, "log: not walked")?,
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{data_pos, KeyOnMedia, Kset};
+    use crate::pmem::SparsePmem;
+    use crate::{activate, NoHooks, Options};
+
+    /// A formatted device whose log holds `ksets` key-sets of `keys` keys each.
+    fn with_log(ksets: usize, keys: usize) -> SparsePmem {
+        let mut dev = SparsePmem::new(512 << 20);
+        activate(&mut dev, &Options::default(), &mut NoHooks);
+        let key = KeyOnMedia {
+            off: 0,
+            len: 4096,
+            cache_seg_id: 1,
+            ..Default::default()
+        };
+        let rec = Kset::Keys {
+            keys: alloc::vec![key; keys],
+        }
+        .to_bytes();
+        for i in 0..ksets {
+            dev.write_bytes(data_pos(0, (i * rec.len()) as u32), &rec)
+                .unwrap();
+        }
+        dev
+    }
+
+    #[test]
+    fn listed_keys_are_bounded_and_every_key_is_counted() {
+        let dev = with_log(3, 2);
+        let opts = |records, keys| InspectOptions {
+            max_log_records: records,
+            max_log_keys: keys,
+        };
+        let all = inspect(&dev, &opts(100, 100)).unwrap();
+        let log = all.log;
+        assert_eq!((log.ksets, log.keys, log.records.len()), (3, 6, 3));
+        assert!(!log.truncated);
+
+        // Three keys allowed: the first record (2 keys) fits, the second would not.
+        let log = inspect(&dev, &opts(100, 3)).unwrap().log;
+        assert_eq!((log.ksets, log.keys), (3, 6), "every key is still counted");
+        assert_eq!(log.records.len(), 1);
+        assert_eq!(log.records[0].keys.len(), 2);
+        assert!(log.truncated);
+
+        let log = inspect(&dev, &opts(2, 100)).unwrap().log;
+        assert_eq!(log.records.len(), 2);
+        assert!(log.truncated);
     }
 }

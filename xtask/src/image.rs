@@ -53,6 +53,9 @@ pub struct InspectArgs {
     /// List at most this many key-set log records (all are counted).
     #[arg(long, default_value_t = 100_000)]
     pub max_records: usize,
+    /// List at most this many keys in all (all are counted).
+    #[arg(long, default_value_t = 100_000)]
+    pub max_keys: usize,
 }
 
 /// Parses `512M`, `1G`, `1GiB`, `536870912`, ... (binary multiples).
@@ -138,6 +141,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         &pmem,
         &InspectOptions {
             max_log_records: args.max_records,
+            max_log_keys: args.max_keys,
         },
     ) {
         Ok(r) => r,
