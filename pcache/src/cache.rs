@@ -123,6 +123,15 @@ fn tail_base(tail: Tail) -> u64 {
     }
 }
 
+/// H bounds cache_info.n_segs by seg_num; 0 is refused too: such a cache
+/// cannot hold its tails (the kernel would refuse them as out of range).
+fn check_n_segs(n_segs: u32, seg_num: u32) -> Result<(), Refusal> {
+    if n_segs == 0 || n_segs > seg_num {
+        return Err(Refusal::NSegs { n_segs, seg_num });
+    }
+    Ok(())
+}
+
 /// Reads both cache_info slots.
 pub fn read_cache_info<P: Pmem + ?Sized>(pmem: &P) -> Result<Slots<CacheInfo>, PmemError> {
     read_slots(pmem, CACHE_INFO_OFF, CACHE_INFO_SIZE)
@@ -194,14 +203,7 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
             cache: info.data_crc(),
         });
     }
-    // H: n_segs <= seg_num. n_segs 0 cannot hold the tails either (the kernel
-    // would refuse them as out of range).
-    if info.n_segs == 0 || info.n_segs > seg_num {
-        return Err(Refusal::NSegs {
-            n_segs: info.n_segs,
-            seg_num,
-        });
-    }
+    check_n_segs(info.n_segs, seg_num)?;
 
     // The chain.
     let mut dev_map = SegBitmap::new(seg_num);
@@ -384,14 +386,7 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
             }
         }
     };
-    // H bounds n_segs by seg_num; 0 would leave a cache whose tails can never
-    // load again.
-    if info.n_segs == 0 || info.n_segs > seg_num {
-        return Err(Refusal::NSegs {
-            n_segs: info.n_segs,
-            seg_num,
-        });
-    }
+    check_n_segs(info.n_segs, seg_num)?;
 
     let mut dev_map = SegBitmap::new(seg_num);
     let mut segments: Vec<Segment> = Vec::with_capacity(info.n_segs as usize);
