@@ -1,4 +1,6 @@
-//! Scripted power-cut scenarios: the pieces that do not need a VM.
+//! Scripted power-cut scenarios: scenario files, persistence models, device
+//! recipes and image generators, and the runner that boots recovery on every
+//! crash state in fresh VMs.
 //!
 //! - [`spec`]: scenario files (format in `scenarios/README.md`).
 //! - [`generate`]: image variants for scenarios without a power cut.
