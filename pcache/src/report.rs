@@ -4,7 +4,7 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use core::fmt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cache_dev::SbState;
 use crate::cache_key::{CachePos, LogEnd, LogStop};
@@ -12,7 +12,7 @@ use crate::pmem::PmemError;
 
 /// Recovery mode of an activation (it governs the whole activation, format
 /// included).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Exactly the kernel's behaviour (M2/H), write order and refusals included.
@@ -42,7 +42,7 @@ pub struct Options {
 }
 
 /// The outcome of an activation (the outcome table).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     /// Formatted (if needed) and first activation of a new cache.
