@@ -32,12 +32,11 @@
 //! States whose images are byte-identical are deduplicated on the applied delta
 //! and counted once.
 
-use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
 /// Every subset of the pending writes is enumerated up to this many.
-pub const ALL_SUBSETS_MAX: usize = 12;
+pub use persist::ALL_SUBSETS_MAX;
 
 /// Bytes per disk sector (the unit of disk writes).
 pub const SECTOR: usize = 512;
@@ -68,11 +67,7 @@ pub enum Model {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Domain {
-    Pmem,
-    Disk,
-}
+use persist::Domain;
 
 /// A crash state: the cut position and the writes that are durable there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,8 +169,8 @@ pub fn enumerate(
                     || matches!(events.get(cut), Some(Event::PmemFlush | Event::BlkFlush));
                 if small || mixed || epoch_end {
                     let n = if epoch_end { *sample } else { 0 };
-                    let pmem = subset_family(&pending_pmem, n, seed ^ cut as u64);
-                    let disk = subset_family(&pending_disk, n, !seed ^ cut as u64);
+                    let pmem = persist::subset_family(&pending_pmem, n, seed ^ cut as u64);
+                    let disk = persist::subset_family(&pending_disk, n, !seed ^ cut as u64);
                     for p in &pmem {
                         for d in &disk {
                             out.emit_with(cut, p, d);
@@ -269,15 +264,10 @@ impl<'a> Writes<'a> {
         })
     }
 
-    /// Position of the last completed barrier of `domain` before `cut` (0 if none).
+    /// Position just after the last completed barrier of `domain` before
+    /// `cut` (0 if none): the shared rule, [`persist::durable_prefix`].
     fn barrier_before(&self, domain: Domain, cut: usize) -> usize {
-        self.trace.events()[..cut]
-            .iter()
-            .rposition(|e| match domain {
-                Domain::Pmem => matches!(e, Event::PmemFlush),
-                Domain::Disk => matches!(e, Event::BlkFlush),
-            })
-            .map_or(0, |i| i + 1)
+        persist::durable_prefix(self.trace.events(), domain, cut)
     }
 
     fn durable(&self, domain: Domain, cut: usize) -> Vec<Write> {
@@ -440,45 +430,6 @@ fn apply(trace: &Trace, state: &CrashState, base: &dyn BaseImage) -> Overlay {
         }
     }
     o
-}
-
-/// The subsets of `pending` (each kept in trace order) that the model considers.
-fn subset_family(pending: &[Write], sample: usize, seed: u64) -> Vec<Vec<Write>> {
-    let n = pending.len();
-    if n <= ALL_SUBSETS_MAX {
-        return (0u32..1 << n)
-            .map(|mask| {
-                (0..n)
-                    .filter(|i| mask & (1 << i) != 0)
-                    .map(|i| pending[i])
-                    .collect()
-            })
-            .collect();
-    }
-    let mut family: Vec<Vec<Write>> = Vec::new();
-    for k in 0..=n {
-        family.push(pending[..k].to_vec()); // prefixes (incl. none and all)
-        if k > 0 && k < n {
-            family.push(pending[k..].to_vec()); // proper suffixes
-        }
-    }
-    for i in 0..n {
-        let mut drop_one = pending.to_vec();
-        drop_one.remove(i);
-        family.push(drop_one);
-        family.push(vec![pending[i]]);
-    }
-    let mut rng = SmallRng::seed_from_u64(seed);
-    for _ in 0..sample {
-        family.push(
-            pending
-                .iter()
-                .copied()
-                .filter(|_| rng.random_bool(0.5))
-                .collect(),
-        );
-    }
-    family
 }
 
 #[cfg(test)]
