@@ -194,33 +194,54 @@ pub struct Counts {
     pub older_cache_back: usize,
 }
 
-/// A size such as `512M`, `1G`, `4096` (bytes); K/M/G are powers of 1024.
+/// A size such as `512M`, `1G`, `1GiB`, `4096` (bytes); K, M, G and T are
+/// powers of 1024. The one size syntax of the project: scenario files and the
+/// `cargo xtask` flags both parse with [`Size::parse`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Size(pub u64);
 
+/// Why a size did not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("invalid size `{0}`: expected a number with an optional K, M, G or T suffix (e.g. 512M, 1G)")]
+    NotANumber(String),
+    #[error("invalid size `{0}`: unknown suffix `{1}` (use K, M, G or T)")]
+    Suffix(String, String),
+    #[error("size `{0}` is too large")]
+    TooLarge(String),
+}
+
 impl Size {
-    pub fn parse(s: &str) -> Result<Size, String> {
-        let s = s.trim();
-        let (num, shift) = match s.char_indices().last() {
-            Some((i, 'K' | 'k')) => (&s[..i], 10),
-            Some((i, 'M' | 'm')) => (&s[..i], 20),
-            Some((i, 'G' | 'g')) => (&s[..i], 30),
-            _ => (s, 0),
+    pub fn parse(s: &str) -> Result<Size, SizeError> {
+        let t = s.trim();
+        let lower = t.to_ascii_lowercase();
+        let digits_end = lower
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(lower.len());
+        let (num, suffix) = lower.split_at(digits_end);
+        if num.is_empty() {
+            return Err(SizeError::NotANumber(t.to_string()));
+        }
+        let shift = match suffix.trim() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            other => return Err(SizeError::Suffix(t.to_string(), other.to_string())),
         };
-        let n: u64 = num.parse().map_err(|_| {
-            format!("bad size `{s}` (expected a number with an optional K, M or G)")
-        })?;
-        n.checked_shl(shift)
-            .filter(|v| v >> shift == n)
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(1u64 << shift))
             .map(Size)
-            .ok_or_else(|| format!("size `{s}` is too large"))
+            .ok_or_else(|| SizeError::TooLarge(t.to_string()))
     }
 }
 
 impl TryFrom<String> for Size {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = SizeError;
+    fn try_from(s: String) -> Result<Self, SizeError> {
         Size::parse(&s)
     }
 }
@@ -583,6 +604,14 @@ mod tests {
     #[test]
     fn sizes_parse_and_print() {
         assert_eq!(Size::parse("512M"), Ok(Size(512 << 20)));
+        assert_eq!(Size::parse("1GiB"), Ok(Size(1 << 30)));
+        assert_eq!(Size::parse("2t"), Ok(Size(2 << 40)));
+        assert_eq!(Size::parse(" 64k "), Ok(Size(64 << 10)));
+        assert_eq!(Size::parse("536870912"), Ok(Size(536_870_912)));
+        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999"] {
+            assert!(Size::parse(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(Size::parse("12X"), Err(SizeError::Suffix(..))));
         assert_eq!(Size::parse("1G"), Ok(Size(1 << 30)));
         assert_eq!(Size::parse("4096"), Ok(Size(4096)));
         assert!(Size::parse("").is_err());

@@ -58,28 +58,10 @@ pub struct InspectArgs {
     pub max_keys: usize,
 }
 
-/// Parses `512M`, `1G`, `1GiB`, `536870912`, ... (binary multiples).
+/// Parses `512M`, `1G`, `1GiB`, `536870912`, ... (binary multiples), with
+/// the scenario files' parser ([`scenarios::spec::Size::parse`]).
 pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let digits_end = lower
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(lower.len());
-    let (num, suffix) = lower.split_at(digits_end);
-    if num.is_empty() {
-        bail!("invalid size `{s}`: expected a number with an optional K, M, G or T suffix (e.g. 512M, 1G)");
-    }
-    let shift = match suffix.trim() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => bail!("invalid size `{s}`: unknown suffix `{other}` (use K, M, G or T)"),
-    };
-    let n: u64 = num.parse().with_context(|| format!("invalid size `{s}`"))?;
-    n.checked_mul(1u64 << shift)
-        .with_context(|| format!("size `{s}` is too large"))
+    Ok(scenarios::spec::Size::parse(s)?.0)
 }
 
 pub fn format(args: FormatArgs) -> Result<()> {
@@ -155,22 +137,4 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         print!("{report}");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("2t").unwrap(), 2 << 40);
-        assert_eq!(parse_size("536870912").unwrap(), 536_870_912);
-        assert_eq!(parse_size(" 64k ").unwrap(), 64 << 10);
-        for bad in ["", "M", "12X", "1.5G", "-1G", "99999999999999999999T"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
 }
