@@ -25,12 +25,19 @@ pub enum Mode {
     Recover,
 }
 
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Mode {
+    /// The mode's name, as in files and on command lines.
+    pub const fn as_str(self) -> &'static str {
+        match self {
             Mode::Strict => "strict",
             Mode::Recover => "recover",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -305,7 +305,7 @@ mod shipped {
                         Some(k) => format!("{}:{k}", r.outcome),
                         None => r.outcome.to_string(),
                     };
-                    assert_eq!(&got, want, "{name} {} {:?}", v.name, e.mode);
+                    assert_eq!(got, want.to_string(), "{name} {} {:?}", v.name, e.mode);
                 }
             }
         }

@@ -5,7 +5,8 @@
 //! `start` carries the module's whole activation report under `report`
 //! (`guest-images/README.md` documents the language).
 
-use crate::spec::Mode;
+use crate::spec::{Mode, StateOutcome};
+use pcache::Outcome;
 use serde::Deserialize;
 use vmm::{Message, RunResult};
 
@@ -34,7 +35,7 @@ pub fn cmdline(steps: &str, mode: Mode, markers: bool) -> String {
 /// The part of an activation report the runner decides on.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct StartReport {
-    pub outcome: String,
+    pub outcome: pcache::Outcome,
     #[serde(default)]
     pub message: Option<String>,
     #[serde(default)]
@@ -93,7 +94,10 @@ impl Recovery {
         for m in messages {
             r.read_message(m, &mut malformed);
         }
-        let refused_first = r.starts.first().is_some_and(|s| s.outcome == "refused");
+        let refused_first = r
+            .starts
+            .first()
+            .is_some_and(|s| s.outcome == Outcome::Refused);
         let step_failed = protocol::ExitCode::StepFailed as u32;
         let clean = protocol_errors.is_empty() && malformed.is_empty();
         r.failure = match outcome.exit_code() {
@@ -164,11 +168,11 @@ impl Recovery {
     }
 
     /// The outcome of the first `start`, or why there is none.
-    pub fn outcome(&self) -> String {
+    pub fn outcome(&self) -> StateOutcome {
         match (&self.failure, self.starts.first()) {
-            (_, Some(s)) => s.outcome.clone(),
-            (Some(_), None) => "guest-failure".into(),
-            (None, None) => "no-start".into(),
+            (_, Some(s)) => StateOutcome::Activation(s.outcome),
+            (Some(_), None) => StateOutcome::GuestFailure,
+            (None, None) => StateOutcome::NoStart,
         }
     }
 
@@ -177,7 +181,7 @@ impl Recovery {
     pub fn usable(&self) -> bool {
         self.failure.is_none()
             && matches!(self.starts.as_slice(), [first, second, ..]
-                if first.outcome != "refused" && second.outcome == "opened")
+                if first.outcome != Outcome::Refused && second.outcome == Outcome::Opened)
     }
 
     /// The older cache came back: the first `start` opened a cache_info copy of
@@ -187,7 +191,7 @@ impl Recovery {
     /// activations keep the two apart.
     pub fn older_cache_back(&self, older_seq: Option<u8>) -> bool {
         match (older_seq, self.starts.first()) {
-            (Some(old), Some(s)) if s.outcome == "opened" => s
+            (Some(old), Some(s)) if s.outcome == Outcome::Opened => s
                 .cache_info
                 .map(|c| c.seq.wrapping_sub(1))
                 .is_some_and(|found| found == old || found == old.wrapping_sub(1)),
@@ -202,7 +206,7 @@ mod tests {
 
     fn start(outcome: &str, seq: u8) -> StartReport {
         StartReport {
-            outcome: outcome.into(),
+            outcome: serde_json::from_value(serde_json::json!(outcome)).unwrap(),
             message: None,
             cache_info: Some(SlotSeq { slot: 0, seq }),
             refusal: None,
@@ -372,7 +376,10 @@ mod tests {
     fn start_reports_parse_from_the_modules_own_json() {
         use pcache::{activate, NoHooks, Options, SparsePmem};
         let mut dev = SparsePmem::new(512 << 20);
-        for (outcome, seq) in [("formatted", 1), ("opened", 2)] {
+        for (outcome, seq) in [
+            (pcache::Outcome::Formatted, 1),
+            (pcache::Outcome::Opened, 2),
+        ] {
             let report = activate(&mut dev, &Options::default(), &mut NoHooks);
             let v = serde_json::to_value(&report).unwrap();
             let r = StartReport::deserialize(&v).unwrap();

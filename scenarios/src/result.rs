@@ -1,7 +1,7 @@
 //! What a scenario run writes: `results/NAME/<UTC timestamp>/result.json`
 //! (schema in `results/README.md`), and the checks of expectations.
 
-use crate::spec::{Expectation, Mode};
+use crate::spec::{Expectation, Mode, StateOutcome};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -48,7 +48,7 @@ pub struct ObservedCounts {
     pub states: usize,
     pub duplicates: usize,
     pub unchanged_writes: usize,
-    pub outcomes: BTreeMap<String, usize>,
+    pub outcomes: BTreeMap<StateOutcome, usize>,
     pub unusable: usize,
     pub older_cache_back: usize,
     pub violations: usize,
@@ -65,13 +65,17 @@ pub struct StateResult {
     /// The writes applied over the base, in trace order.
     pub applied: Vec<AppliedWrite>,
     /// The outcome of recovery's first `start` (`formatted`, `opened`, `refused`, ...).
-    pub outcome: String,
+    pub outcome: StateOutcome,
     /// The refusal reason, when refused.
     pub reason: Option<String>,
     /// The refusal's kind (e.g. `seg-num`), when refused.
     pub refusal: Option<String>,
     pub usable: bool,
     pub older_cache_back: bool,
+    /// Why the recovery boot did not finish cleanly (timeout, panic, exit
+    /// code, unreadable results); absent when it did. Always a violation.
+    #[serde(default)]
+    pub failure: Option<String>,
     /// The guest's full reports of the recovery steps.
     pub reports: Vec<serde_json::Value>,
     /// `ok`, or `violation` when `violations` is not empty (set by
@@ -118,7 +122,7 @@ impl StateResult {
     pub fn detailed_outcome(&self) -> String {
         match &self.refusal {
             Some(kind) => format!("{}:{kind}", self.outcome),
-            None => self.outcome.clone(),
+            None => self.outcome.to_string(),
         }
     }
 
@@ -128,7 +132,12 @@ impl StateResult {
             self.violations.push(format!(
                 "outcome `{}` is not allowed (allowed: {})",
                 self.outcome,
-                expect.allowed.join(", ")
+                expect
+                    .allowed
+                    .iter()
+                    .map(|o| o.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         if expect.all_usable && !self.usable {
@@ -154,7 +163,7 @@ impl DeviceModeRun {
         c.states = self.states.len();
         c.outcomes.clear();
         for s in &self.states {
-            *c.outcomes.entry(s.outcome.clone()).or_default() += 1;
+            *c.outcomes.entry(s.outcome).or_default() += 1;
         }
         c.unusable = self.states.iter().filter(|s| !s.usable).count();
         c.older_cache_back = self.states.iter().filter(|s| s.older_cache_back).count();
@@ -172,7 +181,7 @@ impl DeviceModeRun {
                 pinned.older_cache_back,
                 c.older_cache_back,
             );
-            let names: std::collections::BTreeSet<&String> =
+            let names: std::collections::BTreeSet<&StateOutcome> =
                 pinned.outcomes.keys().chain(c.outcomes.keys()).collect();
             for name in names {
                 let want = pinned.outcomes.get(name).copied().unwrap_or(0);
@@ -229,11 +238,12 @@ mod tests {
             id: "s".into(),
             cut: Some(1),
             applied: vec![],
-            outcome: outcome.into(),
+            outcome: outcome.parse().unwrap(),
             reason: None,
             refusal: None,
             usable,
             older_cache_back: back,
+            failure: None,
             reports: vec![],
             verdict: Verdict::Ok,
             violations: vec![],
@@ -245,14 +255,17 @@ mod tests {
         Expectation {
             device: "blank".into(),
             mode: Mode::Recover,
-            allowed: vec!["formatted".into(), "format-redone".into()],
+            allowed: vec![
+                "formatted".parse().unwrap(),
+                "format-redone".parse().unwrap(),
+            ],
             all_usable: true,
             older_cache_never_back: true,
             counts: Some(Counts {
                 states: 2,
                 outcomes: [
-                    ("formatted".to_string(), 1),
-                    ("format-redone".to_string(), 1),
+                    ("formatted".parse().unwrap(), 1),
+                    ("format-redone".parse().unwrap(), 1),
                 ]
                 .into(),
                 unusable: 0,
@@ -287,7 +300,7 @@ mod tests {
         r.finish(Some(&e));
         assert!(r.passed(), "{:?}", r.violations);
         assert!(r.states.iter().all(|s| s.verdict == Verdict::Ok));
-        assert_eq!(r.counts.outcomes["formatted"], 1);
+        assert_eq!(r.counts.outcomes[&"formatted".parse().unwrap()], 1);
     }
 
     #[test]

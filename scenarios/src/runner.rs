@@ -10,7 +10,7 @@ use crate::result::{
     write_atomic, AppliedWrite, DeviceModeRun, ObservedCounts, RunResult, StateResult,
     SCHEMA_VERSION,
 };
-use crate::spec::{Device, Expectation, Generator, Mode, Run, Scenario, Window};
+use crate::spec::{Device, Expectation, Generator, Mode, Run, Scenario, StateOutcome, Window};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -96,7 +96,7 @@ pub struct SavedState {
     pub mode: Mode,
     /// The recovery command line the state was checked with.
     pub cmdline: String,
-    pub outcome: String,
+    pub outcome: StateOutcome,
     pub violations: Vec<String>,
     /// Whether the state was usable (absent in states saved before it was recorded).
     #[serde(default)]
@@ -244,7 +244,7 @@ impl Job<'_> {
             outcome: st.outcome.clone(),
             violations: st.violations.clone(),
             usable: Some(st.usable),
-            failed: Some(st.violations.iter().any(|v| v.starts_with(RECOVERY_FAILED))),
+            failed: Some(st.failure.is_some()),
         };
         let path = dir.join("state.json");
         write_atomic(
@@ -424,7 +424,7 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
             st.check(e);
             if let Some(want) = e.per_image.get(&v.name) {
                 let got = st.detailed_outcome();
-                if *want != got {
+                if want.to_string() != got {
                     st.violations
                         .push(format!("expected `{want}`, got `{got}`"));
                 }
@@ -510,9 +510,6 @@ fn build_images(saved: &SavedWindow, state: &CrashState) -> Result<vmm::CrashIma
     Ok(saved.build(state.cut as u64, &writes)?)
 }
 
-/// How a state's violation says that its recovery boot failed.
-const RECOVERY_FAILED: &str = "recovery did not finish cleanly: ";
-
 /// Boots recovery on a pair of images and reads what it did.
 fn recover(
     pmem: vmm::PmemRegion,
@@ -545,13 +542,15 @@ fn recover(
         refusal: first.and_then(|s| s.refusal_kind().map(str::to_string)),
         usable: rec.usable(),
         older_cache_back: rec.older_cache_back(older_seq),
+        failure: rec.failure.clone(),
         reports: rec.steps.clone(),
         verdict: Default::default(),
         violations: vec![],
         saved: None,
     };
     if let Some(f) = &rec.failure {
-        st.violations.push(format!("{RECOVERY_FAILED}{f}"));
+        st.violations
+            .push(format!("recovery did not finish cleanly: {f}"));
     }
     Ok(st)
 }
@@ -740,7 +739,7 @@ mod tests {
     fn a_replay_differs_in_outcome_usability_or_failure() {
         let rec = |outcome: &str, second: Option<&str>, failure: Option<&str>| {
             let report = |o: &str| crate::guest::StartReport {
-                outcome: o.into(),
+                outcome: serde_json::from_value(serde_json::json!(o)).unwrap(),
                 message: None,
                 cache_info: None,
                 refusal: None,
@@ -758,7 +757,7 @@ mod tests {
             device: "blank".into(),
             mode: Mode::Strict,
             cmdline: String::new(),
-            outcome: "formatted".into(),
+            outcome: "formatted".parse().unwrap(),
             violations: vec![],
             usable: Some(true),
             failed: Some(false),
@@ -800,11 +799,12 @@ mod tests {
                 id: format!("s{i}"),
                 cut: None,
                 applied: vec![],
-                outcome: "formatted".into(),
+                outcome: "formatted".parse().unwrap(),
                 reason: None,
                 refusal: None,
                 usable: true,
                 older_cache_back: false,
+                failure: None,
                 reports: vec![],
                 verdict: Default::default(),
                 violations: vec![],

@@ -26,19 +26,143 @@ pub struct Scenario {
     pub expect: Vec<Expectation>,
 }
 
-/// pcache's recovery mode.
+/// pcache's recovery mode (pcache's own type: the names in files are its
+/// serde names, `strict` and `recover`).
+pub use pcache::Mode;
+
+/// The outcome of a crash state: what recovery's first `start` reported
+/// (pcache's own [`pcache::Outcome`]), or why there was no report.
+///
+/// Scenario files name outcomes in `allowed`, `counts.outcomes` and
+/// `per-image`; a name that is not one of these is refused when the file
+/// loads, with the list of valid names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    Strict,
-    Recover,
+#[serde(try_from = "String", into = "String")]
+pub enum StateOutcome {
+    /// The activation's outcome.
+    Activation(pcache::Outcome),
+    /// The recovery boot failed before any `start` reported.
+    GuestFailure,
+    /// The boot ended cleanly without a `start` result.
+    NoStart,
 }
 
-impl Mode {
-    pub fn as_str(self) -> &'static str {
+impl StateOutcome {
+    /// Every outcome a state can have, in the order the names are listed.
+    pub const ALL: [StateOutcome; 7] = [
+        StateOutcome::Activation(pcache::Outcome::Formatted),
+        StateOutcome::Activation(pcache::Outcome::Opened),
+        StateOutcome::Activation(pcache::Outcome::FormatRedone),
+        StateOutcome::Activation(pcache::Outcome::SuperblockRebuilt),
+        StateOutcome::Activation(pcache::Outcome::Refused),
+        StateOutcome::GuestFailure,
+        StateOutcome::NoStart,
+    ];
+
+    /// Whether this is pcache's `refused`.
+    pub fn is_refused(self) -> bool {
+        self == StateOutcome::Activation(pcache::Outcome::Refused)
+    }
+}
+
+impl std::fmt::Display for StateOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Mode::Strict => "strict",
-            Mode::Recover => "recover",
+            StateOutcome::Activation(o) => o.fmt(f),
+            StateOutcome::GuestFailure => f.write_str("guest-failure"),
+            StateOutcome::NoStart => f.write_str("no-start"),
+        }
+    }
+}
+
+/// An outcome name that is none of [`StateOutcome::ALL`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown outcome `{0}` (valid outcomes: {names})", names = StateOutcome::names())]
+pub struct UnknownOutcome(pub String);
+
+impl StateOutcome {
+    /// The valid names, comma-separated.
+    pub fn names() -> String {
+        StateOutcome::ALL.map(|o| o.to_string()).join(", ")
+    }
+}
+
+impl std::str::FromStr for StateOutcome {
+    type Err = UnknownOutcome;
+    fn from_str(s: &str) -> Result<Self, UnknownOutcome> {
+        StateOutcome::ALL
+            .into_iter()
+            .find(|o| o.to_string() == s)
+            .ok_or_else(|| UnknownOutcome(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for StateOutcome {
+    type Error = UnknownOutcome;
+    fn try_from(s: String) -> Result<Self, UnknownOutcome> {
+        s.parse()
+    }
+}
+
+impl From<StateOutcome> for String {
+    fn from(o: StateOutcome) -> String {
+        o.to_string()
+    }
+}
+
+impl From<pcache::Outcome> for StateOutcome {
+    fn from(o: pcache::Outcome) -> Self {
+        StateOutcome::Activation(o)
+    }
+}
+
+impl PartialEq<str> for StateOutcome {
+    fn eq(&self, other: &str) -> bool {
+        self.to_string() == other
+    }
+}
+
+impl PartialEq<&str> for StateOutcome {
+    fn eq(&self, other: &&str) -> bool {
+        self.to_string() == *other
+    }
+}
+
+/// What one image of an image-set scenario must give: an outcome, and for a
+/// refusal optionally its kind, written `refused:<kind>` (e.g. `refused:seg-num`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageExpectation {
+    pub outcome: StateOutcome,
+    /// The refusal's kind, as pcache's report names it.
+    pub refusal: Option<String>,
+}
+
+impl TryFrom<String> for ImageExpectation {
+    type Error = UnknownOutcome;
+    fn try_from(s: String) -> Result<Self, UnknownOutcome> {
+        let (outcome, refusal) = match s.split_once(':') {
+            Some((o, kind)) => (o, Some(kind.to_string())),
+            None => (s.as_str(), None),
+        };
+        Ok(ImageExpectation {
+            outcome: outcome.parse()?,
+            refusal,
+        })
+    }
+}
+
+impl From<ImageExpectation> for String {
+    fn from(e: ImageExpectation) -> String {
+        e.to_string()
+    }
+}
+
+impl std::fmt::Display for ImageExpectation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.refusal {
+            Some(kind) => write!(f, "{}:{kind}", self.outcome),
+            None => self.outcome.fmt(f),
         }
     }
 }
@@ -161,7 +285,7 @@ pub struct Expectation {
     pub mode: Mode,
     /// Outcomes a state may have (empty: any).
     #[serde(default)]
-    pub allowed: Vec<String>,
+    pub allowed: Vec<StateOutcome>,
     /// Every state must be usable (recovery's `start` not refused, and a
     /// `stop;start` in the same boot reports `opened`).
     #[serde(default)]
@@ -175,7 +299,7 @@ pub struct Expectation {
     /// Image-set scenarios: the one outcome expected of each image, by image name
     /// (a refusal may be pinned with its reason as `refused: <reason words>`).
     #[serde(default)]
-    pub per_image: BTreeMap<String, String>,
+    pub per_image: BTreeMap<String, ImageExpectation>,
 }
 
 /// Pinned counts of a device and mode.
@@ -185,7 +309,7 @@ pub struct Counts {
     /// Distinct crash states.
     pub states: usize,
     /// States per outcome; outcomes not listed must not occur.
-    pub outcomes: BTreeMap<String, usize>,
+    pub outcomes: BTreeMap<StateOutcome, usize>,
     /// States that are not usable.
     #[serde(default)]
     pub unusable: usize,
@@ -374,7 +498,7 @@ impl Scenario {
                 return Err(format!(
                     "expect[{i}]: a second expectation for device `{}` in mode `{}` (the first is expect[{j}])",
                     e.device,
-                    e.mode.as_str()
+                    e.mode
                 ));
             }
             if !e.per_image.is_empty() && matches!(self.run, Run::PowerCut { .. }) {
@@ -389,10 +513,7 @@ impl Scenario {
                 ));
             }
             if !self.modes.contains(&e.mode) {
-                return Err(format!(
-                    "expect[{i}].mode: `{}` is not in `modes`",
-                    e.mode.as_str()
-                ));
+                return Err(format!("expect[{i}].mode: `{}` is not in `modes`", e.mode));
             }
             if let Some(c) = &e.counts {
                 let sum: usize = c.outcomes.values().sum();
@@ -481,6 +602,56 @@ mod tests {
         assert_eq!(to.0, protocol::markers::crash_point_end(2));
         let round = serde_json::to_string(&s).unwrap();
         assert_eq!(parse(&round).unwrap(), s);
+    }
+
+    #[test]
+    fn a_misspelled_outcome_is_refused_at_load_with_the_valid_names() {
+        let valid = "formatted, opened, format-redone, superblock-rebuilt, refused, guest-failure, no-start";
+        for (text, path) in [
+            (
+                MINIMAL.replace("\"refused\": 3", "\"refuse\": 3"),
+                "expect[0].counts.outcomes",
+            ),
+            (
+                MINIMAL.replace(
+                    "\"counts\": {",
+                    "\"allowed\": [\"opened\", \"formated\"], \"counts\": {",
+                ),
+                "expect[0].allowed[1]",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("x.json: at `{path}")), "{err}");
+            assert!(err.contains(valid), "{err}");
+        }
+        let image_set = MINIMAL
+            .replace(
+                r#"{"power-cut": {"workload": "start",
+                "window": {"between-markers": {"from": "C1-begin", "to": "C2-end"}},
+                "model": {"subsets": {"sample": 64, "seed": 1}}}}"#,
+                r#"{"images": {"generator": "corrupt-sb"}}"#,
+            )
+            .replace(
+                "\"counts\": {",
+                "\"per-image\": {\"magic/new-crc\": \"refusd:not-pcache\"}, \"counts\": {",
+            );
+        let err = parse(&image_set).unwrap_err().to_string();
+        assert!(err.contains("expect[0].per-image"), "{err}");
+        assert!(err.contains("unknown outcome `refusd`"), "{err}");
+        assert!(err.contains(valid), "{err}");
+        // The same names load, and round-trip as they were written.
+        let ok = parse(&MINIMAL.replace(
+            "\"counts\": {",
+            "\"allowed\": [\"guest-failure\", \"superblock-rebuilt\"], \"counts\": {",
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.expect[0].allowed,
+            [
+                StateOutcome::GuestFailure,
+                pcache::Outcome::SuperblockRebuilt.into()
+            ]
+        );
     }
 
     #[test]

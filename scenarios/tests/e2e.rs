@@ -102,9 +102,10 @@ fn a_violating_state_is_saved_and_replays_with_the_same_outcome() {
     let mut s = load("corrupt-sb");
     s.modes = vec![Mode::Recover];
     s.expect.retain(|e| e.mode == Mode::Recover);
-    s.expect[0]
-        .per_image
-        .insert("padding/new-crc".into(), "refused:not-what-happens".into());
+    s.expect[0].per_image.insert(
+        "padding/new-crc".into(),
+        "refused:not-what-happens".to_string().try_into().unwrap(),
+    );
     let (r, tmp) = run("replay", "corrupt-sb", &s);
     assert!(!r.passed);
     let bad: Vec<_> = r.runs[0]
@@ -178,7 +179,7 @@ fn a_violating_crash_state_is_saved_with_its_crash_image_and_replays() {
     s.modes = vec![Mode::Strict];
     s.expect
         .retain(|e| e.device == "blank" && e.mode == Mode::Strict);
-    s.expect[0].allowed = vec!["formatted".into()];
+    s.expect[0].allowed = vec!["formatted".parse().unwrap()];
     s.expect[0].counts = None;
     let (r, tmp) = run("replay-cut", "crash-mid-sb-write", &s);
     assert!(!r.passed);
