@@ -66,15 +66,22 @@ pub enum Outcome {
     Refused,
 }
 
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Outcome {
+    /// The outcome's name, as in reports and scenario files.
+    pub const fn as_str(self) -> &'static str {
+        match self {
             Outcome::Formatted => "formatted",
             Outcome::Opened => "opened",
             Outcome::FormatRedone => "format-redone",
             Outcome::SuperblockRebuilt => "superblock-rebuilt",
             Outcome::Refused => "refused",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

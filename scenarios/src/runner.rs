@@ -241,7 +241,7 @@ impl Job<'_> {
             device: self.device.name.clone(),
             mode: self.mode,
             cmdline: self.recovery_line(),
-            outcome: st.outcome.clone(),
+            outcome: st.outcome,
             violations: st.violations.clone(),
             usable: Some(st.usable),
             failed: Some(st.failure.is_some()),

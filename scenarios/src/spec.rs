@@ -65,13 +65,20 @@ impl StateOutcome {
     }
 }
 
+impl StateOutcome {
+    /// The outcome's name, as in scenario and result files.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StateOutcome::Activation(o) => o.as_str(),
+            StateOutcome::GuestFailure => "guest-failure",
+            StateOutcome::NoStart => "no-start",
+        }
+    }
+}
+
 impl std::fmt::Display for StateOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StateOutcome::Activation(o) => o.fmt(f),
-            StateOutcome::GuestFailure => f.write_str("guest-failure"),
-            StateOutcome::NoStart => f.write_str("no-start"),
-        }
+        f.write_str(self.as_str())
     }
 }
 
@@ -92,7 +99,7 @@ impl std::str::FromStr for StateOutcome {
     fn from_str(s: &str) -> Result<Self, UnknownOutcome> {
         StateOutcome::ALL
             .into_iter()
-            .find(|o| o.to_string() == s)
+            .find(|o| o.as_str() == s)
             .ok_or_else(|| UnknownOutcome(s.to_string()))
     }
 }
@@ -118,13 +125,13 @@ impl From<pcache::Outcome> for StateOutcome {
 
 impl PartialEq<str> for StateOutcome {
     fn eq(&self, other: &str) -> bool {
-        self.to_string() == other
+        self.as_str() == other
     }
 }
 
 impl PartialEq<&str> for StateOutcome {
     fn eq(&self, other: &&str) -> bool {
-        self.to_string() == *other
+        self.as_str() == *other
     }
 }
 
