@@ -6,6 +6,7 @@
 mod bench;
 mod guest;
 mod image;
+mod interop;
 mod reproduce;
 mod ring0_scan;
 mod scenario;
@@ -41,6 +42,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Create a sparse pcache cache-device image and run a first activation on it.
     Format(image::FormatArgs),
+    /// Linux's own dm-pcache under QEMU as the oracle: first activations, hostile images, power-cut states.
+    Interop(interop::InteropArgs),
     /// Inspect a pcache image read-only: superblock, cache_info, tails, segments, key-set log.
     Inspect(image::InspectArgs),
 }
@@ -57,5 +60,6 @@ fn main() -> Result<()> {
         }),
         Command::Format(args) => image::format(args),
         Command::Inspect(args) => image::inspect(args),
+        Command::Interop(args) => interop::interop(args),
     }
 }

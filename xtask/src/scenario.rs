@@ -157,7 +157,7 @@ struct RunError {
 /// Creates this run's folder `parent/<stamp>`; a run started in the same second
 /// as an earlier one gets `<stamp>-2`, `-3`, ... instead of overwriting its
 /// result and mixing saved states with it.
-fn new_run_dir(parent: &Path, stamp: &str) -> Result<PathBuf> {
+pub(crate) fn new_run_dir(parent: &Path, stamp: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     for n in 1.. {
         let dir = if n == 1 {
@@ -175,7 +175,7 @@ fn new_run_dir(parent: &Path, stamp: &str) -> Result<PathBuf> {
 }
 
 /// Points `results/NAME/latest` at this run (a relative link, replaced atomically).
-fn point_latest(out_dir: &Path) -> Result<()> {
+pub(crate) fn point_latest(out_dir: &Path) -> Result<()> {
     let parent = out_dir.parent().expect("results/NAME/<stamp>");
     let stamp = out_dir.file_name().expect("a run folder");
     let tmp = parent.join(format!(".latest-{}", std::process::id()));

@@ -1,0 +1,518 @@
+//! The cases: what the kernel is asked and what its answer is compared with.
+//!
+//! Every comparison is of the whole image the kernel leaves with the image
+//! strict mode leaves from the same input, plus the verdict (activated or
+//! refused). Identical images mean the kernel did what strict mode predicts,
+//! write for write; a refusal on both sides leaves the input untouched.
+
+use crate::image::{first_difference, read_sparse, write_sparse};
+use crate::prepare::Kernel;
+use crate::qemu::{self, BootImage, KernelVerdict};
+use pcache::pmem::{Access, Pmem, RecordingPmem, SparsePmem};
+use pcache::{activate, ActivationReport, Mode, NoHooks, Options, Outcome};
+use scenarios::generate;
+use scenarios::persistence::Model;
+use scenarios::spec::{Generator, Run, Scenario};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The case names, in the order they run.
+pub const CASES: &[&str] = &["first-activation", "hostile-images", "power-cuts"];
+
+/// Time budget of one boot (TCG boots take 5–12 s; a batch activates up to 8 images).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Why a case could not run (as opposed to a disagreement, which is a result).
+#[derive(Debug, thiserror::Error)]
+pub enum CaseError {
+    #[error(transparent)]
+    Boot(#[from] qemu::BootError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CaseError {
+    let what = what.into();
+    move |source| CaseError::Io { what, source }
+}
+
+/// Strict mode's side of one image.
+#[derive(Clone, Debug, Serialize)]
+pub struct StrictSide {
+    pub outcome: Outcome,
+    /// The refusal's kind, when refused.
+    pub refusal: Option<String>,
+    pub message: Option<String>,
+}
+
+impl StrictSide {
+    fn of(r: &ActivationReport) -> Self {
+        let kind = serde_json::to_value(&r.refusal)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string));
+        StrictSide {
+            outcome: r.outcome,
+            refusal: kind,
+            message: r.message.clone(),
+        }
+    }
+}
+
+/// One image compared.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub image: String,
+    /// What the image is (a scenario state's class, a generator variant).
+    pub about: String,
+    pub strict: StrictSide,
+    pub kernel: KernelVerdict,
+    /// The first byte where the kernel's image and strict mode's differ.
+    pub first_difference: Option<String>,
+    pub agree: bool,
+}
+
+/// A case's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseResult {
+    pub name: String,
+    pub comparisons: Vec<Comparison>,
+    /// Boots and their seconds.
+    pub boots: Vec<f64>,
+    /// Why the case could not run, if it could not.
+    pub error: Option<String>,
+    pub passed: bool,
+}
+
+/// An image to ask the kernel about, with strict mode's prediction.
+struct Question {
+    name: String,
+    about: String,
+    input: SparsePmem,
+    data_crc: bool,
+    strict: ActivationReport,
+    strict_after: SparsePmem,
+}
+
+impl Question {
+    fn new(name: String, about: String, input: SparsePmem, data_crc: bool) -> Self {
+        let mut after = input.clone();
+        let strict = activate(
+            &mut after,
+            &Options {
+                mode: Mode::Strict,
+                data_crc,
+            },
+            &mut NoHooks,
+        );
+        Question {
+            name,
+            about,
+            input,
+            data_crc,
+            strict,
+            strict_after: after,
+        }
+    }
+}
+
+/// Runs the questions through the kernel in batches and compares.
+fn ask(
+    kernel: &Kernel,
+    questions: Vec<Question>,
+    work: &Path,
+    case: &str,
+) -> Result<(Vec<Comparison>, Vec<f64>), CaseError> {
+    let mut out = Vec::new();
+    let mut boots = Vec::new();
+    for (b, batch) in questions.chunks(qemu::MAX_IMAGES).enumerate() {
+        let dir = work.join(format!("{case}-boot{b}"));
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let mut images = Vec::new();
+        for q in batch {
+            let path = dir.join(format!("{}.img", q.name.replace('/', "_")));
+            write_sparse(&q.input, &path).map_err(io(format!("writing {}", path.display())))?;
+            images.push(BootImage {
+                name: q.name.replace('/', "_"),
+                path,
+                data_crc: q.data_crc,
+            });
+        }
+        let disk = dir.join("backing.disk");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(64 << 20))
+            .map_err(io("creating the backing disk"))?;
+        let boot = qemu::boot(kernel, &images, &disk, &dir, BOOT_TIMEOUT)?;
+        boots.push(boot.seconds);
+        for ((q, img), verdict) in batch.iter().zip(&images).zip(boot.verdicts) {
+            let after =
+                read_sparse(&img.path).map_err(io(format!("reading {}", img.path.display())))?;
+            let diff = first_difference(&q.strict_after, &after)
+                .map(|d| format!("{d} (strict's image vs the kernel's)"));
+            let strict_activated = q.strict.outcome != Outcome::Refused;
+            let agree = verdict.done && verdict.activated == strict_activated && diff.is_none();
+            out.push(Comparison {
+                image: q.name.clone(),
+                about: q.about.clone(),
+                strict: StrictSide::of(&q.strict),
+                kernel: verdict,
+                first_difference: diff,
+                agree,
+            });
+        }
+        // Boot folders hold 512 MiB sparse images; keep only the console.
+        for img in &images {
+            let _ = std::fs::remove_file(&img.path);
+        }
+        let _ = std::fs::remove_file(&disk);
+    }
+    Ok((out, boots))
+}
+
+fn finish(name: &str, r: Result<(Vec<Comparison>, Vec<f64>), CaseError>) -> CaseResult {
+    match r {
+        Ok((comparisons, boots)) => CaseResult {
+            name: name.into(),
+            passed: !comparisons.is_empty() && comparisons.iter().all(|c| c.agree),
+            comparisons,
+            boots,
+            error: None,
+        },
+        Err(e) => CaseResult {
+            name: name.into(),
+            comparisons: vec![],
+            boots: vec![],
+            error: Some(e.to_string()),
+            passed: false,
+        },
+    }
+}
+
+/// Case 1: first activation of blank devices, by the kernel and by strict
+/// mode (whose fresh format is also recover mode's and `cargo xtask
+/// format`'s: checked on the host first), compared byte for byte.
+pub fn first_activation(kernel: &Kernel, work: &Path) -> CaseResult {
+    let run = || {
+        let mut qs = Vec::new();
+        for (name, size, data_crc) in [
+            ("blank-512M", 512u64 << 20, false),
+            ("blank-1G", 1 << 30, false),
+            ("blank-512M-data-crc", 512 << 20, true),
+        ] {
+            let q = Question::new(
+                name.into(),
+                "first activation of a blank device".into(),
+                SparsePmem::new(size),
+                data_crc,
+            );
+            let mut recover = SparsePmem::new(size);
+            activate(
+                &mut recover,
+                &Options {
+                    mode: Mode::Recover,
+                    data_crc,
+                },
+                &mut NoHooks,
+            );
+            if !recover.same_bytes(&q.strict_after) {
+                return Err(CaseError::Setup(format!(
+                    "{name}: strict and recover formats differ on the host"
+                )));
+            }
+            qs.push(q);
+        }
+        ask(kernel, qs, work, "first-activation")
+    };
+    finish("first-activation", run())
+}
+
+/// A formatted 512 MiB device activated twice (the image-set scenarios' base).
+fn formatted_base() -> SparsePmem {
+    let mut dev = SparsePmem::new(512 << 20);
+    for _ in 0..2 {
+        activate(
+            &mut dev,
+            &Options {
+                mode: Mode::Strict,
+                data_crc: false,
+            },
+            &mut NoHooks,
+        );
+    }
+    dev
+}
+
+/// Case 4a: every image of the no-cut scenarios (corrupt-sb, forged-metadata).
+pub fn hostile_images(kernel: &Kernel, work: &Path) -> CaseResult {
+    let run = || {
+        let base = formatted_base();
+        let mut qs = Vec::new();
+        for (gen, label) in [
+            (Generator::CorruptSb, "corrupt-sb"),
+            (Generator::ForgedMetadata, "forged-metadata"),
+        ] {
+            let variants =
+                generate::variants(gen, &base).map_err(|e| CaseError::Setup(e.to_string()))?;
+            for v in variants {
+                let mut img = base.clone();
+                for (off, bytes) in &v.patches {
+                    img.write_bytes(*off, bytes)
+                        .map_err(|e| CaseError::Setup(e.to_string()))?;
+                }
+                qs.push(Question::new(
+                    format!("{label}/{}", v.name),
+                    format!("{label} image {}", v.name),
+                    img,
+                    false,
+                ));
+            }
+        }
+        ask(kernel, qs, work, "hostile-images")
+    };
+    finish("hostile-images", run())
+}
+
+/// A write at word granularity (the unit of power-fail atomicity).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WordEvent {
+    Store { off: u64, val: u64 },
+    Fence,
+}
+
+impl persist::Persistence for WordEvent {
+    fn role(&self) -> persist::Role {
+        match self {
+            WordEvent::Store { .. } => persist::Role::Write(persist::Domain::Pmem),
+            WordEvent::Fence => persist::Role::Barrier(persist::Domain::Pmem),
+        }
+    }
+}
+
+/// The events of an activation recorded over `base`, as word stores that
+/// change the image (a zeroing becomes its non-zero words, as the guest's
+/// 8-byte stores are after the scenarios drop the unchanged ones), inside
+/// the window `[begin, end]` of crash points (`None`: everything).
+fn word_events(base: &SparsePmem, window: Option<(u32, u32)>) -> (SparsePmem, Vec<WordEvent>) {
+    let mut rec = RecordingPmem::new(base.clone());
+    let mut hooks = rec.hooks();
+    activate(
+        &mut rec,
+        &Options {
+            mode: Mode::Strict,
+            data_crc: false,
+        },
+        &mut hooks,
+    );
+    let events = rec.events();
+    let (from, to) = match window {
+        None => (0, events.len()),
+        Some((b, e)) => {
+            let from = events
+                .iter()
+                .position(|a| matches!(a, Access::Begin(cp) if cp.number() == b))
+                .unwrap_or(0);
+            let to = events
+                .iter()
+                .rposition(|a| matches!(a, Access::End(cp) if cp.number() == e))
+                .map_or(events.len(), |i| i + 1);
+            (from, to)
+        }
+    };
+    // The image at the window's start, and the window as word events.
+    let mut img = base.clone();
+    for a in &events[..from] {
+        pcache::pmem::apply_access(&mut img, a);
+    }
+    let start = img.clone();
+    let mut out = Vec::new();
+    for a in &events[from..to] {
+        match *a {
+            Access::Store { off, val } => {
+                let mut b = [0u8; 8];
+                if img.read(off, &mut b).is_ok() && u64::from_le_bytes(b) != val {
+                    out.push(WordEvent::Store { off, val });
+                }
+            }
+            Access::ZeroRange { off, len } => {
+                let mut b = [0u8; 8];
+                for w in (off..off + len).step_by(8) {
+                    if img.read(w, &mut b).is_ok() && b != [0; 8] {
+                        out.push(WordEvent::Store { off: w, val: 0 });
+                    }
+                }
+            }
+            Access::Fence => out.push(WordEvent::Fence),
+            _ => {}
+        }
+        pcache::pmem::apply_access(&mut img, a);
+    }
+    (start, out)
+}
+
+/// The distinct crash images of a window under the scenario's persistence
+/// model (as `scenarios::persistence` defines them): `prefix` — the writes
+/// before each cut, in order; `flushed-only` — what the last fence covered;
+/// `subsets` — that plus each subset of the writes pending at every cut.
+fn crash_images(
+    start: &SparsePmem,
+    events: &[WordEvent],
+    model: &Model,
+) -> Vec<(String, SparsePmem)> {
+    let mut seen: Vec<SparsePmem> = Vec::new();
+    let mut out = Vec::new();
+    for cut in 0..=events.len() {
+        let durable = persist::durable_prefix(events, persist::Domain::Pmem, cut);
+        let pending = persist::pending(events, persist::Domain::Pmem, cut);
+        let family: Vec<Vec<usize>> = match model {
+            Model::Prefix => vec![pending.clone()],
+            Model::FlushedOnly => vec![vec![]],
+            Model::Subsets { sample, seed } => {
+                persist::subset_family(&pending, *sample, seed ^ cut as u64)
+            }
+        };
+        for subset in family {
+            let mut img = start.clone();
+            for (i, e) in events[..cut].iter().enumerate() {
+                if let WordEvent::Store { off, val } = *e {
+                    if i < durable || subset.contains(&i) {
+                        let _ = img.store_u64(off, val);
+                    }
+                }
+            }
+            if !seen.iter().any(|s| s.same_bytes(&img)) {
+                seen.push(img.clone());
+                let kept: Vec<String> = subset.iter().map(|i| i.to_string()).collect();
+                out.push((format!("cut{cut}-{}", kept.join("+")), img));
+            }
+        }
+    }
+    out
+}
+
+/// Case 4b: a sample of the crash states of the shipped power-cut scenarios:
+/// every distinct strict result class of every device (outcome, refusal
+/// kind, older cache back), `sample` states each.
+pub fn power_cuts(kernel: &Kernel, work: &Path, scenarios_dir: &Path, sample: usize) -> CaseResult {
+    let run = || {
+        let mut qs = Vec::new();
+        for (scenario, window) in [
+            ("crash-mid-sb-write", Some((1, 2))),
+            ("crash-mid-format", None),
+        ] {
+            let file = scenarios_dir.join(format!("{scenario}.json"));
+            let spec = Scenario::load(&file).map_err(|e| CaseError::Setup(e.to_string()))?;
+            let Run::PowerCut { model, .. } = &spec.run else {
+                return Err(CaseError::Setup(format!(
+                    "{scenario} is not a power-cut scenario"
+                )));
+            };
+            for device in &spec.devices {
+                let dir = work.join(format!("recipe-{scenario}-{}", device.name));
+                let prepared = scenarios::recipe::prepare(device, Mode::Strict, &dir)
+                    .map_err(|e| CaseError::Setup(e.to_string()))?;
+                let base = read_sparse(&prepared.pmem).map_err(io("reading a recipe's image"))?;
+                let _ = std::fs::remove_dir_all(&dir);
+                let (start, events) = word_events(&base, window);
+                let mut classes: BTreeMap<String, Vec<(String, SparsePmem, ActivationReport)>> =
+                    BTreeMap::new();
+                for (id, img) in crash_images(&start, &events, model) {
+                    let mut after = img.clone();
+                    let r = activate(
+                        &mut after,
+                        &Options {
+                            mode: Mode::Strict,
+                            data_crc: false,
+                        },
+                        &mut NoHooks,
+                    );
+                    let back = prepared.older_seq.is_some_and(|old| {
+                        r.outcome == Outcome::Opened
+                            && r.cache_info.is_some_and(|c| {
+                                let found = c.seq.wrapping_sub(1);
+                                found == old || found == old.wrapping_sub(1)
+                            })
+                    });
+                    let side = StrictSide::of(&r);
+                    let class = format!(
+                        "{}{}{}",
+                        side.outcome,
+                        side.refusal.map(|k| format!(":{k}")).unwrap_or_default(),
+                        if back { " (older cache back)" } else { "" }
+                    );
+                    classes.entry(class).or_default().push((id, img, r));
+                }
+                for (class, states) in classes {
+                    let n = states.len();
+                    for (id, img, _) in states.into_iter().take(sample) {
+                        qs.push(Question::new(
+                            format!("{scenario}/{}/{id}", device.name),
+                            format!("{scenario} {}: strict `{class}` ({n} distinct states in this class)", device.name),
+                            img,
+                            false,
+                        ));
+                    }
+                }
+            }
+        }
+        ask(kernel, qs, work, "power-cuts")
+    };
+    finish("power-cuts", run())
+}
+
+/// Where the cases keep their boots' consoles.
+pub fn boot_dirs(work: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(work)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("console.log").exists())
+        .collect();
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_builder_gives_the_scenarios_pinned_counts() {
+        // The distinct strict states pinned by crash-mid-sb-write.json (8 on
+        // the blank device, 512 on the older-cache one) and crash-mid-format.json
+        // (162 and 229): the host builder here sees what the runner sees.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        for (scenario, window, counts) in [
+            ("crash-mid-sb-write", Some((1, 2)), [8, 512]),
+            ("crash-mid-format", None, [162, 229]),
+        ] {
+            let spec = Scenario::load(&dir.join(format!("{scenario}.json"))).unwrap();
+            for (device, want) in spec.devices.iter().zip(counts) {
+                let work = std::env::temp_dir().join(format!(
+                    "interop-counts-{}-{scenario}-{}",
+                    std::process::id(),
+                    device.name
+                ));
+                let prepared = scenarios::recipe::prepare(device, Mode::Strict, &work).unwrap();
+                let base = read_sparse(&prepared.pmem).unwrap();
+                std::fs::remove_dir_all(&work).unwrap();
+                let (start, events) = word_events(&base, window);
+                let Run::PowerCut { model, .. } = &spec.run else {
+                    panic!("{scenario}")
+                };
+                assert_eq!(
+                    crash_images(&start, &events, model).len(),
+                    want,
+                    "{scenario} {}",
+                    device.name
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! One QEMU boot of Linux 7.2.13 activating a batch of images with its own
+//! dm-pcache, and what its console says about each.
+//!
+//! Each image sits on its own virtio-pmem device at a fixed PCI slot
+//! (`0x10 + i`), so the guest finds it by its slot, not by probe order. The
+//! guest creates the target on it (`dmsetup create`), reads `dmsetup status`
+//! and removes it (deactivation writes nothing), then the next image. QEMU
+//! maps the files shared, so what the kernel wrote is in them after the boot.
+//! Callers pass copies: a boot writes its images.
+
+use crate::prepare::Kernel;
+use serde::Serialize;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Images per boot (QEMU memory-device slots; each image is address space, not RAM).
+pub const MAX_IMAGES: usize = 8;
+/// First PCI slot of the virtio-pmem devices.
+const FIRST_SLOT: usize = 0x10;
+
+/// One image to activate.
+#[derive(Clone, Debug)]
+pub struct BootImage {
+    /// Its name in the console markers (no spaces).
+    pub name: String,
+    /// The file QEMU maps (written by the boot).
+    pub path: PathBuf,
+    /// The target's `data_crc` option.
+    pub data_crc: bool,
+}
+
+/// `dmsetup status` of the target (the format document's device-mapper section).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DmStatus {
+    pub sb_flags: u32,
+    pub seg_num: u32,
+    pub n_segs: u32,
+    pub segs_used: u32,
+    pub gc_percent: u32,
+    pub cache_info_flags: u32,
+    pub key_head: (u32, u32),
+    pub dirty_tail: (u32, u32),
+    pub key_tail: (u32, u32),
+}
+
+impl DmStatus {
+    /// Parses `0 <len> pcache <sb_flags %x> <seg_num> <n_segs> <segs_used>
+    /// <gc_percent> <cache_info_flags %x> <kh> <dt> <kt>` (positions `c:o`).
+    pub fn parse(line: &str) -> Option<DmStatus> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let rest = match f.as_slice() {
+            [_, _, "pcache", rest @ ..] if rest.len() == 9 => rest,
+            _ => return None,
+        };
+        let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+        let dec = |s: &str| s.parse::<u32>().ok();
+        let pos = |s: &str| {
+            let (c, o) = s.split_once(':')?;
+            Some((dec(c)?, dec(o)?))
+        };
+        Some(DmStatus {
+            sb_flags: hex(rest[0])?,
+            seg_num: dec(rest[1])?,
+            n_segs: dec(rest[2])?,
+            segs_used: dec(rest[3])?,
+            gc_percent: dec(rest[4])?,
+            cache_info_flags: hex(rest[5])?,
+            key_head: pos(rest[6])?,
+            dirty_tail: pos(rest[7])?,
+            key_tail: pos(rest[8])?,
+        })
+    }
+}
+
+/// What the kernel did with one image.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KernelVerdict {
+    /// `dmsetup create` succeeded.
+    pub activated: bool,
+    /// `dmsetup status` while it was active.
+    pub status: Option<DmStatus>,
+    /// dmsetup's own error text, when refused.
+    pub error: Option<String>,
+    /// The kernel's messages about it (dm-pcache and device-mapper lines).
+    pub messages: Vec<String>,
+    /// The guest saw the image through to the end of its script.
+    pub done: bool,
+}
+
+/// Why a boot did not give verdicts.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("{0} images in one boot (at most {MAX_IMAGES})")]
+    TooMany(usize),
+    #[error("image name `{0}` has characters the console markers cannot carry")]
+    BadName(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the boot did not finish within {seconds} s; console tail:\n{tail}")]
+    Timeout { seconds: u64, tail: String },
+    #[error(
+        "the guest did not reach its script (modules or devices missing); console tail:\n{tail}"
+    )]
+    NoBoot { tail: String },
+}
+
+/// A finished boot.
+#[derive(Debug)]
+pub struct Boot {
+    /// The whole serial console.
+    pub console: String,
+    /// One verdict per image, in the order given.
+    pub verdicts: Vec<KernelVerdict>,
+    pub seconds: f64,
+}
+
+/// The guest script activating each image in turn.
+fn script(images: &[BootImage]) -> String {
+    let mut s = String::from(
+        r#"S=$(blockdev --getsz /dev/vda)
+act() {
+  dev=""
+  for b in /sys/block/pmem*; do
+    case "$(readlink -f $b/device)" in *"0000:00:$1.0/"*) dev=$(basename $b);; esac
+  done
+  echo "@@IMAGE $2 $dev"
+  dmesg -c > /dev/null
+  if dmsetup create pc --table "0 $S pcache /dev/$dev /dev/vda 4 cache_mode writeback data_crc $3" 2>/tmp/err; then
+    echo "@@ACTIVATED $2"
+    echo "@@STATUS $2 $(dmsetup status pc)"
+    dmsetup remove pc 2>/tmp/err || echo "@@REMOVE-FAILED $2 $(tr '\n' ' ' < /tmp/err)"
+  else
+    echo "@@REFUSED $2 $(tr '\n' ' ' < /tmp/err)"
+  fi
+  dmesg | grep -i -e pcache -e device-mapper | while read -r l; do echo "@@KMSG $2 $l"; done
+  echo "@@DONE $2"
+}
+"#,
+    );
+    for (i, img) in images.iter().enumerate() {
+        s.push_str(&format!(
+            "act {:02x} {} {}\n",
+            FIRST_SLOT + i,
+            img.name,
+            img.data_crc
+        ));
+    }
+    s
+}
+
+/// Boots the kernel once over `images` (each on its own virtio-pmem device)
+/// and `disk` (the backing device), within `timeout`.
+pub fn boot(
+    kernel: &Kernel,
+    images: &[BootImage],
+    disk: &Path,
+    work: &Path,
+    timeout: Duration,
+) -> Result<Boot, BootError> {
+    if images.len() > MAX_IMAGES {
+        return Err(BootError::TooMany(images.len()));
+    }
+    if let Some(bad) = images
+        .iter()
+        .find(|i| i.name.is_empty() || !i.name.chars().all(|c| c.is_ascii_graphic()))
+    {
+        return Err(BootError::BadName(bad.name.clone()));
+    }
+    let io = |what: String| move |source| BootError::Io { what, source };
+    let initrd = write_initrd(kernel, &script(images), work)?;
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-M", "pc", "-cpu", "max", "-smp", "1"])
+        .args(["-m", &format!("2G,slots={MAX_IMAGES},maxmem=40G")])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .args(["-nographic", "-no-reboot", "-net", "none"]);
+    for (i, img) in images.iter().enumerate() {
+        let size = std::fs::metadata(&img.path)
+            .map_err(io(format!("reading {}", img.path.display())))?
+            .len();
+        cmd.arg("-object").arg(format!(
+            "memory-backend-file,id=pm{i},share=on,mem-path={},size={size}",
+            img.path.display()
+        ));
+        cmd.arg("-device").arg(format!(
+            "virtio-pmem-pci,memdev=pm{i},addr={:#x}",
+            FIRST_SLOT + i
+        ));
+    }
+    cmd.arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()));
+    let console_path = work.join("console.log");
+    let console_file = std::fs::File::create(&console_path)
+        .map_err(io(format!("creating {}", console_path.display())))?;
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(console_file.try_clone().map_err(io("console".into()))?)
+        .stderr(console_file)
+        .spawn()
+        .map_err(io("starting qemu-system-x86_64".into()))?;
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(io("waiting for QEMU".into()))? {
+            break Some(st);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let console = String::from_utf8_lossy(
+        &std::fs::read(&console_path).map_err(io(format!("reading {}", console_path.display())))?,
+    )
+    .into_owned();
+    let tail = || {
+        console
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if status.is_none() {
+        return Err(BootError::Timeout {
+            seconds: timeout.as_secs(),
+            tail: tail(),
+        });
+    }
+    if !console.contains("@@BOOTED") {
+        return Err(BootError::NoBoot { tail: tail() });
+    }
+    let verdicts = images.iter().map(|i| verdict(&console, &i.name)).collect();
+    Ok(Boot {
+        verdicts,
+        console,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The initramfs of one boot: the prepared base plus a cpio holding the
+/// script (the kernel reads concatenated archives in order).
+fn write_initrd(kernel: &Kernel, script: &str, work: &Path) -> Result<PathBuf, BootError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| BootError::Io { what, source }
+    };
+    let stage = work.join("stage");
+    std::fs::create_dir_all(&stage).map_err(io("creating the stage folder"))?;
+    std::fs::write(stage.join("run.sh"), script).map_err(io("writing run.sh"))?;
+    let out = Command::new("cpio")
+        .args(["-o", "-H", "newc", "--quiet"])
+        .current_dir(&stage)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("piped").write_all(b"run.sh\n")?;
+            c.wait_with_output()
+        })
+        .map_err(io("running cpio"))?;
+    if !out.status.success() {
+        return Err(BootError::Io {
+            what: "cpio".into(),
+            source: std::io::Error::other(format!("exit {:?}", out.status.code())),
+        });
+    }
+    let mut initrd = std::fs::read(&kernel.initrd).map_err(io("reading the base initramfs"))?;
+    initrd.extend_from_slice(&out.stdout);
+    let path = work.join("initrd.cpio");
+    std::fs::write(&path, initrd).map_err(io("writing the initramfs"))?;
+    Ok(path)
+}
+
+/// The verdict on image `name` from the console's markers. Markers may be
+/// preceded by terminal escapes on the same line.
+pub fn verdict(console: &str, name: &str) -> KernelVerdict {
+    let mut v = KernelVerdict::default();
+    for line in console.lines() {
+        let Some(at) = line.find("@@") else { continue };
+        let mut words = line[at + 2..].splitn(3, ' ');
+        let (Some(tag), Some(who)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if who != name {
+            continue;
+        }
+        let rest = words.next().unwrap_or("").trim();
+        match tag {
+            "ACTIVATED" => v.activated = true,
+            "STATUS" => v.status = DmStatus::parse(rest),
+            "REFUSED" => v.error = Some(rest.to_string()),
+            "KMSG" => v.messages.push(strip_timestamp(rest).to_string()),
+            "DONE" => v.done = true,
+            _ => {}
+        }
+    }
+    v
+}
+
+/// `[    5.546612] text` → `text`.
+fn strip_timestamp(line: &str) -> &str {
+    match line.strip_prefix('[').and_then(|l| l.split_once("] ")) {
+        Some((_, text)) => text,
+        None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_parse_as_the_kernel_prints_them() {
+        let s = DmStatus::parse("0 131072 pcache 0 31 31 1 70 1182 0:0 0:0 0:0").unwrap();
+        assert_eq!(s.seg_num, 31);
+        assert_eq!(s.segs_used, 1);
+        assert_eq!(s.gc_percent, 70);
+        assert_eq!(s.cache_info_flags, 0x1182);
+        assert_eq!(s.key_head, (0, 0));
+        let t = DmStatus::parse("0 8 pcache 1 63 63 4 70 1183 2:5144 1:24 0:10288").unwrap();
+        assert_eq!((t.sb_flags, t.cache_info_flags), (1, 0x1183));
+        assert_eq!(
+            (t.key_head, t.dirty_tail, t.key_tail),
+            ((2, 5144), (1, 24), (0, 10288))
+        );
+        for bad in [
+            "",
+            "0 8 linear 0 31 31 1 70 1182 0:0 0:0 0:0",
+            "0 8 pcache 0 31 31 1 70 1182 0:0 0:0",
+            "0 8 pcache 0 x 31 1 70 1182 0:0 0:0 0:0",
+            "0 8 pcache 0 31 31 1 70 1182 0-0 0:0 0:0",
+        ] {
+            assert_eq!(DmStatus::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn verdicts_are_read_per_image_from_noisy_consoles() {
+        let console = "\x1b[2J@@BOOTED\n@@IMAGE a pmem0\n@@ACTIVATED a\n@@STATUS a 0 131072 pcache 0 31 31 1 70 1182 0:0 0:0 0:0\n@@KMSG a [    5.5] dm_pcache: loading out-of-tree module taints kernel.\n@@DONE a\n@@IMAGE ab pmem1\n@@REFUSED ab device-mapper: reload ioctl on pc  failed: Invalid argument \n@@KMSG ab [    6.1] dm-pcache: sb_validate:198 253:0 corrupted sb: 1, expected: 2\n@@DONE ab\n@@END\n";
+        let a = verdict(console, "a");
+        assert!(a.activated && a.done && a.error.is_none());
+        assert_eq!(a.status.unwrap().seg_num, 31);
+        assert_eq!(
+            a.messages,
+            ["dm_pcache: loading out-of-tree module taints kernel."]
+        );
+        let ab = verdict(console, "ab");
+        assert!(!ab.activated && ab.done && ab.status.is_none());
+        assert_eq!(
+            ab.error.as_deref(),
+            Some("device-mapper: reload ioctl on pc  failed: Invalid argument")
+        );
+        assert_eq!(
+            ab.messages,
+            ["dm-pcache: sb_validate:198 253:0 corrupted sb: 1, expected: 2"]
+        );
+        let missing = verdict(console, "b");
+        assert!(!missing.done && !missing.activated);
+    }
+
+    #[test]
+    fn the_script_names_each_image_by_its_slot() {
+        let imgs = [
+            BootImage {
+                name: "x".into(),
+                path: "/a".into(),
+                data_crc: false,
+            },
+            BootImage {
+                name: "y".into(),
+                path: "/b".into(),
+                data_crc: true,
+            },
+        ];
+        let s = script(&imgs);
+        assert!(s.contains("act 10 x false\nact 11 y true\n"), "{s}");
+    }
+}
