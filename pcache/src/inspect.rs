@@ -13,18 +13,18 @@ use alloc::vec::Vec;
 use core::fmt;
 use serde::Serialize;
 
-use crate::cache::{read_cache_info, read_tail};
-use crate::cache_dev::{classify_sb, max_seg_num, read_sb, SbState};
-use crate::cache_key::{CachePos, LogEnd, LogStep, LogWalker};
+use crate::cache::{read_cache_info, read_tail, CacheInfo, CachePosOnMedia};
+use crate::cache_dev::{classify_sb, max_seg_num, read_sb, SbState, Superblock};
+use crate::cache_key::{CachePos, KeyOnMedia, Kset, LogEnd, LogStep, LogWalker};
 use crate::format::{
-    cache_info_slot_off, seg_gen_slot_off, seg_info_slot_off, CacheInfo, CachePosOnMedia,
-    DualRecord, KeyOnMedia, Kset, SegGen, SegInfo, Superblock, CACHE_DEV_SIZE_MIN,
-    CACHE_POS_STRIDE, DATA_SIZE, DIRTY_TAIL_OFF, KEY_F_CLEAN, KEY_TAIL_OFF, SB_OFF,
+    cache_info_slot_off, seg_gen_slot_off, seg_info_slot_off, DualRecord, Record,
+    CACHE_DEV_SIZE_MIN, CACHE_POS_STRIDE, DATA_SIZE, DIRTY_TAIL_OFF, KEY_F_CLEAN, KEY_TAIL_OFF,
+    SB_OFF,
 };
 use crate::meta::Slots;
 use crate::pmem::{Pmem, PmemError};
 use crate::report::Tail;
-use crate::segment::{read_seg_gen, read_seg_info};
+use crate::segment::{read_seg_gen, read_seg_info, SegGen, SegInfo};
 
 /// Why a device could not be inspected at all.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -93,7 +93,7 @@ impl<R: DualRecord> DualView<R> {
             slot: i,
             offset: base + i as u64 * stride,
             valid: s.valid[i],
-            zero: s.slots[i].header().crc == 0 && s.slots[i].encode()[4..].iter().all(|&b| b == 0),
+            zero: s.slots[i].as_bytes().iter().all(|&b| b == 0),
             computed_crc: s.slots[i].computed_crc(),
             record: s.slots[i],
         };
@@ -319,25 +319,25 @@ fn walk_chain(ci: &CacheInfo, seg_num: u32, segs: &[SegmentView]) -> ChainView {
     let mut psegs: Vec<u32> = Vec::new();
     let mut seen = alloc::vec![false; seg_num as usize];
     let mut error = None;
-    if ci.n_segs > seg_num {
+    let n_segs = ci.n_segs.get();
+    if n_segs > seg_num {
         error = Some(alloc::format!(
-            "n_segs {} is larger than seg_num {seg_num}",
-            ci.n_segs
+            "n_segs {n_segs} is larger than seg_num {seg_num}"
         ));
     }
-    let n = core::cmp::min(ci.n_segs, seg_num);
+    let n = core::cmp::min(n_segs, seg_num);
     for i in 0..n {
         let pseg = match psegs.last() {
-            None => ci.seg_id,
+            None => ci.seg_id.get(),
             Some(&prev) => {
                 let info = segs[prev as usize].info.current_record().copied();
                 match info {
-                    Some(si) if si.has_next() => si.next_seg,
+                    Some(si) if si.has_next() => si.next_seg.get(),
                     _ => {
                         error = Some(alloc::format!(
                             "cache segment {} (physical {prev}) has no next segment, but n_segs is {}",
                             i - 1,
-                            ci.n_segs
+                            n_segs
                         ));
                         break;
                     }
@@ -368,7 +368,7 @@ fn walk_chain(ci: &CacheInfo, seg_num: u32, segs: &[SegmentView]) -> ChainView {
     }
     ChainView {
         psegs,
-        n_segs: ci.n_segs,
+        n_segs,
         error,
     }
 }
@@ -404,10 +404,7 @@ fn walk<P: Pmem + ?Sized>(
         v.not_walked = Some("key_tail has no valid copy".into());
         return v;
     };
-    let start = CachePos {
-        cache_seg_id: kt.cache_seg_id,
-        seg_off: kt.seg_off,
-    };
+    let start = kt.pos();
     if start.cache_seg_id as usize >= chain.psegs.len() || start.seg_off as u64 >= DATA_SIZE {
         v.not_walked = Some(alloc::format!(
             "key_tail {start} is out of range (n_segs {}, data area {DATA_SIZE} bytes)",
@@ -447,16 +444,18 @@ fn walk<P: Pmem + ?Sized>(
                         v.keys += keys.len() as u64;
                         for k in keys.iter().filter(|_| list) {
                             // Validated by the decoder: cache_seg_id < n_segs.
-                            let kp = chain.psegs[k.cache_seg_id as usize];
-                            let segment_gen =
-                                segs[kp as usize].gen.current_record().map_or(0, |g| g.gen);
+                            let kp = chain.psegs[k.cache_seg_id.get() as usize];
+                            let segment_gen = segs[kp as usize]
+                                .gen
+                                .current_record()
+                                .map_or(0, |g| g.gen.get());
                             rv.keys.push(KeyView {
                                 key: *k,
                                 pseg: kp,
-                                data_offset: crate::format::data_pos(kp, k.cache_seg_off),
+                                data_offset: crate::format::data_pos(kp, k.cache_seg_off.get()),
                                 segment_gen,
-                                stale: k.seg_gen < segment_gen,
-                                clean: k.flags & KEY_F_CLEAN != 0,
+                                stale: k.seg_gen.get() < segment_gen,
+                                clean: k.flags.get() & KEY_F_CLEAN != 0,
                             });
                         }
                     }
@@ -499,7 +498,7 @@ fn slot_verdict<R: DualRecord>(f: &mut fmt::Formatter<'_>, s: &SlotView<R>) -> f
 
 fn cache_info_flags(flags: u32) -> String {
     let ci = CacheInfo {
-        flags,
+        flags: flags.into(),
         ..Default::default()
     };
     let mut parts: Vec<String> = Vec::new();
@@ -618,7 +617,7 @@ impl fmt::Display for InspectReport {
                     s.record.seg_id,
                     s.record.n_segs,
                     s.record.flags,
-                    cache_info_flags(s.record.flags)
+                    cache_info_flags(s.record.flags.get())
                 )?;
             }
             if self.cache_info.current == Some(s.slot) {
@@ -756,7 +755,8 @@ impl fmt::Display for InspectReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{data_pos, KeyOnMedia, Kset};
+    use crate::cache_key::{KeyOnMedia, Kset};
+    use crate::format::data_pos;
     use crate::pmem::SparsePmem;
     use crate::{activate, NoHooks, Options};
 
@@ -765,9 +765,9 @@ mod tests {
         let mut dev = SparsePmem::new(512 << 20);
         activate(&mut dev, &Options::default(), &mut NoHooks);
         let key = KeyOnMedia {
-            off: 0,
-            len: 4096,
-            cache_seg_id: 1,
+            off: 0.into(),
+            len: 4096.into(),
+            cache_seg_id: 1.into(),
             ..Default::default()
         };
         let rec = Kset::Keys {

@@ -38,6 +38,19 @@ pub mod pmem;
 pub mod report;
 pub mod segment;
 
+/// Every on-media record, each declared next to its concept, and the traits
+/// they share (one import for code that builds or reads images).
+pub mod records {
+    pub use crate::cache::{CacheInfo, CachePosOnMedia};
+    pub use crate::cache_dev::Superblock;
+    pub use crate::cache_key::{decode_kset, KeyError, KeyOnMedia, Kset, KsetError, KsetHeader};
+    pub use crate::format::{DualRecord, MetaHeader, Record};
+    pub use crate::segment::{SegGen, SegInfo};
+    /// zerocopy's traits and little-endian field types the records use.
+    pub use zerocopy::little_endian::{U16, U32, U64};
+    pub use zerocopy::{FromBytes, FromZeros, IntoBytes};
+}
+
 pub use cache::Cache;
 pub use cache_dev::SbState;
 pub use cache_key::CachePos;

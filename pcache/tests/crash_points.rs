@@ -27,12 +27,13 @@ use common::*;
 use pcache::format::*;
 use pcache::meta::read_slots;
 use pcache::pmem::{apply_event, Event, RecordingPmem, SparsePmem};
+use pcache::records::*;
 use pcache::{activate, ActivationReport, CrashPoint, Mode, NoHooks, Outcome};
 
 /// The table row an image falls in, from the raw records only (independent of
 /// the activation code's decision logic), and the outcome the row gives.
 fn table_outcome(img: &SparsePmem, mode: Mode) -> (&'static str, Outcome) {
-    let sb = Superblock::from_bytes(&read_vec(img, SB_OFF, 24).try_into().unwrap());
+    let sb = Superblock::read_from_bytes(&read_vec(img, SB_OFF, 24)).unwrap();
     let ci = read_slots::<_, CacheInfo>(img, CACHE_INFO_OFF, CACHE_INFO_SIZE).unwrap();
     let ci_done = ci.latest_record().is_some_and(|(_, c)| c.init_done());
     let kt = read_slots::<_, CachePosOnMedia>(img, KEY_TAIL_OFF, 16).unwrap();

@@ -1,6 +1,7 @@
 //! `cargo xtask format` and `cargo xtask inspect`, run as the binary.
 
 use pcache::format::*;
+use pcache::records::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -220,8 +221,8 @@ fn inspect_forged_seg_num() {
     assert_eq!(j["superblock"]["state"]["state"], "seg-num-out-of-range");
     // And a cache_info whose n_segs is forged.
     let mut ci = CacheInfo {
-        n_segs: 1 << 30,
-        flags: 0x1182,
+        n_segs: (1 << 30).into(),
+        flags: 0x1182.into(),
         ..Default::default()
     };
     ci.header.seq = 9;
@@ -241,12 +242,12 @@ fn inspect_hostile_key_sets() {
     // key_num out of range under a wrong CRC: a torn record, the ordinary end.
     let img = formatted(&d, "t.img");
     let mut h = KsetHeader {
-        crc: 0x1234,
-        key_num: 4000,
-        magic: KSET_MAGIC,
-        flags: 0,
+        crc: 0x1234.into(),
+        key_num: 4000.into(),
+        magic: KSET_MAGIC.into(),
+        flags: 0.into(),
     };
-    write_at(&img, data_pos(0, 0), &h.raw_bytes());
+    write_at(&img, data_pos(0, 0), h.as_bytes());
     let j = inspect_json(&img);
     assert_eq!(j["log"]["end_is_ordinary"], true);
     assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "crc-mismatch");
@@ -254,9 +255,9 @@ fn inspect_hostile_key_sets() {
     // The same header under a valid CRC (over 4000 zero keys): hostile.
     let img = formatted(&d, "k.img");
     let mut rec = vec![0u8; KSET_HEADER_SIZE + 4000 * KEY_SIZE];
-    rec[..24].copy_from_slice(&h.raw_bytes());
-    h.crc = pcache_crc(&rec[4..]);
-    write_at(&img, data_pos(0, 0), &h.raw_bytes());
+    rec[..24].copy_from_slice(h.as_bytes());
+    h.crc.set(pcache_crc(&rec[4..]));
+    write_at(&img, data_pos(0, 0), h.as_bytes());
     let o = xtask(&["inspect", img.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
@@ -275,17 +276,17 @@ fn inspect_hostile_key_sets() {
     // A valid key-set, then a LAST record whose next segment is out of range.
     let img = formatted(&d, "n.img");
     let k1 = KeyOnMedia {
-        off: 0,
-        len: 4096,
-        cache_seg_id: 1,
+        off: 0.into(),
+        len: 4096.into(),
+        cache_seg_id: 1.into(),
         ..Default::default()
     };
     let k2 = KeyOnMedia {
-        off: 1 << 20,
-        len: 8192,
-        flags: KEY_F_CLEAN,
-        cache_seg_id: 2,
-        cache_seg_off: 4096,
+        off: (1 << 20).into(),
+        len: 8192.into(),
+        flags: KEY_F_CLEAN.into(),
+        cache_seg_id: 2.into(),
+        cache_seg_off: 4096.into(),
         ..Default::default()
     };
     let ks = Kset::Keys { keys: vec![k1, k2] }.to_bytes();
