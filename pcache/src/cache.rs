@@ -25,7 +25,7 @@ use crate::hooks::{CrashPoint, Hooks};
 use crate::meta::{read_slots, write_dual, DualCopy, Policy, Slots};
 use crate::pmem::{Pmem, PmemError};
 use crate::report::{ActivationReport, Mode, Options, Refusal, SlotSeq, Tail, TailReport};
-use crate::segment::{format_segment, link_segment, read_seg_gen, read_seg_info, Segment};
+use crate::segment::{format_segment, link_segment, read_seg_gen, read_seg_info, SegInfo, Segment};
 
 /// `struct pcache_cache_info`, 24 bytes, slots at dev+8192 and dev+12288 (§3.3).
 #[derive(
@@ -252,6 +252,169 @@ pub fn read_tail<P: Pmem + ?Sized>(
     read_slots(pmem, tail_base(tail), CACHE_POS_STRIDE)
 }
 
+/// Why the segment chain of a cache_info cannot be followed (§5.4; checks no
+/// kernel has beyond n_segs and the range: cycles and duplicates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ChainError {
+    /// cache_info.n_segs is 0 or larger than seg_num.
+    #[error("cache_info n_segs {n_segs} out of range (1..={seg_num})")]
+    NSegs {
+        /// n_segs found.
+        n_segs: u32,
+        /// seg_num.
+        seg_num: u32,
+    },
+    /// A cache segment maps to a physical segment beyond seg_num.
+    #[error("cache segment {cache_seg} maps to physical segment {pseg}, beyond seg_num {seg_num}")]
+    SegOutOfRange {
+        /// Cache segment id.
+        cache_seg: u32,
+        /// Physical id found.
+        pseg: u32,
+        /// seg_num.
+        seg_num: u32,
+    },
+    /// A segment before the end of the chain has no HAS_NEXT.
+    #[error(
+        "cache segment {cache_seg} (physical {pseg}) has no next segment, but n_segs is {n_segs}"
+    )]
+    Broken {
+        /// Cache segment id that has no successor.
+        cache_seg: u32,
+        /// Its physical id.
+        pseg: u32,
+        /// Chain length cache_info asks for.
+        n_segs: u32,
+    },
+    /// A physical segment appears twice in the chain.
+    #[error(
+        "physical segment {pseg} appears again as cache segment {cache_seg} (cycle or duplicate)"
+    )]
+    Duplicate {
+        /// Cache segment id where it appears again.
+        cache_seg: u32,
+        /// Physical id.
+        pseg: u32,
+    },
+    /// A segment of the chain has no valid segment info.
+    #[error("cache segment {cache_seg} (physical {pseg}) has no valid segment info")]
+    SegInfoMissing {
+        /// Cache segment id.
+        cache_seg: u32,
+        /// Physical id.
+        pseg: u32,
+    },
+}
+
+impl From<ChainError> for Refusal {
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::NSegs { n_segs, seg_num } => Refusal::NSegs { n_segs, seg_num },
+            ChainError::SegOutOfRange {
+                cache_seg,
+                pseg,
+                seg_num,
+            } => Refusal::ChainSegOutOfRange {
+                cache_seg,
+                pseg,
+                seg_num,
+            },
+            ChainError::Broken {
+                cache_seg,
+                pseg,
+                n_segs,
+            } => Refusal::ChainBroken {
+                cache_seg,
+                pseg,
+                n_segs,
+            },
+            ChainError::Duplicate { cache_seg, pseg } => {
+                Refusal::ChainDuplicate { cache_seg, pseg }
+            }
+            ChainError::SegInfoMissing { cache_seg, pseg } => {
+                Refusal::SegInfoMissing { cache_seg, pseg }
+            }
+        }
+    }
+}
+
+/// The segment chain as far as it could be followed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainWalk {
+    /// Physical segment of each cache segment followed, in chain order (a
+    /// segment without valid info is included, as the last).
+    pub psegs: Vec<u32>,
+    /// The physical segments in `psegs` (over seg_num segments).
+    pub map: SegBitmap,
+    /// Why the walk stopped before n_segs segments, if it did.
+    pub error: Option<ChainError>,
+}
+
+/// Follows the chain of `n_segs` segments from physical segment `seg_id` on a
+/// device of `seg_num` segments, reading each segment's info (§5.4): the one
+/// place where the chain rule lives, for activation and the inspector alike.
+/// n_segs is checked first (0 or above seg_num: nothing is read); then each
+/// segment must be in range, not already in the chain, and hold a valid
+/// segment info, whose HAS_NEXT / next_seg lead to the next one. `each(cseg,
+/// pseg, (slot, info))` sees every segment with valid info, in order; it
+/// returns false to stop the walk. Terminates on any media: every step visits
+/// a new physical segment.
+pub fn walk_chain<P: Pmem + ?Sized>(
+    pmem: &P,
+    seg_id: u32,
+    n_segs: u32,
+    seg_num: u32,
+    mut each: impl FnMut(u32, u32, (usize, SegInfo)) -> bool,
+) -> Result<ChainWalk, PmemError> {
+    let mut walk = ChainWalk {
+        psegs: Vec::new(),
+        map: SegBitmap::new(seg_num),
+        error: None,
+    };
+    if n_segs == 0 || n_segs > seg_num {
+        walk.error = Some(ChainError::NSegs { n_segs, seg_num });
+        return Ok(walk);
+    }
+    let mut pseg = seg_id;
+    for cache_seg in 0..n_segs {
+        if pseg >= seg_num {
+            walk.error = Some(ChainError::SegOutOfRange {
+                cache_seg,
+                pseg,
+                seg_num,
+            });
+            break;
+        }
+        if walk.map.set(pseg) {
+            walk.error = Some(ChainError::Duplicate { cache_seg, pseg });
+            break;
+        }
+        walk.psegs.push(pseg);
+        let slots = read_seg_info(pmem, pseg)?;
+        let Some(latest) = slots.latest_record() else {
+            walk.error = Some(ChainError::SegInfoMissing { cache_seg, pseg });
+            break;
+        };
+        if !each(cache_seg, pseg, latest) {
+            break;
+        }
+        if cache_seg + 1 < n_segs {
+            let info = latest.1;
+            if !info.has_next() {
+                walk.error = Some(ChainError::Broken {
+                    cache_seg,
+                    pseg,
+                    n_segs,
+                });
+                break;
+            }
+            pseg = info.next_seg.get();
+        }
+    }
+    Ok(walk)
+}
+
 /// An existing cache, checked and not yet written to.
 #[derive(Clone, Debug)]
 pub(crate) struct Loaded {
@@ -308,53 +471,46 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
         });
     }
     let n_segs = info.n_segs.get();
-    check_n_segs(n_segs, seg_num)?;
 
-    // The chain.
-    let mut dev_map = SegBitmap::new(seg_num);
-    let mut segments: Vec<Segment> = Vec::with_capacity(n_segs as usize);
-    for i in 0..n_segs {
-        let pseg = match segments.last() {
-            None => info.seg_id.get(),
-            Some(prev) => {
-                if !prev.info.has_next() {
-                    return Err(Refusal::ChainBroken {
-                        cache_seg: i - 1,
-                        pseg: prev.pseg,
-                        n_segs,
-                    });
+    // The chain (the walker checks n_segs before reading anything; n_segs is
+    // untrusted until then, so it does not size the allocation).
+    let mut segments: Vec<Segment> = Vec::with_capacity(n_segs.min(seg_num) as usize);
+    let mut gen_err = None;
+    let walk = walk_chain(
+        pmem,
+        info.seg_id.get(),
+        n_segs,
+        seg_num,
+        |_, pseg, (slot, seg_info)| {
+            let gen = match read_seg_gen(pmem, pseg) {
+                Ok(g) => g,
+                Err(e) => {
+                    gen_err = Some(e);
+                    return false;
                 }
-                prev.info.next_seg.get()
-            }
-        };
-        if pseg >= seg_num {
-            return Err(Refusal::ChainSegOutOfRange {
-                cache_seg: i,
+            };
+            let (gen_val, gen_state) = match gen.latest_record() {
+                Some((slot, g)) => (g.gen.get(), DualCopy::loaded(Policy::A, slot, g.header.seq)),
+                None => (0, DualCopy::fresh(Policy::A)),
+            };
+            segments.push(Segment {
                 pseg,
-                seg_num,
+                info: seg_info,
+                info_state: DualCopy::loaded(Policy::A, slot, seg_info.header.seq),
+                gen: gen_val,
+                gen_state,
             });
-        }
-        if dev_map.set(pseg) {
-            return Err(Refusal::ChainDuplicate { cache_seg: i, pseg });
-        }
-        let si = read_seg_info(pmem, pseg)?;
-        let (info_slot, seg_info) = si
-            .latest_record()
-            .ok_or(Refusal::SegInfoMissing { cache_seg: i, pseg })?;
-        let gen = read_seg_gen(pmem, pseg)?;
-        let (gen_val, gen_state) = match gen.latest_record() {
-            Some((slot, g)) => (g.gen.get(), DualCopy::loaded(Policy::A, slot, g.header.seq)),
-            None => (0, DualCopy::fresh(Policy::A)),
-        };
-        segments.push(Segment {
-            pseg,
-            info: seg_info,
-            info_state: DualCopy::loaded(Policy::A, info_slot, seg_info.header.seq),
-            gen: gen_val,
-            gen_state,
-        });
-        rep.chain_len = segments.len() as u32;
+            rep.chain_len = segments.len() as u32;
+            true
+        },
+    )?;
+    if let Some(e) = gen_err {
+        return Err(e.into());
     }
+    if let Some(e) = walk.error {
+        return Err(e.into());
+    }
+    let dev_map = walk.map;
 
     // The tails (key_tail first, as the kernel).
     let key_tail = load_tail(pmem, Tail::KeyTail, n_segs, opts.mode)?;
@@ -669,6 +825,77 @@ mod tests {
             let d = CachePosOnMedia::read_from_bytes(&hex(bytes)).unwrap();
             assert!(d.crc_ok());
             assert_eq!((d.cache_seg_id, d.seg_off), (rec.cache_seg_id, rec.seg_off));
+        }
+    }
+
+    /// Activation and the inspector follow the chain with the same walker,
+    /// so they stop at the same segment for the same reason.
+    #[test]
+    fn activation_and_inspector_share_the_chain_rule() {
+        use crate::format::seg_info_slot_off;
+        use crate::inspect::{inspect, InspectOptions};
+        use crate::pmem::SparsePmem;
+        use crate::{activate, NoHooks, Options, Outcome};
+
+        let info = |flags: u32, next: u32| {
+            SegInfo {
+                header: MetaHeader::with_seq(9),
+                flags: flags.into(),
+                next_seg: next.into(),
+            }
+            .to_bytes()
+        };
+        let cases: [(&str, u32, u32, ChainError); 3] = [
+            // cache segment 4 (physical 4) leads back to physical 2.
+            (
+                "cycle",
+                4,
+                0x3,
+                ChainError::Duplicate {
+                    cache_seg: 5,
+                    pseg: 2,
+                },
+            ),
+            (
+                "broken",
+                4,
+                0x2,
+                ChainError::Broken {
+                    cache_seg: 4,
+                    pseg: 4,
+                    n_segs: 31,
+                },
+            ),
+            (
+                "out of range",
+                4,
+                0x3,
+                ChainError::SegOutOfRange {
+                    cache_seg: 5,
+                    pseg: 99,
+                    seg_num: 31,
+                },
+            ),
+        ];
+        for (name, pseg, flags, want) in cases {
+            let mut dev = SparsePmem::new(512 << 20);
+            let opts = Options::default();
+            assert_eq!(
+                activate(&mut dev, &opts, &mut NoHooks).outcome,
+                Outcome::Formatted
+            );
+            let next = if name == "out of range" { 99 } else { 2 };
+            // Both slots, so whichever is current says the same.
+            for slot in 0..2 {
+                dev.write_bytes(seg_info_slot_off(pseg, slot), &info(flags, next))
+                    .unwrap();
+            }
+            let seen = inspect(&dev, &InspectOptions::default()).unwrap();
+            let chain = seen.chain.expect("a valid cache_info");
+            assert_eq!(chain.error, Some(want), "{name}: inspector");
+            let rep = activate(&mut dev, &opts, &mut NoHooks);
+            assert_eq!(rep.outcome, Outcome::Refused, "{name}");
+            assert_eq!(rep.refusal, Some(Refusal::from(want)), "{name}: activation");
         }
     }
 }

@@ -13,7 +13,9 @@ use alloc::vec::Vec;
 use core::fmt;
 use serde::Serialize;
 
-use crate::cache::{read_cache_info, read_tail, CacheInfo, CachePosOnMedia};
+use crate::cache::{
+    read_cache_info, read_tail, walk_chain, CacheInfo, CachePosOnMedia, ChainError,
+};
 use crate::cache_dev::{classify_sb, max_seg_num, read_sb, SbState, Superblock};
 use crate::cache_key::{CachePos, KeyOnMedia, Kset, LogEnd, LogStep, LogWalker};
 use crate::format::{
@@ -145,7 +147,7 @@ pub struct ChainView {
     /// n_segs of the current cache_info.
     pub n_segs: u32,
     /// Why the walk stopped before n_segs segments, if it did.
-    pub error: Option<String>,
+    pub error: Option<ChainError>,
 }
 
 /// One key of a key-set, placed.
@@ -286,9 +288,18 @@ pub fn inspect<P: Pmem + ?Sized>(
         });
     }
 
-    let chain = cache_info
-        .current_record()
-        .map(|ci| walk_chain(ci, seg_num, &segments));
+    let chain = match cache_info.current_record() {
+        None => None,
+        Some(ci) => {
+            let n_segs = ci.n_segs.get();
+            let walk = walk_chain(pmem, ci.seg_id.get(), n_segs, seg_num, |_, _, _| true)?;
+            Some(ChainView {
+                psegs: walk.psegs,
+                n_segs,
+                error: walk.error,
+            })
+        }
+    };
     if let Some(c) = &chain {
         for (i, &p) in c.psegs.iter().enumerate() {
             segments[p as usize].cache_seg = Some(i as u32);
@@ -313,64 +324,6 @@ pub fn inspect<P: Pmem + ?Sized>(
         segments,
         log,
     })
-}
-
-fn walk_chain(ci: &CacheInfo, seg_num: u32, segs: &[SegmentView]) -> ChainView {
-    let mut psegs: Vec<u32> = Vec::new();
-    let mut seen = alloc::vec![false; seg_num as usize];
-    let mut error = None;
-    let n_segs = ci.n_segs.get();
-    if n_segs > seg_num {
-        error = Some(alloc::format!(
-            "n_segs {n_segs} is larger than seg_num {seg_num}"
-        ));
-    }
-    let n = core::cmp::min(n_segs, seg_num);
-    for i in 0..n {
-        let pseg = match psegs.last() {
-            None => ci.seg_id.get(),
-            Some(&prev) => {
-                let info = segs[prev as usize].info.current_record().copied();
-                match info {
-                    Some(si) if si.has_next() => si.next_seg.get(),
-                    _ => {
-                        error = Some(alloc::format!(
-                            "cache segment {} (physical {prev}) has no next segment, but n_segs is {}",
-                            i - 1,
-                            n_segs
-                        ));
-                        break;
-                    }
-                }
-            }
-        };
-        if pseg >= seg_num {
-            error = Some(alloc::format!(
-                "cache segment {i} maps to physical segment {pseg}, beyond seg_num {seg_num}"
-            ));
-            break;
-        }
-        if seen[pseg as usize] {
-            error = Some(alloc::format!(
-                "physical segment {pseg} appears again as cache segment {i} (cycle or duplicate)"
-            ));
-            break;
-        }
-        seen[pseg as usize] = true;
-        if segs[pseg as usize].info.current.is_none() {
-            error = Some(alloc::format!(
-                "cache segment {i} (physical {pseg}) has no valid segment info"
-            ));
-            psegs.push(pseg);
-            break;
-        }
-        psegs.push(pseg);
-    }
-    ChainView {
-        psegs,
-        n_segs,
-        error,
-    }
 }
 
 fn walk<P: Pmem + ?Sized>(

@@ -230,7 +230,7 @@ fn inspect_forged_seg_num() {
     let o = xtask(&["inspect", img.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stdout(&o).contains("n_segs 1073741824 is larger than seg_num 31"),
+        stdout(&o).contains("cache_info n_segs 1073741824 out of range (1..=31)"),
         "{}",
         stdout(&o)
     );
