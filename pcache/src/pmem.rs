@@ -25,6 +25,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
+use persist::{Domain, Persistence, Role};
+
 use crate::hooks::{CrashPoint, Hooks};
 
 /// Errors of a persistent-memory access.
@@ -370,9 +372,9 @@ impl Pmem for SparsePmem {
 // RecordingPmem
 // ---------------------------------------------------------------------------
 
-/// One recorded persistent-memory event (or a crash-point marker).
+/// One recorded persistent-memory access (or a crash-point marker).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
+pub enum Access {
     /// `store_u64(off, val)`.
     Store {
         /// Offset.
@@ -402,10 +404,22 @@ pub enum Event {
     End(CrashPoint),
 }
 
-impl Event {
-    /// Whether the event writes to the image (a store or a zeroing).
+impl Access {
+    /// Whether the access writes to the image (a store or a zeroing).
     pub fn is_write(&self) -> bool {
-        matches!(self, Event::Store { .. } | Event::ZeroRange { .. })
+        matches!(self, Access::Store { .. } | Access::ZeroRange { .. })
+    }
+}
+
+/// Stores and zeroings are writes to the pmem domain, a fence is its barrier;
+/// flushes (cache-line write-backs without a fence) and markers are neither.
+impl Persistence for Access {
+    fn role(&self) -> Role {
+        match self {
+            Access::Store { .. } | Access::ZeroRange { .. } => Role::Write(Domain::Pmem),
+            Access::Fence => Role::Barrier(Domain::Pmem),
+            Access::Flush { .. } | Access::Begin(_) | Access::End(_) => Role::Neither,
+        }
     }
 }
 
@@ -419,7 +433,7 @@ impl Event {
 pub struct RecordingPmem {
     base: SparsePmem,
     current: SparsePmem,
-    events: Rc<RefCell<Vec<Event>>>,
+    events: Rc<RefCell<Vec<Access>>>,
 }
 
 impl RecordingPmem {
@@ -440,7 +454,7 @@ impl RecordingPmem {
     }
 
     /// The events so far.
-    pub fn events(&self) -> Vec<Event> {
+    pub fn events(&self) -> Vec<Access> {
         self.events.borrow().clone()
     }
 
@@ -454,29 +468,26 @@ impl RecordingPmem {
         &self.base
     }
 
-    /// Index just after the last fence among the first `cut` events (0 if none).
+    /// Index just after the last fence among the first `cut` events (0 if
+    /// none), by the shared rule ([`persist::durable_prefix`]).
     pub fn durable_prefix(&self, cut: usize) -> usize {
-        let ev = self.events.borrow();
-        ev[..cut]
-            .iter()
-            .rposition(|e| *e == Event::Fence)
-            .map_or(0, |i| i + 1)
+        persist::durable_prefix(&self.events.borrow(), Domain::Pmem, cut)
     }
 
     /// Indices of the writes issued after the last fence among the first `cut`
-    /// events: the ones that may or may not have persisted at that cut.
+    /// events: the ones that may or may not have persisted at that cut
+    /// ([`persist::pending`]).
     pub fn pending(&self, cut: usize) -> Vec<usize> {
-        let start = self.durable_prefix(cut);
-        let ev = self.events.borrow();
-        (start..cut).filter(|&i| ev[i].is_write()).collect()
+        persist::pending(&self.events.borrow(), Domain::Pmem, cut)
     }
 
     /// The durable image of the crash state: events before the last fence
     /// preceding `cut` applied, and of the pending writes those for which
     /// `persisted(index)` is true, applied in issue order.
     pub fn crash_image(&self, cut: usize, persisted: impl Fn(usize) -> bool) -> SparsePmem {
-        let start = self.durable_prefix(cut);
         let ev = self.events.borrow();
+        let cut = cut.min(ev.len());
+        let start = persist::durable_prefix(&ev, Domain::Pmem, cut);
         let mut img = self.base.clone();
         for (i, e) in ev[..cut].iter().enumerate() {
             if i >= start && !persisted(i) {
@@ -500,11 +511,11 @@ impl RecordingPmem {
         let mut out = Vec::with_capacity(ev.len());
         for e in ev.iter() {
             let changes = match *e {
-                Event::Store { off, val } => {
+                Access::Store { off, val } => {
                     let mut b = [0u8; 8];
                     img.read(off, &mut b).is_ok() && u64::from_le_bytes(b) != val
                 }
-                Event::ZeroRange { off, len } => img.any_nonzero(off, len),
+                Access::ZeroRange { off, len } => img.any_nonzero(off, len),
                 _ => false,
             };
             out.push(changes);
@@ -516,13 +527,13 @@ impl RecordingPmem {
 
 /// Applies a recorded write to an image (other events are no-ops). Events
 /// were bounds-checked when they were recorded.
-pub fn apply_event(img: &mut SparsePmem, e: &Event) {
+pub fn apply_event(img: &mut SparsePmem, e: &Access) {
     // The events were validated when they were recorded.
     match *e {
-        Event::Store { off, val } => {
+        Access::Store { off, val } => {
             let _ = img.store_u64(off, val);
         }
-        Event::ZeroRange { off, len } => {
+        Access::ZeroRange { off, len } => {
             let _ = img.zero_range(off, len);
         }
         _ => {}
@@ -538,21 +549,23 @@ impl Pmem for RecordingPmem {
     }
     fn store_u64(&mut self, off: u64, val: u64) -> Result<(), PmemError> {
         self.current.store_u64(off, val)?;
-        self.events.borrow_mut().push(Event::Store { off, val });
+        self.events.borrow_mut().push(Access::Store { off, val });
         Ok(())
     }
     fn zero_range(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
         self.current.zero_range(off, len)?;
-        self.events.borrow_mut().push(Event::ZeroRange { off, len });
+        self.events
+            .borrow_mut()
+            .push(Access::ZeroRange { off, len });
         Ok(())
     }
     fn flush(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
         check_bounds(off, len, self.size())?;
-        self.events.borrow_mut().push(Event::Flush { off, len });
+        self.events.borrow_mut().push(Access::Flush { off, len });
         Ok(())
     }
     fn fence(&mut self) -> Result<(), PmemError> {
-        self.events.borrow_mut().push(Event::Fence);
+        self.events.borrow_mut().push(Access::Fence);
         Ok(())
     }
 }
@@ -560,15 +573,15 @@ impl Pmem for RecordingPmem {
 /// Hooks that record crash-point markers into a [`RecordingPmem`]'s event list.
 #[derive(Clone, Debug)]
 pub struct RecordingHooks {
-    events: Rc<RefCell<Vec<Event>>>,
+    events: Rc<RefCell<Vec<Access>>>,
 }
 
 impl Hooks for RecordingHooks {
     fn begin(&mut self, cp: CrashPoint) {
-        self.events.borrow_mut().push(Event::Begin(cp));
+        self.events.borrow_mut().push(Access::Begin(cp));
     }
     fn end(&mut self, cp: CrashPoint) {
-        self.events.borrow_mut().push(Event::End(cp));
+        self.events.borrow_mut().push(Access::End(cp));
     }
 }
 

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use pcache::format::*;
-use pcache::pmem::{Event, Pmem, RecordingPmem, SparsePmem, VecPmem};
+use pcache::pmem::{Access, Pmem, RecordingPmem, SparsePmem, VecPmem};
 use pcache::{activate, start, CrashPoint, Mode, NoHooks, Options, Outcome};
 
 #[test]
@@ -189,12 +189,12 @@ fn write_order_and_markers() {
         let tok: Vec<String> = ev
             .iter()
             .map(|e| match e {
-                Event::Store { off, .. } => format!("S{off}"),
-                Event::ZeroRange { off, len } => format!("Z{off}+{len}"),
-                Event::Flush { .. } => "F".into(),
-                Event::Fence => "|".into(),
-                Event::Begin(cp) => format!("<{}", cp.number()),
-                Event::End(cp) => format!("{}>", cp.number()),
+                Access::Store { off, .. } => format!("S{off}"),
+                Access::ZeroRange { off, len } => format!("Z{off}+{len}"),
+                Access::Flush { .. } => "F".into(),
+                Access::Fence => "|".into(),
+                Access::Begin(cp) => format!("<{}", cp.number()),
+                Access::End(cp) => format!("{}>", cp.number()),
             })
             .collect();
         let s = tok.join(" ");
@@ -234,7 +234,7 @@ fn write_order_and_markers() {
         let mut depth = 0i32;
         for e in &ev {
             match e {
-                Event::Begin(cp) => {
+                Access::Begin(cp) => {
                     depth += 1;
                     assert!(
                         cp.number() <= 7
@@ -245,7 +245,7 @@ fn write_order_and_markers() {
                             .contains(cp)
                     );
                 }
-                Event::End(_) => depth -= 1,
+                Access::End(_) => depth -= 1,
                 _ => {}
             }
             assert!(depth >= 0);
@@ -260,7 +260,7 @@ fn write_order_and_markers() {
         );
         let n_writes = rec2.events().iter().filter(|e| e.is_write()).count();
         assert_eq!(n_writes, 3);
-        assert_eq!(rec2.events().first(), Some(&Event::Begin(CacheInfo)));
+        assert_eq!(rec2.events().first(), Some(&Access::Begin(CacheInfo)));
     }
 }
 
@@ -326,7 +326,7 @@ fn write_order_values_flushes_and_mode_difference() {
                 // Values: each stored word is the final one, stored once.
                 let mut seen = std::collections::BTreeSet::new();
                 for e in &ev {
-                    if let Event::Store { off, val } = *e {
+                    if let Access::Store { off, val } = *e {
                         assert!(seen.insert(off), "{mode:?}: word {off} stored twice");
                         assert_eq!(val, read_u64(fin, off), "{mode:?}: store at {off}");
                     }
@@ -341,7 +341,7 @@ fn write_order_values_flushes_and_mode_difference() {
                 let mut run: Option<(u64, u64)> = None;
                 for (i, e) in ev.iter().enumerate() {
                     match *e {
-                        Event::Store { off, .. } => {
+                        Access::Store { off, .. } => {
                             run = Some(match run {
                                 None => (off, off + 8),
                                 Some((a, b)) => {
@@ -350,17 +350,17 @@ fn write_order_values_flushes_and_mode_difference() {
                                 }
                             });
                         }
-                        Event::ZeroRange { off, len } => {
+                        Access::ZeroRange { off, len } => {
                             assert!(run.is_none());
                             run = Some((off, off + len));
                         }
-                        Event::Flush { off, len } => {
+                        Access::Flush { off, len } => {
                             assert_eq!(run.take(), Some((off, off + len)), "{mode:?}: flush {i}");
                         }
-                        Event::Fence => {
+                        Access::Fence => {
                             assert!(run.is_none(), "{mode:?}: fence {i} over unflushed stores");
                             assert!(
-                                matches!(ev[i - 1], Event::Flush { .. }),
+                                matches!(ev[i - 1], Access::Flush { .. }),
                                 "{mode:?}: fence {i} not right after a flush"
                             );
                         }
@@ -368,7 +368,7 @@ fn write_order_values_flushes_and_mode_difference() {
                     }
                 }
                 assert!(run.is_none());
-                assert_eq!(ev.last(), Some(&Event::Fence));
+                assert_eq!(ev.last(), Some(&Access::Fence));
                 lists.push(ev);
             }
             // The order does not depend on what the device held.
@@ -381,21 +381,21 @@ fn write_order_values_flushes_and_mode_difference() {
         // Strict: C1 = zero, flush, and then directly the superblock's stores.
         assert!(matches!(
             strict[0],
-            Event::ZeroRange {
+            Access::ZeroRange {
                 off: 8192,
                 len: 12288
             }
         ));
         assert!(matches!(
             strict[1],
-            Event::Flush {
+            Access::Flush {
                 off: 8192,
                 len: 12288
             }
         ));
-        assert!(matches!(strict[2], Event::Store { off: 4096, .. }));
+        assert!(matches!(strict[2], Access::Store { off: 4096, .. }));
         // Recover: the same with a fence at index 2, and nothing else differs.
-        assert_eq!(recover[2], Event::Fence);
+        assert_eq!(recover[2], Access::Fence);
         let mut without = recover.clone();
         without.remove(2);
         assert_eq!(

@@ -26,9 +26,10 @@ use std::collections::BTreeSet;
 use common::*;
 use pcache::format::*;
 use pcache::meta::read_slots;
-use pcache::pmem::{apply_event, Event, RecordingPmem, SparsePmem};
+use pcache::pmem::{apply_event, Access, RecordingPmem, SparsePmem};
 use pcache::records::*;
 use pcache::{activate, ActivationReport, CrashPoint, Mode, NoHooks, Outcome};
+use persist::all_subsets;
 
 /// The table row an image falls in, from the raw records only (independent of
 /// the activation code's decision logic), and the outcome the row gives.
@@ -76,18 +77,18 @@ struct State {
 }
 
 /// Where a cut falls: the innermost open crash point and the segment.
-fn context(events: &[Event], cut: usize) -> String {
+fn context(events: &[Access], cut: usize) -> String {
     let mut stack: Vec<CrashPoint> = Vec::new();
     let mut seg = 0usize;
     for e in &events[..cut] {
         match e {
-            Event::Begin(cp) => {
+            Access::Begin(cp) => {
                 if *cp == CrashPoint::SegFormat {
                     seg += 1;
                 }
                 stack.push(*cp);
             }
-            Event::End(_) => {
+            Access::End(_) => {
                 stack.pop();
             }
             _ => {}
@@ -118,22 +119,22 @@ fn crash_states(rec: &RecordingPmem) -> Vec<State> {
         .iter()
         .enumerate()
         .filter(
-            |(_, e)| matches!(e, Event::Store { off, .. } if (SB_OFF..SB_OFF + 24).contains(off)),
+            |(_, e)| matches!(e, Access::Store { off, .. } if (SB_OFF..SB_OFF + 24).contains(off)),
         )
         .map(|(i, _)| i)
         .collect();
     assert_eq!(sb_words.len(), 3);
     let zero_meta = ev
         .iter()
-        .position(|e| matches!(e, Event::ZeroRange { off, .. } if *off == META_ZERO_OFF))
+        .position(|e| matches!(e, Access::ZeroRange { off, .. } if *off == META_ZERO_OFF))
         .unwrap();
     let sb_fence = sb_words[2] + 2;
-    assert_eq!(ev[sb_fence], Event::Fence);
+    assert_eq!(ev[sb_fence], Access::Fence);
     // Segment of each event (-1 before the first segment format).
     let mut seg_of = Vec::with_capacity(ev.len());
     let mut seg = -1i64;
     for e in &ev {
-        if *e == Event::Begin(CrashPoint::SegFormat) {
+        if *e == Access::Begin(CrashPoint::SegFormat) {
             seg += 1;
         }
         seg_of.push(seg);
@@ -142,7 +143,7 @@ fn crash_states(rec: &RecordingPmem) -> Vec<State> {
     let mut cuts: Vec<usize> = ev
         .iter()
         .enumerate()
-        .filter(|(_, e)| **e == Event::Fence)
+        .filter(|(_, e)| **e == Access::Fence)
         .map(|(i, _)| i)
         .collect();
     cuts.push(ev.len());
@@ -151,22 +152,13 @@ fn crash_states(rec: &RecordingPmem) -> Vec<State> {
     let mut durable = rec.base().clone();
     let mut durable_idx = 0usize;
     for &cut in &cuts {
-        let pending: Vec<usize> = (durable_idx..cut).filter(|&i| ev[i].is_write()).collect();
+        let pending = rec.pending(cut);
         let s = seg_of[cut.min(ev.len() - 1)];
         let exhaustive = cut <= sb_fence || s <= 1 || s == last_seg;
         let mut kept_sets: Vec<Vec<usize>> = Vec::new();
         if exhaustive {
             assert!(pending.len() <= 10, "{} pending writes", pending.len());
-            for mask in 0u32..(1 << pending.len()) {
-                kept_sets.push(
-                    pending
-                        .iter()
-                        .enumerate()
-                        .filter(|(b, _)| mask & (1 << b) != 0)
-                        .map(|(_, i)| *i)
-                        .collect(),
-                );
-            }
+            kept_sets.extend(all_subsets(&pending));
         } else {
             kept_sets.push(vec![]);
             for (k, &i) in pending.iter().enumerate() {
@@ -426,22 +418,21 @@ fn older_cache_c1_torn_by_region() {
     let ev = rec.events();
     let sb_fence = ev
         .iter()
-        .position(|e| *e == Event::Fence)
+        .position(|e| *e == Access::Fence)
         .expect("the superblock's fence");
     assert!(matches!(
         ev[0],
-        Event::ZeroRange {
+        Access::ZeroRange {
             off: 8192,
             len: 12288
         }
     ));
     let regions = [CACHE_INFO_OFF, CACHE_INFO_OFF + 4096, CACHE_CTRL_OFF];
-    for mask in 0u32..8 {
+    // Subset number `mask` keeps region `b` iff bit `b` is set (persist's order).
+    for (mask, zeroed) in (0u32..).zip(all_subsets(&regions)) {
         let mut img = dev.clone();
-        for (b, &off) in regions.iter().enumerate() {
-            if mask & (1 << b) != 0 {
-                img.write_bytes(off, &[0u8; 4096]).unwrap();
-            }
+        for off in zeroed {
+            img.write_bytes(off, &[0u8; 4096]).unwrap();
         }
         for e in &ev[1..sb_fence] {
             apply_event(&mut img, e);
