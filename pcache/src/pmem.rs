@@ -114,6 +114,15 @@ pub trait Pmem {
         self.flush(off, len)?;
         self.fence()
     }
+
+    /// The lowest offset at or after `off` where non-zero bytes may be, or
+    /// `None` when every byte from `off` to the end reads as zero (a sparse
+    /// file's holes, pages never written). Lets a reader skip what was never
+    /// written instead of reading it; the default knows nothing and says
+    /// `Some(off)`.
+    fn next_data(&self, off: u64) -> Option<u64> {
+        Some(off)
+    }
 }
 
 impl<P: Pmem + ?Sized> Pmem for &mut P {
@@ -137,6 +146,9 @@ impl<P: Pmem + ?Sized> Pmem for &mut P {
     }
     fn persist(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
         (**self).persist(off, len)
+    }
+    fn next_data(&self, off: u64) -> Option<u64> {
+        (**self).next_data(off)
     }
 }
 
@@ -366,6 +378,11 @@ impl Pmem for SparsePmem {
     fn fence(&mut self) -> Result<(), PmemError> {
         Ok(())
     }
+    fn next_data(&self, off: u64) -> Option<u64> {
+        // Only pages held can hold non-zero bytes.
+        let (&page, _) = self.pages.range(off / SPARSE_PAGE..).next()?;
+        Some(core::cmp::max(page * SPARSE_PAGE, off))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -568,6 +585,9 @@ impl Pmem for RecordingPmem {
         self.events.borrow_mut().push(Access::Fence);
         Ok(())
     }
+    fn next_data(&self, off: u64) -> Option<u64> {
+        self.current.next_data(off)
+    }
 }
 
 /// Hooks that record crash-point markers into a [`RecordingPmem`]'s event list.
@@ -601,6 +621,21 @@ mod host {
 
     fn io(e: std::io::Error) -> PmemError {
         PmemError::Io(e.to_string())
+    }
+
+    /// `lseek(SEEK_DATA)`: where the file's next data (not a hole) starts.
+    /// ENXIO means none up to the end; any other answer (a file system or a
+    /// device without holes) is no knowledge, so `off` itself.
+    fn seek_data(file: &File, off: u64, size: u64) -> Option<u64> {
+        if off >= size {
+            return None;
+        }
+        match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(off)) {
+            Ok(d) if d >= size => None,
+            Ok(d) => Some(d.max(off)),
+            Err(rustix::io::Errno::NXIO) => None,
+            Err(_) => Some(off),
+        }
     }
 
     /// A host file accessed with positioned reads and writes. Opened read-only,
@@ -681,6 +716,9 @@ mod host {
             }
             Ok(())
         }
+        fn next_data(&self, off: u64) -> Option<u64> {
+            seek_data(&self.file, off, self.size)
+        }
     }
 
     /// A host file mapped shared and writable (`memmap2`). A flush records the
@@ -760,6 +798,9 @@ mod host {
                     .map_err(io)?;
             }
             Ok(())
+        }
+        fn next_data(&self, off: u64) -> Option<u64> {
+            seek_data(&self._file, off, self.size())
         }
     }
 }

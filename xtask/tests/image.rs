@@ -313,3 +313,76 @@ fn inspect_hostile_key_sets() {
     assert_eq!(j["log"]["records"][0]["keys"][1]["pseg"], 2);
     assert_eq!(j["log"]["end"]["pos"]["seg_off"], 104);
 }
+
+/// A sparse file claiming the largest device ext4 allows (16 TiB, the largest
+/// legal seg_num) with only its superblock written: the never-written segments
+/// are one range, not read one by one, and the output stays small.
+#[test]
+fn inspect_huge_sparse_image_is_bounded() {
+    let d = TempDir::new("huge");
+    let img = d.file("huge.img");
+    let f = std::fs::File::create(&img).unwrap();
+    // ext4's limit is 16 TiB - 4 KiB; smaller file systems get 1 TiB.
+    let size = [(16u64 << 40) - 4096, 1 << 40]
+        .into_iter()
+        .find(|&s| f.set_len(s).is_ok())
+        .expect("a sparse file of 1 TiB");
+    drop(f);
+    let seg_num = pcache::cache_dev::max_seg_num(size);
+    assert!(seg_num >= 65_535, "{seg_num}");
+    write_at(&img, SB_OFF, &Superblock::new(seg_num, 0).to_bytes());
+
+    let o = xtask(&["inspect", img.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        o.stdout.len() < 16 << 10,
+        "{} bytes of JSON",
+        o.stdout.len()
+    );
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["superblock"]["state"]["state"], "valid");
+    assert_eq!(j["seg_num"], seg_num);
+    assert_eq!(j["segments"].as_array().unwrap().len(), 0);
+    assert_eq!(j["segment_counts"]["total"], seg_num);
+    assert_eq!(j["segment_counts"]["unwritten"], seg_num);
+    assert_eq!(j["segment_counts"]["not_listed"], 0);
+    assert_eq!(
+        j["unwritten_segments"],
+        serde_json::json!([{"first": 0, "last": seg_num - 1}])
+    );
+
+    let o = xtask(&["inspect", img.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.len() < 16 << 10, "{} bytes of text", text.len());
+    assert!(
+        text.contains(&format!("0..={}: never written", seg_num - 1)),
+        "{text}"
+    );
+}
+
+/// `--max-segments` bounds the segments read and listed; every segment is
+/// still counted, and the chain and the log do not depend on it.
+#[test]
+fn inspect_segment_budget() {
+    let d = TempDir::new("budget");
+    let img = formatted(&d, "b.img");
+    let o = xtask(&[
+        "inspect",
+        img.to_str().unwrap(),
+        "--json",
+        "--max-segments",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["segments"].as_array().unwrap().len(), 4);
+    assert_eq!(j["segment_counts"]["total"], 31);
+    assert_eq!(j["segment_counts"]["listed"], 4);
+    assert_eq!(j["segment_counts"]["not_listed"], 27);
+    assert_eq!(j["chain"]["psegs"].as_array().unwrap().len(), 31);
+    assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "terminator");
+    let o = xtask(&["inspect", img.to_str().unwrap(), "--max-segments", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("4..=30: not read (beyond the budget of 4 segments)"));
+}
