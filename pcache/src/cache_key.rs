@@ -516,6 +516,15 @@ pub struct LogWalker<'a, P: Pmem + ?Sized> {
     buf: Vec<u8>,
 }
 
+impl<P: Pmem + ?Sized> core::fmt::Debug for LogWalker<'_, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("LogWalker")
+            .field("chain_len", &self.chain.len())
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a, P: Pmem + ?Sized> LogWalker<'a, P> {
     /// Starts at `start`, which the caller has bounds-checked (cache_seg_id <
     /// chain.len(), seg_off < data_size).
