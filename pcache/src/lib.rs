@@ -2,7 +2,9 @@
 //! cache target, byte-compatible with the kernel's on-media format (M2/H of
 //! `pcache-format.md`).
 //!
-//! Part 1 (this crate so far): the on-media format ([`mod@format`]), persistent
+//! Part 1 (this crate so far): what every on-media record shares
+//! ([`mod@format`]; each record is declared next to its concept, all
+//! re-exported by [`records`]), persistent
 //! memory ([`pmem`]) and backing devices ([`backing`]), the cache-device layer
 //! ([`cache_dev`]), segments ([`segment`]), dual-copy metadata ([`meta`]),
 //! cache start ([`cache`]) with the key-set log check ([`cache_key`]), and
