@@ -327,7 +327,7 @@ fn word_events(base: &SparsePmem, window: Option<(u32, u32)>) -> (SparsePmem, Ve
     // The image at the window's start, and the window as word events.
     let mut img = base.clone();
     for a in &events[..from] {
-        pcache::pmem::apply_access(&mut img, a);
+        pcache::pmem::apply_event(&mut img, a);
     }
     let start = img.clone();
     let mut out = Vec::new();
@@ -350,7 +350,7 @@ fn word_events(base: &SparsePmem, window: Option<(u32, u32)>) -> (SparsePmem, Ve
             Access::Fence => out.push(WordEvent::Fence),
             _ => {}
         }
-        pcache::pmem::apply_access(&mut img, a);
+        pcache::pmem::apply_event(&mut img, a);
     }
     (start, out)
 }

@@ -10,18 +10,125 @@
 
 use alloc::vec::Vec;
 use serde::Serialize;
+use zerocopy::little_endian::U32;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::cache_dev::SegBitmap;
 use crate::cache_key::{walk_log, CachePos, LogSummary};
 use crate::format::{
-    cache_info_slot_off, CacheInfo, CachePosOnMedia, DualRecord, CACHE_INFO_F_INIT_DONE,
-    CACHE_INFO_OFF, CACHE_INFO_SIZE, CACHE_POS_STRIDE, DATA_SIZE, DIRTY_TAIL_OFF, KEY_TAIL_OFF,
+    cache_info_slot_off, le, meta_record, DualRecord, MetaHeader, CACHE_INFO_F_DATA_CRC,
+    CACHE_INFO_F_INIT_DONE, CACHE_INFO_GC_MASK, CACHE_INFO_GC_SHIFT, CACHE_INFO_MODE_MASK,
+    CACHE_INFO_MODE_SHIFT, CACHE_INFO_OFF, CACHE_INFO_SIZE, CACHE_POS_STRIDE, DATA_SIZE,
+    DIRTY_TAIL_OFF, GC_PERCENT_DEFAULT, KEY_TAIL_OFF,
 };
 use crate::hooks::{CrashPoint, Hooks};
 use crate::meta::{read_slots, write_dual, DualCopy, Policy, Slots};
 use crate::pmem::{Pmem, PmemError};
 use crate::report::{ActivationReport, Mode, Options, Refusal, SlotSeq, Tail, TailReport};
-use crate::segment::{format_segment, link_segment, read_seg_gen, read_seg_info, Segment};
+use crate::segment::{format_segment, link_segment, read_seg_gen, read_seg_info, SegInfo, Segment};
+
+/// `struct pcache_cache_info`, 24 bytes, slots at dev+8192 and dev+12288 (§3.3).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct CacheInfo {
+    /// Header (CRC over bytes 4..23).
+    pub header: MetaHeader,
+    /// Physical segment id of cache segment 0.
+    #[serde(serialize_with = "le")]
+    pub seg_id: U32,
+    /// Number of segments in the chain.
+    #[serde(serialize_with = "le")]
+    pub n_segs: U32,
+    /// Flags (DATA_CRC, INIT_DONE, mode, gc_percent).
+    #[serde(serialize_with = "le")]
+    pub flags: U32,
+    /// Reserved (0).
+    #[serde(serialize_with = "le")]
+    pub reserved: U32,
+}
+
+meta_record!(CacheInfo, 24);
+
+impl CacheInfo {
+    /// Flags of a fresh cache: INIT_DONE clear, mode 0, gc_percent 70, DATA_CRC as asked.
+    pub fn default_flags(data_crc: bool) -> u32 {
+        (GC_PERCENT_DEFAULT << CACHE_INFO_GC_SHIFT)
+            | if data_crc { CACHE_INFO_F_DATA_CRC } else { 0 }
+    }
+
+    /// DATA_CRC flag.
+    pub fn data_crc(&self) -> bool {
+        self.flags.get() & CACHE_INFO_F_DATA_CRC != 0
+    }
+
+    /// INIT_DONE flag.
+    pub fn init_done(&self) -> bool {
+        self.flags.get() & CACHE_INFO_F_INIT_DONE != 0
+    }
+
+    /// Cache mode (0 = writeback).
+    pub fn cache_mode(&self) -> u32 {
+        (self.flags.get() >> CACHE_INFO_MODE_SHIFT) & CACHE_INFO_MODE_MASK
+    }
+
+    /// gc_percent.
+    pub fn gc_percent(&self) -> u32 {
+        (self.flags.get() >> CACHE_INFO_GC_SHIFT) & CACHE_INFO_GC_MASK
+    }
+}
+
+/// `struct pcache_cache_pos_onmedia`, 16 bytes: a log position (key_tail,
+/// dirty_tail), slots 16 bytes apart in cache_ctrl (§3.4).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct CachePosOnMedia {
+    /// Header (CRC over bytes 4..15).
+    pub header: MetaHeader,
+    /// Cache segment id (chain index).
+    #[serde(serialize_with = "le")]
+    pub cache_seg_id: U32,
+    /// Offset inside that segment's data area.
+    #[serde(serialize_with = "le")]
+    pub seg_off: U32,
+}
+
+meta_record!(CachePosOnMedia, 16);
+
+impl CachePosOnMedia {
+    /// The position it holds.
+    pub fn pos(&self) -> CachePos {
+        CachePos {
+            cache_seg_id: self.cache_seg_id.get(),
+            seg_off: self.seg_off.get(),
+        }
+    }
+}
 
 /// A tail in memory: position and dual-copy state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -99,8 +206,8 @@ impl Cache {
             slot,
             seq: self.info_state.seq as u8,
         });
-        rep.cache_info_flags = Some(self.info.flags);
-        rep.n_segs = Some(self.info.n_segs);
+        rep.cache_info_flags = Some(self.info.flags.get());
+        rep.n_segs = Some(self.info.n_segs.get());
         rep.key_tail = self.key_tail.report();
         rep.dirty_tail = self.dirty_tail.report();
         rep.chain_len = self.segments.len() as u32;
@@ -145,6 +252,169 @@ pub fn read_tail<P: Pmem + ?Sized>(
     read_slots(pmem, tail_base(tail), CACHE_POS_STRIDE)
 }
 
+/// Why the segment chain of a cache_info cannot be followed (§5.4; checks no
+/// kernel has beyond n_segs and the range: cycles and duplicates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ChainError {
+    /// cache_info.n_segs is 0 or larger than seg_num.
+    #[error("cache_info n_segs {n_segs} out of range (1..={seg_num})")]
+    NSegs {
+        /// n_segs found.
+        n_segs: u32,
+        /// seg_num.
+        seg_num: u32,
+    },
+    /// A cache segment maps to a physical segment beyond seg_num.
+    #[error("cache segment {cache_seg} maps to physical segment {pseg}, beyond seg_num {seg_num}")]
+    SegOutOfRange {
+        /// Cache segment id.
+        cache_seg: u32,
+        /// Physical id found.
+        pseg: u32,
+        /// seg_num.
+        seg_num: u32,
+    },
+    /// A segment before the end of the chain has no HAS_NEXT.
+    #[error(
+        "cache segment {cache_seg} (physical {pseg}) has no next segment, but n_segs is {n_segs}"
+    )]
+    Broken {
+        /// Cache segment id that has no successor.
+        cache_seg: u32,
+        /// Its physical id.
+        pseg: u32,
+        /// Chain length cache_info asks for.
+        n_segs: u32,
+    },
+    /// A physical segment appears twice in the chain.
+    #[error(
+        "physical segment {pseg} appears again as cache segment {cache_seg} (cycle or duplicate)"
+    )]
+    Duplicate {
+        /// Cache segment id where it appears again.
+        cache_seg: u32,
+        /// Physical id.
+        pseg: u32,
+    },
+    /// A segment of the chain has no valid segment info.
+    #[error("cache segment {cache_seg} (physical {pseg}) has no valid segment info")]
+    SegInfoMissing {
+        /// Cache segment id.
+        cache_seg: u32,
+        /// Physical id.
+        pseg: u32,
+    },
+}
+
+impl From<ChainError> for Refusal {
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::NSegs { n_segs, seg_num } => Refusal::NSegs { n_segs, seg_num },
+            ChainError::SegOutOfRange {
+                cache_seg,
+                pseg,
+                seg_num,
+            } => Refusal::ChainSegOutOfRange {
+                cache_seg,
+                pseg,
+                seg_num,
+            },
+            ChainError::Broken {
+                cache_seg,
+                pseg,
+                n_segs,
+            } => Refusal::ChainBroken {
+                cache_seg,
+                pseg,
+                n_segs,
+            },
+            ChainError::Duplicate { cache_seg, pseg } => {
+                Refusal::ChainDuplicate { cache_seg, pseg }
+            }
+            ChainError::SegInfoMissing { cache_seg, pseg } => {
+                Refusal::SegInfoMissing { cache_seg, pseg }
+            }
+        }
+    }
+}
+
+/// The segment chain as far as it could be followed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainWalk {
+    /// Physical segment of each cache segment followed, in chain order (a
+    /// segment without valid info is included, as the last).
+    pub psegs: Vec<u32>,
+    /// The physical segments in `psegs` (over seg_num segments).
+    pub map: SegBitmap,
+    /// Why the walk stopped before n_segs segments, if it did.
+    pub error: Option<ChainError>,
+}
+
+/// Follows the chain of `n_segs` segments from physical segment `seg_id` on a
+/// device of `seg_num` segments, reading each segment's info (§5.4): the one
+/// place where the chain rule lives, for activation and the inspector alike.
+/// n_segs is checked first (0 or above seg_num: nothing is read); then each
+/// segment must be in range, not already in the chain, and hold a valid
+/// segment info, whose HAS_NEXT / next_seg lead to the next one. `each(cseg,
+/// pseg, (slot, info))` sees every segment with valid info, in order; it
+/// returns false to stop the walk. Terminates on any media: every step visits
+/// a new physical segment.
+pub fn walk_chain<P: Pmem + ?Sized>(
+    pmem: &P,
+    seg_id: u32,
+    n_segs: u32,
+    seg_num: u32,
+    mut each: impl FnMut(u32, u32, (usize, SegInfo)) -> bool,
+) -> Result<ChainWalk, PmemError> {
+    let mut walk = ChainWalk {
+        psegs: Vec::new(),
+        map: SegBitmap::new(seg_num),
+        error: None,
+    };
+    if n_segs == 0 || n_segs > seg_num {
+        walk.error = Some(ChainError::NSegs { n_segs, seg_num });
+        return Ok(walk);
+    }
+    let mut pseg = seg_id;
+    for cache_seg in 0..n_segs {
+        if pseg >= seg_num {
+            walk.error = Some(ChainError::SegOutOfRange {
+                cache_seg,
+                pseg,
+                seg_num,
+            });
+            break;
+        }
+        if walk.map.set(pseg) {
+            walk.error = Some(ChainError::Duplicate { cache_seg, pseg });
+            break;
+        }
+        walk.psegs.push(pseg);
+        let slots = read_seg_info(pmem, pseg)?;
+        let Some(latest) = slots.latest_record() else {
+            walk.error = Some(ChainError::SegInfoMissing { cache_seg, pseg });
+            break;
+        };
+        if !each(cache_seg, pseg, latest) {
+            break;
+        }
+        if cache_seg + 1 < n_segs {
+            let info = latest.1;
+            if !info.has_next() {
+                walk.error = Some(ChainError::Broken {
+                    cache_seg,
+                    pseg,
+                    n_segs,
+                });
+                break;
+            }
+            pseg = info.next_seg.get();
+        }
+    }
+    Ok(walk)
+}
+
 /// An existing cache, checked and not yet written to.
 #[derive(Clone, Debug)]
 pub(crate) struct Loaded {
@@ -165,10 +435,7 @@ fn load_tail<P: Pmem + ?Sized>(
 ) -> Result<TailState, Refusal> {
     let slots = read_tail(pmem, tail)?;
     let (slot, rec) = slots.latest_record().ok_or(Refusal::TailMissing { tail })?;
-    let pos = CachePos {
-        cache_seg_id: rec.cache_seg_id,
-        seg_off: rec.seg_off,
-    };
+    let pos = rec.pos();
     if pos.cache_seg_id >= n_segs || pos.seg_off as u64 >= DATA_SIZE {
         return Err(Refusal::TailOutOfRange { tail, pos, n_segs });
     }
@@ -195,66 +462,60 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
         slot: info_slot,
         seq: info.header.seq,
     });
-    rep.cache_info_flags = Some(info.flags);
-    rep.n_segs = Some(info.n_segs);
+    rep.cache_info_flags = Some(info.flags.get());
+    rep.n_segs = Some(info.n_segs.get());
     if info.data_crc() != opts.data_crc {
         return Err(Refusal::DataCrcOption {
             option: opts.data_crc,
             cache: info.data_crc(),
         });
     }
-    check_n_segs(info.n_segs, seg_num)?;
+    let n_segs = info.n_segs.get();
 
-    // The chain.
-    let mut dev_map = SegBitmap::new(seg_num);
-    let mut segments: Vec<Segment> = Vec::with_capacity(info.n_segs as usize);
-    for i in 0..info.n_segs {
-        let pseg = match segments.last() {
-            None => info.seg_id,
-            Some(prev) => {
-                if !prev.info.has_next() {
-                    return Err(Refusal::ChainBroken {
-                        cache_seg: i - 1,
-                        pseg: prev.pseg,
-                        n_segs: info.n_segs,
-                    });
+    // The chain (the walker checks n_segs before reading anything; n_segs is
+    // untrusted until then, so it does not size the allocation).
+    let mut segments: Vec<Segment> = Vec::with_capacity(n_segs.min(seg_num) as usize);
+    let mut gen_err = None;
+    let walk = walk_chain(
+        pmem,
+        info.seg_id.get(),
+        n_segs,
+        seg_num,
+        |_, pseg, (slot, seg_info)| {
+            let gen = match read_seg_gen(pmem, pseg) {
+                Ok(g) => g,
+                Err(e) => {
+                    gen_err = Some(e);
+                    return false;
                 }
-                prev.info.next_seg
-            }
-        };
-        if pseg >= seg_num {
-            return Err(Refusal::ChainSegOutOfRange {
-                cache_seg: i,
+            };
+            let (gen_val, gen_state) = match gen.latest_record() {
+                Some((slot, g)) => (g.gen.get(), DualCopy::loaded(Policy::A, slot, g.header.seq)),
+                None => (0, DualCopy::fresh(Policy::A)),
+            };
+            segments.push(Segment {
                 pseg,
-                seg_num,
+                info: seg_info,
+                info_state: DualCopy::loaded(Policy::A, slot, seg_info.header.seq),
+                gen: gen_val,
+                gen_state,
             });
-        }
-        if dev_map.set(pseg) {
-            return Err(Refusal::ChainDuplicate { cache_seg: i, pseg });
-        }
-        let si = read_seg_info(pmem, pseg)?;
-        let (info_slot, seg_info) = si
-            .latest_record()
-            .ok_or(Refusal::SegInfoMissing { cache_seg: i, pseg })?;
-        let gen = read_seg_gen(pmem, pseg)?;
-        let (gen_val, gen_state) = match gen.latest_record() {
-            Some((slot, g)) => (g.gen, DualCopy::loaded(Policy::A, slot, g.header.seq)),
-            None => (0, DualCopy::fresh(Policy::A)),
-        };
-        segments.push(Segment {
-            pseg,
-            info: seg_info,
-            info_state: DualCopy::loaded(Policy::A, info_slot, seg_info.header.seq),
-            gen: gen_val,
-            gen_state,
-        });
-        rep.chain_len = segments.len() as u32;
+            rep.chain_len = segments.len() as u32;
+            true
+        },
+    )?;
+    if let Some(e) = gen_err {
+        return Err(e.into());
     }
+    if let Some(e) = walk.error {
+        return Err(e.into());
+    }
+    let dev_map = walk.map;
 
     // The tails (key_tail first, as the kernel).
-    let key_tail = load_tail(pmem, Tail::KeyTail, info.n_segs, opts.mode)?;
+    let key_tail = load_tail(pmem, Tail::KeyTail, n_segs, opts.mode)?;
     rep.key_tail = key_tail.report();
-    let dirty_tail = load_tail(pmem, Tail::DirtyTail, info.n_segs, opts.mode)?;
+    let dirty_tail = load_tail(pmem, Tail::DirtyTail, n_segs, opts.mode)?;
     rep.dirty_tail = dirty_tail.report();
 
     // The log from key_tail: every record is validated; a record no kernel
@@ -332,7 +593,7 @@ fn write_cache_info<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     state: &mut DualCopy,
     mut info: CacheInfo,
 ) -> Result<(usize, CacheInfo), PmemError> {
-    info.flags |= CACHE_INFO_F_INIT_DONE;
+    info.flags.set(info.flags.get() | CACHE_INFO_F_INIT_DONE);
     write_dual(
         pmem,
         hooks,
@@ -364,8 +625,8 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     rep: &mut ActivationReport,
 ) -> Result<Cache, Refusal> {
     let defaults = CacheInfo {
-        n_segs: seg_num,
-        flags: CacheInfo::default_flags(opts.data_crc),
+        n_segs: seg_num.into(),
+        flags: (CacheInfo::default_flags(opts.data_crc)).into(),
         ..Default::default()
     };
     let (mut info, mut info_state) = match found {
@@ -386,17 +647,17 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
             }
         }
     };
-    check_n_segs(info.n_segs, seg_num)?;
+    let n_segs = info.n_segs.get();
+    check_n_segs(n_segs, seg_num)?;
 
     let mut dev_map = SegBitmap::new(seg_num);
-    let mut segments: Vec<Segment> = Vec::with_capacity(info.n_segs as usize);
-    for i in 0..info.n_segs {
-        let pseg = dev_map.alloc_lowest().ok_or(Refusal::NSegs {
-            n_segs: info.n_segs,
-            seg_num,
-        })?;
+    let mut segments: Vec<Segment> = Vec::with_capacity(n_segs as usize);
+    for i in 0..n_segs {
+        let pseg = dev_map
+            .alloc_lowest()
+            .ok_or(Refusal::NSegs { n_segs, seg_num })?;
         match segments.last_mut() {
-            None => info.seg_id = pseg,
+            None => info.seg_id.set(pseg),
             Some(prev) => link_segment(pmem, hooks, prev, pseg)?,
         }
         segments.push(format_segment(pmem, hooks, pseg)?);
@@ -433,8 +694,8 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
             CACHE_POS_STRIDE,
             &mut t.state,
             CachePosOnMedia {
-                cache_seg_id: t.pos.cache_seg_id,
-                seg_off: t.pos.seg_off,
+                cache_seg_id: (t.pos.cache_seg_id).into(),
+                seg_off: (t.pos.seg_off).into(),
                 ..Default::default()
             },
         )?;
@@ -452,4 +713,189 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         seg_map,
         dev_map,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Record;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: alloc::string::String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn ci(seq: u8, seg_id: u32, n_segs: u32, flags: u32) -> CacheInfo {
+        CacheInfo {
+            header: MetaHeader {
+                seq,
+                ..Default::default()
+            },
+            seg_id: seg_id.into(),
+            n_segs: n_segs.into(),
+            flags: flags.into(),
+            reserved: 0.into(),
+        }
+    }
+
+    #[test]
+    fn cache_info_vectors() {
+        for (rec, crc, bytes) in [
+            (
+                ci(1, 0, 31, 0x1182),
+                0xddca_fe6d,
+                "6dfecadd 01000000 00000000 1f000000 82110000 00000000",
+            ),
+            (
+                ci(1, 0, 31, 0x1183),
+                0x94f6_834a,
+                "4a83f694 01000000 00000000 1f000000 83110000 00000000",
+            ),
+            (
+                ci(2, 0, 63, 0x1182),
+                0xb65d_568c,
+                "8c565db6 02000000 00000000 3f000000 82110000 00000000",
+            ),
+        ] {
+            assert_eq!(rec.computed_crc(), crc);
+            assert_eq!(rec.to_bytes().to_vec(), hex(bytes));
+            let d = CacheInfo::read_from_bytes(&hex(bytes)).unwrap();
+            assert!(d.crc_ok());
+            assert_eq!(d.header.crc, crc);
+            assert_eq!(
+                (d.seg_id, d.n_segs, d.flags),
+                (rec.seg_id, rec.n_segs, rec.flags)
+            );
+        }
+        assert_eq!(
+            CacheInfo::default_flags(false) | CACHE_INFO_F_INIT_DONE,
+            0x1182
+        );
+        assert_eq!(
+            CacheInfo::default_flags(true) | CACHE_INFO_F_INIT_DONE,
+            0x1183
+        );
+        let d = ci(1, 0, 31, 0x1181);
+        assert!(d.data_crc() && !d.init_done());
+        assert!(ci(1, 0, 31, 0x1182).init_done());
+        assert_eq!(d.gc_percent(), 70);
+        assert_eq!(d.cache_mode(), 0);
+    }
+
+    fn pos(seq: u8, cseg: u32, off: u32) -> CachePosOnMedia {
+        CachePosOnMedia {
+            header: MetaHeader {
+                seq,
+                ..Default::default()
+            },
+            cache_seg_id: cseg.into(),
+            seg_off: off.into(),
+        }
+    }
+
+    #[test]
+    fn cache_pos_vectors() {
+        for (rec, crc, bytes) in [
+            (
+                pos(1, 0, 0),
+                0x6ef5_dfb0,
+                "b0dff56e 01000000 00000000 00000000",
+            ),
+            (
+                pos(2, 0, 5144),
+                0xcc3b_a8ab,
+                "aba83bcc 02000000 00000000 18140000",
+            ),
+            (
+                pos(255, 3, 4096),
+                0x6ac6_c263,
+                "63c2c66a ff000000 03000000 00100000",
+            ),
+            (
+                pos(0, 3, 8192),
+                0x6584_77fd,
+                "fd778465 00000000 03000000 00200000",
+            ),
+        ] {
+            assert_eq!(rec.computed_crc(), crc);
+            assert_eq!(rec.to_bytes().to_vec(), hex(bytes));
+            let d = CachePosOnMedia::read_from_bytes(&hex(bytes)).unwrap();
+            assert!(d.crc_ok());
+            assert_eq!((d.cache_seg_id, d.seg_off), (rec.cache_seg_id, rec.seg_off));
+        }
+    }
+
+    /// Activation and the inspector follow the chain with the same walker,
+    /// so they stop at the same segment for the same reason.
+    #[test]
+    fn activation_and_inspector_share_the_chain_rule() {
+        use crate::format::seg_info_slot_off;
+        use crate::inspect::{inspect, InspectOptions};
+        use crate::pmem::SparsePmem;
+        use crate::{activate, NoHooks, Options, Outcome};
+
+        let info = |flags: u32, next: u32| {
+            SegInfo {
+                header: MetaHeader::with_seq(9),
+                flags: flags.into(),
+                next_seg: next.into(),
+            }
+            .to_bytes()
+        };
+        let cases: [(&str, u32, u32, ChainError); 3] = [
+            // cache segment 4 (physical 4) leads back to physical 2.
+            (
+                "cycle",
+                4,
+                0x3,
+                ChainError::Duplicate {
+                    cache_seg: 5,
+                    pseg: 2,
+                },
+            ),
+            (
+                "broken",
+                4,
+                0x2,
+                ChainError::Broken {
+                    cache_seg: 4,
+                    pseg: 4,
+                    n_segs: 31,
+                },
+            ),
+            (
+                "out of range",
+                4,
+                0x3,
+                ChainError::SegOutOfRange {
+                    cache_seg: 5,
+                    pseg: 99,
+                    seg_num: 31,
+                },
+            ),
+        ];
+        for (name, pseg, flags, want) in cases {
+            let mut dev = SparsePmem::new(512 << 20);
+            let opts = Options::default();
+            assert_eq!(
+                activate(&mut dev, &opts, &mut NoHooks).outcome,
+                Outcome::Formatted
+            );
+            let next = if name == "out of range" { 99 } else { 2 };
+            // Both slots, so whichever is current says the same.
+            for slot in 0..2 {
+                dev.write_bytes(seg_info_slot_off(pseg, slot), &info(flags, next))
+                    .unwrap();
+            }
+            let seen = inspect(&dev, &InspectOptions::default()).unwrap();
+            let chain = seen.chain.expect("a valid cache_info");
+            assert_eq!(chain.error, Some(want), "{name}: inspector");
+            let rep = activate(&mut dev, &opts, &mut NoHooks);
+            assert_eq!(rep.outcome, Outcome::Refused, "{name}");
+            assert_eq!(rep.refusal, Some(Refusal::from(want)), "{name}: activation");
+        }
+    }
 }

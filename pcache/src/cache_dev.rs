@@ -4,19 +4,82 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use serde::Serialize;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::format::{
-    seg_num_for_size, Superblock, CACHE_SEGS_MAX, META_ZERO_LEN, META_ZERO_OFF, PCACHE_MAGIC,
+    le, seg_num_for_size, Record, CACHE_SEGS_MAX, META_ZERO_LEN, META_ZERO_OFF, PCACHE_MAGIC,
     SB_F_BIGENDIAN, SB_OFF,
 };
 use crate::hooks::{CrashPoint, Hooks};
 use crate::pmem::{write_words, Pmem, PmemError};
 
+/// `struct pcache_sb`, 24 bytes at dev+4096 (§3.2).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct Superblock {
+    /// Stored CRC over bytes 4..23.
+    #[serde(serialize_with = "le")]
+    pub crc: U32,
+    /// Flags (bit 0: big-endian host).
+    #[serde(serialize_with = "le")]
+    pub flags: U32,
+    /// [`PCACHE_MAGIC`]; 0 = unformatted.
+    #[serde(serialize_with = "le")]
+    pub magic: U64,
+    /// Number of physical segments.
+    #[serde(serialize_with = "le")]
+    pub seg_num: U32,
+    /// Padding bytes 20..23, inside the CRC (kept as found by the kernel).
+    #[serde(serialize_with = "le")]
+    pub pad: U32,
+}
+
+const _: () = assert!(
+    core::mem::size_of::<Superblock>() == 24 && core::mem::offset_of!(Superblock, crc) == 0
+);
+
+impl Record for Superblock {
+    fn crc(&self) -> u32 {
+        self.crc.get()
+    }
+    fn set_crc(&mut self, crc: u32) {
+        self.crc.set(crc);
+    }
+}
+
+impl Superblock {
+    /// A superblock for `seg_num` segments with the given padding, CRC computed.
+    pub fn new(seg_num: u32, pad: u32) -> Self {
+        Superblock {
+            crc: U32::ZERO,
+            flags: U32::ZERO,
+            magic: PCACHE_MAGIC.into(),
+            seg_num: seg_num.into(),
+            pad: pad.into(),
+        }
+        .sealed()
+    }
+}
+
 /// Reads the 24-byte superblock at dev+4096.
 pub fn read_sb<P: Pmem + ?Sized>(pmem: &P) -> Result<Superblock, PmemError> {
-    let mut b = [0u8; Superblock::SIZE];
-    pmem.read(SB_OFF, &mut b)?;
-    Ok(Superblock::from_bytes(&b))
+    let mut sb = Superblock::new_zeroed();
+    pmem.read(SB_OFF, sb.as_mut_bytes())?;
+    Ok(sb)
 }
 
 /// The largest `seg_num` a device of `dev_size` bytes can have (its capacity,
@@ -108,36 +171,28 @@ impl core::fmt::Display for SbState {
 
 /// Classifies a superblock read from a device of `dev_size` bytes.
 pub fn classify_sb(sb: &Superblock, dev_size: u64) -> SbState {
-    if sb.magic == 0 {
+    let (magic, flags, seg_num) = (sb.magic.get(), sb.flags.get(), sb.seg_num.get());
+    if magic == 0 {
         return SbState::Unformatted;
     }
     let crc_ok = sb.crc_ok();
-    if sb.magic != PCACHE_MAGIC {
-        return SbState::BadMagic {
-            magic: sb.magic,
-            crc_ok,
-        };
+    if magic != PCACHE_MAGIC {
+        return SbState::BadMagic { magic, crc_ok };
     }
     if !crc_ok {
         return SbState::CrcMismatch {
-            stored: sb.crc,
+            stored: sb.crc(),
             computed: sb.computed_crc(),
         };
     }
-    if sb.flags & SB_F_BIGENDIAN != 0 {
-        return SbState::BigEndian { flags: sb.flags };
+    if flags & SB_F_BIGENDIAN != 0 {
+        return SbState::BigEndian { flags };
     }
     let max = max_seg_num(dev_size);
-    if sb.seg_num == 0 || sb.seg_num > max {
-        return SbState::SegNumOutOfRange {
-            seg_num: sb.seg_num,
-            max,
-        };
+    if seg_num == 0 || seg_num > max {
+        return SbState::SegNumOutOfRange { seg_num, max };
     }
-    SbState::Valid {
-        seg_num: sb.seg_num,
-        flags: sb.flags,
-    }
+    SbState::Valid { seg_num, flags }
 }
 
 /// C1: zeroes both cache_info slots and cache_ctrl (12 KiB) with ordinary
@@ -165,7 +220,7 @@ pub fn write_sb<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     sb: &Superblock,
 ) -> Result<(), PmemError> {
     hooks.begin(CrashPoint::SbWrite);
-    write_words(pmem, SB_OFF, &sb.to_bytes())?;
+    write_words(pmem, SB_OFF, sb.sealed().as_bytes())?;
     pmem.fence()?;
     hooks.end(CrashPoint::SbWrite);
     Ok(())
@@ -235,7 +290,42 @@ impl SegBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::MB;
+    use crate::format::{pcache_crc, MB};
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: alloc::string::String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn superblock_vectors() {
+        for (size, seg_num, crc, bytes) in [
+            (
+                512 * MB,
+                31,
+                0x047f_7742,
+                "42777f04 00000000 ef96c596fa5eb065 1f000000 00000000",
+            ),
+            (
+                1024 * MB,
+                63,
+                0x097f_12db,
+                "db127f09 00000000 ef96c596fa5eb065 3f000000 00000000",
+            ),
+        ] {
+            assert_eq!(seg_num_for_size(size), seg_num);
+            let sb = Superblock::new(seg_num as u32, 0);
+            assert_eq!(sb.crc(), crc);
+            assert_eq!(sb.to_bytes().to_vec(), hex(bytes));
+            let d = Superblock::read_from_bytes(&hex(bytes)).unwrap();
+            assert!(d.crc_ok());
+            assert_eq!(d, sb);
+            assert_eq!(d.computed_crc(), pcache_crc(&hex(bytes)[4..]));
+        }
+    }
 
     #[test]
     fn classify_in_kernel_order() {
@@ -253,7 +343,7 @@ mod tests {
             SbState::Unformatted
         );
         let mut foreign = good;
-        foreign.magic = 0x1234;
+        foreign.magic.set(0x1234);
         assert!(matches!(
             classify_sb(&foreign, size),
             SbState::BadMagic {
@@ -262,7 +352,7 @@ mod tests {
             }
         ));
         let mut torn = good;
-        torn.seg_num = 0;
+        torn.seg_num.set(0);
         assert!(matches!(
             classify_sb(&torn, size),
             SbState::CrcMismatch { .. }
@@ -275,13 +365,13 @@ mod tests {
             );
         }
         let mut be = Superblock::new(31, 0);
-        be.flags = 1;
-        be.crc = be.computed_crc();
+        be.flags.set(1);
+        let be = be.sealed();
         assert_eq!(classify_sb(&be, size), SbState::BigEndian { flags: 1 });
         // Other flag bits are not interpreted (as the kernel).
         let mut other = Superblock::new(31, 0);
-        other.flags = 0x10;
-        other.crc = other.computed_crc();
+        other.flags.set(0x10);
+        let other = other.sealed();
         assert!(classify_sb(&other, size).is_valid());
         // The maximum applies to huge devices.
         assert_eq!(max_seg_num(u64::MAX), CACHE_SEGS_MAX);

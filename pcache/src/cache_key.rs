@@ -7,12 +7,426 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use serde::Serialize;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::format::{
-    data_pos, decode_kset, KeyOnMedia, Kset, KsetError, DATA_SIZE, KSET_HEADER_SIZE,
-    KSET_ONMEDIA_SIZE_MAX,
+    crc32c_raw, data_pos, le, pcache_crc, CACHE_SUBTREE_SIZE, DATA_SIZE, KEY_F_CLEAN, KEY_SIZE,
+    KSET_F_LAST, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_MAGIC, KSET_ONMEDIA_SIZE_MAX, SECTOR_SIZE,
 };
 use crate::pmem::{Pmem, PmemError};
+
+// ---------------------------------------------------------------------------
+// On-media records: the key (§3.7) and the key-set (§3.8)
+// ---------------------------------------------------------------------------
+
+/// `struct pcache_cache_key_onmedia`, 40 bytes (§3.7).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct KeyOnMedia {
+    /// Logical byte offset on the backing device.
+    #[serde(serialize_with = "le")]
+    pub off: U64,
+    /// Length in bytes.
+    #[serde(serialize_with = "le")]
+    pub len: U32,
+    /// Flags (EMPTY, CLEAN).
+    #[serde(serialize_with = "le")]
+    pub flags: U32,
+    /// Cache segment holding the data.
+    #[serde(serialize_with = "le")]
+    pub cache_seg_id: U32,
+    /// Offset of the data inside that segment's data area.
+    #[serde(serialize_with = "le")]
+    pub cache_seg_off: U32,
+    /// Generation of the segment at allocation time.
+    #[serde(serialize_with = "le")]
+    pub seg_gen: U64,
+    /// CRC of the data (DATA_CRC caches only).
+    #[serde(serialize_with = "le")]
+    pub data_crc: U32,
+    /// Reserved (0).
+    #[serde(serialize_with = "le")]
+    pub reserved: U32,
+}
+
+const _: () = assert!(core::mem::size_of::<KeyOnMedia>() == KEY_SIZE);
+
+impl KeyOnMedia {
+    /// Checks every value a reader would use as an index or a length, against a
+    /// chain of `n_segs` segments (§3.7; bounds no kernel version checks).
+    pub fn validate(&self, n_segs: u32) -> Result<(), KeyError> {
+        let (off, len, flags) = (self.off.get(), self.len.get(), self.flags.get());
+        let (cache_seg_id, cache_seg_off) = (self.cache_seg_id.get(), self.cache_seg_off.get());
+        if len == 0 {
+            return Err(KeyError::ZeroLength);
+        }
+        if off % SECTOR_SIZE != 0 || len as u64 % SECTOR_SIZE != 0 {
+            return Err(KeyError::Unaligned { off, len });
+        }
+        if len as u64 > CACHE_SUBTREE_SIZE
+            || (off % CACHE_SUBTREE_SIZE) + len as u64 > CACHE_SUBTREE_SIZE
+        {
+            return Err(KeyError::CrossesSubtree { off, len });
+        }
+        if off.checked_add(len as u64).is_none() {
+            return Err(KeyError::CrossesSubtree { off, len });
+        }
+        if flags & !(KEY_F_CLEAN) != 0 {
+            return Err(KeyError::Flags { flags });
+        }
+        if cache_seg_id >= n_segs {
+            return Err(KeyError::SegmentOutOfRange {
+                cache_seg_id,
+                n_segs,
+            });
+        }
+        if cache_seg_off as u64 + len as u64 > DATA_SIZE {
+            return Err(KeyError::BeyondDataArea { cache_seg_off, len });
+        }
+        Ok(())
+    }
+}
+
+/// Why an on-media key is impossible.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum KeyError {
+    /// `len` is 0.
+    #[error("length 0")]
+    ZeroLength,
+    /// `off` or `len` is not a multiple of 512.
+    #[error("offset {off:#x} or length {len} is not sector aligned")]
+    Unaligned {
+        /// Logical offset.
+        off: u64,
+        /// Length.
+        len: u32,
+    },
+    /// The key crosses a 4 MiB-aligned logical boundary.
+    #[error("range {off:#x}+{len} crosses a 4 MiB logical boundary")]
+    CrossesSubtree {
+        /// Logical offset.
+        off: u64,
+        /// Length.
+        len: u32,
+    },
+    /// Flags other than CLEAN (EMPTY is never persisted).
+    #[error("flags {flags:#x} (only CLEAN may be persisted)")]
+    Flags {
+        /// Flags found.
+        flags: u32,
+    },
+    /// `cache_seg_id` is not in the chain.
+    #[error("cache segment {cache_seg_id} out of range (n_segs {n_segs})")]
+    SegmentOutOfRange {
+        /// Cache segment id found.
+        cache_seg_id: u32,
+        /// Chain length.
+        n_segs: u32,
+    },
+    /// The data would cross the end of the segment's data area.
+    #[error(
+        "data at segment offset {cache_seg_off} length {len} crosses the end of the data area"
+    )]
+    BeyondDataArea {
+        /// Offset in the data area.
+        cache_seg_off: u32,
+        /// Length.
+        len: u32,
+    },
+}
+
+// ---------------------------------------------------------------------------
+
+/// `struct pcache_cache_kset_onmedia` header, 24 bytes (§3.8). Its CRC covers
+/// bytes 4.. of the header and the keys that follow it.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct KsetHeader {
+    /// Stored CRC.
+    #[serde(serialize_with = "le")]
+    pub crc: U32,
+    /// Number of keys (normal) or next log segment's cache id (LAST).
+    #[serde(serialize_with = "le")]
+    pub key_num: U32,
+    /// [`KSET_MAGIC`].
+    #[serde(serialize_with = "le")]
+    pub magic: U64,
+    /// Flags (bit 0 LAST).
+    #[serde(serialize_with = "le")]
+    pub flags: U64,
+}
+
+const _: () = assert!(core::mem::size_of::<KsetHeader>() == KSET_HEADER_SIZE);
+
+impl KsetHeader {
+    /// LAST flag.
+    pub fn is_last(&self) -> bool {
+        self.flags.get() & KSET_F_LAST != 0
+    }
+}
+
+/// A valid key-set log record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Kset {
+    /// A normal key-set with 1..=128 keys.
+    Keys {
+        /// The keys, in log order.
+        keys: Vec<KeyOnMedia>,
+    },
+    /// A chain link: the log continues at data offset 0 of this cache segment.
+    Last {
+        /// Next log segment (cache segment id).
+        next_cache_seg_id: u32,
+    },
+}
+
+impl Kset {
+    /// Size of the record on media.
+    pub fn size(&self) -> usize {
+        match self {
+            Kset::Keys { keys } => KSET_HEADER_SIZE + keys.len() * KEY_SIZE,
+            Kset::Last { .. } => KSET_HEADER_SIZE,
+        }
+    }
+
+    /// Encodes the record with magic and CRC.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let (key_num, flags, keys): (u32, u64, &[KeyOnMedia]) = match self {
+            Kset::Keys { keys } => (keys.len() as u32, 0, keys),
+            Kset::Last { next_cache_seg_id } => (*next_cache_seg_id, KSET_F_LAST, &[]),
+        };
+        let mut hdr = KsetHeader {
+            crc: U32::ZERO,
+            key_num: key_num.into(),
+            magic: KSET_MAGIC.into(),
+            flags: flags.into(),
+        };
+        // The CRC register has no final inversion, so it continues over the keys.
+        let crc = crc32c_raw(pcache_crc(&hdr.as_bytes()[4..]), keys.as_bytes());
+        hdr.crc.set(crc);
+        let mut b = Vec::with_capacity(self.size());
+        b.extend_from_slice(hdr.as_bytes());
+        b.extend_from_slice(keys.as_bytes());
+        b
+    }
+}
+
+/// Why the bytes at a log position are not a valid key-set record.
+///
+/// [`KsetError::is_end_of_log`] tells the ordinary ends of a log (a terminator,
+/// a record that never was, a torn record) from records that a kernel can never
+/// have written: those have the key-set magic and a consistent CRC coverage but an
+/// impossible value, and mean a crafted or corrupted image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum KsetError {
+    /// 24 zero bytes: the terminator the writer leaves after the last record.
+    #[error("terminator (zero record)")]
+    Terminator,
+    /// No key-set magic.
+    #[error("no key-set magic (found {magic:#018x})")]
+    NoMagic {
+        /// Magic found.
+        magic: u64,
+    },
+    /// The record's CRC does not match (a torn or never-completed write).
+    #[error("CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    CrcMismatch {
+        /// Stored CRC.
+        stored: u32,
+        /// Computed CRC.
+        computed: u32,
+    },
+    /// Fewer than 24 bytes are left in the data area at this position.
+    #[error("only {space} bytes left in the data area, a record needs at least 24")]
+    NoRoom {
+        /// Bytes left.
+        space: u64,
+    },
+    /// The header claims a record reaching past the data area, so its CRC
+    /// cannot be checked: a torn or stale record (end of log).
+    #[error("the header claims {size} bytes but only {space} are left in the data area (CRC cannot be checked)")]
+    CrcUnverifiable {
+        /// Claimed record size.
+        size: u64,
+        /// Bytes left.
+        space: u64,
+    },
+    /// A normal key-set with a valid CRC and `key_num` 0 or above 128.
+    #[error("key_num {key_num} out of range (1..=128)")]
+    KeyNumOutOfRange {
+        /// key_num found.
+        key_num: u32,
+    },
+    /// A key-set with a valid CRC that leaves no room in the data area for the
+    /// terminator the writer always leaves after it.
+    #[error("key-set of {size} bytes does not fit in the {space} bytes left in the data area")]
+    TooLarge {
+        /// Record size.
+        size: u64,
+        /// Bytes left.
+        space: u64,
+    },
+    /// Flag bits other than LAST.
+    #[error("unknown key-set flags {flags:#x}")]
+    Flags {
+        /// Flags found.
+        flags: u64,
+    },
+    /// A LAST record pointing outside the chain.
+    #[error("next segment id {next_cache_seg_id} out of range (n_segs {n_segs})")]
+    NextSegmentOutOfRange {
+        /// Next cache segment id found.
+        next_cache_seg_id: u32,
+        /// Chain length.
+        n_segs: u32,
+    },
+    /// A key with an impossible value.
+    #[error("key {index}: {error}")]
+    BadKey {
+        /// Index of the key in the record.
+        index: u32,
+        /// What is wrong.
+        error: KeyError,
+    },
+}
+
+impl KsetError {
+    /// True for the ordinary ends of a log (terminator, no magic, torn record);
+    /// false for records no kernel writes (a crafted or corrupted image).
+    pub fn is_end_of_log(&self) -> bool {
+        matches!(
+            self,
+            KsetError::Terminator
+                | KsetError::NoMagic { .. }
+                | KsetError::CrcMismatch { .. }
+                | KsetError::CrcUnverifiable { .. }
+        )
+    }
+}
+
+/// Decodes and validates the key-set record at the start of `buf`, which holds
+/// the bytes from the record's position to the end of the segment's data area
+/// (or fewer: what could be read). `n_segs` bounds segment ids.
+///
+/// Order of checks: room for a header; magic (absent ⇒ end of log); the CRC
+/// over the bytes the header claims (mismatch, or a claim reaching past the
+/// data area so that no CRC can be checked ⇒ end of log: a torn or stale
+/// record, which is what the kernel's replay sees too); then, for a record
+/// whose CRC is valid, every value (key_num 1..=128, room for the terminator
+/// the writer leaves, flags, next segment, keys): a valid CRC over an
+/// impossible value is a record no kernel writes.
+pub fn decode_kset(buf: &[u8], n_segs: u32) -> Result<Kset, KsetError> {
+    let Ok((hdr, _)) = KsetHeader::read_from_prefix(buf) else {
+        return Err(KsetError::NoRoom {
+            space: buf.len() as u64,
+        });
+    };
+    let (key_num, magic) = (hdr.key_num.get(), hdr.magic.get());
+    if magic != KSET_MAGIC {
+        if hdr == KsetHeader::new_zeroed() {
+            return Err(KsetError::Terminator);
+        }
+        return Err(KsetError::NoMagic { magic });
+    }
+    // The size the header claims (u64: key_num is untrusted).
+    let size = if hdr.is_last() {
+        KSET_HEADER_SIZE as u64
+    } else {
+        KSET_HEADER_SIZE as u64 + key_num as u64 * KEY_SIZE as u64
+    };
+    if size > buf.len() as u64 {
+        return Err(KsetError::CrcUnverifiable {
+            size,
+            space: buf.len() as u64,
+        });
+    }
+    let size = size as usize;
+    let computed = pcache_crc(&buf[4..size]);
+    if computed != hdr.crc.get() {
+        return Err(KsetError::CrcMismatch {
+            stored: hdr.crc.get(),
+            computed,
+        });
+    }
+    if !hdr.is_last() {
+        if key_num == 0 || key_num > KSET_KEYS_MAX {
+            return Err(KsetError::KeyNumOutOfRange { key_num });
+        }
+        // The writer leaves room for a terminator after every normal record.
+        if size + KSET_HEADER_SIZE > buf.len() {
+            return Err(KsetError::TooLarge {
+                size: size as u64,
+                space: buf.len() as u64,
+            });
+        }
+    }
+    if hdr.flags.get() & !KSET_F_LAST != 0 {
+        return Err(KsetError::Flags {
+            flags: hdr.flags.get(),
+        });
+    }
+    if hdr.is_last() {
+        if key_num >= n_segs {
+            return Err(KsetError::NextSegmentOutOfRange {
+                next_cache_seg_id: key_num,
+                n_segs,
+            });
+        }
+        return Ok(Kset::Last {
+            next_cache_seg_id: key_num,
+        });
+    }
+    // `size` bytes are in `buf` (checked above), so the keys are too.
+    let keys = <[KeyOnMedia]>::ref_from_bytes(&buf[KSET_HEADER_SIZE..size]).map_err(|_| {
+        KsetError::CrcUnverifiable {
+            size: size as u64,
+            space: buf.len() as u64,
+        }
+    })?;
+    for (i, key) in keys.iter().enumerate() {
+        key.validate(n_segs).map_err(|error| KsetError::BadKey {
+            index: i as u32,
+            error,
+        })?;
+    }
+    Ok(Kset::Keys {
+        keys: keys.to_vec(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The log walk (§5.6)
+// ---------------------------------------------------------------------------
 
 /// A position in the cache: cache segment id and offset in its data area.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -100,6 +514,15 @@ pub struct LogWalker<'a, P: Pmem + ?Sized> {
     pos: CachePos,
     visited: Vec<bool>,
     buf: Vec<u8>,
+}
+
+impl<P: Pmem + ?Sized> core::fmt::Debug for LogWalker<'_, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("LogWalker")
+            .field("chain_len", &self.chain.len())
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a, P: Pmem + ?Sized> LogWalker<'a, P> {
@@ -236,5 +659,210 @@ pub fn record_keys(r: &LogRecord) -> &[KeyOnMedia] {
     match &r.kset {
         Kset::Keys { keys } => keys,
         Kset::Last { .. } => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{KEY_F_EMPTY, MB};
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: alloc::string::String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn put_u32(b: &mut [u8], off: usize, v: u32) {
+        b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put_u64(b: &mut [u8], off: usize, v: u64) {
+        b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    #[test]
+    fn kset_vectors() {
+        let last = Kset::Last {
+            next_cache_seg_id: 5,
+        };
+        let lb = hex("a5c21759 05000000 1a4f164ea6946867 0100000000000000");
+        assert_eq!(last.to_bytes(), lb);
+        let mut area = lb.clone();
+        area.resize(4096, 0);
+        assert_eq!(decode_kset(&area, 31), Ok(last));
+
+        let k1 = KeyOnMedia {
+            off: 0.into(),
+            len: 4096.into(),
+            flags: 0.into(),
+            cache_seg_id: 1.into(),
+            cache_seg_off: 0.into(),
+            seg_gen: 0.into(),
+            data_crc: 0.into(),
+            reserved: 0.into(),
+        };
+        let k1b = "0000000000000000 00100000 00000000 01000000 00000000 0000000000000000 00000000 00000000";
+        let one = Kset::Keys {
+            keys: alloc::vec![k1],
+        };
+        let ob = hex(&(alloc::string::String::from(
+            "14c6d6d4 01000000 1a4f164ea6946867 0000000000000000",
+        ) + k1b));
+        assert_eq!(one.size(), 64);
+        assert_eq!(one.to_bytes(), ob);
+        let mut area = ob.clone();
+        area.resize(4096, 0);
+        assert_eq!(decode_kset(&area, 31), Ok(one));
+
+        let k2 = KeyOnMedia {
+            off: 0x10_0000.into(),
+            len: 4096.into(),
+            flags: KEY_F_CLEAN.into(),
+            cache_seg_id: 2.into(),
+            cache_seg_off: 4096.into(),
+            seg_gen: 7.into(),
+            data_crc: 0x6cfb_71ab.into(),
+            reserved: 0.into(),
+        };
+        let two = Kset::Keys {
+            keys: alloc::vec![k1, k2],
+        };
+        let tb = hex(&(alloc::string::String::from(
+            "196ae580 02000000 1a4f164ea6946867 0000000000000000",
+        ) + k1b
+            + "0000100000000000 00100000 02000000 02000000 00100000 0700000000000000 ab71fb6c 00000000"));
+        assert_eq!(two.size(), 104);
+        assert_eq!(two.to_bytes(), tb);
+        let mut area = tb.clone();
+        area.resize(4096, 0);
+        assert_eq!(decode_kset(&area, 31), Ok(two));
+        // Torn: flip a key byte.
+        area[30] ^= 1;
+        assert!(matches!(
+            decode_kset(&area, 31),
+            Err(KsetError::CrcMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn kset_hostile_values() {
+        assert_eq!(decode_kset(&[0u8; 64], 31), Err(KsetError::Terminator));
+        assert_eq!(
+            decode_kset(&[0u8; 10], 31),
+            Err(KsetError::NoRoom { space: 10 })
+        );
+        // key_num out of range with the magic: hostile only under a valid CRC.
+        let mut b = alloc::vec![0u8; 8192];
+        put_u64(&mut b, 8, KSET_MAGIC);
+        for key_num in [129u32, 0] {
+            put_u32(&mut b, 4, key_num);
+            // A torn write (the magic persisted, the CRC word did not): the
+            // ordinary end of the log, as the kernel's replay sees it.
+            put_u32(&mut b, 0, 0);
+            let torn = decode_kset(&b, 31).unwrap_err();
+            assert!(matches!(torn, KsetError::CrcMismatch { .. }), "{torn:?}");
+            assert!(torn.is_end_of_log());
+            // The same header under a valid CRC: a record no kernel writes.
+            let size = KSET_HEADER_SIZE + key_num as usize * KEY_SIZE;
+            let crc = pcache_crc(&b[4..size]);
+            put_u32(&mut b, 0, crc);
+            let hostile = decode_kset(&b, 31).unwrap_err();
+            assert_eq!(hostile, KsetError::KeyNumOutOfRange { key_num });
+            assert!(!hostile.is_end_of_log());
+        }
+        // A claim past the data area: no CRC can be checked; end of log.
+        put_u32(&mut b, 4, 1_000_000);
+        let far = decode_kset(&b, 31).unwrap_err();
+        assert_eq!(
+            far,
+            KsetError::CrcUnverifiable {
+                size: 24 + 40_000_000,
+                space: 8192
+            }
+        );
+        assert!(far.is_end_of_log());
+        // LAST pointing out of the chain (with a valid CRC).
+        let l = Kset::Last {
+            next_cache_seg_id: 31,
+        }
+        .to_bytes();
+        assert_eq!(
+            decode_kset(&l, 31),
+            Err(KsetError::NextSegmentOutOfRange {
+                next_cache_seg_id: 31,
+                n_segs: 31
+            })
+        );
+        // A key in a segment outside the chain (valid CRC).
+        let k = KeyOnMedia {
+            off: 0.into(),
+            len: 4096.into(),
+            cache_seg_id: 40.into(),
+            ..Default::default()
+        };
+        let mut r = Kset::Keys {
+            keys: alloc::vec![k],
+        }
+        .to_bytes();
+        r.resize(200, 0);
+        assert!(matches!(
+            decode_kset(&r, 31),
+            Err(KsetError::BadKey {
+                index: 0,
+                error: KeyError::SegmentOutOfRange { .. }
+            })
+        ));
+        // Too large for the space left.
+        assert!(matches!(
+            decode_kset(&r[..70], 31),
+            Err(KsetError::TooLarge {
+                size: 64,
+                space: 70
+            })
+        ));
+    }
+
+    #[test]
+    fn key_validation() {
+        let ok = KeyOnMedia {
+            off: (4 * MB - 4096).into(),
+            len: 4096.into(),
+            cache_seg_id: 3.into(),
+            cache_seg_off: ((DATA_SIZE - 4096) as u32).into(),
+            ..Default::default()
+        };
+        assert_eq!(ok.validate(4), Ok(()));
+        assert!(ok.validate(3).is_err());
+        let cross = KeyOnMedia {
+            len: 8192.into(),
+            ..ok
+        };
+        assert!(matches!(
+            cross.validate(4),
+            Err(KeyError::CrossesSubtree { .. })
+        ));
+        let beyond = KeyOnMedia {
+            off: 0.into(),
+            len: 8192.into(),
+            ..ok
+        };
+        assert!(matches!(
+            beyond.validate(4),
+            Err(KeyError::BeyondDataArea { .. })
+        ));
+        let empty = KeyOnMedia {
+            flags: KEY_F_EMPTY.into(),
+            ..ok
+        };
+        assert!(matches!(empty.validate(4), Err(KeyError::Flags { .. })));
+        let huge = KeyOnMedia {
+            off: (u64::MAX - 511).into(),
+            len: 512.into(),
+            ..ok
+        };
+        assert!(huge.validate(4).is_err());
     }
 }

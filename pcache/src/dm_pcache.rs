@@ -67,8 +67,10 @@
 use alloc::boxed::Box;
 
 use crate::cache::{first_activation, load_existing, open, read_cache_info, read_tail, Cache};
-use crate::cache_dev::{classify_sb, max_seg_num, read_sb, write_sb, zero_meta, SbState};
-use crate::format::{seg_num_for_size, Superblock, CACHE_DEV_SIZE_MIN, PCACHE_MAGIC};
+use crate::cache_dev::{
+    classify_sb, max_seg_num, read_sb, write_sb, zero_meta, SbState, Superblock,
+};
+use crate::format::{seg_num_for_size, CACHE_DEV_SIZE_MIN, PCACHE_MAGIC};
 use crate::hooks::Hooks;
 use crate::pmem::Pmem;
 use crate::report::{
@@ -236,7 +238,7 @@ fn format_device<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     let pad = match opts.mode {
         Mode::Strict => {
             zero_meta(pmem, hooks, false)?;
-            found.pad
+            found.pad.get()
         }
         Mode::Recover => {
             zero_meta(pmem, hooks, true)?;
@@ -268,7 +270,7 @@ fn recover_superblock<P: Pmem + ?Sized, H: Hooks + ?Sized>(
 
     // An interrupted format: pcache's magic, and cache_info and tails as C1
     // left them.
-    if sb.magic == PCACHE_MAGIC && !ci.any_valid() && !kt.any_valid() && !dt.any_valid() {
+    if sb.magic.get() == PCACHE_MAGIC && !ci.any_valid() && !kt.any_valid() && !dt.any_valid() {
         let seg_num = format_device(pmem, hooks, opts, sb, size)?;
         rep.seg_num = Some(seg_num);
         return start_cache(pmem, hooks, opts, seg_num, rep, Outcome::FormatRedone);
@@ -277,16 +279,17 @@ fn recover_superblock<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     match ci.latest_record() {
         Some((slot, info)) if info.init_done() => {
             let derived = max_seg_num(size);
-            if info.n_segs != derived {
+            let n_segs = info.n_segs.get();
+            if n_segs != derived {
                 rep.cache_info = Some(SlotSeq {
                     slot,
                     seq: info.header.seq,
                 });
-                rep.cache_info_flags = Some(info.flags);
-                rep.n_segs = Some(info.n_segs);
+                rep.cache_info_flags = Some(info.flags.get());
+                rep.n_segs = Some(n_segs);
                 return Err(unrecoverable(RebuildBlocker::SegNumDisagrees {
                     derived,
-                    n_segs: info.n_segs,
+                    n_segs,
                 }));
             }
             let loaded =
@@ -316,7 +319,7 @@ fn recover_superblock<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         }
         // A foreign magic and no pcache metadata at all.
         None => Err(Refusal::NotPcache {
-            magic: sb.magic,
+            magic: sb.magic.get(),
             metadata_absent: true,
         }),
     }

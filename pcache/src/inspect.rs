@@ -7,24 +7,41 @@
 //! each stops. Any bytes give a report (or [`InspectError`] for a device that
 //! is too small or cannot be read), never a panic. The JSON schema (serde) is
 //! documented in `pcache/README.md`.
+//!
+//! The work is bounded by what the user asked for, not by what the superblock
+//! claims: segments whose metadata was never written (a sparse file's holes,
+//! [`Pmem::next_data`]) are reported as ranges without being read one by one,
+//! at most [`InspectOptions::max_segments`] segments are listed (every
+//! segment is still counted), and the listed segments and log records are
+//! produced lazily while the report is serialized or displayed, so memory
+//! does not grow with the output ([`InspectReport::segments`],
+//! [`InspectReport::log_records`]). Only the chain (one u32 per segment of a
+//! valid chain) is held.
 
+use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use core::fmt;
-use serde::Serialize;
+use serde::ser::{Error as _, SerializeSeq, SerializeStruct};
+use serde::{Serialize, Serializer};
 
-use crate::cache::{read_cache_info, read_tail};
-use crate::cache_dev::{classify_sb, max_seg_num, read_sb, SbState};
-use crate::cache_key::{CachePos, LogEnd, LogStep, LogWalker};
+use crate::cache::{
+    read_cache_info, read_tail, walk_chain, CacheInfo, CachePosOnMedia, ChainError,
+};
+use crate::cache_dev::{classify_sb, max_seg_num, read_sb, SbState, Superblock};
+use crate::cache_key::{
+    walk_log, CachePos, KeyOnMedia, Kset, LogEnd, LogRecord, LogStep, LogWalker,
+};
 use crate::format::{
-    cache_info_slot_off, seg_gen_slot_off, seg_info_slot_off, CacheInfo, CachePosOnMedia,
-    DualRecord, KeyOnMedia, Kset, SegGen, SegInfo, Superblock, CACHE_DEV_SIZE_MIN,
-    CACHE_POS_STRIDE, DATA_SIZE, DIRTY_TAIL_OFF, KEY_F_CLEAN, KEY_TAIL_OFF, SB_OFF,
+    cache_info_slot_off, data_pos, seg_gen_slot_off, seg_info_slot_off, seg_off, DualRecord,
+    Record, CACHE_DEV_SIZE_MIN, CACHE_POS_STRIDE, DATA_SIZE, DIRTY_TAIL_OFF, KEY_F_CLEAN,
+    KEY_TAIL_OFF, SB_OFF, SEGMENTS_OFF, SEG_GEN_STRIDE, SEG_HEADER_SIZE, SEG_INFO_SIZE, SEG_SIZE,
 };
 use crate::meta::Slots;
 use crate::pmem::{Pmem, PmemError};
 use crate::report::Tail;
-use crate::segment::{read_seg_gen, read_seg_info};
+use crate::segment::{read_seg_gen, read_seg_info, SegGen, SegInfo};
 
 /// Why a device could not be inspected at all.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -42,14 +59,17 @@ pub enum InspectError {
     Pmem(#[from] PmemError),
 }
 
-/// Options of an inspection.
+/// Options of an inspection: how much the user asked to see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InspectOptions {
     /// At most this many log records are listed (all are counted).
     pub max_log_records: usize,
     /// At most this many keys are listed in all (all are counted): bounds the
-    /// memory a hostile log of full key-sets can make the inspector use.
+    /// work a hostile log of full key-sets can make the inspector do.
     pub max_log_keys: usize,
+    /// At most this many segments are read and listed (all are counted;
+    /// segments whose metadata was never written do not count against it).
+    pub max_segments: usize,
 }
 
 impl Default for InspectOptions {
@@ -57,6 +77,7 @@ impl Default for InspectOptions {
         InspectOptions {
             max_log_records: 100_000,
             max_log_keys: 100_000,
+            max_segments: 1024,
         }
     }
 }
@@ -93,7 +114,7 @@ impl<R: DualRecord> DualView<R> {
             slot: i,
             offset: base + i as u64 * stride,
             valid: s.valid[i],
-            zero: s.slots[i].header().crc == 0 && s.slots[i].encode()[4..].iter().all(|&b| b == 0),
+            zero: s.slots[i].as_bytes().iter().all(|&b| b == 0),
             computed_crc: s.slots[i].computed_crc(),
             record: s.slots[i],
         };
@@ -145,7 +166,637 @@ pub struct ChainView {
     /// n_segs of the current cache_info.
     pub n_segs: u32,
     /// Why the walk stopped before n_segs segments, if it did.
-    pub error: Option<String>,
+    pub error: Option<ChainError>,
+}
+
+/// Where the number of segments inspected comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SegNumSource {
+    /// The (valid) superblock's seg_num.
+    Superblock,
+    /// The device size (the superblock is not valid).
+    DeviceSize,
+}
+
+/// How the segments were covered: `listed + unwritten + not_listed = total`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SegmentCounts {
+    /// Segments inspected (seg_num).
+    pub total: u32,
+    /// Segments read and listed.
+    pub listed: u32,
+    /// Segments whose metadata the device holds no data for (never written;
+    /// they read as zero): reported as ranges, not read.
+    pub unwritten: u32,
+    /// Segments neither read nor listed: beyond `max_segments`.
+    pub not_listed: u32,
+}
+
+/// A run of segments that is not listed one by one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct SegmentRange {
+    /// First physical segment.
+    pub first: u32,
+    /// Last physical segment (inclusive).
+    pub last: u32,
+}
+
+/// What the segment scan yields, in physical order.
+// Items are produced and consumed one at a time: no collection of them exists
+// for the size difference to waste.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentItem {
+    /// A segment read and listed.
+    Listed(SegmentView),
+    /// Segments whose metadata was never written.
+    Unwritten(SegmentRange),
+    /// Segments beyond the budget.
+    NotListed(SegmentRange),
+}
+
+/// Why the log was not walked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotWalked {
+    /// No cache_info, so no chain.
+    #[error("no valid cache_info, so no segment chain")]
+    NoCacheInfo,
+    /// The chain could not be followed.
+    #[error("the segment chain is broken: {0}")]
+    ChainBroken(ChainError),
+    /// key_tail has no valid copy.
+    #[error("key_tail has no valid copy")]
+    NoKeyTail,
+    /// key_tail is outside the chain or the data area.
+    #[error("key_tail {pos} is out of range (n_segs {n_segs}, data area {DATA_SIZE} bytes)")]
+    KeyTailOutOfRange {
+        /// key_tail.
+        pos: CachePos,
+        /// Chain length.
+        n_segs: u32,
+    },
+}
+
+/// The JSON keeps the reason as text (`not_walked: string or null`).
+impl Serialize for NotWalked {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The key-set log from key_tail: the counts and the end (the listed records
+/// are produced by [`InspectReport::log_records`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogView {
+    /// Where it starts (current key_tail), if the walk could start.
+    pub start: Option<CachePos>,
+    /// Why the log was not walked.
+    pub not_walked: Option<NotWalked>,
+    /// Normal key-sets found.
+    pub ksets: u64,
+    /// Keys in them.
+    pub keys: u64,
+    /// LAST records found.
+    pub lasts: u64,
+    /// Records listed (at most `max_log_records`, with at most `max_log_keys`
+    /// keys in all).
+    pub listed: u64,
+    /// Whether records were left out of the list.
+    pub truncated: bool,
+    /// Where and why the log ends.
+    pub end: Option<LogEnd>,
+    /// Whether the end is an ordinary end of a log (terminator, no magic, torn
+    /// record) rather than a record no kernel writes.
+    pub end_is_ordinary: Option<bool>,
+}
+
+/// Everything [`inspect`] found. Holds the device: the listed segments and
+/// log records are read again, lazily, when they are iterated, serialized or
+/// displayed (the device is borrowed read-only for the report's life).
+pub struct InspectReport<'a, P: Pmem + ?Sized> {
+    pmem: &'a P,
+    opts: InspectOptions,
+    /// (pseg, cache segment id) of the chain, sorted by pseg.
+    cache_segs: Vec<(u32, u32)>,
+    /// Device size.
+    pub device_size: u64,
+    /// The superblock.
+    pub superblock: SuperblockView,
+    /// Segments inspected.
+    pub seg_num: u32,
+    /// Where `seg_num` comes from.
+    pub seg_num_source: SegNumSource,
+    /// cache_info copies.
+    pub cache_info: DualView<CacheInfo>,
+    /// key_tail copies.
+    pub key_tail: DualView<CachePosOnMedia>,
+    /// dirty_tail copies.
+    pub dirty_tail: DualView<CachePosOnMedia>,
+    /// The chain from the current cache_info (None without one).
+    pub chain: Option<ChainView>,
+    /// How the segments were covered.
+    pub segment_counts: SegmentCounts,
+    /// The log from key_tail.
+    pub log: LogView,
+}
+
+impl<P: Pmem + ?Sized> fmt::Debug for InspectReport<'_, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InspectReport")
+            .field("device_size", &self.device_size)
+            .field("superblock", &self.superblock)
+            .field("seg_num", &self.seg_num)
+            .field("chain", &self.chain)
+            .field("segment_counts", &self.segment_counts)
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decides which log records are listed: at most `max_log_records`, with at
+/// most `max_log_keys` keys in all (a record that would exceed the keys is
+/// skipped; a later, smaller one may still be listed). Both passes over the
+/// log use it, so they agree.
+struct Lister {
+    records: usize,
+    keys: usize,
+    max_records: usize,
+    max_keys: usize,
+}
+
+impl Lister {
+    fn new(opts: &InspectOptions) -> Self {
+        Lister {
+            records: 0,
+            keys: 0,
+            max_records: opts.max_log_records,
+            max_keys: opts.max_log_keys,
+        }
+    }
+
+    fn admit(&mut self, n_keys: usize) -> bool {
+        let list =
+            self.records < self.max_records && self.keys.saturating_add(n_keys) <= self.max_keys;
+        if list {
+            self.records += 1;
+            self.keys += n_keys;
+        }
+        list
+    }
+}
+
+fn record_keys(r: &LogRecord) -> usize {
+    match &r.kset {
+        Kset::Keys { keys } => keys.len(),
+        Kset::Last { .. } => 0,
+    }
+}
+
+/// Inspects a device, read-only. What is read here: the superblock,
+/// cache_info, the tails, the chain's segment infos and one counting walk of
+/// the log; the listed segments and records are read when iterated.
+pub fn inspect<'a, P: Pmem + ?Sized>(
+    pmem: &'a P,
+    opts: &InspectOptions,
+) -> Result<InspectReport<'a, P>, InspectError> {
+    let size = pmem.size();
+    if size < CACHE_DEV_SIZE_MIN {
+        return Err(InspectError::TooSmall {
+            size,
+            min: CACHE_DEV_SIZE_MIN,
+        });
+    }
+    let sb = read_sb(pmem)?;
+    let state = classify_sb(&sb, size);
+    let (seg_num, seg_num_source) = match state {
+        SbState::Valid { seg_num, .. } => (seg_num, SegNumSource::Superblock),
+        _ => (max_seg_num(size), SegNumSource::DeviceSize),
+    };
+    let cache_info = DualView::new(
+        read_cache_info(pmem)?,
+        cache_info_slot_off(0),
+        cache_info_slot_off(1) - cache_info_slot_off(0),
+    );
+    let key_tail = DualView::new(
+        read_tail(pmem, Tail::KeyTail)?,
+        KEY_TAIL_OFF,
+        CACHE_POS_STRIDE,
+    );
+    let dirty_tail = DualView::new(
+        read_tail(pmem, Tail::DirtyTail)?,
+        DIRTY_TAIL_OFF,
+        CACHE_POS_STRIDE,
+    );
+
+    let chain = match cache_info.current_record() {
+        None => None,
+        Some(ci) => {
+            let n_segs = ci.n_segs.get();
+            let walk = walk_chain(pmem, ci.seg_id.get(), n_segs, seg_num, |_, _, _| true)?;
+            Some(ChainView {
+                psegs: walk.psegs,
+                n_segs,
+                error: walk.error,
+            })
+        }
+    };
+    let mut cache_segs: Vec<(u32, u32)> = chain
+        .iter()
+        .flat_map(|c| c.psegs.iter().enumerate().map(|(i, &p)| (p, i as u32)))
+        .collect();
+    cache_segs.sort_unstable();
+
+    let mut report = InspectReport {
+        pmem,
+        opts: *opts,
+        cache_segs,
+        device_size: size,
+        superblock: SuperblockView {
+            offset: SB_OFF,
+            record: sb,
+            computed_crc: sb.computed_crc(),
+            state,
+        },
+        seg_num,
+        seg_num_source,
+        cache_info,
+        key_tail,
+        dirty_tail,
+        chain,
+        segment_counts: SegmentCounts {
+            total: seg_num,
+            ..Default::default()
+        },
+        log: LogView {
+            start: None,
+            not_walked: None,
+            ksets: 0,
+            keys: 0,
+            lasts: 0,
+            listed: 0,
+            truncated: false,
+            end: None,
+            end_is_ordinary: None,
+        },
+    };
+    // Count the segments (no record is read for that).
+    let mut counts = report.segment_counts;
+    for item in SegmentScan::new(&report) {
+        match item {
+            Scanned::Segment(_) => counts.listed += 1,
+            Scanned::Unwritten(r) => counts.unwritten += r.last - r.first + 1,
+            Scanned::NotListed(r) => counts.not_listed += r.last - r.first + 1,
+        }
+    }
+    report.segment_counts = counts;
+    report.log = count_log(pmem, opts, &report);
+    Ok(report)
+}
+
+/// Where the log walk starts: the chain's psegs and the current key_tail, or
+/// why there is no walk.
+fn log_start<'r>(
+    chain: Option<&'r ChainView>,
+    key_tail: &DualView<CachePosOnMedia>,
+) -> Result<(&'r [u32], CachePos), NotWalked> {
+    let chain = chain.ok_or(NotWalked::NoCacheInfo)?;
+    if let Some(e) = chain.error {
+        return Err(NotWalked::ChainBroken(e));
+    }
+    let start = key_tail.current_record().ok_or(NotWalked::NoKeyTail)?.pos();
+    if start.cache_seg_id as usize >= chain.psegs.len() || start.seg_off as u64 >= DATA_SIZE {
+        return Err(NotWalked::KeyTailOutOfRange {
+            pos: start,
+            n_segs: chain.psegs.len() as u32,
+        });
+    }
+    Ok((&chain.psegs, start))
+}
+
+/// The counting walk: every record counted, the listing decided (not built).
+fn count_log<P: Pmem + ?Sized>(
+    pmem: &P,
+    opts: &InspectOptions,
+    report: &InspectReport<'_, P>,
+) -> LogView {
+    let mut v = report.log.clone();
+    let (psegs, start) = match log_start(report.chain.as_ref(), &report.key_tail) {
+        Ok(s) => s,
+        Err(why) => {
+            v.not_walked = Some(why);
+            return v;
+        }
+    };
+    v.start = Some(start);
+    let mut lister = Lister::new(opts);
+    let mut listed = 0u64;
+    let mut truncated = false;
+    let summary = walk_log(pmem, psegs, start, |r| {
+        if lister.admit(record_keys(r)) {
+            listed += 1;
+        } else {
+            truncated = true;
+        }
+    });
+    v.ksets = summary.ksets;
+    v.keys = summary.keys;
+    v.lasts = summary.lasts;
+    v.listed = listed;
+    v.truncated = truncated;
+    v.end_is_ordinary = summary.end.as_ref().map(|e| e.stop.is_end_of_log());
+    v.end = summary.end;
+    v
+}
+
+/// The segments in physical order: runs without written metadata are skipped
+/// with one [`Pmem::next_data`] question each, at most `max_segments` are
+/// read, the rest is one range.
+struct SegmentScan<'r, 'a, P: Pmem + ?Sized> {
+    report: &'r InspectReport<'a, P>,
+    next: u32,
+    listed: usize,
+}
+
+/// A step of the scan: a segment to list (not read yet), or a range.
+#[derive(Clone, Copy, Debug)]
+enum Scanned {
+    Segment(u32),
+    Unwritten(SegmentRange),
+    NotListed(SegmentRange),
+}
+
+impl<'r, 'a, P: Pmem + ?Sized> SegmentScan<'r, 'a, P> {
+    fn new(report: &'r InspectReport<'a, P>) -> Self {
+        SegmentScan {
+            report,
+            next: 0,
+            listed: 0,
+        }
+    }
+
+    /// Whether physical segment `pseg`'s metadata (its first 12 KiB) may hold
+    /// data; if not, the first segment after it that may (or seg_num).
+    fn written_from(&self, pseg: u32) -> u32 {
+        let seg_num = self.report.seg_num;
+        let pmem = self.report.pmem;
+        let mut p = pseg;
+        while p < seg_num {
+            let off = seg_off(p);
+            let Some(d) = pmem.next_data(off) else {
+                return seg_num;
+            };
+            if d < off + SEG_HEADER_SIZE {
+                return p;
+            }
+            // The segment holding `d` (or past the end); it is checked next,
+            // its metadata may start after `d`.
+            let at = (d.saturating_sub(SEGMENTS_OFF) / SEG_SIZE).min(seg_num as u64) as u32;
+            p = if at > p { at } else { p + 1 };
+        }
+        seg_num
+    }
+}
+
+impl<P: Pmem + ?Sized> Iterator for SegmentScan<'_, '_, P> {
+    type Item = Scanned;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let seg_num = self.report.seg_num;
+        let first = self.next;
+        if first >= seg_num {
+            return None;
+        }
+        if self.listed >= self.report.opts.max_segments {
+            self.next = seg_num;
+            return Some(Scanned::NotListed(SegmentRange {
+                first,
+                last: seg_num - 1,
+            }));
+        }
+        let written = self.written_from(first);
+        if written > first {
+            self.next = written;
+            return Some(Scanned::Unwritten(SegmentRange {
+                first,
+                last: written - 1,
+            }));
+        }
+        self.next = first + 1;
+        self.listed += 1;
+        Some(Scanned::Segment(first))
+    }
+}
+
+/// The listed log records, built while iterated (the second walk).
+struct RecordScan<'r, 'a, P: Pmem + ?Sized> {
+    report: &'r InspectReport<'a, P>,
+    walker: Option<LogWalker<'r, P>>,
+    psegs: &'r [u32],
+    lister: Lister,
+    left: u64,
+    gens: BTreeMap<u32, u64>,
+}
+
+impl<P: Pmem + ?Sized> RecordScan<'_, '_, P> {
+    fn segment_gen(&mut self, pseg: u32) -> Result<u64, PmemError> {
+        if let Some(&g) = self.gens.get(&pseg) {
+            return Ok(g);
+        }
+        let g = read_seg_gen(self.report.pmem, pseg)?
+            .latest_record()
+            .map_or(0, |(_, g)| g.gen.get());
+        self.gens.insert(pseg, g);
+        Ok(g)
+    }
+
+    fn view(&mut self, r: &LogRecord) -> Result<RecordView, PmemError> {
+        let pseg = self.psegs[r.pos.cache_seg_id as usize];
+        let mut rv = RecordView {
+            pos: r.pos,
+            offset: data_pos(pseg, r.pos.seg_off),
+            size: r.kset.size() as u64,
+            next_cache_seg_id: None,
+            keys: Vec::new(),
+        };
+        match &r.kset {
+            Kset::Last { next_cache_seg_id } => rv.next_cache_seg_id = Some(*next_cache_seg_id),
+            Kset::Keys { keys } => {
+                for k in keys {
+                    // Validated by the decoder: cache_seg_id < n_segs.
+                    let kp = self.psegs[k.cache_seg_id.get() as usize];
+                    let segment_gen = self.segment_gen(kp)?;
+                    rv.keys.push(KeyView {
+                        key: *k,
+                        pseg: kp,
+                        data_offset: data_pos(kp, k.cache_seg_off.get()),
+                        segment_gen,
+                        stale: k.seg_gen.get() < segment_gen,
+                        clean: k.flags.get() & KEY_F_CLEAN != 0,
+                    });
+                }
+            }
+        }
+        Ok(rv)
+    }
+}
+
+impl<P: Pmem + ?Sized> Iterator for RecordScan<'_, '_, P> {
+    type Item = Result<RecordView, PmemError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.left > 0 {
+            let r = match self.walker.as_mut()?.step() {
+                LogStep::Record(r) => r,
+                LogStep::End(_) => return None,
+            };
+            if self.lister.admit(record_keys(&r)) {
+                self.left -= 1;
+                return Some(self.view(&r));
+            }
+        }
+        None
+    }
+}
+
+impl<'a, P: Pmem + ?Sized> InspectReport<'a, P> {
+    /// Reads physical segment `pseg`'s records.
+    fn segment_view(&self, pseg: u32) -> Result<SegmentView, PmemError> {
+        let pmem = self.pmem;
+        let cache_seg = self
+            .cache_segs
+            .binary_search_by_key(&pseg, |&(p, _)| p)
+            .ok()
+            .map(|i| self.cache_segs[i].1);
+        Ok(SegmentView {
+            pseg,
+            offset: seg_off(pseg),
+            info: DualView::new(
+                read_seg_info(pmem, pseg)?,
+                seg_info_slot_off(pseg, 0),
+                SEG_INFO_SIZE,
+            ),
+            gen: DualView::new(
+                read_seg_gen(pmem, pseg)?,
+                seg_gen_slot_off(pseg, 0),
+                SEG_GEN_STRIDE,
+            ),
+            cache_seg,
+        })
+    }
+
+    /// The segments in physical order: each listed one read now, runs of
+    /// unwritten segments and the segments beyond the budget as ranges.
+    pub fn segments(&self) -> impl Iterator<Item = Result<SegmentItem, PmemError>> + '_ {
+        SegmentScan::new(self).map(move |s| match s {
+            Scanned::Segment(p) => self.segment_view(p).map(SegmentItem::Listed),
+            Scanned::Unwritten(r) => Ok(SegmentItem::Unwritten(r)),
+            Scanned::NotListed(r) => Ok(SegmentItem::NotListed(r)),
+        })
+    }
+
+    /// The runs of never-written segments, in order (nothing is read).
+    pub fn unwritten_segments(&self) -> impl Iterator<Item = SegmentRange> + '_ {
+        SegmentScan::new(self).filter_map(|s| match s {
+            Scanned::Unwritten(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    /// The listed log records, read and built now, in log order.
+    pub fn log_records(&self) -> impl Iterator<Item = Result<RecordView, PmemError>> + '_ {
+        let start = log_start(self.chain.as_ref(), &self.key_tail).ok();
+        RecordScan {
+            report: self,
+            walker: start.map(|(psegs, pos)| LogWalker::new(self.pmem, psegs, pos)),
+            psegs: start.map_or(&[][..], |(psegs, _)| psegs),
+            lister: Lister::new(&self.opts),
+            left: self.log.listed,
+            gens: BTreeMap::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// JSON: the same schema as an owned report, produced while it is written.
+// ---------------------------------------------------------------------------
+
+/// Serializes an iterator of results as a sequence, one element at a time.
+struct Lazy<F>(RefCell<Option<F>>);
+
+impl<I, T, F> Serialize for Lazy<F>
+where
+    F: FnOnce() -> I,
+    I: Iterator<Item = Result<T, PmemError>>,
+    T: Serialize,
+{
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let make = self
+            .0
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| S::Error::custom("a lazy sequence is serialized once"))?;
+        let mut seq = s.serialize_seq(None)?;
+        for item in make() {
+            seq.serialize_element(&item.map_err(S::Error::custom)?)?;
+        }
+        seq.end()
+    }
+}
+
+fn lazy<F>(f: F) -> Lazy<F> {
+    Lazy(RefCell::new(Some(f)))
+}
+
+impl<P: Pmem + ?Sized> Serialize for InspectReport<'_, P> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("InspectReport", 12)?;
+        st.serialize_field("device_size", &self.device_size)?;
+        st.serialize_field("superblock", &self.superblock)?;
+        st.serialize_field("seg_num", &self.seg_num)?;
+        st.serialize_field("seg_num_source", &self.seg_num_source)?;
+        st.serialize_field("cache_info", &self.cache_info)?;
+        st.serialize_field("key_tail", &self.key_tail)?;
+        st.serialize_field("dirty_tail", &self.dirty_tail)?;
+        st.serialize_field("chain", &self.chain)?;
+        st.serialize_field(
+            "segments",
+            &lazy(|| {
+                self.segments().filter_map(|i| match i {
+                    Ok(SegmentItem::Listed(v)) => Some(Ok(v)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+            }),
+        )?;
+        st.serialize_field("segment_counts", &self.segment_counts)?;
+        st.serialize_field(
+            "unwritten_segments",
+            &lazy(|| self.unwritten_segments().map(Ok::<_, PmemError>)),
+        )?;
+        st.serialize_field("log", &LogJson(self))?;
+        st.end()
+    }
+}
+
+struct LogJson<'r, 'a, P: Pmem + ?Sized>(&'r InspectReport<'a, P>);
+
+impl<P: Pmem + ?Sized> Serialize for LogJson<'_, '_, P> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let l = &self.0.log;
+        let mut st = s.serialize_struct("LogView", 10)?;
+        st.serialize_field("start", &l.start)?;
+        st.serialize_field("not_walked", &l.not_walked)?;
+        st.serialize_field("ksets", &l.ksets)?;
+        st.serialize_field("keys", &l.keys)?;
+        st.serialize_field("lasts", &l.lasts)?;
+        st.serialize_field("records", &lazy(|| self.0.log_records()))?;
+        st.serialize_field("truncated", &l.truncated)?;
+        st.serialize_field("end", &l.end)?;
+        st.serialize_field("end_message", &l.end.as_ref().map(|e| e.stop.to_string()))?;
+        st.serialize_field("end_is_ordinary", &l.end_is_ordinary)?;
+        st.end()
+    }
 }
 
 /// One key of a key-set, placed.
@@ -180,304 +831,6 @@ pub struct RecordView {
     pub keys: Vec<KeyView>,
 }
 
-/// The key-set log from key_tail.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct LogView {
-    /// Where it starts (current key_tail), if the walk could start.
-    pub start: Option<CachePos>,
-    /// Why the log was not walked.
-    pub not_walked: Option<String>,
-    /// Normal key-sets found.
-    pub ksets: u64,
-    /// Keys in them.
-    pub keys: u64,
-    /// LAST records found.
-    pub lasts: u64,
-    /// Listed records (at most `max_log_records`, with at most `max_log_keys`
-    /// keys in all).
-    pub records: Vec<RecordView>,
-    /// Whether records were left out of the list.
-    pub truncated: bool,
-    /// Where and why the log ends.
-    pub end: Option<LogEnd>,
-    /// The end as text.
-    pub end_message: Option<String>,
-    /// Whether the end is an ordinary end of a log (terminator, no magic, torn
-    /// record) rather than a record no kernel writes.
-    pub end_is_ordinary: Option<bool>,
-}
-
-/// Everything [`inspect`] found.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct InspectReport {
-    /// Device size.
-    pub device_size: u64,
-    /// The superblock.
-    pub superblock: SuperblockView,
-    /// Segments inspected.
-    pub seg_num: u32,
-    /// Where `seg_num` comes from: `superblock`, or `device-size` when the
-    /// superblock is not valid.
-    pub seg_num_source: &'static str,
-    /// cache_info copies.
-    pub cache_info: DualView<CacheInfo>,
-    /// key_tail copies.
-    pub key_tail: DualView<CachePosOnMedia>,
-    /// dirty_tail copies.
-    pub dirty_tail: DualView<CachePosOnMedia>,
-    /// The chain from the current cache_info (None without one).
-    pub chain: Option<ChainView>,
-    /// Every physical segment.
-    pub segments: Vec<SegmentView>,
-    /// The log from key_tail.
-    pub log: LogView,
-}
-
-/// Inspects a device, read-only.
-pub fn inspect<P: Pmem + ?Sized>(
-    pmem: &P,
-    opts: &InspectOptions,
-) -> Result<InspectReport, InspectError> {
-    let size = pmem.size();
-    if size < CACHE_DEV_SIZE_MIN {
-        return Err(InspectError::TooSmall {
-            size,
-            min: CACHE_DEV_SIZE_MIN,
-        });
-    }
-    let sb = read_sb(pmem)?;
-    let state = classify_sb(&sb, size);
-    let (seg_num, seg_num_source) = match state {
-        SbState::Valid { seg_num, .. } => (seg_num, "superblock"),
-        _ => (max_seg_num(size), "device-size"),
-    };
-    let cache_info = DualView::new(
-        read_cache_info(pmem)?,
-        cache_info_slot_off(0),
-        cache_info_slot_off(1) - cache_info_slot_off(0),
-    );
-    let key_tail = DualView::new(
-        read_tail(pmem, Tail::KeyTail)?,
-        KEY_TAIL_OFF,
-        CACHE_POS_STRIDE,
-    );
-    let dirty_tail = DualView::new(
-        read_tail(pmem, Tail::DirtyTail)?,
-        DIRTY_TAIL_OFF,
-        CACHE_POS_STRIDE,
-    );
-
-    let mut segments = Vec::with_capacity(seg_num as usize);
-    for pseg in 0..seg_num {
-        segments.push(SegmentView {
-            pseg,
-            offset: crate::format::seg_off(pseg),
-            info: DualView::new(
-                read_seg_info(pmem, pseg)?,
-                seg_info_slot_off(pseg, 0),
-                crate::format::SEG_INFO_SIZE,
-            ),
-            gen: DualView::new(
-                read_seg_gen(pmem, pseg)?,
-                seg_gen_slot_off(pseg, 0),
-                crate::format::SEG_GEN_STRIDE,
-            ),
-            cache_seg: None,
-        });
-    }
-
-    let chain = cache_info
-        .current_record()
-        .map(|ci| walk_chain(ci, seg_num, &segments));
-    if let Some(c) = &chain {
-        for (i, &p) in c.psegs.iter().enumerate() {
-            segments[p as usize].cache_seg = Some(i as u32);
-        }
-    }
-    let log = walk(pmem, opts, chain.as_ref(), &key_tail, &segments);
-
-    Ok(InspectReport {
-        device_size: size,
-        superblock: SuperblockView {
-            offset: SB_OFF,
-            record: sb,
-            computed_crc: sb.computed_crc(),
-            state,
-        },
-        seg_num,
-        seg_num_source,
-        cache_info,
-        key_tail,
-        dirty_tail,
-        chain,
-        segments,
-        log,
-    })
-}
-
-fn walk_chain(ci: &CacheInfo, seg_num: u32, segs: &[SegmentView]) -> ChainView {
-    let mut psegs: Vec<u32> = Vec::new();
-    let mut seen = alloc::vec![false; seg_num as usize];
-    let mut error = None;
-    if ci.n_segs > seg_num {
-        error = Some(alloc::format!(
-            "n_segs {} is larger than seg_num {seg_num}",
-            ci.n_segs
-        ));
-    }
-    let n = core::cmp::min(ci.n_segs, seg_num);
-    for i in 0..n {
-        let pseg = match psegs.last() {
-            None => ci.seg_id,
-            Some(&prev) => {
-                let info = segs[prev as usize].info.current_record().copied();
-                match info {
-                    Some(si) if si.has_next() => si.next_seg,
-                    _ => {
-                        error = Some(alloc::format!(
-                            "cache segment {} (physical {prev}) has no next segment, but n_segs is {}",
-                            i - 1,
-                            ci.n_segs
-                        ));
-                        break;
-                    }
-                }
-            }
-        };
-        if pseg >= seg_num {
-            error = Some(alloc::format!(
-                "cache segment {i} maps to physical segment {pseg}, beyond seg_num {seg_num}"
-            ));
-            break;
-        }
-        if seen[pseg as usize] {
-            error = Some(alloc::format!(
-                "physical segment {pseg} appears again as cache segment {i} (cycle or duplicate)"
-            ));
-            break;
-        }
-        seen[pseg as usize] = true;
-        if segs[pseg as usize].info.current.is_none() {
-            error = Some(alloc::format!(
-                "cache segment {i} (physical {pseg}) has no valid segment info"
-            ));
-            psegs.push(pseg);
-            break;
-        }
-        psegs.push(pseg);
-    }
-    ChainView {
-        psegs,
-        n_segs: ci.n_segs,
-        error,
-    }
-}
-
-fn walk<P: Pmem + ?Sized>(
-    pmem: &P,
-    opts: &InspectOptions,
-    chain: Option<&ChainView>,
-    key_tail: &DualView<CachePosOnMedia>,
-    segs: &[SegmentView],
-) -> LogView {
-    let mut v = LogView {
-        start: None,
-        not_walked: None,
-        ksets: 0,
-        keys: 0,
-        lasts: 0,
-        records: Vec::new(),
-        truncated: false,
-        end: None,
-        end_message: None,
-        end_is_ordinary: None,
-    };
-    let Some(chain) = chain else {
-        v.not_walked = Some("no valid cache_info, so no segment chain".into());
-        return v;
-    };
-    if let Some(e) = &chain.error {
-        v.not_walked = Some(alloc::format!("the segment chain is broken: {e}"));
-        return v;
-    }
-    let Some(kt) = key_tail.current_record() else {
-        v.not_walked = Some("key_tail has no valid copy".into());
-        return v;
-    };
-    let start = CachePos {
-        cache_seg_id: kt.cache_seg_id,
-        seg_off: kt.seg_off,
-    };
-    if start.cache_seg_id as usize >= chain.psegs.len() || start.seg_off as u64 >= DATA_SIZE {
-        v.not_walked = Some(alloc::format!(
-            "key_tail {start} is out of range (n_segs {}, data area {DATA_SIZE} bytes)",
-            chain.psegs.len()
-        ));
-        return v;
-    }
-    v.start = Some(start);
-    let mut w = LogWalker::new(pmem, &chain.psegs, start);
-    let mut listed_keys = 0usize;
-    loop {
-        match w.step() {
-            LogStep::Record(r) => {
-                let n_keys = match &r.kset {
-                    Kset::Keys { keys } => keys.len(),
-                    Kset::Last { .. } => 0,
-                };
-                // Decide before building the record's view, so that what is
-                // not listed costs no memory.
-                let list = v.records.len() < opts.max_log_records
-                    && listed_keys + n_keys <= opts.max_log_keys;
-                let pseg = chain.psegs[r.pos.cache_seg_id as usize];
-                let mut rv = RecordView {
-                    pos: r.pos,
-                    offset: crate::format::data_pos(pseg, r.pos.seg_off),
-                    size: r.kset.size() as u64,
-                    next_cache_seg_id: None,
-                    keys: Vec::new(),
-                };
-                match &r.kset {
-                    Kset::Last { next_cache_seg_id } => {
-                        v.lasts += 1;
-                        rv.next_cache_seg_id = Some(*next_cache_seg_id);
-                    }
-                    Kset::Keys { keys } => {
-                        v.ksets += 1;
-                        v.keys += keys.len() as u64;
-                        for k in keys.iter().filter(|_| list) {
-                            // Validated by the decoder: cache_seg_id < n_segs.
-                            let kp = chain.psegs[k.cache_seg_id as usize];
-                            let segment_gen =
-                                segs[kp as usize].gen.current_record().map_or(0, |g| g.gen);
-                            rv.keys.push(KeyView {
-                                key: *k,
-                                pseg: kp,
-                                data_offset: crate::format::data_pos(kp, k.cache_seg_off),
-                                segment_gen,
-                                stale: k.seg_gen < segment_gen,
-                                clean: k.flags & KEY_F_CLEAN != 0,
-                            });
-                        }
-                    }
-                }
-                if list {
-                    listed_keys += n_keys;
-                    v.records.push(rv);
-                } else {
-                    v.truncated = true;
-                }
-            }
-            LogStep::End(e) => {
-                v.end_message = Some(e.stop.to_string());
-                v.end_is_ordinary = Some(e.stop.is_end_of_log());
-                v.end = Some(e);
-                return v;
-            }
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Display
 // ---------------------------------------------------------------------------
@@ -499,7 +852,7 @@ fn slot_verdict<R: DualRecord>(f: &mut fmt::Formatter<'_>, s: &SlotView<R>) -> f
 
 fn cache_info_flags(flags: u32) -> String {
     let ci = CacheInfo {
-        flags,
+        flags: flags.into(),
         ..Default::default()
     };
     let mut parts: Vec<String> = Vec::new();
@@ -586,7 +939,7 @@ fn seg_line(s: &SegmentView) -> String {
     out
 }
 
-impl fmt::Display for InspectReport {
+impl<P: Pmem + ?Sized> fmt::Display for InspectReport<'_, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sb = &self.superblock;
         writeln!(f, "device: {} bytes", self.device_size)?;
@@ -600,7 +953,7 @@ impl fmt::Display for InspectReport {
             f,
             "  inspecting {} segment(s) ({})",
             self.seg_num,
-            if self.seg_num_source == "superblock" {
+            if self.seg_num_source == SegNumSource::Superblock {
                 "from the superblock"
             } else {
                 "from the device size: the superblock is not valid"
@@ -618,7 +971,7 @@ impl fmt::Display for InspectReport {
                     s.record.seg_id,
                     s.record.n_segs,
                     s.record.flags,
-                    cache_info_flags(s.record.flags)
+                    cache_info_flags(s.record.flags.get())
                 )?;
             }
             if self.cache_info.current == Some(s.slot) {
@@ -658,9 +1011,11 @@ impl fmt::Display for InspectReport {
                 let identity = c.psegs.iter().enumerate().all(|(i, &p)| p == i as u32);
                 if identity && !c.psegs.is_empty() {
                     write!(f, ", physical 0..={} in order", c.psegs.len() - 1)?;
-                } else if !c.psegs.is_empty() {
-                    let list: Vec<String> = c.psegs.iter().map(|p| p.to_string()).collect();
-                    write!(f, ": {}", list.join(" -> "))?;
+                } else if let Some((first, rest)) = c.psegs.split_first() {
+                    write!(f, ": {first}")?;
+                    for p in rest {
+                        write!(f, " -> {p}")?;
+                    }
                 }
                 writeln!(f)?;
                 if let Some(e) = &c.error {
@@ -669,25 +1024,56 @@ impl fmt::Display for InspectReport {
             }
         }
 
+        let c = &self.segment_counts;
         writeln!(
             f,
-            "segments ({}; * = current copy, identical neighbours grouped):",
-            self.segments.len()
+            "segments ({}; {} listed, {} never written, {} beyond the --max-segments budget; * = current copy, identical neighbours grouped):",
+            c.total, c.listed, c.unwritten, c.not_listed
         )?;
-        let mut i = 0;
-        while i < self.segments.len() {
-            let line = seg_line(&self.segments[i]);
-            let mut j = i + 1;
-            while j < self.segments.len() && seg_line(&self.segments[j]) == line {
-                j += 1;
+        // Streamed: a run of identical lines is printed when it ends.
+        let mut run: Option<(u32, u32, String)> = None;
+        let flush =
+            |f: &mut fmt::Formatter<'_>, run: &mut Option<(u32, u32, String)>| match run.take() {
+                Some((a, b, line)) if b > a => writeln!(f, "  {a}..={b}: {line}"),
+                Some((a, _, line)) => writeln!(f, "  {a}: {line}"),
+                None => Ok(()),
+            };
+        for item in self.segments() {
+            match item {
+                Ok(SegmentItem::Listed(v)) => {
+                    let line = seg_line(&v);
+                    match &mut run {
+                        Some((_, b, l)) if *l == line && *b + 1 == v.pseg => *b = v.pseg,
+                        _ => {
+                            flush(f, &mut run)?;
+                            run = Some((v.pseg, v.pseg, line));
+                        }
+                    }
+                }
+                Ok(SegmentItem::Unwritten(r)) => {
+                    flush(f, &mut run)?;
+                    writeln!(
+                        f,
+                        "  {}..={}: never written (the device holds no data for their metadata; they read as zero)",
+                        r.first, r.last
+                    )?;
+                }
+                Ok(SegmentItem::NotListed(r)) => {
+                    flush(f, &mut run)?;
+                    writeln!(
+                        f,
+                        "  {}..={}: not read (beyond the budget of {} segments)",
+                        r.first, r.last, self.opts.max_segments
+                    )?;
+                }
+                Err(e) => {
+                    flush(f, &mut run)?;
+                    writeln!(f, "  reading a segment failed: {e}")?;
+                    break;
+                }
             }
-            if j - i > 1 {
-                writeln!(f, "  {}..={}: {line}", i, j - 1)?;
-            } else {
-                writeln!(f, "  {i}: {line}")?;
-            }
-            i = j;
         }
+        flush(f, &mut run)?;
 
         let l = &self.log;
         match (&l.start, &l.not_walked) {
@@ -698,7 +1084,14 @@ impl fmt::Display for InspectReport {
                     "log from key_tail {start}: {} key-set(s), {} key(s), {} segment switch(es)",
                     l.ksets, l.keys, l.lasts
                 )?;
-                for r in &l.records {
+                for r in self.log_records() {
+                    let r = match r {
+                        Ok(r) => r,
+                        Err(e) => {
+                            writeln!(f, "  reading a record failed: {e}")?;
+                            break;
+                        }
+                    };
                     match r.next_cache_seg_id {
                         Some(n) => writeln!(f, "  {} LAST -> cache segment {n}", r.pos)?,
                         None => {
@@ -730,7 +1123,7 @@ impl fmt::Display for InspectReport {
                     writeln!(
                         f,
                         "  ... {} more record(s) not listed",
-                        l.ksets + l.lasts - l.records.len() as u64
+                        (l.ksets + l.lasts).saturating_sub(l.listed)
                     )?;
                 }
                 if let (Some(e), Some(ordinary)) = (&l.end, l.end_is_ordinary) {
@@ -756,18 +1149,20 @@ impl fmt::Display for InspectReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{data_pos, KeyOnMedia, Kset};
+    use crate::cache_key::{KeyOnMedia, Kset};
+    use crate::format::data_pos;
     use crate::pmem::SparsePmem;
     use crate::{activate, NoHooks, Options};
+    use alloc::vec::Vec;
 
     /// A formatted device whose log holds `ksets` key-sets of `keys` keys each.
     fn with_log(ksets: usize, keys: usize) -> SparsePmem {
         let mut dev = SparsePmem::new(512 << 20);
         activate(&mut dev, &Options::default(), &mut NoHooks);
         let key = KeyOnMedia {
-            off: 0,
-            len: 4096,
-            cache_seg_id: 1,
+            off: 0.into(),
+            len: 4096.into(),
+            cache_seg_id: 1.into(),
             ..Default::default()
         };
         let rec = Kset::Keys {
@@ -781,27 +1176,146 @@ mod tests {
         dev
     }
 
+    fn listed(rep: &InspectReport<'_, SparsePmem>) -> Vec<RecordView> {
+        rep.log_records().map(Result::unwrap).collect()
+    }
+
     #[test]
     fn listed_keys_are_bounded_and_every_key_is_counted() {
         let dev = with_log(3, 2);
         let opts = |records, keys| InspectOptions {
             max_log_records: records,
             max_log_keys: keys,
+            ..Default::default()
         };
         let all = inspect(&dev, &opts(100, 100)).unwrap();
-        let log = all.log;
-        assert_eq!((log.ksets, log.keys, log.records.len()), (3, 6, 3));
+        let log = &all.log;
+        assert_eq!((log.ksets, log.keys, listed(&all).len()), (3, 6, 3));
         assert!(!log.truncated);
 
         // Three keys allowed: the first record (2 keys) fits, the second would not.
-        let log = inspect(&dev, &opts(100, 3)).unwrap().log;
-        assert_eq!((log.ksets, log.keys), (3, 6), "every key is still counted");
-        assert_eq!(log.records.len(), 1);
-        assert_eq!(log.records[0].keys.len(), 2);
-        assert!(log.truncated);
+        let rep = inspect(&dev, &opts(100, 3)).unwrap();
+        assert_eq!(
+            (rep.log.ksets, rep.log.keys),
+            (3, 6),
+            "every key is still counted"
+        );
+        let records = listed(&rep);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].keys.len(), 2);
+        assert!(rep.log.truncated);
 
-        let log = inspect(&dev, &opts(2, 100)).unwrap().log;
-        assert_eq!(log.records.len(), 2);
-        assert!(log.truncated);
+        let rep = inspect(&dev, &opts(2, 100)).unwrap();
+        assert_eq!(listed(&rep).len(), 2);
+        assert!(rep.log.truncated);
+        // The JSON lists the same records.
+        let j = serde_json::to_value(&rep).unwrap();
+        assert_eq!(j["log"]["records"].as_array().unwrap().len(), 2);
+    }
+
+    /// A device claiming 16 TiB with the largest legal seg_num, holding only
+    /// its superblock: the never-written segments are one range, not read one
+    /// by one, and the JSON stays small.
+    #[test]
+    fn a_huge_sparse_device_costs_what_it_holds() {
+        use crate::cache_dev::{max_seg_num, Superblock};
+        use crate::format::{Record, CACHE_SEGS_MAX};
+        let size = 16u64 << 40;
+        let seg_num = max_seg_num(size);
+        assert_eq!(seg_num, CACHE_SEGS_MAX - 1);
+        let mut dev = SparsePmem::new(size);
+        dev.write_bytes(SB_OFF, &Superblock::new(seg_num, 0).to_bytes())
+            .unwrap();
+        let rep = inspect(&dev, &InspectOptions::default()).unwrap();
+        assert!(rep.superblock.state.is_valid());
+        assert_eq!(
+            rep.segment_counts,
+            SegmentCounts {
+                total: seg_num,
+                listed: 0,
+                unwritten: seg_num,
+                not_listed: 0
+            }
+        );
+        let ranges: Vec<SegmentRange> = rep.unwritten_segments().collect();
+        assert_eq!(
+            ranges,
+            [SegmentRange {
+                first: 0,
+                last: seg_num - 1
+            }]
+        );
+        let json = serde_json::to_vec(&rep).unwrap();
+        assert!(json.len() < 4096, "{} bytes of JSON", json.len());
+        let text = alloc::format!("{rep}");
+        assert!(text.contains("0..=1048574: never written"), "{text}");
+        assert!(text.len() < 4096, "{} bytes of text", text.len());
+
+        // Metadata written in two segments far apart: those two are read and
+        // listed, the runs around them are ranges.
+        let far = seg_num - 7;
+        for p in [3, far] {
+            dev.write_bytes(seg_info_slot_off(p, 0), &[1u8; 16])
+                .unwrap();
+        }
+        let rep = inspect(&dev, &InspectOptions::default()).unwrap();
+        assert_eq!(rep.segment_counts.listed, 2);
+        assert_eq!(rep.segment_counts.unwritten, seg_num - 2);
+        let listed: Vec<u32> = rep
+            .segments()
+            .filter_map(|i| match i.unwrap() {
+                SegmentItem::Listed(v) => Some(v.pseg),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(listed, [3, far]);
+        let ranges: Vec<SegmentRange> = rep.unwritten_segments().collect();
+        assert_eq!(
+            ranges,
+            [
+                SegmentRange { first: 0, last: 2 },
+                SegmentRange {
+                    first: 4,
+                    last: far - 1
+                },
+                SegmentRange {
+                    first: far + 1,
+                    last: seg_num - 1
+                },
+            ]
+        );
+    }
+
+    /// Every segment written: at most `max_segments` are read and listed, the
+    /// rest is counted as one range.
+    #[test]
+    fn the_segment_budget_bounds_the_listing() {
+        let dev = with_log(0, 0);
+        let opts = InspectOptions {
+            max_segments: 5,
+            ..Default::default()
+        };
+        let rep = inspect(&dev, &opts).unwrap();
+        assert_eq!(
+            rep.segment_counts,
+            SegmentCounts {
+                total: 31,
+                listed: 5,
+                unwritten: 0,
+                not_listed: 26
+            }
+        );
+        let j = serde_json::to_value(&rep).unwrap();
+        assert_eq!(j["segments"].as_array().unwrap().len(), 5);
+        assert_eq!(j["segments"][4]["cache_seg"], 4);
+        assert_eq!(j["segment_counts"]["not_listed"], 26);
+        let text = alloc::format!("{rep}");
+        assert!(
+            text.contains("5..=30: not read (beyond the budget of 5 segments)"),
+            "{text}"
+        );
+        // The chain and the log do not depend on the budget.
+        assert_eq!(rep.chain.as_ref().unwrap().psegs.len(), 31);
+        assert_eq!(rep.log.end.as_ref().unwrap().pos, CachePos::default());
     }
 }

@@ -2,7 +2,9 @@
 //! cache target, byte-compatible with the kernel's on-media format (M2/H of
 //! `pcache-format.md`).
 //!
-//! Part 1 (this crate so far): the on-media format ([`mod@format`]), persistent
+//! Part 1 (this crate so far): what every on-media record shares
+//! ([`mod@format`]; each record is declared next to its concept, all
+//! re-exported by [`records`]), persistent
 //! memory ([`pmem`]) and backing devices ([`backing`]), the cache-device layer
 //! ([`cache_dev`]), segments ([`segment`]), dual-copy metadata ([`meta`]),
 //! cache start ([`cache`]) with the key-set log check ([`cache_key`]), and
@@ -37,6 +39,19 @@ pub mod meta;
 pub mod pmem;
 pub mod report;
 pub mod segment;
+
+/// Every on-media record, each declared next to its concept, and the traits
+/// they share (one import for code that builds or reads images).
+pub mod records {
+    pub use crate::cache::{CacheInfo, CachePosOnMedia};
+    pub use crate::cache_dev::Superblock;
+    pub use crate::cache_key::{decode_kset, KeyError, KeyOnMedia, Kset, KsetError, KsetHeader};
+    pub use crate::format::{DualRecord, MetaHeader, Record};
+    pub use crate::segment::{SegGen, SegInfo};
+    /// zerocopy's traits and little-endian field types the records use.
+    pub use zerocopy::little_endian::{U16, U32, U64};
+    pub use zerocopy::{FromBytes, FromZeros, IntoBytes};
+}
 
 pub use cache::Cache;
 pub use cache_dev::SbState;

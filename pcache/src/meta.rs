@@ -151,12 +151,10 @@ pub fn read_slots<P: Pmem + ?Sized, R: DualRecord>(
     base: u64,
     stride: u64,
 ) -> Result<Slots<R>, PmemError> {
-    let mut buf = [0u8; 64];
-    let buf = &mut buf[..R::SIZE];
-    pmem.read(base, buf)?;
-    let s0 = R::decode(buf);
-    pmem.read(base + stride, buf)?;
-    let s1 = R::decode(buf);
+    let mut s0 = R::new_zeroed();
+    pmem.read(base, s0.as_mut_bytes())?;
+    let mut s1 = R::new_zeroed();
+    pmem.read(base + stride, s1.as_mut_bytes())?;
     let valid = [s0.crc_ok(), s1.crc_ok()];
     let seqs = [
         valid[0].then(|| s0.header().seq),
@@ -182,11 +180,10 @@ pub fn write_dual<P: Pmem + ?Sized, R: DualRecord, H: Hooks + ?Sized>(
     mut record: R,
 ) -> Result<(usize, R), PmemError> {
     let (slot, seq) = state.next_write();
-    record.set_seq(seq);
-    let bytes = record.encode();
-    let written = R::decode(&bytes);
+    record.header_mut().seq = seq;
+    let written = record.sealed();
     hooks.begin(cp);
-    write_words(pmem, base + slot as u64 * stride, &bytes)?;
+    write_words(pmem, base + slot as u64 * stride, written.as_bytes())?;
     pmem.fence()?;
     hooks.end(cp);
     Ok((slot, written))

@@ -25,6 +25,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
+use persist::{Domain, Persistence, Role};
+
 use crate::hooks::{CrashPoint, Hooks};
 
 /// Errors of a persistent-memory access.
@@ -112,6 +114,15 @@ pub trait Pmem {
         self.flush(off, len)?;
         self.fence()
     }
+
+    /// The lowest offset at or after `off` where non-zero bytes may be, or
+    /// `None` when every byte from `off` to the end reads as zero (a sparse
+    /// file's holes, pages never written). Lets a reader skip what was never
+    /// written instead of reading it; the default knows nothing and says
+    /// `Some(off)`.
+    fn next_data(&self, off: u64) -> Option<u64> {
+        Some(off)
+    }
 }
 
 impl<P: Pmem + ?Sized> Pmem for &mut P {
@@ -135,6 +146,9 @@ impl<P: Pmem + ?Sized> Pmem for &mut P {
     }
     fn persist(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
         (**self).persist(off, len)
+    }
+    fn next_data(&self, off: u64) -> Option<u64> {
+        (**self).next_data(off)
     }
 }
 
@@ -364,6 +378,11 @@ impl Pmem for SparsePmem {
     fn fence(&mut self) -> Result<(), PmemError> {
         Ok(())
     }
+    fn next_data(&self, off: u64) -> Option<u64> {
+        // Only pages held can hold non-zero bytes.
+        let (&page, _) = self.pages.range(off / SPARSE_PAGE..).next()?;
+        Some(core::cmp::max(page * SPARSE_PAGE, off))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -403,18 +422,18 @@ pub enum Access {
 }
 
 impl Access {
-    /// Whether the event writes to the image (a store or a zeroing).
+    /// Whether the access writes to the image (a store or a zeroing).
     pub fn is_write(&self) -> bool {
         matches!(self, Access::Store { .. } | Access::ZeroRange { .. })
     }
 }
 
-impl persist::Persistence for Access {
-    fn role(&self) -> persist::Role {
-        use persist::{Domain, Role};
+/// Stores and zeroings are writes to the pmem domain, a fence is its barrier;
+/// flushes (cache-line write-backs without a fence) and markers are neither.
+impl Persistence for Access {
+    fn role(&self) -> Role {
         match self {
             Access::Store { .. } | Access::ZeroRange { .. } => Role::Write(Domain::Pmem),
-            // A cache-line write-back orders nothing by itself: only the fence does.
             Access::Fence => Role::Barrier(Domain::Pmem),
             Access::Flush { .. } | Access::Begin(_) | Access::End(_) => Role::Neither,
         }
@@ -466,30 +485,32 @@ impl RecordingPmem {
         &self.base
     }
 
-    /// Index just after the last fence among the first `cut` events (0 if none).
+    /// Index just after the last fence among the first `cut` events (0 if
+    /// none), by the shared rule ([`persist::durable_prefix`]).
     pub fn durable_prefix(&self, cut: usize) -> usize {
-        persist::durable_prefix(&self.events.borrow(), persist::Domain::Pmem, cut)
+        persist::durable_prefix(&self.events.borrow(), Domain::Pmem, cut)
     }
 
     /// Indices of the writes issued after the last fence among the first `cut`
     /// events: the ones that may or may not have persisted at that cut
-    /// (the shared rule, [`persist::pending`]).
+    /// ([`persist::pending`]).
     pub fn pending(&self, cut: usize) -> Vec<usize> {
-        persist::pending(&self.events.borrow(), persist::Domain::Pmem, cut)
+        persist::pending(&self.events.borrow(), Domain::Pmem, cut)
     }
 
     /// The durable image of the crash state: events before the last fence
     /// preceding `cut` applied, and of the pending writes those for which
     /// `persisted(index)` is true, applied in issue order.
     pub fn crash_image(&self, cut: usize, persisted: impl Fn(usize) -> bool) -> SparsePmem {
-        let start = self.durable_prefix(cut);
         let ev = self.events.borrow();
+        let cut = cut.min(ev.len());
+        let start = persist::durable_prefix(&ev, Domain::Pmem, cut);
         let mut img = self.base.clone();
         for (i, e) in ev[..cut].iter().enumerate() {
             if i >= start && !persisted(i) {
                 continue;
             }
-            apply_access(&mut img, e);
+            apply_event(&mut img, e);
         }
         img
     }
@@ -515,7 +536,7 @@ impl RecordingPmem {
                 _ => false,
             };
             out.push(changes);
-            apply_access(&mut img, e);
+            apply_event(&mut img, e);
         }
         out
     }
@@ -523,7 +544,7 @@ impl RecordingPmem {
 
 /// Applies a recorded write to an image (other events are no-ops). Events
 /// were bounds-checked when they were recorded.
-pub fn apply_access(img: &mut SparsePmem, e: &Access) {
+pub fn apply_event(img: &mut SparsePmem, e: &Access) {
     // The events were validated when they were recorded.
     match *e {
         Access::Store { off, val } => {
@@ -564,6 +585,9 @@ impl Pmem for RecordingPmem {
         self.events.borrow_mut().push(Access::Fence);
         Ok(())
     }
+    fn next_data(&self, off: u64) -> Option<u64> {
+        self.current.next_data(off)
+    }
 }
 
 /// Hooks that record crash-point markers into a [`RecordingPmem`]'s event list.
@@ -597,6 +621,21 @@ mod host {
 
     fn io(e: std::io::Error) -> PmemError {
         PmemError::Io(e.to_string())
+    }
+
+    /// `lseek(SEEK_DATA)`: where the file's next data (not a hole) starts.
+    /// ENXIO means none up to the end; any other answer (a file system or a
+    /// device without holes) is no knowledge, so `off` itself.
+    fn seek_data(file: &File, off: u64, size: u64) -> Option<u64> {
+        if off >= size {
+            return None;
+        }
+        match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(off)) {
+            Ok(d) if d >= size => None,
+            Ok(d) => Some(d.max(off)),
+            Err(rustix::io::Errno::NXIO) => None,
+            Err(_) => Some(off),
+        }
     }
 
     /// A host file accessed with positioned reads and writes. Opened read-only,
@@ -677,6 +716,9 @@ mod host {
             }
             Ok(())
         }
+        fn next_data(&self, off: u64) -> Option<u64> {
+            seek_data(&self.file, off, self.size)
+        }
     }
 
     /// A host file mapped shared and writable (`memmap2`). A flush records the
@@ -756,6 +798,9 @@ mod host {
                     .map_err(io)?;
             }
             Ok(())
+        }
+        fn next_data(&self, off: u64) -> Option<u64> {
+            seek_data(&self._file, off, self.size())
         }
     }
 }

@@ -3,15 +3,86 @@
 //! the formatting of a segment (§5.4 step 2, §8 C3).
 
 use serde::Serialize;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::format::{
-    data_pos, seg_gen_slot_off, seg_info_slot_off, seg_off, SegGen, SegInfo, KSET_HEADER_SIZE,
-    SEG_GEN_STRIDE, SEG_HEADER_SIZE, SEG_INFO_F_HAS_NEXT, SEG_INFO_SIZE, SEG_INFO_TYPE_SHIFT,
-    SEG_TYPE_CACHE_DATA,
+    data_pos, le, meta_record, seg_gen_slot_off, seg_info_slot_off, seg_off, MetaHeader,
+    KSET_HEADER_SIZE, SEG_GEN_STRIDE, SEG_HEADER_SIZE, SEG_INFO_F_HAS_NEXT, SEG_INFO_SIZE,
+    SEG_INFO_TYPE_MASK, SEG_INFO_TYPE_SHIFT, SEG_TYPE_CACHE_DATA,
 };
 use crate::hooks::{CrashPoint, Hooks};
 use crate::meta::{read_slots, write_dual, DualCopy, Policy, Slots};
 use crate::pmem::{write_words, Pmem, PmemError};
+
+/// `struct pcache_segment_info`, 16 bytes, slots at segment+0 and segment+4096
+/// (§3.5).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct SegInfo {
+    /// Header (CRC over bytes 4..15).
+    pub header: MetaHeader,
+    /// Flags (HAS_NEXT, type).
+    #[serde(serialize_with = "le")]
+    pub flags: U32,
+    /// Physical id of the next segment (valid iff HAS_NEXT).
+    #[serde(serialize_with = "le")]
+    pub next_seg: U32,
+}
+
+meta_record!(SegInfo, 16);
+
+impl SegInfo {
+    /// HAS_NEXT flag.
+    pub fn has_next(&self) -> bool {
+        self.flags.get() & SEG_INFO_F_HAS_NEXT != 0
+    }
+
+    /// Segment type field.
+    pub fn seg_type(&self) -> u32 {
+        (self.flags.get() >> SEG_INFO_TYPE_SHIFT) & SEG_INFO_TYPE_MASK
+    }
+}
+
+/// `struct pcache_cache_seg_gen`, 16 bytes, slots at segment+8192 and
+/// segment+8208 (§3.6).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct SegGen {
+    /// Header (CRC over bytes 4..15).
+    pub header: MetaHeader,
+    /// Segment generation.
+    #[serde(serialize_with = "le")]
+    pub gen: U64,
+}
+
+meta_record!(SegGen, 16);
 
 /// Flags of a cache-data segment at the end of the chain (0x2).
 pub const SEG_INFO_FLAGS_LAST: u32 = SEG_TYPE_CACHE_DATA << SEG_INFO_TYPE_SHIFT;
@@ -74,7 +145,7 @@ pub fn format_segment<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         SEG_INFO_SIZE,
         &mut info_state,
         SegInfo {
-            flags: SEG_INFO_FLAGS_LAST,
+            flags: SEG_INFO_FLAGS_LAST.into(),
             ..Default::default()
         },
     )?;
@@ -86,7 +157,7 @@ pub fn format_segment<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         pseg,
         info,
         info_state,
-        gen: g.gen,
+        gen: g.gen.get(),
         gen_state,
     })
 }
@@ -100,8 +171,8 @@ pub fn link_segment<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     next: u32,
 ) -> Result<(), PmemError> {
     let mut info = seg.info;
-    info.flags |= SEG_INFO_F_HAS_NEXT;
-    info.next_seg = next;
+    info.flags.set(info.flags.get() | SEG_INFO_F_HAS_NEXT);
+    info.next_seg.set(next);
     let (_, written) = write_dual(
         pmem,
         hooks,
@@ -113,4 +184,56 @@ pub fn link_segment<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     )?;
     seg.info = written;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{DualRecord, Record};
+    use alloc::vec::Vec;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: alloc::string::String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn seg_info_and_gen_vectors() {
+        let si = |seq, flags: u32, next_seg: u32| SegInfo {
+            header: MetaHeader::with_seq(seq),
+            flags: flags.into(),
+            next_seg: next_seg.into(),
+        };
+        let sg = |seq, gen: u64| SegGen {
+            header: MetaHeader::with_seq(seq),
+            gen: gen.into(),
+        };
+        assert_eq!(
+            si(1, 2, 0).to_bytes().to_vec(),
+            hex("fe258dfc 01000000 02000000 00000000")
+        );
+        assert_eq!(
+            si(2, 3, 1).to_bytes().to_vec(),
+            hex("318e663b 02000000 03000000 01000000")
+        );
+        assert_eq!(
+            sg(1, 0).to_bytes().to_vec(),
+            hex("b0dff56e 01000000 00000000 00000000")
+        );
+        assert_eq!(
+            sg(2, 1).to_bytes().to_vec(),
+            hex("c7de5b74 02000000 01000000 00000000")
+        );
+        assert_eq!(si(1, 2, 0).computed_crc(), 0xfc8d_25fe);
+        assert_eq!(si(2, 3, 1).computed_crc(), 0x3b66_8e31);
+        assert_eq!(sg(1, 0).computed_crc(), 0x6ef5_dfb0);
+        assert_eq!(sg(2, 1).computed_crc(), 0x745b_dec7);
+        let d = SegInfo::read_from_bytes(&hex("318e663b 02000000 03000000 01000000")).unwrap();
+        assert!(d.crc_ok() && d.has_next() && d.seg_type() == SEG_TYPE_CACHE_DATA);
+        let g = SegGen::read_from_bytes(&hex("c7de5b74 02000000 01000000 00000000")).unwrap();
+        assert!(g.crc_ok() && g.gen == 1 && g.header().seq == 2);
+    }
 }

@@ -26,13 +26,15 @@ use std::collections::BTreeSet;
 use common::*;
 use pcache::format::*;
 use pcache::meta::read_slots;
-use pcache::pmem::{apply_access, Access, RecordingPmem, SparsePmem};
+use pcache::pmem::{apply_event, Access, RecordingPmem, SparsePmem};
+use pcache::records::*;
 use pcache::{activate, ActivationReport, CrashPoint, Mode, NoHooks, Outcome};
+use persist::all_subsets;
 
 /// The table row an image falls in, from the raw records only (independent of
 /// the activation code's decision logic), and the outcome the row gives.
 fn table_outcome(img: &SparsePmem, mode: Mode) -> (&'static str, Outcome) {
-    let sb = Superblock::from_bytes(&read_vec(img, SB_OFF, 24).try_into().unwrap());
+    let sb = Superblock::read_from_bytes(&read_vec(img, SB_OFF, 24)).unwrap();
     let ci = read_slots::<_, CacheInfo>(img, CACHE_INFO_OFF, CACHE_INFO_SIZE).unwrap();
     let ci_done = ci.latest_record().is_some_and(|(_, c)| c.init_done());
     let kt = read_slots::<_, CachePosOnMedia>(img, KEY_TAIL_OFF, 16).unwrap();
@@ -156,7 +158,7 @@ fn crash_states(rec: &RecordingPmem) -> Vec<State> {
         let mut kept_sets: Vec<Vec<usize>> = Vec::new();
         if exhaustive {
             assert!(pending.len() <= 10, "{} pending writes", pending.len());
-            kept_sets.extend(persist::all_subsets(&pending));
+            kept_sets.extend(all_subsets(&pending));
         } else {
             kept_sets.push(vec![]);
             for (k, &i) in pending.iter().enumerate() {
@@ -187,12 +189,12 @@ fn crash_states(rec: &RecordingPmem) -> Vec<State> {
             };
             let mut image = durable.clone();
             for &i in &kept {
-                apply_access(&mut image, &ev[i]);
+                apply_event(&mut image, &ev[i]);
             }
             out.push(State { label, image });
         }
         for e in &ev[durable_idx..cut] {
-            apply_access(&mut durable, e);
+            apply_event(&mut durable, e);
         }
         durable_idx = cut;
     }
@@ -426,15 +428,14 @@ fn older_cache_c1_torn_by_region() {
         }
     ));
     let regions = [CACHE_INFO_OFF, CACHE_INFO_OFF + 4096, CACHE_CTRL_OFF];
-    for mask in 0u32..8 {
+    // Subset number `mask` keeps region `b` iff bit `b` is set (persist's order).
+    for (mask, zeroed) in (0u32..).zip(all_subsets(&regions)) {
         let mut img = dev.clone();
-        for (b, &off) in regions.iter().enumerate() {
-            if mask & (1 << b) != 0 {
-                img.write_bytes(off, &[0u8; 4096]).unwrap();
-            }
+        for off in zeroed {
+            img.write_bytes(off, &[0u8; 4096]).unwrap();
         }
         for e in &ev[1..sb_fence] {
-            apply_access(&mut img, e);
+            apply_event(&mut img, e);
         }
         let label = format!("C1 regions zeroed {mask:03b} (ctrl, ci1, ci0), superblock complete");
         for mode in MODES {

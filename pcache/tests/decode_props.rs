@@ -5,21 +5,16 @@ use pcache::cache_key::{walk_log, CachePos};
 use pcache::format::*;
 use pcache::meta::read_slots;
 use pcache::pmem::{Pmem, SparsePmem};
+use pcache::records::*;
 use proptest::prelude::*;
-
-fn arr<const N: usize>(v: &[u8]) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(&v[..N]);
-    a
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
     fn superblock_any_bytes(b in proptest::collection::vec(any::<u8>(), 24)) {
-        let sb = Superblock::from_bytes(&arr(&b));
-        prop_assert_eq!(sb.raw_bytes().to_vec(), b.clone());
+        let sb = Superblock::read_from_prefix(&b).unwrap().0;
+        prop_assert_eq!(sb.as_bytes().to_vec(), b.clone());
         let _ = sb.crc_ok();
         let state = pcache::cache_dev::classify_sb(&sb, 512 << 20);
         let _ = format!("{state}");
@@ -27,32 +22,32 @@ proptest! {
 
     #[test]
     fn meta_records_any_bytes(b in proptest::collection::vec(any::<u8>(), 24)) {
-        let ci = CacheInfo::from_bytes(&arr(&b));
-        prop_assert_eq!(ci.raw_bytes().to_vec(), b.clone());
+        let ci = CacheInfo::read_from_prefix(&b).unwrap().0;
+        prop_assert_eq!(ci.as_bytes().to_vec(), b.clone());
         let _ = (ci.crc_ok(), ci.init_done(), ci.data_crc(), ci.gc_percent(), ci.cache_mode());
-        let p = CachePosOnMedia::from_bytes(&arr(&b));
-        prop_assert_eq!(p.raw_bytes().to_vec(), b[..16].to_vec());
-        let si = SegInfo::from_bytes(&arr(&b));
-        prop_assert_eq!(si.raw_bytes().to_vec(), b[..16].to_vec());
+        let p = CachePosOnMedia::read_from_prefix(&b).unwrap().0;
+        prop_assert_eq!(p.as_bytes().to_vec(), b[..16].to_vec());
+        let si = SegInfo::read_from_prefix(&b).unwrap().0;
+        prop_assert_eq!(si.as_bytes().to_vec(), b[..16].to_vec());
         let _ = (si.crc_ok(), si.has_next(), si.seg_type());
-        let g = SegGen::from_bytes(&arr(&b));
-        prop_assert_eq!(g.raw_bytes().to_vec(), b[..16].to_vec());
-        let h = KsetHeader::from_bytes(&arr(&b));
-        prop_assert_eq!(h.raw_bytes().to_vec(), b.clone());
+        let g = SegGen::read_from_prefix(&b).unwrap().0;
+        prop_assert_eq!(g.as_bytes().to_vec(), b[..16].to_vec());
+        let h = KsetHeader::read_from_prefix(&b).unwrap().0;
+        prop_assert_eq!(h.as_bytes().to_vec(), b.clone());
         // A record re-encoded with its CRC is valid and decodes to the same fields.
-        let fixed = CacheInfo::from_bytes(&ci.to_bytes());
+        let fixed = CacheInfo::read_from_bytes(&ci.to_bytes()).unwrap();
         prop_assert!(fixed.crc_ok());
         prop_assert_eq!((fixed.seg_id, fixed.n_segs, fixed.flags), (ci.seg_id, ci.n_segs, ci.flags));
     }
 
     #[test]
     fn key_any_bytes(b in proptest::collection::vec(any::<u8>(), 40), n_segs in any::<u32>()) {
-        let k = KeyOnMedia::from_bytes(&arr(&b));
-        prop_assert_eq!(k.to_bytes().to_vec(), b);
+        let k = KeyOnMedia::read_from_prefix(&b).unwrap().0;
+        prop_assert_eq!(k.as_bytes().to_vec(), b);
         if k.validate(n_segs).is_ok() {
-            prop_assert!(k.cache_seg_id < n_segs);
-            prop_assert!(k.cache_seg_off as u64 + k.len as u64 <= DATA_SIZE);
-            prop_assert!(k.len > 0);
+            prop_assert!(k.cache_seg_id.get() < n_segs);
+            prop_assert!(k.cache_seg_off.get() as u64 + k.len.get() as u64 <= DATA_SIZE);
+            prop_assert!(k.len.get() > 0);
         }
     }
 
@@ -84,7 +79,7 @@ proptest! {
         tail in 0usize..64,
         n_segs in 0u32..64,
     ) {
-        let keys: Vec<KeyOnMedia> = keys.iter().map(|k| KeyOnMedia::from_bytes(&arr(k))).collect();
+        let keys: Vec<KeyOnMedia> = keys.iter().map(|k| KeyOnMedia::read_from_prefix(k).unwrap().0).collect();
         let rec = Kset::Keys { keys: keys.clone() }.to_bytes();
         let mut b = rec.clone();
         b.resize(rec.len() + tail, 0);

@@ -50,9 +50,10 @@ use std::time::Duration;
 use common::*;
 use pcache::cache_dev::max_seg_num;
 use pcache::format::*;
-use pcache::inspect::{inspect, InspectOptions, InspectReport};
+use pcache::inspect::{inspect, InspectOptions};
 use pcache::meta::read_slots;
 use pcache::pmem::{Pmem, RecordingPmem, SparsePmem};
+use pcache::records::*;
 use pcache::{activate, ActivationReport, Mode, NoHooks, Outcome, SbState};
 use proptest::prelude::*;
 
@@ -95,10 +96,10 @@ fn bases() -> &'static [SparsePmem] {
                     seq: 9,
                     ..Default::default()
                 },
-                seg_id: rot(0),
-                n_segs: SEG_NUM,
-                flags: 0x1182,
-                reserved: 0,
+                seg_id: (rot(0)).into(),
+                n_segs: SEG_NUM.into(),
+                flags: 0x1182.into(),
+                reserved: 0.into(),
             }
             .to_bytes(),
         )
@@ -140,16 +141,18 @@ fn chain_map(img: &SparsePmem) -> Vec<u32> {
     let Some((_, ci)) = ci.latest_record() else {
         return identity;
     };
-    let mut map = vec![ci.seg_id];
-    while map.len() < ci.n_segs.min(SEG_NUM) as usize {
+    let mut map = vec![ci.seg_id.get()];
+    while map.len() < ci.n_segs.get().min(SEG_NUM) as usize {
         let p = *map.last().unwrap();
         if p >= SEG_NUM {
             return identity;
         }
         let si = read_slots::<_, SegInfo>(img, seg_info_slot_off(p, 0), SEG_INFO_SIZE).unwrap();
         match si.latest_record() {
-            Some((_, i)) if i.has_next() && i.next_seg < SEG_NUM && !map.contains(&i.next_seg) => {
-                map.push(i.next_seg)
+            Some((_, i))
+                if i.has_next() && i.next_seg < SEG_NUM && !map.contains(&i.next_seg.get()) =>
+            {
+                map.push(i.next_seg.get())
             }
             _ => return identity,
         }
@@ -355,14 +358,14 @@ fn key() -> impl Strategy<Value = KeyOnMedia> {
         prop_oneof![3 => Just(0u64), 1 => edge_u64()],
     )
         .prop_map(|(off, len, flags, cseg, cseg_off, gen)| KeyOnMedia {
-            off,
-            len: len as u32,
-            flags: flags as u32,
-            cache_seg_id: cseg as u32,
-            cache_seg_off: cseg_off as u32,
-            seg_gen: gen,
-            data_crc: 0,
-            reserved: 0,
+            off: off.into(),
+            len: (len as u32).into(),
+            flags: (flags as u32).into(),
+            cache_seg_id: (cseg as u32).into(),
+            cache_seg_off: (cseg_off as u32).into(),
+            seg_gen: gen.into(),
+            data_crc: 0.into(),
+            reserved: 0.into(),
         })
 }
 
@@ -460,7 +463,7 @@ impl LogMutation {
             return;
         };
         let chain = chain_map(img);
-        let (mut cseg, mut off) = (kt.cache_seg_id, kt.seg_off as u64);
+        let (mut cseg, mut off) = (kt.cache_seg_id.get(), kt.seg_off.get() as u64);
         for r in &self.recs {
             let Some(&pseg) = chain.get(cseg as usize) else {
                 return;
@@ -479,12 +482,12 @@ impl LogMutation {
                 }
                 LogRec::Header(key_num, magic, flags, crc) => {
                     let mut h = KsetHeader {
-                        crc: 0,
-                        key_num: *key_num,
-                        magic: *magic,
-                        flags: *flags,
+                        crc: 0.into(),
+                        key_num: (*key_num).into(),
+                        magic: (*magic).into(),
+                        flags: (*flags).into(),
                     }
-                    .raw_bytes()
+                    .as_bytes()
                     .to_vec();
                     // The CRC over what the header claims to cover, with the
                     // bytes that follow it on media.
@@ -624,7 +627,7 @@ fn real_activation(pmem: &mut RecordingPmem, mode: Mode) -> ActivationReport {
 
 fn check_activation(img: &SparsePmem, mode: Mode, activator: Activator) -> Result<Checked, String> {
     let before_copies = newest_copies(img);
-    let sb_before = Superblock::from_bytes(&read_vec(img, SB_OFF, 24).try_into().unwrap());
+    let sb_before = Superblock::read_from_bytes(&read_vec(img, SB_OFF, 24)).unwrap();
     let mut rec = RecordingPmem::new(img.clone());
     let r = activator(&mut rec, mode);
     let after = rec.current().clone();
@@ -696,7 +699,7 @@ fn check_activation(img: &SparsePmem, mode: Mode, activator: Activator) -> Resul
     }
     // A consistent cache.
     let size = img.size();
-    let sb = Superblock::from_bytes(&read_vec(&after, SB_OFF, 24).try_into().unwrap());
+    let sb = Superblock::read_from_bytes(&read_vec(&after, SB_OFF, 24)).unwrap();
     let seg_num = match pcache::cache_dev::classify_sb(&sb, size) {
         SbState::Valid { seg_num, .. } => seg_num,
         s => return Err(format!("superblock left {s}: {}", ctx())),
@@ -729,7 +732,7 @@ fn check_activation(img: &SparsePmem, mode: Mode, activator: Activator) -> Resul
                 && info.header.seq == rep.seq
                 && info.init_done()
                 && info.n_segs == n_segs
-                && r.cache_info_flags == Some(info.flags) => {}
+                && r.cache_info_flags == Some(info.flags.get()) => {}
         (got, rep) => {
             return Err(format!(
                 "cache_info on media {got:?} is not the reported {rep:?}: {}",
@@ -757,9 +760,7 @@ fn check_activation(img: &SparsePmem, mode: Mode, activator: Activator) -> Resul
         };
         match found {
             Some((slot, t))
-                if slot == rep.slot
-                    && t.header.seq == rep.seq
-                    && (t.cache_seg_id, t.seg_off) == (rep.pos.cache_seg_id, rep.pos.seg_off) => {}
+                if slot == rep.slot && t.header.seq == rep.seq && t.pos() == rep.pos => {}
             got => {
                 return Err(format!(
                     "{name} on media {got:?} is not the reported {rep:?}: {}",
@@ -778,10 +779,7 @@ fn check_activation(img: &SparsePmem, mode: Mode, activator: Activator) -> Resul
 
 /// The inspector on an image: a report, never a panic, and (on a cache the
 /// activation left consistent) the same chain and an ordinary end of log.
-fn check_inspect(
-    img: &SparsePmem,
-    opened: Option<&ActivationReport>,
-) -> Result<InspectReport, String> {
+fn check_inspect(img: &SparsePmem, opened: Option<&ActivationReport>) -> Result<(), String> {
     let before = img.clone();
     let rep = inspect(img, &InspectOptions::default()).map_err(|e| format!("inspect: {e}"))?;
     let _ = rep.to_string();
@@ -803,13 +801,10 @@ fn check_inspect(
             return Err(format!("inspect chain {chain:?} vs report {r}"));
         }
         if rep.log.end_is_ordinary != Some(true) {
-            return Err(format!(
-                "inspect log {:?} vs report {r}",
-                rep.log.end_message
-            ));
+            return Err(format!("inspect log {:?} vs report {r}", rep.log.end));
         }
     }
-    Ok(rep)
+    Ok(())
 }
 
 fn check_case(img: &SparsePmem) -> Result<(), String> {

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use pcache::format::*;
 use pcache::pmem::SparsePmem;
+use pcache::records::*;
 use pcache::report::RebuildBlocker;
 use pcache::{activate, Mode, NoHooks, Options, Outcome, Refusal, SbState};
 
@@ -223,7 +224,7 @@ fn row6_foreign_device() {
     }
     // A foreign magic whose CRC happens to be valid is refused too.
     let mut sb = Superblock::new(31, 0);
-    sb.magic = 0x1234_5678;
+    sb.magic.set(0x1234_5678);
     let mut dev = SparsePmem::new(SIZE_512M);
     dev.write_bytes(SB_OFF, &sb.to_bytes()).unwrap();
     for mode in MODES {
@@ -247,7 +248,7 @@ fn row7_impossible_fields() {
         d
     };
     let mut be = Superblock::new(31, 0);
-    be.flags = 1;
+    be.flags.set(1);
     for mode in MODES {
         let r = refusal(&with_sb(be), mode);
         assert_eq!(r, Refusal::BigEndian { flags: 1 });
@@ -402,9 +403,9 @@ fn other_inconsistencies_are_refused() {
             "a valid key-set: replay is part 2",
             Box::new(move |d| {
                 let k = KeyOnMedia {
-                    off: 0,
-                    len: 4096,
-                    cache_seg_id: 1,
+                    off: 0.into(),
+                    len: 4096.into(),
+                    cache_seg_id: 1.into(),
                     ..Default::default()
                 };
                 d.write_bytes(seg(0) + DATA_OFF, &Kset::Keys { keys: vec![k] }.to_bytes())
@@ -430,9 +431,9 @@ fn other_inconsistencies_are_refused() {
                 .to_bytes();
                 d.write_bytes(seg(0) + DATA_OFF, &l).unwrap();
                 let k = KeyOnMedia {
-                    off: 4096,
-                    len: 512,
-                    cache_seg_id: 2,
+                    off: 4096.into(),
+                    len: 512.into(),
+                    cache_seg_id: 2.into(),
                     ..Default::default()
                 };
                 d.write_bytes(
@@ -459,12 +460,12 @@ fn other_inconsistencies_are_refused() {
             Box::new(move |d| {
                 let mut rec = vec![0u8; KSET_HEADER_SIZE + 4000 * KEY_SIZE];
                 rec[..24].copy_from_slice(
-                    &KsetHeader {
-                        key_num: 4000,
-                        magic: KSET_MAGIC,
+                    KsetHeader {
+                        key_num: 4000.into(),
+                        magic: KSET_MAGIC.into(),
                         ..Default::default()
                     }
-                    .raw_bytes(),
+                    .as_bytes(),
                 );
                 let crc = pcache_crc(&rec[4..]);
                 rec[..4].copy_from_slice(&crc.to_le_bytes());
@@ -489,9 +490,9 @@ fn other_inconsistencies_are_refused() {
             "hostile key (segment outside the chain)",
             Box::new(move |d| {
                 let k = KeyOnMedia {
-                    off: 0,
-                    len: 4096,
-                    cache_seg_id: 99,
+                    off: 0.into(),
+                    len: 4096.into(),
+                    cache_seg_id: 99.into(),
                     ..Default::default()
                 };
                 d.write_bytes(seg(0) + DATA_OFF, &Kset::Keys { keys: vec![k] }.to_bytes())
@@ -704,7 +705,7 @@ fn row2_first_activation_over_valid_tails() {
         let mut dev = formatted(SIZE_512M, Mode::Recover);
         for base in [KEY_TAIL_OFF, DIRTY_TAIL_OFF] {
             for (i, s) in [s0, s1].into_iter().enumerate() {
-                let rec = s.map_or([0u8; 16], |(seq, off)| pos_rec(seq, 0, off));
+                let rec = s.map_or(vec![0u8; 16], |(seq, off)| pos_rec(seq, 0, off));
                 dev.write_bytes(base + 16 * i as u64, &rec).unwrap();
             }
         }

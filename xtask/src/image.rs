@@ -14,6 +14,7 @@ use pcache::inspect::{inspect as inspect_device, InspectError, InspectOptions};
 use pcache::pmem::{FilePmem, MmapPmem};
 use pcache::{activate, Mode, NoHooks, Options, Outcome};
 use std::fs::OpenOptions;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 /// Recovery mode of the first activation.
@@ -56,6 +57,10 @@ pub struct InspectArgs {
     /// List at most this many keys in all (all are counted).
     #[arg(long, default_value_t = 100_000)]
     pub max_keys: usize,
+    /// Read and list at most this many segments (all are counted; segments
+    /// whose metadata was never written are reported as ranges, not read).
+    #[arg(long, default_value_t = 1024)]
+    pub max_segments: usize,
 }
 
 /// Parses `512M`, `1G`, `1GiB`, `536870912`, ... (binary multiples), with
@@ -124,17 +129,23 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         &InspectOptions {
             max_log_records: args.max_records,
             max_log_keys: args.max_keys,
+            max_segments: args.max_segments,
         },
     ) {
         Ok(r) => r,
         Err(e @ InspectError::TooSmall { .. }) => bail!("{}: {e}", path.display()),
         Err(e) => bail!("{}: {e}", path.display()),
     };
+    // Streamed: the listed segments and records are read while they are
+    // written out, so memory does not grow with the output.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
     } else {
-        println!("image: {}", path.display());
-        print!("{report}");
+        writeln!(out, "image: {}", path.display())?;
+        write!(out, "{report}")?;
     }
+    out.flush()?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask format` and `cargo xtask inspect`, run as the binary.
 
 use pcache::format::*;
+use pcache::records::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -220,8 +221,8 @@ fn inspect_forged_seg_num() {
     assert_eq!(j["superblock"]["state"]["state"], "seg-num-out-of-range");
     // And a cache_info whose n_segs is forged.
     let mut ci = CacheInfo {
-        n_segs: 1 << 30,
-        flags: 0x1182,
+        n_segs: (1 << 30).into(),
+        flags: 0x1182.into(),
         ..Default::default()
     };
     ci.header.seq = 9;
@@ -229,7 +230,7 @@ fn inspect_forged_seg_num() {
     let o = xtask(&["inspect", img.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stdout(&o).contains("n_segs 1073741824 is larger than seg_num 31"),
+        stdout(&o).contains("cache_info n_segs 1073741824 out of range (1..=31)"),
         "{}",
         stdout(&o)
     );
@@ -241,12 +242,12 @@ fn inspect_hostile_key_sets() {
     // key_num out of range under a wrong CRC: a torn record, the ordinary end.
     let img = formatted(&d, "t.img");
     let mut h = KsetHeader {
-        crc: 0x1234,
-        key_num: 4000,
-        magic: KSET_MAGIC,
-        flags: 0,
+        crc: 0x1234.into(),
+        key_num: 4000.into(),
+        magic: KSET_MAGIC.into(),
+        flags: 0.into(),
     };
-    write_at(&img, data_pos(0, 0), &h.raw_bytes());
+    write_at(&img, data_pos(0, 0), h.as_bytes());
     let j = inspect_json(&img);
     assert_eq!(j["log"]["end_is_ordinary"], true);
     assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "crc-mismatch");
@@ -254,9 +255,9 @@ fn inspect_hostile_key_sets() {
     // The same header under a valid CRC (over 4000 zero keys): hostile.
     let img = formatted(&d, "k.img");
     let mut rec = vec![0u8; KSET_HEADER_SIZE + 4000 * KEY_SIZE];
-    rec[..24].copy_from_slice(&h.raw_bytes());
-    h.crc = pcache_crc(&rec[4..]);
-    write_at(&img, data_pos(0, 0), &h.raw_bytes());
+    rec[..24].copy_from_slice(h.as_bytes());
+    h.crc.set(pcache_crc(&rec[4..]));
+    write_at(&img, data_pos(0, 0), h.as_bytes());
     let o = xtask(&["inspect", img.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
@@ -275,17 +276,17 @@ fn inspect_hostile_key_sets() {
     // A valid key-set, then a LAST record whose next segment is out of range.
     let img = formatted(&d, "n.img");
     let k1 = KeyOnMedia {
-        off: 0,
-        len: 4096,
-        cache_seg_id: 1,
+        off: 0.into(),
+        len: 4096.into(),
+        cache_seg_id: 1.into(),
         ..Default::default()
     };
     let k2 = KeyOnMedia {
-        off: 1 << 20,
-        len: 8192,
-        flags: KEY_F_CLEAN,
-        cache_seg_id: 2,
-        cache_seg_off: 4096,
+        off: (1 << 20).into(),
+        len: 8192.into(),
+        flags: KEY_F_CLEAN.into(),
+        cache_seg_id: 2.into(),
+        cache_seg_off: 4096.into(),
         ..Default::default()
     };
     let ks = Kset::Keys { keys: vec![k1, k2] }.to_bytes();
@@ -311,4 +312,77 @@ fn inspect_hostile_key_sets() {
     assert_eq!(j["log"]["records"][0]["keys"][1]["key"]["len"], 8192);
     assert_eq!(j["log"]["records"][0]["keys"][1]["pseg"], 2);
     assert_eq!(j["log"]["end"]["pos"]["seg_off"], 104);
+}
+
+/// A sparse file claiming the largest device ext4 allows (16 TiB, the largest
+/// legal seg_num) with only its superblock written: the never-written segments
+/// are one range, not read one by one, and the output stays small.
+#[test]
+fn inspect_huge_sparse_image_is_bounded() {
+    let d = TempDir::new("huge");
+    let img = d.file("huge.img");
+    let f = std::fs::File::create(&img).unwrap();
+    // ext4's limit is 16 TiB - 4 KiB; smaller file systems get 1 TiB.
+    let size = [(16u64 << 40) - 4096, 1 << 40]
+        .into_iter()
+        .find(|&s| f.set_len(s).is_ok())
+        .expect("a sparse file of 1 TiB");
+    drop(f);
+    let seg_num = pcache::cache_dev::max_seg_num(size);
+    assert!(seg_num >= 65_535, "{seg_num}");
+    write_at(&img, SB_OFF, &Superblock::new(seg_num, 0).to_bytes());
+
+    let o = xtask(&["inspect", img.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        o.stdout.len() < 16 << 10,
+        "{} bytes of JSON",
+        o.stdout.len()
+    );
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["superblock"]["state"]["state"], "valid");
+    assert_eq!(j["seg_num"], seg_num);
+    assert_eq!(j["segments"].as_array().unwrap().len(), 0);
+    assert_eq!(j["segment_counts"]["total"], seg_num);
+    assert_eq!(j["segment_counts"]["unwritten"], seg_num);
+    assert_eq!(j["segment_counts"]["not_listed"], 0);
+    assert_eq!(
+        j["unwritten_segments"],
+        serde_json::json!([{"first": 0, "last": seg_num - 1}])
+    );
+
+    let o = xtask(&["inspect", img.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.len() < 16 << 10, "{} bytes of text", text.len());
+    assert!(
+        text.contains(&format!("0..={}: never written", seg_num - 1)),
+        "{text}"
+    );
+}
+
+/// `--max-segments` bounds the segments read and listed; every segment is
+/// still counted, and the chain and the log do not depend on it.
+#[test]
+fn inspect_segment_budget() {
+    let d = TempDir::new("budget");
+    let img = formatted(&d, "b.img");
+    let o = xtask(&[
+        "inspect",
+        img.to_str().unwrap(),
+        "--json",
+        "--max-segments",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["segments"].as_array().unwrap().len(), 4);
+    assert_eq!(j["segment_counts"]["total"], 31);
+    assert_eq!(j["segment_counts"]["listed"], 4);
+    assert_eq!(j["segment_counts"]["not_listed"], 27);
+    assert_eq!(j["chain"]["psegs"].as_array().unwrap().len(), 31);
+    assert_eq!(j["log"]["end"]["stop"]["error"]["kind"], "terminator");
+    let o = xtask(&["inspect", img.to_str().unwrap(), "--max-segments", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("4..=30: not read (beyond the budget of 4 segments)"));
 }

@@ -3,6 +3,7 @@
 
 use pcache::format::*;
 use pcache::pmem::{Pmem, SparsePmem};
+use pcache::records::*;
 use pcache::{activate, ActivationReport, Mode, NoHooks, Options, Outcome};
 
 pub const MIB: u64 = 1 << 20;
@@ -55,39 +56,39 @@ fn hdr(seq: u8) -> MetaHeader {
     }
 }
 
-pub fn cache_info_rec(seq: u8, n_segs: u32, flags: u32) -> [u8; 24] {
+pub fn cache_info_rec(seq: u8, n_segs: u32, flags: u32) -> Vec<u8> {
     CacheInfo {
         header: hdr(seq),
-        seg_id: 0,
-        n_segs,
-        flags,
-        reserved: 0,
+        seg_id: 0.into(),
+        n_segs: n_segs.into(),
+        flags: flags.into(),
+        reserved: 0.into(),
     }
     .to_bytes()
 }
 
-pub fn pos_rec(seq: u8, cseg: u32, off: u32) -> [u8; 16] {
+pub fn pos_rec(seq: u8, cseg: u32, off: u32) -> Vec<u8> {
     CachePosOnMedia {
         header: hdr(seq),
-        cache_seg_id: cseg,
-        seg_off: off,
+        cache_seg_id: cseg.into(),
+        seg_off: off.into(),
     }
     .to_bytes()
 }
 
-pub fn seg_info_rec(seq: u8, flags: u32, next: u32) -> [u8; 16] {
+pub fn seg_info_rec(seq: u8, flags: u32, next: u32) -> Vec<u8> {
     SegInfo {
         header: hdr(seq),
-        flags,
-        next_seg: next,
+        flags: flags.into(),
+        next_seg: next.into(),
     }
     .to_bytes()
 }
 
-pub fn seg_gen_rec(seq: u8, gen: u64) -> [u8; 16] {
+pub fn seg_gen_rec(seq: u8, gen: u64) -> Vec<u8> {
     SegGen {
         header: hdr(seq),
-        gen,
+        gen: gen.into(),
     }
     .to_bytes()
 }
