@@ -14,12 +14,12 @@ use zerocopy::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::cache_dev::SegBitmap;
-use crate::cache_key::{walk_log, CachePos, LogSummary};
+use crate::cache_key::{walk_log, CachePos, KsetError, LogStop, LogSummary};
 use crate::format::{
     cache_info_slot_off, le, meta_record, DualRecord, MetaHeader, CACHE_INFO_F_DATA_CRC,
     CACHE_INFO_F_INIT_DONE, CACHE_INFO_GC_MASK, CACHE_INFO_GC_SHIFT, CACHE_INFO_MODE_MASK,
     CACHE_INFO_MODE_SHIFT, CACHE_INFO_OFF, CACHE_INFO_SIZE, CACHE_POS_STRIDE, DATA_SIZE,
-    DIRTY_TAIL_OFF, GC_PERCENT_DEFAULT, KEY_TAIL_OFF,
+    DIRTY_TAIL_OFF, GC_PERCENT_DEFAULT, KEY_TAIL_OFF, KSET_KEYS_MAX,
 };
 use crate::hooks::{CrashPoint, Hooks};
 use crate::meta::{read_slots, write_dual, DualCopy, Policy, Slots};
@@ -339,6 +339,18 @@ impl From<ChainError> for Refusal {
     }
 }
 
+/// Whether a chain may visit a physical segment twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aliases {
+    /// A segment already in the chain is [`ChainError::Duplicate`]: aliased
+    /// cache segments share their bytes, so data and log records written
+    /// through one overwrite the other's (recover mode, the inspector).
+    Refused,
+    /// Accepted, as Linux 7.2.13 accepts them (its walk checks only the
+    /// range and HAS_NEXT): strict mode. Aliases are still listed.
+    Accepted,
+}
+
 /// The segment chain as far as it could be followed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainWalk {
@@ -349,6 +361,9 @@ pub struct ChainWalk {
     pub map: SegBitmap,
     /// Why the walk stopped before n_segs segments, if it did.
     pub error: Option<ChainError>,
+    /// Cache segments whose physical segment an earlier one already has
+    /// (only with [`Aliases::Accepted`]; otherwise the first is the error).
+    pub aliased: Vec<u32>,
 }
 
 /// Follows the chain of `n_segs` segments from physical segment `seg_id` on a
@@ -358,19 +373,21 @@ pub struct ChainWalk {
 /// segment must be in range, not already in the chain, and hold a valid
 /// segment info, whose HAS_NEXT / next_seg lead to the next one. `each(cseg,
 /// pseg, (slot, info))` sees every segment with valid info, in order; it
-/// returns false to stop the walk. Terminates on any media: every step visits
-/// a new physical segment.
+/// returns false to stop the walk. Terminates on any media: at most n_segs ≤
+/// seg_num steps.
 pub fn walk_chain<P: Pmem + ?Sized>(
     pmem: &P,
     seg_id: u32,
     n_segs: u32,
     seg_num: u32,
+    aliases: Aliases,
     mut each: impl FnMut(u32, u32, (usize, SegInfo)) -> bool,
 ) -> Result<ChainWalk, PmemError> {
     let mut walk = ChainWalk {
         psegs: Vec::new(),
         map: SegBitmap::new(seg_num),
         error: None,
+        aliased: Vec::new(),
     };
     if n_segs == 0 || n_segs > seg_num {
         walk.error = Some(ChainError::NSegs { n_segs, seg_num });
@@ -387,8 +404,11 @@ pub fn walk_chain<P: Pmem + ?Sized>(
             break;
         }
         if walk.map.set(pseg) {
-            walk.error = Some(ChainError::Duplicate { cache_seg, pseg });
-            break;
+            if aliases == Aliases::Refused {
+                walk.error = Some(ChainError::Duplicate { cache_seg, pseg });
+                break;
+            }
+            walk.aliased.push(cache_seg);
         }
         walk.psegs.push(pseg);
         let slots = read_seg_info(pmem, pseg)?;
@@ -476,11 +496,18 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
     // untrusted until then, so it does not size the allocation).
     let mut segments: Vec<Segment> = Vec::with_capacity(n_segs.min(seg_num) as usize);
     let mut gen_err = None;
+    // Strict mode accepts aliased segments as the kernel does (a hardening
+    // gap the format document's crash analysis names); recover refuses them.
+    let aliases = match opts.mode {
+        Mode::Strict => Aliases::Accepted,
+        Mode::Recover => Aliases::Refused,
+    };
     let walk = walk_chain(
         pmem,
         info.seg_id.get(),
         n_segs,
         seg_num,
+        aliases,
         |_, pseg, (slot, seg_info)| {
             let gen = match read_seg_gen(pmem, pseg) {
                 Ok(g) => g,
@@ -525,7 +552,7 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
     let log: LogSummary = walk_log(pmem, &chain, key_tail.pos, |_| {});
     rep.log = Some(log.clone());
     let end = log.end.clone().expect("a walk always ends");
-    if !end.stop.is_end_of_log() {
+    if !end.stop.is_end_of_log() && !ends_log_for_the_kernel(&end.stop, opts.mode) {
         return Err(Refusal::HostileLog { end });
     }
     if log.ksets + log.lasts > 0 {
@@ -552,6 +579,23 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
         dirty_tail,
         dev_map,
     })
+}
+
+/// Whether strict mode, like Linux 7.2.13's replay, takes `stop` as the end
+/// of the log although no kernel writes such a record: a normal key-set
+/// claiming more than 128 keys fails the kernel's validity test before its
+/// CRC is checked, and replay stops there (observed on 7.2.13 media). Recover
+/// mode refuses a CRC-valid one as crafted. A CRC-valid key-set of 0 keys is
+/// one the kernel accepts and replays past; with no replay here (part 2),
+/// both modes stop there and strict refuses as for any other record.
+fn ends_log_for_the_kernel(stop: &LogStop, mode: Mode) -> bool {
+    mode == Mode::Strict
+        && matches!(
+            stop,
+            LogStop::Invalid {
+                error: KsetError::KeyNumOutOfRange { key_num }
+            } if *key_num > KSET_KEYS_MAX
+        )
 }
 
 /// Opens a loaded cache: the activation's cache_info write (INIT_DONE, seq+1,
@@ -892,7 +936,27 @@ mod tests {
             }
             let seen = inspect(&dev, &InspectOptions::default()).unwrap();
             let chain = seen.chain.expect("a valid cache_info");
-            assert_eq!(chain.error, Some(want), "{name}: inspector");
+            let strict = Options {
+                mode: Mode::Strict,
+                ..opts
+            };
+            if let ChainError::Duplicate { cache_seg, .. } = want {
+                // Aliases: the inspector walks the whole chain and lists them
+                // (cache segments 5.. are physical 2, 3, 4, 2, ...); strict
+                // mode opens the cache as Linux 7.2.13 does.
+                assert_eq!(chain.error, None, "{name}: inspector");
+                assert_eq!(chain.psegs.len(), 31, "{name}: inspector");
+                assert_eq!(chain.aliased, (cache_seg..31).collect::<Vec<_>>());
+                let mut copy = dev.clone();
+                let rep = activate(&mut copy, &strict, &mut NoHooks);
+                assert_eq!(rep.outcome, Outcome::Opened, "{name}: strict");
+            } else {
+                assert_eq!(chain.error, Some(want), "{name}: inspector");
+                assert!(chain.aliased.is_empty());
+                let mut copy = dev.clone();
+                let rep = activate(&mut copy, &strict, &mut NoHooks);
+                assert_eq!(rep.refusal, Some(Refusal::from(want)), "{name}: strict");
+            }
             let rep = activate(&mut dev, &opts, &mut NoHooks);
             assert_eq!(rep.outcome, Outcome::Refused, "{name}");
             assert_eq!(rep.refusal, Some(Refusal::from(want)), "{name}: activation");

@@ -27,7 +27,7 @@ use serde::ser::{Error as _, SerializeSeq, SerializeStruct};
 use serde::{Serialize, Serializer};
 
 use crate::cache::{
-    read_cache_info, read_tail, walk_chain, CacheInfo, CachePosOnMedia, ChainError,
+    read_cache_info, read_tail, walk_chain, Aliases, CacheInfo, CachePosOnMedia, ChainError,
 };
 use crate::cache_dev::{classify_sb, max_seg_num, read_sb, SbState, Superblock};
 use crate::cache_key::{
@@ -167,6 +167,10 @@ pub struct ChainView {
     pub n_segs: u32,
     /// Why the walk stopped before n_segs segments, if it did.
     pub error: Option<ChainError>,
+    /// Cache segments whose physical segment an earlier one already has: the
+    /// kernel (and strict mode) accepts such a chain, whose aliased segments
+    /// overwrite each other's data; recover mode refuses it.
+    pub aliased: Vec<u32>,
 }
 
 /// Where the number of segments inspected comes from.
@@ -393,11 +397,19 @@ pub fn inspect<'a, P: Pmem + ?Sized>(
         None => None,
         Some(ci) => {
             let n_segs = ci.n_segs.get();
-            let walk = walk_chain(pmem, ci.seg_id.get(), n_segs, seg_num, |_, _, _| true)?;
+            let walk = walk_chain(
+                pmem,
+                ci.seg_id.get(),
+                n_segs,
+                seg_num,
+                Aliases::Accepted,
+                |_, _, _| true,
+            )?;
             Some(ChainView {
                 psegs: walk.psegs,
                 n_segs,
                 error: walk.error,
+                aliased: walk.aliased,
             })
         }
     };
@@ -1020,6 +1032,13 @@ impl<P: Pmem + ?Sized> fmt::Display for InspectReport<'_, P> {
                 writeln!(f)?;
                 if let Some(e) = &c.error {
                     writeln!(f, "  broken: {e}")?;
+                }
+                if !c.aliased.is_empty() {
+                    writeln!(
+                        f,
+                        "  aliased: cache segment(s) {:?} reuse a physical segment already in the chain (Linux 7.2.13 and strict mode accept this; their data overwrite each other's; recover mode refuses it)",
+                        c.aliased
+                    )?;
                 }
             }
         }
