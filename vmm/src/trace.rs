@@ -19,6 +19,7 @@
 
 use std::io;
 
+use persist::{Domain, Role};
 use serde::{Deserialize, Serialize};
 
 /// One event of the trace.
@@ -35,6 +36,18 @@ pub enum Event {
     BlkFlush,
     /// A guest marker (a scenario's named point).
     Marker { id: u32 },
+}
+
+impl persist::Persistence for Event {
+    fn role(&self) -> Role {
+        match self {
+            Event::PmemStore { .. } => Role::Write(Domain::Pmem),
+            Event::BlkWrite { .. } => Role::Write(Domain::Disk),
+            Event::PmemFlush => Role::Barrier(Domain::Pmem),
+            Event::BlkFlush => Role::Barrier(Domain::Disk),
+            Event::Marker { .. } => Role::Neither,
+        }
+    }
 }
 
 impl Event {
@@ -138,28 +151,13 @@ impl Trace {
 
     /// Writes still pending (not yet durable) at trace position `cut`: the
     /// pmem stores after the last pmem flush before `cut`, and the blk writes
-    /// after the last blk flush before `cut`, in trace order.
+    /// after the last blk flush before `cut`, in trace order (the shared rule,
+    /// [`persist::pending_all`]).
     pub fn pending_at(&self, cut: u64) -> Vec<u64> {
-        let cut = (cut as usize).min(self.events.len());
-        let mut last_pmem_flush = None;
-        let mut last_blk_flush = None;
-        for (i, e) in self.events[..cut].iter().enumerate() {
-            match e {
-                Event::PmemFlush => last_pmem_flush = Some(i),
-                Event::BlkFlush => last_blk_flush = Some(i),
-                _ => {}
-            }
-        }
-        let after = |i: usize, f: Option<usize>| f.is_none_or(|f| i > f);
-        self.events[..cut]
-            .iter()
-            .enumerate()
-            .filter(|(i, e)| match e {
-                Event::PmemStore { .. } => after(*i, last_pmem_flush),
-                Event::BlkWrite { .. } => after(*i, last_blk_flush),
-                _ => false,
-            })
-            .map(|(i, _)| i as u64)
+        let cut = usize::try_from(cut).unwrap_or(usize::MAX);
+        persist::pending_all(&self.events, cut)
+            .into_iter()
+            .map(|i| i as u64)
             .collect()
     }
 
