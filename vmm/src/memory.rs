@@ -421,6 +421,98 @@ mod tests {
     }
 
     #[test]
+    fn pmem_and_disk_refuse_fifos_and_directories_without_blocking() {
+        use crate::disk::DiskImage;
+        let d = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let fifo = d.as_path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let dir = d.as_path().to_path_buf();
+        // On a thread with a deadline: a blocking open must fail the test, not hang it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut errs = Vec::new();
+            for mode in [ImageMode::CopyOnWrite, ImageMode::WriteThrough] {
+                for p in [&fifo, &dir] {
+                    errs.push(PmemRegion::open(p, mode).unwrap_err().to_string());
+                    errs.push(DiskImage::open(p, mode).unwrap_err().to_string());
+                }
+            }
+            let _ = tx.send(errs);
+        });
+        let errs = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening an image blocked");
+        for (i, e) in errs.iter().enumerate() {
+            let want = if i % 4 < 2 {
+                "is a FIFO"
+            } else {
+                "is a directory"
+            };
+            assert!(e.contains(want), "{e}");
+            assert!(
+                e.contains(if i % 2 == 0 {
+                    "pmem image"
+                } else {
+                    "disk image"
+                }),
+                "{e}"
+            );
+        }
+    }
+
+    /// A 512 MiB loop device as the pmem image: mapped copy-on-write with the
+    /// device's size, never written; write-through is refused.
+    #[test]
+    #[ignore = "needs root and losetup (a loop device)"]
+    fn a_block_device_is_a_copy_on_write_pmem_image() {
+        let t = image(layout::PMEM_MIN_SIZE);
+        t.as_file().write_all_at(&[7u8; 8], 0x1000).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(t.as_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup failed");
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        struct Detach(String);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("losetup")
+                    .args(["-d", &self.0])
+                    .status();
+            }
+        }
+        let _d = Detach(dev.clone());
+        let r = PmemRegion::open(Path::new(&dev), ImageMode::CopyOnWrite).unwrap();
+        assert_eq!(r.size(), layout::PMEM_MIN_SIZE);
+        assert_eq!(r.read_u64(0x1000).unwrap(), u64::from_le_bytes([7; 8]));
+        r.write(0x1000, &[1; 8]).unwrap();
+        drop(r);
+        let mut b = [0u8; 8];
+        t.as_file().read_exact_at(&mut b, 0x1000).unwrap();
+        assert_eq!(b, [7; 8], "the device is untouched");
+        let e = PmemRegion::open(Path::new(&dev), ImageMode::WriteThrough).unwrap_err();
+        assert!(e.to_string().contains("read-only"), "{e}");
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn unregister_removes_the_pmem_slot() {
+        let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
+        let t = image(layout::PMEM_MIN_SIZE);
+        let r = PmemRegion::open(t.as_path(), ImageMode::CopyOnWrite).unwrap();
+        r.register(&vm, false, false).unwrap();
+        // KVM cannot change a live slot's flags: the slot is there.
+        assert!(r.register(&vm, true, false).is_err());
+        r.unregister(&vm).unwrap();
+        // Gone: it can be added again with other flags.
+        r.register(&vm, true, false).unwrap();
+        r.unregister(&vm).unwrap();
+    }
+
+    #[test]
     fn ram_size_is_checked() {
         assert!(create_ram(2).is_err());
         assert!(create_ram((layout::RAM_MAX >> 20) + 1).is_err());
