@@ -10,7 +10,8 @@
 //!
 //! The mapping is a vm-memory [`MmapRegion`] owned by [`PmemRegion`] (it
 //! unmaps on drop). Whoever registers it as a KVM slot must remove the slot
-//! before the region is dropped: `vm::Vm` does (see its `Drop` and teardown).
+//! before the region is dropped: `vm::Vm` does (its `VmMemory` removes the
+//! slot on drop and at teardown).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -309,9 +310,11 @@ impl PmemRegion {
             userspace_addr: self.map.as_ptr() as u64,
         };
         // SAFETY: the range is this region's whole mapping, which stays mapped
-        // until the region is dropped; `vm::Vm` removes the slot (or closes
-        // the VM) before it lets the region go, so KVM never holds an address
-        // that is no longer mapped.
+        // until the region is dropped. The VMM's only caller, `vm::Vm`, keeps
+        // the region alive in its `VmMemory`, which removes this slot before
+        // it drops that reference (on drop, and at teardown before the VM fd
+        // goes to the reaper), so KVM does not keep an address the region's
+        // owner may then unmap.
         unsafe { vm.set_user_memory_region(region) }.map_err(MemoryError::Slot)
     }
 
@@ -341,9 +344,10 @@ pub(crate) fn register_ram(vm: &VmFd, ram: &GuestMemoryMmap) -> Result<(), Memor
             memory_size: r.len(),
             userspace_addr: r.as_ptr() as u64,
         };
-        // SAFETY: `ram` is a mapping that `vm::Vm` keeps alive as long as the
-        // VM fd: the two are dropped together, the VM fd first (the reaper
-        // receives them as one tuple).
+        // SAFETY: `ram`'s mapping lives as long as any clone of it, and
+        // `vm::Vm` keeps one next to the VM fd (`VmMemory`): on drop the fd
+        // field goes first, and the reaper receives `(fd, ram)` and drops
+        // them in that order, so the VM is closed before RAM can be unmapped.
         unsafe { vm.set_user_memory_region(region) }.map_err(MemoryError::Slot)?;
     }
     Ok(())
@@ -495,6 +499,23 @@ mod tests {
         assert_eq!(b, [7; 8], "the device is untouched");
         let e = PmemRegion::open(Path::new(&dev), ImageMode::WriteThrough).unwrap_err();
         assert!(e.to_string().contains("read-only"), "{e}");
+
+        // A device too small says so with its real size, and does not
+        // suggest `truncate` (which cannot grow a device).
+        let small = image(64 << 20);
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(small.as_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup failed");
+        let small_dev = Detach(String::from_utf8(out.stdout).unwrap().trim().to_string());
+        let e = PmemRegion::open(Path::new(&small_dev.0), ImageMode::CopyOnWrite).unwrap_err();
+        assert!(
+            matches!(e, MemoryError::PmemDeviceTooSmall { size, .. } if size == 64 << 20),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("truncate"), "{e}");
     }
 
     #[test]

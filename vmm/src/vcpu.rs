@@ -117,6 +117,10 @@ pub(crate) enum Stop {
 impl Stop {
     /// The run's [`Outcome`], with the registers of `vcpu` at the stop.
     pub(crate) fn outcome(self, vcpu: &mut VcpuFd) -> Outcome {
+        if let Stop::Exited(code) = self {
+            // The common end of a run: no registers to read.
+            return Outcome::Exited { code };
+        }
         let regs = Registers::read(vcpu);
         match self {
             Stop::Exited(code) => Outcome::Exited { code },

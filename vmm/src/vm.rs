@@ -500,9 +500,10 @@ impl VmMemory {
     /// Removes the pmem slot and gives up the VM fd and RAM (for [`reap`]).
     fn release(mut self) -> (VmFd, GuestMemoryMmap) {
         let fd = self.fd.take().expect("VM fd present until released");
-        // A failure leaves the slot in a VM nothing runs; the fd is closed
-        // before anything else could reuse the address (the reaper drops it
-        // first), but say so rather than hide it.
+        // Removing a slot we added does not fail in practice. If it did, the
+        // slot would stay in a VM whose vCPU is gone, so no guest access can
+        // reach it, and KVM drops its view of the pages when they are
+        // unmapped (MMU notifier): log it rather than fail the run.
         if let Err(e) = self.pmem.unregister(&fd) {
             log::warn!("removing the pmem slot at teardown: {e}");
         }
