@@ -662,6 +662,17 @@ mod host {
             })
         }
 
+        /// Uses an already opened file of `size` bytes (for example a block
+        /// device, whose metadata says 0 bytes), read-only or read-write.
+        pub fn from_file(file: File, size: u64, writable: bool) -> Self {
+            FilePmem {
+                file,
+                size,
+                writable,
+                dirty: false,
+            }
+        }
+
         /// Opens `path` read-write.
         pub fn open(path: &Path) -> std::io::Result<Self> {
             let file = OpenOptions::new().read(true).write(true).open(path)?;

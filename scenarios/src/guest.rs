@@ -8,7 +8,7 @@
 use crate::spec::{Mode, StateOutcome};
 use pcache::Outcome;
 use serde::Deserialize;
-use vmm::{Message, RunResult};
+use vmm::{Message, RunOutcome};
 
 /// The command line of a guest run of `steps` (`a;b;c`) in `mode`: `start`
 /// steps without a mode get the run's mode, so the mode governs every step.
@@ -74,7 +74,7 @@ pub struct Recovery {
 
 impl Recovery {
     /// Reads a finished run.
-    pub fn from_run(run: &RunResult) -> Recovery {
+    pub fn from_run(run: &RunOutcome) -> Recovery {
         Recovery::from_parts(&run.outcome, &run.messages, &run.protocol_errors)
     }
 

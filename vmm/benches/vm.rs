@@ -55,7 +55,7 @@ impl Env {
         c
     }
 
-    fn run(&self, steps: &str, trace: bool) -> vmm::RunResult {
+    fn run(&self, steps: &str, trace: bool) -> vmm::RunOutcome {
         let r = vmm::run(self.config(steps, trace)).expect("VMM run");
         assert_eq!(
             r.outcome.exit_code(),

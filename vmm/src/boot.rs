@@ -37,9 +37,18 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     #[error("kernel command line: {0}")]
-    Cmdline(String),
+    Cmdline(#[from] linux_loader::cmdline::Error),
+    #[error("kernel command line {text:?}: {source}")]
+    CmdlineText {
+        text: String,
+        source: linux_loader::cmdline::Error,
+    },
+    #[error("writing the kernel command line into guest memory: {0}")]
+    CmdlineLoad(linux_loader::loader::Error),
     #[error("writing the zero page: {0}")]
-    ZeroPage(String),
+    ZeroPage(#[from] linux_loader::configurator::Error),
+    #[error("bzImage without a setup header")]
+    NoSetupHeader,
     #[error("writing boot structures into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error("setting up vCPU registers: {0}")]
@@ -128,16 +137,17 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
 /// Builds the kernel command line: the caller's text plus one
 /// `virtio_mmio.device=` entry per device `(size, base, irq)`.
 pub fn build_cmdline(extra: &str, devices: &[(u64, u64, u32)]) -> Result<Cmdline, BootError> {
-    let mut cl =
-        Cmdline::new(layout::CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cl = Cmdline::new(layout::CMDLINE_MAX)?;
     let extra = extra.trim();
     if !extra.is_empty() {
         cl.insert_str(extra)
-            .map_err(|e| BootError::Cmdline(format!("{e} (in {extra:?})")))?;
+            .map_err(|source| BootError::CmdlineText {
+                text: extra.to_string(),
+                source,
+            })?;
     }
     for &(size, base, irq) in devices {
-        cl.add_virtio_mmio_device(size, GuestAddress(base), irq, None)
-            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        cl.add_virtio_mmio_device(size, GuestAddress(base), irq, None)?;
     }
     Ok(cl)
 }
@@ -161,12 +171,8 @@ pub fn write_boot_params(
         return Err(BootError::RamTooSmall(ram_size >> 20));
     }
     load_cmdline(mem, GuestAddress(layout::CMDLINE_START), cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let len = cmdline
-        .as_cstring()
-        .map_err(|e| BootError::Cmdline(e.to_string()))?
-        .as_bytes()
-        .len();
+        .map_err(BootError::CmdlineLoad)?;
+    let len = cmdline.as_cstring()?.as_bytes().len();
 
     let mut params = boot_params::default();
     params.hdr.type_of_loader = 0xff;
@@ -188,7 +194,7 @@ pub fn write_boot_params(
         &BootParams::new(&params, GuestAddress(layout::ZERO_PAGE)),
         mem,
     )
-    .map_err(|e| BootError::ZeroPage(e.to_string()))
+    .map_err(BootError::ZeroPage)
 }
 
 /// A GDT entry from flags, base and limit (the kernel's `GDT_ENTRY` macro).
@@ -311,8 +317,7 @@ pub fn bzimage_header(
         path: "<bzImage>".into(),
         source,
     })?;
-    res.setup_header
-        .ok_or_else(|| BootError::ZeroPage("bzImage without a setup header".into()))
+    res.setup_header.ok_or(BootError::NoSetupHeader)
 }
 
 #[cfg(test)]

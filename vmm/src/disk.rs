@@ -31,7 +31,7 @@ pub struct DiskImage {
 impl DiskImage {
     /// Opens a disk image; its size must be a multiple of 512 bytes.
     pub fn open(path: &Path, mode: ImageMode) -> Result<Self, MemoryError> {
-        let (file, size, io_err) = crate::memory::open_image(path, mode, "disk image")?;
+        let (file, size, _, io_err) = crate::memory::open_image(path, mode, "disk image")?;
         if size % SECTOR != 0 || size == 0 {
             return Err(io_err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -1,7 +1,7 @@
 //! A small KVM virtual machine monitor for the pcache test harness.
 //!
-//! * [`vm::run`] boots a guest kernel with a virtio-blk disk and a virtio-pmem
-//!   region and returns a [`vm::RunResult`]: the [`vm::Outcome`], the guest's
+//! * [`vm::run`] (or [`Vm::new`] then [`Vm::run`]) boots a guest kernel with a virtio-blk disk and a virtio-pmem
+//!   region and returns a [`vm::RunOutcome`]: the [`vm::Outcome`], the guest's
 //!   protocol messages and markers, its console, and the traced windows.
 //! * [`crash`] saves a traced window and builds crash images from it.
 //! * [`trace`] is the persistence trace and its file encoding.
@@ -26,15 +26,19 @@
 //!
 //! Module map (Firecracker-like): [`boot`] (kernel, zero page, long mode),
 //! [`memory`] (RAM and the pmem slot), [`disk`] (the disk image),
-//! [`devices`] (bus, COM1, virtio), [`vm`] (setup and the vCPU loop),
-//! [`watchdog`] (time budget).
+//! [`devices`] (bus, COM1, virtio), [`image_file`] (what a user's image
+//! path is, checked before it is opened), [`vm`] (configuration, results,
+//! [`Vm`]: construction and teardown), [`vcpu`] (registers, the exit
+//! handler, the run loop), [`trace`], [`crash`], [`watchdog`] (time budget).
 
 pub mod boot;
 pub mod crash;
 pub mod devices;
 pub mod disk;
+pub mod image_file;
 pub mod memory;
 pub mod trace;
+pub mod vcpu;
 pub mod vm;
 pub mod watchdog;
 
@@ -43,6 +47,6 @@ pub use disk::DiskImage;
 pub use memory::{ImageMode, PmemRegion};
 pub use trace::{Event, Trace};
 pub use vm::{
-    check_kvm, run, ConsoleConfig, MarkerRecord, Message, Outcome, Registers, RunResult, RunStats,
-    RunSummary, VmConfig, VmError,
+    check_kvm, run, ConsoleConfig, MarkerRecord, Message, Outcome, Registers, RunOutcome, RunStats,
+    RunSummary, Vm, VmConfig, VmError,
 };

@@ -19,6 +19,7 @@
 
 use std::io;
 
+use persist::{Domain, Role};
 use serde::{Deserialize, Serialize};
 
 /// One event of the trace.
@@ -37,16 +38,8 @@ pub enum Event {
     Marker { id: u32 },
 }
 
-impl Event {
-    /// A write (pmem store or blk write), as opposed to a flush or a marker.
-    pub fn is_write(&self) -> bool {
-        matches!(self, Event::PmemStore { .. } | Event::BlkWrite { .. })
-    }
-}
-
 impl persist::Persistence for Event {
-    fn role(&self) -> persist::Role {
-        use persist::{Domain, Role};
+    fn role(&self) -> Role {
         match self {
             Event::PmemStore { .. } => Role::Write(Domain::Pmem),
             Event::BlkWrite { .. } => Role::Write(Domain::Disk),
@@ -54,6 +47,13 @@ impl persist::Persistence for Event {
             Event::BlkFlush => Role::Barrier(Domain::Disk),
             Event::Marker { .. } => Role::Neither,
         }
+    }
+}
+
+impl Event {
+    /// A write (pmem store or blk write), as opposed to a flush or a marker.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Event::PmemStore { .. } | Event::BlkWrite { .. })
     }
 }
 

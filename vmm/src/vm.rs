@@ -6,19 +6,23 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use protocol::{layout, MessageHeader, MessageKind};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use protocol::{layout, MessageKind};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::boot::{self, BootError};
 use crate::crash::TraceWindow;
 use crate::devices::serial::{Console, ConsoleSink};
-use crate::devices::virtio::{self, Block, EventFd, IoObserver, MmioTransport, Pmem, PmemBackend};
-use crate::devices::MmioBus;
+use crate::devices::virtio::{
+    self, Block, EventFd, IoObserver, MmioTransport, Pmem, PmemBackend, TransportError,
+};
+use crate::devices::{MmioBus, Overlap};
 use crate::disk::{DiskImage, Overlay};
 use crate::memory::{self, ImageMode, MemoryError, PmemRegion};
 use crate::trace::{Event, Trace};
+pub use crate::vcpu::Registers;
+use crate::vcpu::{self, Devices};
 use crate::watchdog::Watchdog;
 
 /// Errors that stop the VMM itself (as opposed to outcomes of the guest).
@@ -44,10 +48,14 @@ pub enum VmError {
     },
     #[error("tracing needs copy-on-write images (a write-through image has no frozen base)")]
     TraceNeedsCopyOnWrite,
-    #[error("setting up devices: {0}")]
-    Devices(String),
-    #[error("{0}")]
-    Host(String),
+    #[error("creating a device's interrupt eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("setting up a virtio-mmio transport: {0}")]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Bus(#[from] Overlap),
+    #[error("{0} is still shared at the end of the run (a VMM bug)")]
+    StillShared(&'static str),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -63,8 +71,9 @@ pub struct ConsoleConfig {
     pub terminal: bool,
 }
 
-/// Everything a run needs. The images are opened beforehand (see
-/// [`VmConfig::new`]); crash images from [`crate::crash`] can be used directly.
+/// Everything a run needs: plain settings plus the two images it runs on.
+/// The images are opened beforehand (see [`VmConfig::new`]) so that crash
+/// images from [`crate::crash`] can be used directly, without a file.
 #[derive(Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -105,57 +114,6 @@ impl VmConfig {
         })
     }
 }
-
-/// The guest's general and control registers when a run stopped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Registers {
-    pub rip: u64,
-    pub rsp: u64,
-    pub rflags: u64,
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub cr0: u64,
-    pub cr2: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-    pub cs: u16,
-    pub ss: u16,
-}
-
-impl Registers {
-    fn read(vcpu: &VcpuFd) -> Self {
-        let mut r = Registers::default();
-        if let Ok(g) = vcpu.get_regs() {
-            r.rip = g.rip;
-            r.rsp = g.rsp;
-            r.rflags = g.rflags;
-            r.rax = g.rax;
-            r.rbx = g.rbx;
-            r.rcx = g.rcx;
-            r.rdx = g.rdx;
-            r.rsi = g.rsi;
-            r.rdi = g.rdi;
-            r.rbp = g.rbp;
-        }
-        if let Ok(s) = vcpu.get_sregs() {
-            r.cr0 = s.cr0;
-            r.cr2 = s.cr2;
-            r.cr3 = s.cr3;
-            r.cr4 = s.cr4;
-            r.efer = s.efer;
-            r.cs = s.cs.selector;
-            r.ss = s.ss.selector;
-        }
-        r
-    }
-}
-
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -262,7 +220,7 @@ pub struct RunStats {
 
 /// Everything a run produced.
 #[derive(Debug)]
-pub struct RunResult {
+pub struct RunOutcome {
     pub outcome: Outcome,
     pub messages: Vec<Message>,
     pub markers: Vec<MarkerRecord>,
@@ -310,7 +268,7 @@ pub struct RunSummary {
     pub stats: RunStats,
 }
 
-impl RunResult {
+impl RunOutcome {
     /// The run without its images, ready for `serde_json`.
     pub fn summary(&self) -> RunSummary {
         RunSummary {
@@ -374,27 +332,45 @@ struct Host {
     cpuid: CpuId,
 }
 
+/// Why the host cannot run VMs (kept once per process, so `Copy`).
+#[derive(Debug, Clone, Copy)]
+enum HostError {
+    NoKvm(kvm_ioctls::Error),
+    MissingCap(&'static str),
+    Cpuid(kvm_ioctls::Error),
+}
+
+impl From<HostError> for VmError {
+    fn from(e: HostError) -> Self {
+        match e {
+            HostError::NoKvm(e) => VmError::NoKvm(e),
+            HostError::MissingCap(c) => VmError::MissingCap(c),
+            HostError::Cpuid(source) => VmError::Kvm {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            },
+        }
+    }
+}
+
 fn host() -> Result<&'static Host, VmError> {
-    static HOST: OnceLock<Result<Host, String>> = OnceLock::new();
+    static HOST: OnceLock<Result<Host, HostError>> = OnceLock::new();
     let h = HOST.get_or_init(|| {
-        let kvm = Kvm::new().map_err(|e| VmError::NoKvm(e).to_string())?;
+        let kvm = Kvm::new().map_err(HostError::NoKvm)?;
         for (cap, name) in [
             (kvm_ioctls::Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM"),
             (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
         ] {
             if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCap(name).to_string());
+                return Err(HostError::MissingCap(name));
             }
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+            .map_err(HostError::Cpuid)?;
         Ok(Host { kvm, cpuid })
     });
-    match h {
-        Ok(h) => Ok(h),
-        Err(msg) => Err(VmError::Host(msg.clone())),
-    }
+    h.as_ref().map_err(|e| VmError::from(*e))
 }
 
 /// Checks that `/dev/kvm` can be used, with an error that says how to fix it.
@@ -412,35 +388,35 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Trace state shared by the vCPU loop and the device observers.
 pub(crate) struct Tracer {
-    on: bool,
+    pub(crate) on: bool,
     /// Set when the window outgrew its limits; the run loop stops the run.
-    overflow: bool,
-    data_bytes: usize,
-    trace: Trace,
-    base: Option<WindowBase>,
-    windows: Vec<TraceWindow>,
+    pub(crate) overflow: bool,
+    pub(crate) data_bytes: usize,
+    pub(crate) trace: Trace,
+    pub(crate) base: Option<WindowBase>,
+    pub(crate) windows: Vec<TraceWindow>,
 }
 
-struct WindowBase {
-    pmem_pages: std::collections::BTreeMap<u64, Box<[u8]>>,
-    disk_overlay: Overlay,
+pub(crate) struct WindowBase {
+    pub(crate) pmem_pages: std::collections::BTreeMap<u64, Box<[u8]>>,
+    pub(crate) disk_overlay: Overlay,
 }
 
 impl Tracer {
-    fn full(&mut self, extra: usize) -> bool {
+    pub(crate) fn full(&mut self, extra: usize) -> bool {
         if self.trace.len() >= MAX_TRACE_EVENTS || self.data_bytes + extra > MAX_TRACE_DATA {
             self.overflow = true;
         }
         self.overflow
     }
 
-    fn record(&mut self, e: Event) -> Option<u64> {
+    pub(crate) fn record(&mut self, e: Event) -> Option<u64> {
         (self.on && !self.full(0)).then(|| self.trace.push(e))
     }
 }
 
 /// Forwards device I/O into the trace.
-struct Observer(Arc<Mutex<Tracer>>);
+pub(crate) struct Observer(pub(crate) Arc<Mutex<Tracer>>);
 
 impl IoObserver for Observer {
     fn blk_write(&mut self, sector: u64, data: &[u8]) {
@@ -462,7 +438,7 @@ impl IoObserver for Observer {
 
 /// The disk as the block device sees it, shared with the VMM (which freezes
 /// its overlay when tracing starts).
-struct SharedDisk(Arc<Mutex<DiskImage>>);
+pub(crate) struct SharedDisk(pub(crate) Arc<Mutex<DiskImage>>);
 
 impl virtio::BlockBackend for SharedDisk {
     fn size(&self) -> u64 {
@@ -487,7 +463,7 @@ impl virtio::BlockBackend for SharedDisk {
 
 /// virtio-pmem flushes: `msync` for a write-through image, nothing for a
 /// copy-on-write one.
-struct PmemFlusher(Arc<PmemRegion>);
+pub(crate) struct PmemFlusher(pub(crate) Arc<PmemRegion>);
 
 impl PmemBackend for PmemFlusher {
     fn flush(&mut self) -> std::io::Result<()> {
@@ -495,101 +471,96 @@ impl PmemBackend for PmemFlusher {
     }
 }
 
-/// Runs a VM to its end. Errors are VMM failures; everything the guest does
-/// (exit, fault, hang) is an [`Outcome`].
-pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
-    let start = Instant::now();
-    let host = host()?;
-    if config.trace && config.pmem.mode() != ImageMode::CopyOnWrite {
-        return Err(VmError::TraceNeedsCopyOnWrite);
+impl Tracer {
+    pub(crate) fn new() -> Self {
+        Tracer {
+            on: false,
+            overflow: false,
+            data_bytes: 0,
+            trace: Trace::new(),
+            base: None,
+            windows: Vec::new(),
+        }
     }
-    if !config.kernel.exists() {
-        return Err(BootError::KernelMissing(config.kernel.display().to_string()).into());
+}
+
+/// The VM fd and the memory registered in it. Whoever lets it go removes the
+/// pmem slot first, so KVM never holds the address of a mapping that may be
+/// unmapped: on drop (an error path) the slot is removed, then the fields go
+/// in order (the VM fd is closed, RAM is unmapped, and the region is unmapped
+/// when its last reference goes); [`VmMemory::release`] removes the slot and
+/// hands the VM fd and RAM to the reaper together.
+struct VmMemory {
+    fd: Option<VmFd>,
+    ram: GuestMemoryMmap,
+    pmem: Arc<PmemRegion>,
+}
+
+impl VmMemory {
+    /// Removes the pmem slot and gives up the VM fd and RAM (for [`reap`]).
+    fn release(mut self) -> (VmFd, GuestMemoryMmap) {
+        let fd = self.fd.take().expect("VM fd present until released");
+        // Removing a slot we added does not fail in practice. If it did, the
+        // slot would stay in a VM whose vCPU is gone, so no guest access can
+        // reach it, and KVM drops its view of the pages when they are
+        // unmapped (MMU notifier): log it rather than fail the run.
+        if let Err(e) = self.pmem.unregister(&fd) {
+            log::warn!("removing the pmem slot at teardown: {e}");
+        }
+        (fd, self.ram.clone())
     }
+}
 
-    let vm = host.kvm.create_vm().map_err(kvm_err("create VM"))?;
-    let ram = memory::create_ram(config.mem_mib)?;
-    memory::register_ram(&vm, &ram)?;
-    let pmem = Arc::new(config.pmem);
-    pmem.register(&vm, config.trace, false)?;
-    let disk = Arc::new(Mutex::new(config.disk));
+impl Drop for VmMemory {
+    fn drop(&mut self) {
+        if let Some(fd) = &self.fd {
+            let _ = self.pmem.unregister(fd);
+        }
+    }
+}
 
-    let kernel = boot::load_kernel(&ram, &config.kernel)?;
-    let blk_base = layout::virtio_mmio_addr(layout::VIRTIO_BLK_SLOT);
-    let pmem_base = layout::virtio_mmio_addr(layout::VIRTIO_PMEM_SLOT);
+/// A VM ready to run: built by [`Vm::new`] from a [`VmConfig`], run once by
+/// [`Vm::run`] (the vCPU loop, then teardown).
+///
+/// Drop order (fields go in declaration order): the vCPU, then the devices
+/// (which hold the other references to the images), then the VM memory
+/// (which removes the pmem slot before anything is unmapped).
+pub struct Vm {
+    vcpu: VcpuFd,
+    devices: Devices,
+    memory: VmMemory,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("pmem", &self.devices.pmem)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The virtio-mmio devices' places and interrupts, as announced on the
+/// command line.
+fn virtio_devices() -> [(u64, u64, u32); 2] {
     let irq = |slot: u64| layout::VIRTIO_IRQ_BASE + slot as u32;
-    let cmdline = boot::build_cmdline(
-        &config.cmdline,
-        &[
-            (
-                layout::VIRTIO_MMIO_SIZE,
-                blk_base,
-                irq(layout::VIRTIO_BLK_SLOT),
-            ),
-            (
-                layout::VIRTIO_MMIO_SIZE,
-                pmem_base,
-                irq(layout::VIRTIO_PMEM_SLOT),
-            ),
-        ],
-    )?;
-    boot::write_boot_params(&ram, &cmdline, config.mem_mib << 20)?;
-
-    let tracer = Arc::new(Mutex::new(Tracer {
-        on: false,
-        overflow: false,
-        data_bytes: 0,
-        trace: Trace::new(),
-        base: None,
-        windows: Vec::new(),
-    }));
-
-    // Interrupts (optional): the in-kernel irqchip and one irqfd per device on
-    // the IRQ the command line announces. Off by default (see VmConfig).
-    let irqchip = config.interrupts;
-    if irqchip {
-        vm.create_irq_chip()
-            .map_err(kvm_err("create the in-kernel irqchip"))?;
-    }
-    let irqfd = |slot: u64| -> Result<EventFd, VmError> {
-        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Devices(e.to_string()))?;
-        vm.register_irqfd(&fd, irq(slot))
-            .map_err(kvm_err("register an irqfd"))?;
-        Ok(fd)
-    };
-
-    let mut bus = MmioBus::new();
-    let mut blk = Block::new(Box::new(SharedDisk(disk.clone())), b"pcache-disk");
-    blk.set_observer(Box::new(Observer(tracer.clone())));
-    let mut pm = Pmem::new(
-        layout::PMEM_START,
-        pmem.size(),
-        Box::new(PmemFlusher(pmem.clone())),
-    );
-    pm.set_observer(Box::new(Observer(tracer.clone())));
-    for (slot, dev) in [
+    [layout::VIRTIO_BLK_SLOT, layout::VIRTIO_PMEM_SLOT].map(|slot| {
         (
-            layout::VIRTIO_BLK_SLOT,
-            Box::new(blk) as Box<dyn virtio::VirtioDevice>,
-        ),
-        (layout::VIRTIO_PMEM_SLOT, Box::new(pm)),
-    ] {
-        let base = layout::virtio_mmio_addr(slot);
-        let t = MmioTransport::new(
-            dev,
-            ram.clone(),
-            if irqchip { Some(irqfd(slot)?) } else { None },
+            layout::VIRTIO_MMIO_SIZE,
+            layout::virtio_mmio_addr(slot),
+            irq(slot),
         )
-        .map_err(|e| VmError::Devices(e.to_string()))?;
-        bus.insert(base, layout::VIRTIO_MMIO_SIZE, Box::new(t))
-            .map_err(|e| VmError::Devices(e.to_string()))?;
-    }
+    })
+}
 
+/// The console sink: a log file (appended) and/or the terminal.
+fn console_sink(c: &ConsoleConfig) -> Result<ConsoleSink, VmError> {
     let mut sink = ConsoleSink {
-        terminal: config.console.terminal,
+        terminal: c.terminal,
         ..Default::default()
     };
-    if let Some(p) = &config.console.log {
+    if let Some(p) = &c.log {
         sink.log = Some(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -601,77 +572,200 @@ pub fn run(config: VmConfig) -> Result<RunResult, VmError> {
                 })?,
         );
     }
+    Ok(sink)
+}
 
-    let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
-    boot::setup_vcpu(&ram, &vcpu, &host.cpuid, kernel.entry)?;
-
-    let mut state = RunState {
-        start,
-        vm: &vm,
-        ram: &ram,
-        pmem: &pmem,
-        disk: &disk,
-        tracer: &tracer,
-        bus,
-        console: Console::new(sink),
-        messages: Vec::new(),
-        message_bytes: 0,
-        markers: Vec::new(),
-        protocol_errors: Vec::new(),
-        stats: RunStats::default(),
-    };
-    if config.trace {
-        state.trace_on()?;
+/// The MMIO bus with virtio-blk on the disk and virtio-pmem on the region,
+/// both reporting to the tracer; with `irqchip`, each device's interrupt is
+/// an irqfd on the IRQ the command line announces.
+fn build_bus(
+    vm: &VmFd,
+    ram: &GuestMemoryMmap,
+    pmem: &Arc<PmemRegion>,
+    disk: &Arc<Mutex<DiskImage>>,
+    tracer: &Arc<Mutex<Tracer>>,
+    irqchip: bool,
+) -> Result<MmioBus, VmError> {
+    let mut blk = Block::new(Box::new(SharedDisk(disk.clone())), b"pcache-disk");
+    blk.set_observer(Box::new(Observer(tracer.clone())));
+    let mut pm = Pmem::new(
+        layout::PMEM_START,
+        pmem.size(),
+        Box::new(PmemFlusher(pmem.clone())),
+    );
+    pm.set_observer(Box::new(Observer(tracer.clone())));
+    let devs: [Box<dyn virtio::VirtioDevice>; 2] = [Box::new(blk), Box::new(pm)];
+    let mut bus = MmioBus::new();
+    for (dev, (size, base, irq)) in devs.into_iter().zip(virtio_devices()) {
+        let irqfd = if irqchip {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm.register_irqfd(&fd, irq)
+                .map_err(kvm_err("register an irqfd"))?;
+            Some(fd)
+        } else {
+            None
+        };
+        let t = MmioTransport::new(dev, ram.clone(), irqfd)?;
+        bus.insert(base, size, Box::new(t))?;
     }
-    state.stats.setup_ns = start.elapsed().as_nanos() as u64;
-    let watchdog = Watchdog::start(config.timeout);
-    let outcome = state.run_loop(&mut vcpu, &watchdog);
-    state.stats.stop_ns = start.elapsed().as_nanos() as u64;
-    drop(watchdog);
-    let outcome = outcome?;
+    Ok(bus)
+}
 
-    let RunState {
-        bus,
-        console,
-        messages,
-        markers,
-        protocol_errors,
-        mut stats,
-        ..
-    } = state;
-    // The devices hold the other references to the images.
-    drop(bus);
-    drop(vcpu);
-    reap(vm, ram);
-    let windows = {
-        let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
-        if t.on {
-            close_window(&mut t, &pmem, &disk, true);
+impl Vm {
+    /// Builds the VM: KVM VM, RAM and pmem slots, kernel and boot data,
+    /// devices, console and vCPU. With `config.trace`, tracing is on before
+    /// the first instruction.
+    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        let start = Instant::now();
+        let host = host()?;
+        if config.trace && config.pmem.mode() != ImageMode::CopyOnWrite {
+            return Err(VmError::TraceNeedsCopyOnWrite);
         }
-        std::mem::take(&mut t.windows)
-    };
-    let pmem = Arc::try_unwrap(pmem).map_err(|_| VmError::Devices("pmem still shared".into()))?;
-    let disk = Arc::try_unwrap(disk)
-        .map_err(|_| VmError::Devices("disk still shared".into()))?
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    stats.total_ns = start.elapsed().as_nanos() as u64;
-    Ok(RunResult {
-        outcome,
-        messages,
-        markers,
-        console: console.into_sink().buffer,
-        windows,
-        protocol_errors,
-        stats,
-        pmem,
-        disk,
-    })
+        if !config.kernel.exists() {
+            return Err(BootError::KernelMissing(config.kernel.display().to_string()).into());
+        }
+        let fd = host.kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let ram = memory::create_ram(config.mem_mib)?;
+        memory::register_ram(&fd, &ram)?;
+        let pmem = Arc::new(config.pmem);
+        // From here on the slot is removed before the region can go (VmMemory).
+        pmem.register(&fd, config.trace, false)?;
+        let memory = VmMemory {
+            fd: Some(fd),
+            ram: ram.clone(),
+            pmem: pmem.clone(),
+        };
+        let vm = memory.fd.as_ref().expect("just set");
+        let disk = Arc::new(Mutex::new(config.disk));
+
+        let kernel = boot::load_kernel(&ram, &config.kernel)?;
+        let cmdline = boot::build_cmdline(&config.cmdline, &virtio_devices())?;
+        boot::write_boot_params(&ram, &cmdline, config.mem_mib << 20)?;
+
+        let tracer = Arc::new(Mutex::new(Tracer::new()));
+        // Interrupts (optional): off by default (see VmConfig::interrupts).
+        if config.interrupts {
+            vm.create_irq_chip()
+                .map_err(kvm_err("create the in-kernel irqchip"))?;
+        }
+        let bus = build_bus(vm, &ram, &pmem, &disk, &tracer, config.interrupts)?;
+        let console = Console::new(console_sink(&config.console)?);
+
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
+        boot::setup_vcpu(&ram, &vcpu, &host.cpuid, kernel.entry)?;
+
+        let mut devices = Devices {
+            start,
+            ram,
+            pmem,
+            disk,
+            tracer,
+            bus,
+            console,
+            messages: Vec::new(),
+            message_bytes: 0,
+            markers: Vec::new(),
+            protocol_errors: Vec::new(),
+            stats: RunStats::default(),
+        };
+        if config.trace {
+            // The slot was registered read-only above: only freeze the base.
+            devices.trace_on()?;
+        }
+        devices.stats.setup_ns = start.elapsed().as_nanos() as u64;
+        Ok(Vm {
+            vcpu,
+            devices,
+            memory,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Runs the vCPU until the run stops, then tears the VM down. Errors are
+    /// VMM failures; everything the guest does (exit, fault, hang) is an
+    /// [`Outcome`].
+    pub fn run(mut self) -> Result<RunOutcome, VmError> {
+        let watchdog = Watchdog::start(self.timeout);
+        let outcome = vcpu::run_loop(
+            &mut self.vcpu,
+            self.memory
+                .fd
+                .as_ref()
+                .expect("VM fd present until released"),
+            &mut self.devices,
+            &watchdog,
+        );
+        self.devices.stats.stop_ns = self.devices.start.elapsed().as_nanos() as u64;
+        drop(watchdog);
+        let outcome = outcome?;
+        self.teardown(outcome)
+    }
+
+    /// Stops the devices, removes the pmem slot, hands the VM to the reaper
+    /// and returns the images with everything the run produced.
+    fn teardown(self, outcome: Outcome) -> Result<RunOutcome, VmError> {
+        let Vm {
+            vcpu,
+            devices,
+            memory,
+            ..
+        } = self;
+        let Devices {
+            start,
+            ram,
+            pmem,
+            disk,
+            tracer,
+            bus,
+            console,
+            messages,
+            markers,
+            protocol_errors,
+            mut stats,
+            ..
+        } = devices;
+        // The devices hold the other references to the images.
+        drop(bus);
+        drop(vcpu);
+        drop(ram);
+        let (fd, ram) = memory.release();
+        reap(fd, ram);
+        let windows = {
+            let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
+            if t.on {
+                close_window(&mut t, &pmem, &disk, true);
+            }
+            std::mem::take(&mut t.windows)
+        };
+        let pmem = Arc::try_unwrap(pmem).map_err(|_| VmError::StillShared("the pmem region"))?;
+        let disk = Arc::try_unwrap(disk)
+            .map_err(|_| VmError::StillShared("the disk image"))?
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        stats.total_ns = start.elapsed().as_nanos() as u64;
+        Ok(RunOutcome {
+            outcome,
+            messages,
+            markers,
+            console: console.into_sink().buffer,
+            windows,
+            protocol_errors,
+            stats,
+            pmem,
+            disk,
+        })
+    }
+}
+
+/// Builds a VM from `config` and runs it to its end ([`Vm::new`], [`Vm::run`]).
+pub fn run(config: VmConfig) -> Result<RunOutcome, VmError> {
+    Vm::new(config)?.run()
 }
 
 /// Destroys a finished VM and its RAM on a background thread: closing a VM
 /// fd takes ~0.5 ms on PVM hosts, which the next run need not wait for.
-/// (The pmem mapping may be unmapped meanwhile: nothing runs in the VM.)
+/// The pmem slot is removed before (see [`VmMemory::release`]): the VM holds
+/// no address of a mapping it does not own by then.
 fn reap(vm: VmFd, ram: GuestMemoryMmap) {
     use std::sync::mpsc;
     static REAPER: OnceLock<Option<mpsc::Sender<(VmFd, GuestMemoryMmap)>>> = OnceLock::new();
@@ -692,7 +786,7 @@ fn reap(vm: VmFd, ram: GuestMemoryMmap) {
     }
 }
 
-fn close_window(t: &mut Tracer, pmem: &PmemRegion, disk: &Mutex<DiskImage>, open: bool) {
+pub(crate) fn close_window(t: &mut Tracer, pmem: &PmemRegion, disk: &Mutex<DiskImage>, open: bool) {
     let base = t.base.take().expect("a window is open");
     let d = disk.lock().unwrap_or_else(|e| e.into_inner());
     let trace = std::mem::take(&mut t.trace);
@@ -710,332 +804,9 @@ fn close_window(t: &mut Tracer, pmem: &PmemRegion, disk: &Mutex<DiskImage>, open
     t.on = false;
 }
 
-struct RunState<'a> {
-    start: Instant,
-    vm: &'a VmFd,
-    ram: &'a GuestMemoryMmap,
-    pmem: &'a Arc<PmemRegion>,
-    disk: &'a Arc<Mutex<DiskImage>>,
-    tracer: &'a Arc<Mutex<Tracer>>,
-    bus: MmioBus,
-    console: Console,
-    messages: Vec<Message>,
-    message_bytes: usize,
-    markers: Vec<MarkerRecord>,
-    protocol_errors: Vec<String>,
-    stats: RunStats,
-}
-
-/// Reads a message announced at guest-physical `gpa`: `(kind, payload)`, or
-/// why it was refused. Nothing the guest wrote is trusted: the header and the
-/// payload must lie in RAM and the length within the protocol's limit.
-pub(crate) fn read_message(ram: &GuestMemoryMmap, gpa: u64) -> Result<(u32, Vec<u8>), String> {
-    let hdr: [u8; MessageHeader::SIZE] = ram
-        .read_obj(GuestAddress(gpa))
-        .map_err(|_| format!("message header at {gpa:#x} is outside guest RAM"))?;
-    let h = MessageHeader::decode(hdr);
-    if h.len > protocol::MESSAGE_MAX_LEN {
-        return Err(format!(
-            "message at {gpa:#x} claims {} bytes (at most {})",
-            h.len,
-            protocol::MESSAGE_MAX_LEN
-        ));
-    }
-    let mut payload = vec![0u8; h.len as usize];
-    let at = gpa.checked_add(MessageHeader::SIZE as u64);
-    if at
-        .map(|a| ram.read_slice(&mut payload, GuestAddress(a)))
-        .is_none_or(|r| r.is_err())
-    {
-        return Err(format!(
-            "message payload of {} bytes at {gpa:#x} is outside guest RAM",
-            h.len
-        ));
-    }
-    Ok((h.kind, payload))
-}
-
-/// Protocol errors kept per run; a guest cannot make the VMM hold more.
-const MAX_PROTOCOL_ERRORS: usize = 100;
-
-impl RunState<'_> {
-    fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
-    }
-
-    fn protocol_error(&mut self, msg: String) {
-        if self.protocol_errors.len() < MAX_PROTOCOL_ERRORS {
-            self.protocol_errors.push(msg);
-        }
-    }
-
-    /// Starts a window: freezes the base (pages and sectors changed so far)
-    /// and makes the pmem slot read-only so every store exits.
-    fn trace_on(&mut self) -> Result<(), VmError> {
-        let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
-        if t.on {
-            drop(t);
-            self.protocol_error("trace-on marker while tracing is already on".into());
-            return Ok(());
-        }
-        if self.pmem.mode() != ImageMode::CopyOnWrite {
-            drop(t);
-            self.protocol_error("trace-on refused: tracing needs copy-on-write images".to_string());
-            return Ok(());
-        }
-        let pmem_pages = self.pmem.private_pages()?;
-        let disk_overlay = self
-            .disk
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .overlay()
-            .clone();
-        t.base = Some(WindowBase {
-            pmem_pages,
-            disk_overlay,
-        });
-        t.on = true;
-        drop(t);
-        self.pmem.register(self.vm, true, true)?;
-        Ok(())
-    }
-
-    fn trace_off(&mut self) -> Result<(), VmError> {
-        let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
-        if !t.on {
-            drop(t);
-            self.protocol_error("trace-off marker while tracing is off".into());
-            return Ok(());
-        }
-        close_window(&mut t, self.pmem, self.disk, false);
-        drop(t);
-        self.pmem.register(self.vm, false, true)?;
-        Ok(())
-    }
-
-    fn marker(&mut self, id: u32) -> Result<(), VmError> {
-        match id {
-            protocol::MARKER_TRACE_ON => self.trace_on()?,
-            protocol::MARKER_TRACE_OFF => self.trace_off()?,
-            _ => {}
-        }
-        let trace_pos = if id & protocol::MARKER_CONTROL_BIT == 0 {
-            let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
-            let w = t.windows.len();
-            t.record(Event::Marker { id }).map(|seq| (w, seq))
-        } else {
-            None
-        };
-        if self.markers.len() < 1 << 20 {
-            self.markers.push(MarkerRecord {
-                id,
-                at_ns: self.now_ns(),
-                trace_pos,
-            });
-        }
-        Ok(())
-    }
-
-    fn message(&mut self, gpa: u64) {
-        let (kind, payload) = match read_message(self.ram, gpa) {
-            Ok(m) => m,
-            Err(e) => return self.protocol_error(e),
-        };
-        if self.message_bytes + payload.len() > MAX_MESSAGE_BYTES {
-            return self.protocol_error("message limit reached; message dropped".into());
-        }
-        self.message_bytes += payload.len();
-        self.messages.push(Message {
-            kind,
-            payload,
-            at_ns: self.now_ns(),
-        });
-    }
-
-    /// Applies a guest store that hit the read-only pmem slot and traces it.
-    fn pmem_store(&mut self, addr: u64, data: &[u8]) {
-        let off = addr - layout::PMEM_START;
-        if data.is_empty() || data.len() > 8 || self.pmem.write(off, data).is_err() {
-            return self.protocol_error(format!(
-                "pmem store of {} bytes at {addr:#x} rejected",
-                data.len()
-            ));
-        }
-        self.stats.traced_stores += 1;
-        let mut t = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
-        if t.on && !t.full(0) {
-            t.trace.push_pmem_store(off, data);
-        }
-    }
-
-    fn in_pmem(&self, addr: u64, len: usize) -> bool {
-        addr >= layout::PMEM_START
-            && (addr - layout::PMEM_START)
-                .checked_add(len as u64)
-                .is_some_and(|e| e <= self.pmem.size())
-    }
-
-    fn run_loop(&mut self, vcpu: &mut VcpuFd, wd: &Watchdog) -> Result<Outcome, VmError> {
-        loop {
-            if wd.expired() {
-                return Ok(Outcome::Timeout {
-                    regs: Registers::read(vcpu),
-                });
-            }
-            if self
-                .tracer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .overflow
-            {
-                return Ok(Outcome::TraceLimit {
-                    regs: Registers::read(vcpu),
-                });
-            }
-            let exit = match vcpu.run() {
-                Ok(e) => e,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    vcpu.set_kvm_immediate_exit(0);
-                    continue;
-                }
-                Err(e) => return Err(kvm_err("KVM_RUN")(e)),
-            };
-            self.stats.exits += 1;
-            match exit {
-                VcpuExit::IoOut(port, data) => {
-                    self.stats.pio_exits += 1;
-                    let word = (data.len() == 4)
-                        .then(|| u32::from_le_bytes(data.try_into().expect("4 bytes")));
-                    match (port, word) {
-                        (protocol::PORT_EXIT, Some(code)) => {
-                            return Ok(Outcome::Exited { code });
-                        }
-                        (protocol::PORT_MESSAGE, Some(gpa)) => self.message(gpa as u64),
-                        (protocol::PORT_MARKER, Some(id)) => self.marker(id)?,
-                        (protocol::PORT_EXIT | protocol::PORT_MESSAGE | protocol::PORT_MARKER, None) => {
-                            self.protocol_error(format!(
-                                "{}-byte write to port {port:#x} (the protocol's ports take 32-bit writes)",
-                                data.len()
-                            ))
-                        }
-                        (p, _) if (protocol::PORT_COM1..protocol::PORT_COM1 + 8).contains(&p) => {
-                            let v = data.first().copied().unwrap_or(0);
-                            if let Err(e) = self.console.write((p - protocol::PORT_COM1) as u8, v) {
-                                self.protocol_error(format!("console: {e}"));
-                            }
-                        }
-                        _ => self.stats.stray_accesses += 1,
-                    }
-                }
-                VcpuExit::IoIn(port, data) => {
-                    self.stats.pio_exits += 1;
-                    if (protocol::PORT_COM1..protocol::PORT_COM1 + 8).contains(&port) {
-                        let v = self.console.read((port - protocol::PORT_COM1) as u8);
-                        data.fill(0);
-                        if let Some(b) = data.first_mut() {
-                            *b = v;
-                        }
-                    } else {
-                        data.fill(0xff);
-                        self.stats.stray_accesses += 1;
-                    }
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    self.stats.mmio_exits += 1;
-                    if self.in_pmem(addr, data.len()) {
-                        let d = data.to_vec();
-                        self.pmem_store(addr, &d);
-                    } else if !self.bus.write(addr, data) {
-                        self.stats.stray_accesses += 1;
-                    }
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    self.stats.mmio_exits += 1;
-                    if self.in_pmem(addr, data.len()) {
-                        // Reads of the slot are native; serve stray ones anyway.
-                        let _ = self.pmem.read(addr - layout::PMEM_START, data);
-                    } else if !self.bus.read(addr, data) {
-                        data.fill(0xff);
-                        self.stats.stray_accesses += 1;
-                    }
-                }
-                VcpuExit::Hlt => {
-                    return Ok(Outcome::Halted {
-                        regs: Registers::read(vcpu),
-                    })
-                }
-                VcpuExit::Shutdown => {
-                    return Ok(Outcome::Shutdown {
-                        regs: Registers::read(vcpu),
-                    })
-                }
-                VcpuExit::InternalError => {
-                    // SAFETY: after an internal-error exit KVM filled the `internal` member.
-                    let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    return Ok(Outcome::InternalError {
-                        suberror,
-                        regs: Registers::read(vcpu),
-                    });
-                }
-                VcpuExit::FailEntry(reason, _) => {
-                    return Ok(Outcome::FailEntry {
-                        reason,
-                        regs: Registers::read(vcpu),
-                    })
-                }
-                VcpuExit::Intr => continue,
-                other => {
-                    let exit = format!("{other:?}");
-                    return Ok(Outcome::Unhandled {
-                        exit,
-                        regs: Registers::read(vcpu),
-                    });
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ram() -> GuestMemoryMmap {
-        memory::create_ram(4).unwrap()
-    }
-
-    fn put(ram: &GuestMemoryMmap, gpa: u64, kind: u32, len: u32, payload: &[u8]) {
-        ram.write_slice(&MessageHeader { kind, len }.encode(), GuestAddress(gpa))
-            .unwrap();
-        ram.write_slice(payload, GuestAddress(gpa + 8)).unwrap();
-    }
-
-    #[test]
-    fn messages_are_read_from_guest_ram() {
-        let m = ram();
-        put(&m, 0x1000, MessageKind::Text as u32, 5, b"hello");
-        assert_eq!(read_message(&m, 0x1000), Ok((1, b"hello".to_vec())));
-        put(&m, 0x2000, MessageKind::Error as u32, 0, b"");
-        assert_eq!(read_message(&m, 0x2000), Ok((3, vec![])));
-    }
-
-    #[test]
-    fn bad_message_addresses_and_lengths_are_refused() {
-        let m = ram();
-        let end = 4u64 << 20;
-        // Header outside RAM, or straddling its end.
-        assert!(read_message(&m, end).is_err());
-        assert!(read_message(&m, end - 4).is_err());
-        assert!(read_message(&m, u64::MAX - 3).is_err());
-        // Payload running past the end of RAM.
-        put(&m, end - 16, 1, 9, b"");
-        assert!(read_message(&m, end - 16).unwrap_err().contains("outside"));
-        // Length over the protocol's limit.
-        put(&m, 0x1000, 1, protocol::MESSAGE_MAX_LEN + 1, b"");
-        assert!(read_message(&m, 0x1000).unwrap_err().contains("claims"));
-        put(&m, 0x1000, 1, u32::MAX, b"");
-        assert!(read_message(&m, 0x1000).is_err());
-    }
 
     #[test]
     fn outcome_serialises_with_its_kind() {

@@ -88,6 +88,7 @@ impl Service {
 }
 
 /// A watch over the calling thread (the vCPU thread) for one run.
+#[derive(Debug)]
 pub struct Watchdog {
     id: u64,
     deadline: Instant,

@@ -11,7 +11,7 @@ use common::*;
 use protocol::{ExitCode, MessageKind, MARKER_TRACE_OFF, MARKER_TRACE_ON};
 use vmm::{Event, Outcome, WriteRef};
 
-fn assert_exit(r: &vmm::RunResult, code: ExitCode) {
+fn assert_exit(r: &vmm::RunOutcome, code: ExitCode) {
     assert_eq!(
         r.outcome,
         Outcome::Exited { code: code as u32 },

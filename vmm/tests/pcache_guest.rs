@@ -24,7 +24,7 @@ use pcache::{activate, CrashPoint, Hooks, Mode, NoHooks, Options, Outcome, Pmem,
 use protocol::markers::{crash_point_begin, crash_point_end, decode_crash_point};
 use protocol::{ExitCode, MessageKind};
 use serde_json::Value;
-use vmm::{Event, ImageMode, Outcome as RunOutcome, RunResult, VmConfig};
+use vmm::{Event, ImageMode, Outcome as VmOutcome, RunOutcome, VmConfig};
 use vmm_sys_util::tempdir::TempDir;
 
 const PMEM_SIZE: u64 = 512 << 20;
@@ -61,29 +61,29 @@ impl Dev {
     }
 
     /// A run on copy-on-write views: the files stay as they are.
-    fn run(&self, cmdline: &str) -> RunResult {
+    fn run(&self, cmdline: &str) -> RunOutcome {
         vmm::run(self.config(cmdline)).expect("the VMM runs")
     }
 
     /// A run whose pmem stores reach the file.
-    fn run_write_through(&self, cmdline: &str) -> RunResult {
+    fn run_write_through(&self, cmdline: &str) -> RunOutcome {
         let mut c = self.config(cmdline);
         c.pmem = vmm::PmemRegion::open(&self.pmem(), ImageMode::WriteThrough).unwrap();
         vmm::run(c).expect("the VMM runs")
     }
 }
 
-fn assert_exit(r: &RunResult, code: ExitCode) {
+fn assert_exit(r: &RunOutcome, code: ExitCode) {
     assert_eq!(
         r.outcome,
-        RunOutcome::Exited { code: code as u32 },
+        VmOutcome::Exited { code: code as u32 },
         "{}",
         describe(r)
     );
 }
 
 /// Every `StepResult` message, parsed.
-fn results(r: &RunResult) -> Vec<Value> {
+fn results(r: &RunOutcome) -> Vec<Value> {
     r.messages
         .iter()
         .filter(|m| m.kind() == Some(MessageKind::StepResult))
@@ -94,7 +94,7 @@ fn results(r: &RunResult) -> Vec<Value> {
         .collect()
 }
 
-fn errors(r: &RunResult) -> Vec<String> {
+fn errors(r: &RunOutcome) -> Vec<String> {
     r.messages
         .iter()
         .filter(|m| m.kind() == Some(MessageKind::Error))
@@ -103,7 +103,7 @@ fn errors(r: &RunResult) -> Vec<String> {
 }
 
 /// The reports of the `start` results, in order.
-fn start_reports(r: &RunResult) -> Vec<Value> {
+fn start_reports(r: &RunOutcome) -> Vec<Value> {
     results(r)
         .into_iter()
         .filter(|v| v["step"] == "start")
@@ -112,7 +112,7 @@ fn start_reports(r: &RunResult) -> Vec<Value> {
 }
 
 /// The one `start` report of a run that must have exited with success.
-fn only_start(r: &RunResult) -> Value {
+fn only_start(r: &RunOutcome) -> Value {
     assert_exit(r, ExitCode::Success);
     let mut s = start_reports(r);
     assert_eq!(s.len(), 1, "{}", describe(r));
@@ -201,7 +201,7 @@ fn start_formats_a_blank_device_exactly_as_the_host_and_a_second_boot_opens_it()
 #[test]
 #[ignore = "needs /dev/kvm"]
 fn the_runs_result_image_is_the_host_format_too() {
-    // Copy-on-write run: the guest's image is read from `RunResult::pmem`.
+    // Copy-on-write run: the guest's image is read from `RunOutcome::pmem`.
     let dev = Dev::new();
     let r = dev.run("pcache.run=start");
     assert_eq!(only_start(&r)["outcome"], "formatted");

@@ -54,7 +54,7 @@ fn out32(port: u16, value: u32) -> Vec<u8> {
     c
 }
 
-fn run(img: &Images, code: &[u8], timeout: Duration) -> vmm::RunResult {
+fn run(img: &Images, code: &[u8], timeout: Duration) -> vmm::RunOutcome {
     let k: PathBuf = img.dir.as_path().join("raw.elf");
     std::fs::write(&k, elf(code)).unwrap();
     let mut c = vmm::VmConfig::new(&k, "", &img.pmem(), &img.disk()).unwrap();

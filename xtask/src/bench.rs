@@ -79,14 +79,14 @@ impl Env {
 
     /// One boot; checks that it exited with success and that every `start`
     /// had the expected outcome. Returns the run.
-    fn boot(&self, c: VmConfig, outcomes: &[&str]) -> Result<vmm::RunResult> {
+    fn boot(&self, c: VmConfig, outcomes: &[&str]) -> Result<vmm::RunOutcome> {
         let r = vmm::run(c)?;
         check(&r, outcomes)?;
         Ok(r)
     }
 }
 
-fn check(r: &vmm::RunResult, outcomes: &[&str]) -> Result<()> {
+fn check(r: &vmm::RunOutcome, outcomes: &[&str]) -> Result<()> {
     let texts: Vec<String> = r.messages.iter().map(|m| m.text()).collect();
     if r.outcome.exit_code() != Some(0) {
         bail!("guest run failed: {:?} {texts:?}", r.outcome);

@@ -15,7 +15,9 @@ use pcache::pmem::{FilePmem, MmapPmem};
 use pcache::{activate, Mode, NoHooks, Options, Outcome};
 use std::fs::OpenOptions;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use vmm::image_file::{check_kind, classify, open_image_file, ImageKind};
 
 /// Recovery mode of the first activation.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,21 +80,45 @@ pub fn format(args: FormatArgs) -> Result<()> {
         );
     }
     let path = &args.image;
-    if path.exists() && !args.force {
-        bail!(
+    // What is there decides: nothing (create it), a regular file (only with
+    // --force), anything else is refused without opening it (a FIFO would
+    // block the open) or writing to it (a block device is only read).
+    let existing = classify(path)?;
+    match existing {
+        None => {}
+        Some(ImageKind::Regular) if !args.force => bail!(
             "{} already exists; pass --force to overwrite it",
             path.display()
-        );
+        ),
+        Some(ImageKind::Regular) => {}
+        Some(ImageKind::BlockDevice) => bail!(
+            "{} is a block device; `format` makes image files only (block devices are only read, by `inspect` and `reproduce`)",
+            path.display()
+        ),
+        Some(kind) => check_kind(path, kind)?,
     }
+    // A file this command created is removed again if formatting fails
+    // (a file it did not create is never removed).
+    let mut created = existing.is_none().then(|| Created(path.clone()));
     {
         let mut o = OpenOptions::new();
-        o.write(true).create(true).truncate(true);
-        if !args.force {
+        o.write(true)
+            .create(true)
+            .truncate(true)
+            // A FIFO that replaced the path fails the open instead of
+            // waiting for a reader.
+            .custom_flags(libc::O_NONBLOCK);
+        if existing.is_none() {
             o.create_new(true);
         }
         let f = o
             .open(path)
             .with_context(|| format!("cannot create {}", path.display()))?;
+        // The path could have changed since `classify` (with --force; a
+        // file made by `create_new` is always regular).
+        if !f.metadata()?.file_type().is_file() {
+            bail!("{} is not a regular file", path.display());
+        }
         // Sparse: only the records the activation writes take space.
         f.set_len(size)
             .with_context(|| format!("cannot size {} to {size} bytes", path.display()))?;
@@ -117,13 +143,36 @@ pub fn format(args: FormatArgs) -> Result<()> {
             report.outcome
         );
     }
+    if let Some(c) = created.as_mut() {
+        c.keep();
+    }
     Ok(())
 }
 
+/// A file created by `format`, removed on drop unless kept.
+struct Created(PathBuf);
+
+impl Created {
+    fn keep(&mut self) {
+        self.0 = PathBuf::new();
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 pub fn inspect(args: InspectArgs) -> Result<()> {
-    let path = &args.image;
-    let pmem = FilePmem::open_read_only(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let path: &Path = &args.image;
+    // Regular files and block devices (sized from the device); a FIFO,
+    // socket, directory or character device is refused without blocking.
+    let img =
+        open_image_file(path, false).with_context(|| format!("cannot open {}", path.display()))?;
+    let pmem = FilePmem::from_file(img.file, img.size, false);
     let report = match inspect_device(
         &pmem,
         &InspectOptions {

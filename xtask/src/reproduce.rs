@@ -8,8 +8,11 @@ use clap::{Args, ValueEnum};
 use scenarios::guest::{cmdline, Recovery};
 use scenarios::runner::{replay, replay_saved};
 use scenarios::spec::Mode;
-use std::path::PathBuf;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmm::image_file::open_image_file;
 
 #[derive(Args)]
 pub struct ReproduceArgs {
@@ -40,6 +43,11 @@ pub enum CliMode {
 }
 
 pub fn reproduce(args: ReproduceArgs) -> Result<()> {
+    // Check the user's image paths before the (slow) guest build: a FIFO,
+    // directory, socket or character device is a clear error, never a hang.
+    for p in [&args.pmem, &args.disk].into_iter().flatten() {
+        open_image_file(p, false).with_context(|| format!("cannot open {}", p.display()))?;
+    }
     let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
     let timeout = Duration::from_secs(args.timeout);
     if let Some(dir) = &args.state {
@@ -79,16 +87,25 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
     let rec = match &args.disk {
         Some(disk) => replay(&kernel, &pmem, disk, &line, timeout, true)?,
         None => {
-            // No disk given: an empty scratch disk, removed afterwards.
-            let disk =
-                std::env::temp_dir().join(format!("pcache-reproduce-{}.disk", std::process::id()));
-            std::fs::File::create(&disk)?.set_len(64 << 20)?;
-            let rec = replay(&kernel, &pmem, &disk, &line, timeout, true);
-            let _ = std::fs::remove_file(&disk);
-            rec?
+            let (_file, disk) = scratch_disk()?;
+            replay(&kernel, &pmem, &disk, &line, timeout, true)?
         }
     };
     report(&rec)
+}
+
+/// Size of the empty disk used when none is given.
+const SCRATCH_DISK_SIZE: u64 = 64 << 20;
+
+/// An empty scratch disk that leaves nothing behind, even if the process is
+/// killed: the file is unlinked as it is created, and the VMM opens it again
+/// through `/proc/self/fd/N` while `File` (returned with its path) is held.
+fn scratch_disk() -> Result<(File, PathBuf)> {
+    let file = tempfile::tempfile().context("creating a scratch disk")?;
+    file.set_len(SCRATCH_DISK_SIZE)
+        .context("sizing the scratch disk")?;
+    let path = Path::new("/proc/self/fd").join(file.as_raw_fd().to_string());
+    Ok((file, path))
 }
 
 fn report(rec: &Recovery) -> Result<()> {
@@ -103,4 +120,26 @@ fn report(rec: &Recovery) -> Result<()> {
         bail!("recovery did not finish cleanly: {f}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_scratch_disk_has_no_name_left_to_leak() {
+        let (file, path) = scratch_disk().unwrap();
+        // No directory entry: nothing remains after a SIGKILL.
+        assert_eq!(file.metadata().unwrap().nlink(), 0);
+        // The VMM's image opening accepts the /proc path with the right size.
+        let img = open_image_file(&path, false).unwrap();
+        assert_eq!(img.size, SCRATCH_DISK_SIZE);
+        assert_eq!(
+            img.file.metadata().unwrap().ino(),
+            file.metadata().unwrap().ino()
+        );
+        let d = vmm::DiskImage::open(&path, vmm::ImageMode::CopyOnWrite).unwrap();
+        assert_eq!(d.size(), SCRATCH_DISK_SIZE);
+    }
 }

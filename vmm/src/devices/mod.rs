@@ -28,6 +28,13 @@ pub struct MmioBus {
     ranges: Vec<(u64, u64, Box<dyn MmioDevice>)>,
 }
 
+impl std::fmt::Debug for MmioBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges: Vec<_> = self.ranges.iter().map(|(b, s, _)| (*b, *s)).collect();
+        f.debug_struct("MmioBus").field("ranges", &ranges).finish()
+    }
+}
+
 /// A device range overlaps one already on the bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("MMIO range {base:#x}+{size:#x} overlaps another device")]

@@ -8,6 +8,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 /// The guest polls the UART: its interrupt line goes nowhere.
+#[derive(Debug)]
 pub struct NoInterrupt;
 
 impl Trigger for NoInterrupt {
@@ -18,7 +19,7 @@ impl Trigger for NoInterrupt {
 }
 
 /// Where console bytes go.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct ConsoleSink {
     /// Everything the guest printed, kept for the run's result.
     pub buffer: Vec<u8>,
@@ -55,6 +56,12 @@ impl Write for ConsoleSink {
 /// The COM1 device.
 pub struct Console {
     uart: Serial<NoInterrupt, NoEvents, ConsoleSink>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").finish_non_exhaustive()
+    }
 }
 
 impl Console {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm::{RunResult, VmConfig};
+use vmm::{RunOutcome, VmConfig};
 use vmm_sys_util::tempdir::TempDir;
 
 /// The guest kernel built by `cargo xtask build-guest` (or `$PCACHE_GUEST`).
@@ -48,13 +48,13 @@ impl Images {
 }
 
 /// Runs the guest with `harness.test=<steps>`.
-pub fn run_steps(images: &Images, steps: &str, extra: &str) -> RunResult {
+pub fn run_steps(images: &Images, steps: &str, extra: &str) -> RunOutcome {
     let c = images.config(&format!("harness.test={steps} {extra}"));
     vmm::run(c).expect("the VMM runs")
 }
 
 /// A readable summary for assertion messages.
-pub fn describe(r: &RunResult) -> String {
+pub fn describe(r: &RunOutcome) -> String {
     format!(
         "outcome {:?}\nmessages {:?}\nconsole {:?}\nprotocol errors {:?}",
         r.outcome,

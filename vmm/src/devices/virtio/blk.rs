@@ -60,6 +60,14 @@ pub struct Block {
     queue_sizes: [u16; 1],
 }
 
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Block {
     /// A device on `backend`, answering GET_ID with `id` (truncated to 20
     /// bytes, zero-padded).

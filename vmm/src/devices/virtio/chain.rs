@@ -180,7 +180,7 @@ pub(crate) fn process_chains(
     loop {
         let chain = match queue.iter(mem) {
             Ok(mut it) => it.next(),
-            Err(e) => return Err(DeviceError::AvailRing(e.to_string())),
+            Err(e) => return Err(DeviceError::AvailRing(e)),
         };
         let Some(chain) = chain else {
             return Ok(used);
@@ -189,7 +189,7 @@ pub(crate) fn process_chains(
         let len = handle(mem, &req)?;
         queue
             .add_used(mem, req.head, len)
-            .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+            .map_err(DeviceError::UsedRing)?;
         used = true;
     }
 }

@@ -99,6 +99,16 @@ pub struct MmioTransport {
     interrupt_status: u32,
 }
 
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("interrupt_status", &self.interrupt_status)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Errors building a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

@@ -62,11 +62,11 @@ pub type GuestMem = GuestMemoryMmap<()>;
 /// Returned by [`VirtioDevice::process_queue`]; the transport then sets
 /// `DEVICE_NEEDS_RESET` in the status register, raises a configuration-change
 /// interrupt and ignores further notifications until the driver resets it.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The available ring could not be read (bad index or address).
     #[error("available ring is invalid: {0}")]
-    AvailRing(String),
+    AvailRing(virtio_queue::Error),
     /// The chain yields no descriptor: its head index is outside the
     /// descriptor table, or it starts with a bad indirect table.
     #[error("descriptor chain at head {0} has no readable descriptor")]
@@ -81,8 +81,27 @@ pub enum DeviceError {
     NoStatus(u16),
     /// The used ring could not be written.
     #[error("used ring update failed: {0}")]
-    UsedRing(String),
+    UsedRing(virtio_queue::Error),
 }
+
+/// Same variant and same cause. virtio-queue's error has no `PartialEq`, so
+/// ring errors compare by their message.
+impl PartialEq for DeviceError {
+    fn eq(&self, other: &Self) -> bool {
+        use DeviceError::*;
+        match (self, other) {
+            (AvailRing(a), AvailRing(b)) | (UsedRing(a), UsedRing(b)) => {
+                a.to_string() == b.to_string()
+            }
+            (EmptyChain(a), EmptyChain(b))
+            | (Unterminated(a), Unterminated(b))
+            | (NoStatus(a), NoStatus(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for DeviceError {}
 
 /// A virtio device model behind a transport.
 ///

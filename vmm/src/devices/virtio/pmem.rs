@@ -36,6 +36,14 @@ pub struct Pmem {
     queue_sizes: [u16; 1],
 }
 
+impl std::fmt::Debug for Pmem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pmem")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Pmem {
     /// A device describing the region at guest-physical `start`, `size` bytes
     /// long, with `backend` making it durable on FLUSH.
