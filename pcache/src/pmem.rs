@@ -736,7 +736,7 @@ mod host {
     /// range; a fence `msync`s the ranges flushed since the last fence.
     pub struct MmapPmem {
         map: memmap2::MmapMut,
-        _file: File,
+        file: File,
         flushed: Option<(u64, u64)>,
     }
 
@@ -758,7 +758,7 @@ mod host {
             let map = unsafe { memmap2::MmapMut::map_mut(&file)? };
             Ok(MmapPmem {
                 map,
-                _file: file,
+                file,
                 flushed: None,
             })
         }
@@ -811,7 +811,7 @@ mod host {
             Ok(())
         }
         fn next_data(&self, off: u64) -> Option<u64> {
-            seek_data(&self._file, off, self.size())
+            seek_data(&self.file, off, self.size())
         }
     }
 }
