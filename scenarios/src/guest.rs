@@ -18,7 +18,7 @@ pub fn cmdline(steps: &str, mode: Mode, markers: bool) -> String {
         .filter(|s| !s.is_empty())
         .map(|s| {
             if s == "start" {
-                format!("start:mode={}", mode.as_str())
+                format!("start:mode={}", mode)
             } else {
                 s.to_string()
             }

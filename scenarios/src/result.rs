@@ -1,7 +1,7 @@
 //! What a scenario run writes: `results/NAME/<UTC timestamp>/result.json`
 //! (schema in `results/README.md`), and the checks of expectations.
 
-use crate::spec::{Expectation, Mode};
+use crate::spec::{Expectation, Mode, Outcome};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -124,11 +124,14 @@ impl StateResult {
 
     /// Records in `self.violations` what `expect` forbids of this state alone.
     pub fn check(&mut self, expect: &Expectation) {
-        if !expect.allowed.is_empty() && !expect.allowed.contains(&self.outcome) {
+        if !expect.allowed.is_empty()
+            && !expect.allowed.iter().any(|o| o.to_string() == self.outcome)
+        {
+            let allowed: Vec<String> = expect.allowed.iter().map(Outcome::to_string).collect();
             self.violations.push(format!(
                 "outcome `{}` is not allowed (allowed: {})",
                 self.outcome,
-                expect.allowed.join(", ")
+                allowed.join(", ")
             ));
         }
         if expect.all_usable && !self.usable {
@@ -172,10 +175,17 @@ impl DeviceModeRun {
                 pinned.older_cache_back,
                 c.older_cache_back,
             );
+            // The observed outcomes are the guest's words (`guest-failure` and
+            // `no-start` included); the pinned ones are typed.
+            let pinned_by_name: BTreeMap<String, usize> = pinned
+                .outcomes
+                .iter()
+                .map(|(o, n)| (o.to_string(), *n))
+                .collect();
             let names: std::collections::BTreeSet<&String> =
-                pinned.outcomes.keys().chain(c.outcomes.keys()).collect();
+                pinned_by_name.keys().chain(c.outcomes.keys()).collect();
             for name in names {
-                let want = pinned.outcomes.get(name).copied().unwrap_or(0);
+                let want = pinned_by_name.get(name).copied().unwrap_or(0);
                 let got = c.outcomes.get(name).copied().unwrap_or(0);
                 differs(&format!("outcomes.{name}"), want, got);
             }
@@ -245,16 +255,12 @@ mod tests {
         Expectation {
             device: "blank".into(),
             mode: Mode::Recover,
-            allowed: vec!["formatted".into(), "format-redone".into()],
+            allowed: vec![Outcome::Formatted, Outcome::FormatRedone],
             all_usable: true,
             older_cache_never_back: true,
             counts: Some(Counts {
                 states: 2,
-                outcomes: [
-                    ("formatted".to_string(), 1),
-                    ("format-redone".to_string(), 1),
-                ]
-                .into(),
+                outcomes: [(Outcome::Formatted, 1), (Outcome::FormatRedone, 1)].into(),
                 unusable: 0,
                 older_cache_back: 0,
             }),

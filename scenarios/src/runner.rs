@@ -64,13 +64,13 @@ pub enum RunnerError {
     #[error("{device}/{mode}: the workload run failed: {why}")]
     Workload {
         device: String,
-        mode: &'static str,
+        mode: Mode,
         why: String,
     },
     #[error("{device}/{mode}: {why}")]
     Window {
         device: String,
-        mode: &'static str,
+        mode: Mode,
         why: String,
     },
     #[error(transparent)]
@@ -151,9 +151,7 @@ pub fn run(
                 .expect
                 .iter()
                 .find(|e| e.device == device.name && e.mode == mode);
-            let dir = cfg
-                .work_dir
-                .join(format!("{}-{}", device.name, mode.as_str()));
+            let dir = cfg.work_dir.join(format!("{}-{}", device.name, mode));
             let prepared = recipe::prepare(device, mode, &dir)?;
             let job = Job {
                 name,
@@ -205,7 +203,7 @@ struct Job<'a> {
 
 impl Job<'_> {
     fn label(&self) -> String {
-        format!("{}/{}", self.device.name, self.mode.as_str())
+        format!("{}/{}", self.device.name, self.mode)
     }
 
     /// The guest command line of every recovery boot.
@@ -274,7 +272,7 @@ fn power_cut(
     } = *job;
     let fail = |why: String| RunnerError::Workload {
         device: device.name.clone(),
-        mode: mode.as_str(),
+        mode,
         why,
     };
 
@@ -301,7 +299,7 @@ fn power_cut(
     let saved = window_mem.save(&dir.join("window"))?;
     let (start, end) = cut_range(&saved.trace, window).map_err(|why| RunnerError::Window {
         device: device.name.clone(),
-        mode: mode.as_str(),
+        mode,
         why,
     })?;
     let base = WindowBase::new(&saved);
@@ -312,7 +310,7 @@ fn power_cut(
     let t0 = Instant::now();
     let states = parallel_states(&job.label(), e.states.len(), cfg.jobs, job.progress, |i| {
         let state = &e.states[i];
-        let id = format!("{}-{}-{:04}", device.name, mode.as_str(), i);
+        let id = format!("{}-{}-{:04}", device.name, mode, i);
         let images = build_images(&saved, state)?;
         let applied = applied(&saved.trace, &images.applied);
         let mut st = recover(
@@ -424,7 +422,7 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
             st.check(e);
             if let Some(want) = e.per_image.get(&v.name) {
                 let got = st.detailed_outcome();
-                if *want != got {
+                if want.to_string() != got {
                     st.violations
                         .push(format!("expected `{want}`, got `{got}`"));
                 }

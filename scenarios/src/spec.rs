@@ -26,22 +26,9 @@ pub struct Scenario {
     pub expect: Vec<Expectation>,
 }
 
-/// pcache's recovery mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    Strict,
-    Recover,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Strict => "strict",
-            Mode::Recover => "recover",
-        }
-    }
-}
+/// pcache's recovery mode and an activation's outcome: the engine's own types
+/// (same kebab-case names), so a misspelled name fails when the file loads.
+pub use pcache::{Mode, Outcome};
 
 /// A pair of devices: the cache (pmem) and the backing disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,7 +148,7 @@ pub struct Expectation {
     pub mode: Mode,
     /// Outcomes a state may have (empty: any).
     #[serde(default)]
-    pub allowed: Vec<String>,
+    pub allowed: Vec<Outcome>,
     /// Every state must be usable (recovery's `start` not refused, and a
     /// `stop;start` in the same boot reports `opened`).
     #[serde(default)]
@@ -175,7 +162,76 @@ pub struct Expectation {
     /// Image-set scenarios: the one outcome expected of each image, by image name
     /// (a refusal may be pinned with its reason as `refused: <reason words>`).
     #[serde(default)]
-    pub per_image: BTreeMap<String, String>,
+    pub per_image: BTreeMap<String, ImageOutcome>,
+}
+
+/// The outcome pinned for one image: `opened`, or `refused:<refusal kind>`
+/// (the kind as the activation report names it, e.g. `refused:seg-num`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageOutcome {
+    pub outcome: Outcome,
+    /// The refusal's kind; only with [`Outcome::Refused`].
+    pub refusal: Option<String>,
+}
+
+impl TryFrom<String> for ImageOutcome {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let (name, refusal) = match s.split_once(':') {
+            Some((n, k)) => (n, Some(k.trim())),
+            None => (s.as_str(), None),
+        };
+        let outcome = outcome_named(name.trim())?;
+        match refusal {
+            Some("") => Err(format!("`{s}`: empty refusal kind after `:`")),
+            Some(_) if outcome != Outcome::Refused => Err(format!(
+                "`{s}`: only `refused` takes a refusal kind after `:`"
+            )),
+            _ => Ok(ImageOutcome {
+                outcome,
+                refusal: refusal.map(str::to_string),
+            }),
+        }
+    }
+}
+
+impl From<ImageOutcome> for String {
+    fn from(o: ImageOutcome) -> String {
+        match o.refusal {
+            Some(kind) => format!("{}:{kind}", o.outcome),
+            None => o.outcome.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ImageOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from(self.clone()))
+    }
+}
+
+/// Every outcome, in pcache's order (for error messages).
+pub const OUTCOMES: [Outcome; 5] = [
+    Outcome::Formatted,
+    Outcome::Opened,
+    Outcome::FormatRedone,
+    Outcome::SuperblockRebuilt,
+    Outcome::Refused,
+];
+
+/// The outcome called `name`, or an error listing the valid names.
+pub fn outcome_named(name: &str) -> Result<Outcome, String> {
+    OUTCOMES
+        .into_iter()
+        .find(|o| o.to_string() == name)
+        .ok_or_else(|| {
+            let names: Vec<String> = OUTCOMES.iter().map(|o| format!("`{o}`")).collect();
+            format!(
+                "unknown outcome `{name}`, expected one of {}",
+                names.join(", ")
+            )
+        })
 }
 
 /// Pinned counts of a device and mode.
@@ -185,7 +241,7 @@ pub struct Counts {
     /// Distinct crash states.
     pub states: usize,
     /// States per outcome; outcomes not listed must not occur.
-    pub outcomes: BTreeMap<String, usize>,
+    pub outcomes: BTreeMap<Outcome, usize>,
     /// States that are not usable.
     #[serde(default)]
     pub unusable: usize,
@@ -353,7 +409,7 @@ impl Scenario {
                 return Err(format!(
                     "expect[{i}]: a second expectation for device `{}` in mode `{}` (the first is expect[{j}])",
                     e.device,
-                    e.mode.as_str()
+                    e.mode
                 ));
             }
             if !e.per_image.is_empty() && matches!(self.run, Run::PowerCut { .. }) {
@@ -368,10 +424,7 @@ impl Scenario {
                 ));
             }
             if !self.modes.contains(&e.mode) {
-                return Err(format!(
-                    "expect[{i}].mode: `{}` is not in `modes`",
-                    e.mode.as_str()
-                ));
+                return Err(format!("expect[{i}].mode: `{}` is not in `modes`", e.mode));
             }
             if let Some(c) = &e.counts {
                 let sum: usize = c.outcomes.values().sum();
@@ -506,6 +559,43 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no device named `nope`"));
+    }
+
+    #[test]
+    fn a_misspelled_outcome_is_refused_at_load_with_the_valid_names() {
+        let names = "`formatted`, `opened`, `format-redone`, `superblock-rebuilt`, `refused`";
+        // In `allowed`.
+        let text = MINIMAL.replace(
+            "\"mode\": \"strict\",\n",
+            "\"mode\": \"strict\", \"allowed\": [\"formatted\", \"opend\"],\n",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("x.json: at `expect[0].allowed[1]`"),
+            "{err}"
+        );
+        assert!(err.contains("`opend`") && err.contains(names), "{err}");
+        // As a pinned count.
+        let text = MINIMAL.replace("\"formatted\": 5", "\"formated\": 5");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("x.json: at `expect[0].counts.outcomes"),
+            "{err}"
+        );
+        assert!(err.contains("`formated`") && err.contains(names), "{err}");
+        // As an image's expected outcome (with or without a refusal kind).
+        for bad in ["refuzed:seg-num", "openned"] {
+            let err = ImageOutcome::try_from(bad.to_string()).unwrap_err();
+            assert!(err.contains(names), "{err}");
+        }
+        let ok = ImageOutcome::try_from("refused:seg-num".to_string()).unwrap();
+        assert_eq!(
+            (ok.outcome, ok.refusal.as_deref()),
+            (Outcome::Refused, Some("seg-num"))
+        );
+        assert_eq!(ok.to_string(), "refused:seg-num");
+        assert!(ImageOutcome::try_from("opened:seg-num".to_string()).is_err());
+        assert!(ImageOutcome::try_from("refused:".to_string()).is_err());
     }
 
     #[test]

@@ -200,7 +200,7 @@ fn print_table(r: &RunResult) {
         println!(
             "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10} {:>9.0}",
             run.device,
-            run.mode.as_str(),
+            run.mode,
             run.counts.states,
             outcomes.join(", "),
             run.counts.unusable,
@@ -212,7 +212,7 @@ fn print_table(r: &RunResult) {
         }
         // What the scenario allows but a reader must see (in strict mode: the
         // kernel's own behaviour), listed rather than hidden.
-        let prefix = format!("{}-{}-", run.device, run.mode.as_str());
+        let prefix = format!("{}-{}-", run.device, run.mode);
         let listed = |what: &str, pick: &dyn Fn(&scenarios::result::StateResult) -> bool| {
             let ids: Vec<&str> = run
                 .states
@@ -258,7 +258,7 @@ fn junit(results: &[RunResult], errors: &[RunError]) -> Result<String> {
     for r in results {
         let mut suite = TestSuite::new(r.scenario.as_str());
         for run in &r.runs {
-            let class = format!("{}.{}", run.device, run.mode.as_str());
+            let class = format!("{}.{}", run.device, run.mode);
             if !run.violations.is_empty() {
                 let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
                 status.set_message(run.violations.join("; "));
