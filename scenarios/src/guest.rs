@@ -12,23 +12,53 @@ use vmm::{Message, RunResult};
 /// The command line of a guest run of `steps` (`a;b;c`) in `mode`: `start`
 /// steps without a mode get the run's mode, so the mode governs every step.
 pub fn cmdline(steps: &str, mode: Mode, markers: bool) -> String {
+    let mut line = format!("{}={}", protocol::CMDLINE_RUN_KEY, run_value(steps, mode));
+    if !markers {
+        line.push_str(" pcache.markers=off");
+    }
+    line
+}
+
+/// The `pcache.run=` value of `steps` in `mode` (see [`cmdline`]).
+fn run_value(steps: &str, mode: Mode) -> String {
     let steps: Vec<String> = steps
         .split(';')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
             if s == "start" {
-                format!("start:mode={}", mode)
+                format!("start:mode={mode}")
             } else {
                 s.to_string()
             }
         })
         .collect();
-    let mut line = format!("{}={}", protocol::CMDLINE_RUN_KEY, steps.join(";"));
-    if !markers {
-        line.push_str(" pcache.markers=off");
+    steps.join(";")
+}
+
+/// The steps the guest knows, for error messages.
+pub const VALID_STEPS: &str = "start[:mode=strict|recover][:data_crc=true|false], stop, status, \
+marker:ID, trace:on|off, fault:pf|ud|gp|de";
+
+/// Checks `steps` with the guest's own parser (`guest-cmdline`), so that a step
+/// the guest would refuse fails when the scenario loads, not once per state.
+pub fn check_steps(steps: &str) -> Result<(), String> {
+    // The mode does not change validity: `start` gets one either way.
+    let value = run_value(steps, Mode::Recover);
+    if value.is_empty() {
+        return Err("no steps".into());
     }
-    line
+    for step in guest_cmdline::run_steps(&value) {
+        if let Err(e) = step {
+            return Err(match e.kind {
+                guest_cmdline::StepErrorKind::Unknown => {
+                    format!("{e} (the steps are: {VALID_STEPS})")
+                }
+                _ => e.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The part of an activation report the runner decides on.
@@ -232,6 +262,22 @@ mod tests {
             ),
             "pcache.run=trace:on;start:mode=recover;trace:off"
         );
+    }
+
+    #[test]
+    fn steps_are_checked_with_the_guests_parser() {
+        assert_eq!(check_steps("start;stop; start:mode=strict ;status"), Ok(()));
+        assert_eq!(check_steps("trace:on;marker:0x10;trace:off"), Ok(()));
+        let err = check_steps("start;stpo;start").unwrap_err();
+        assert!(err.starts_with("step 2 `stpo`: unknown step"), "{err}");
+        assert!(err.contains(VALID_STEPS), "{err}");
+        let err = check_steps("start:mode=fast").unwrap_err();
+        assert!(
+            err.contains("mode") && err.contains("strict or recover"),
+            "{err}"
+        );
+        assert!(check_steps("marker:0x1ffffffff").is_err());
+        assert_eq!(check_steps(" ; "), Err("no steps".into()));
     }
 
     #[test]

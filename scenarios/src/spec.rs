@@ -313,6 +313,20 @@ pub enum SpecError {
 /// Smallest cache device pcache accepts.
 pub const PMEM_MIN: u64 = 512 << 20;
 
+/// Most activations a recipe may ask for. Each one runs on the host before the
+/// scenario starts, and cache_info's seq is 8 bits: beyond 255 it wraps, and an
+/// older cache's seqs could equal a fresh format's.
+pub const ACTIVATIONS_MAX: u32 = 255;
+
+/// Most random subsets a `subsets` model may draw per epoch: the same order as
+/// every subset of [`crate::persistence::ALL_SUBSETS_MAX`] writes (4096), so
+/// that a run stays finite (each state is one VM boot).
+pub const SAMPLE_MAX: usize = 4096;
+
+/// Largest pmem or disk image a scenario may ask for (the images are sparse
+/// files, but the VM maps the pmem image whole).
+pub const DEVICE_SIZE_MAX: u64 = 64 << 30;
+
 impl Scenario {
     /// Reads and checks a scenario file.
     pub fn load(file: &Path) -> Result<Scenario, SpecError> {
@@ -378,6 +392,15 @@ impl Scenario {
                     d.pmem_size.0
                 ));
             }
+            for (what, size) in [("pmem-size", d.pmem_size), ("disk-size", d.disk_size)] {
+                if size.0 > DEVICE_SIZE_MAX {
+                    return Err(format!(
+                        "devices[{i}].{what}: {} is above the maximum of {}",
+                        String::from(size),
+                        String::from(Size(DEVICE_SIZE_MAX))
+                    ));
+                }
+            }
             if d.disk_size.0 == 0 || d.disk_size.0 % 512 != 0 {
                 return Err(format!(
                     "devices[{i}].disk-size: must be a non-zero multiple of 512"
@@ -394,6 +417,17 @@ impl Scenario {
                 Recipe::OlderCache { activations } if activations < 3 => {
                     return Err(format!(
                         "devices[{i}].recipe.older-cache.activations: must be at least 3 (got {activations}), so that its cache_info seqs differ from a fresh format's"
+                    ));
+                }
+                Recipe::Formatted { activations } | Recipe::OlderCache { activations }
+                    if activations > ACTIVATIONS_MAX =>
+                {
+                    let kind = match d.recipe {
+                        Recipe::Formatted { .. } => "formatted",
+                        _ => "older-cache",
+                    };
+                    return Err(format!(
+                        "devices[{i}].recipe.{kind}.activations: {activations} is above the maximum of {ACTIVATIONS_MAX}"
                     ));
                 }
                 _ => {}
@@ -447,9 +481,25 @@ impl Scenario {
                 ));
             }
         }
+        if let Run::PowerCut {
+            model: Model::Subsets { sample, .. },
+            ..
+        } = &self.run
+        {
+            if *sample > SAMPLE_MAX {
+                return Err(format!(
+                    "run.power-cut.model.subsets.sample: {sample} is above the maximum of {SAMPLE_MAX}"
+                ));
+            }
+        }
+        if let Run::PowerCut { workload, .. } = &self.run {
+            crate::guest::check_steps(workload)
+                .map_err(|e| format!("run.power-cut.workload: {e}"))?;
+        }
         if self.recovery.trim().is_empty() {
             return Err("`recovery` is empty".into());
         }
+        crate::guest::check_steps(&self.recovery).map_err(|e| format!("recovery: {e}"))?;
         Ok(())
     }
 }
@@ -596,6 +646,63 @@ mod tests {
         assert_eq!(ok.to_string(), "refused:seg-num");
         assert!(ImageOutcome::try_from("opened:seg-num".to_string()).is_err());
         assert!(ImageOutcome::try_from("refused:".to_string()).is_err());
+    }
+
+    #[test]
+    fn numbers_that_would_keep_a_run_going_are_bounded() {
+        let huge = MINIMAL.replace(
+            "\"recipe\": \"blank\"",
+            "\"recipe\": {\"formatted\": {\"activations\": 4294967295}}",
+        );
+        let err = parse(&huge).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "devices[0].recipe.formatted.activations: 4294967295 is above the maximum of 255"
+            ),
+            "{err}"
+        );
+        let older = huge
+            .replace("{\"formatted\": {", "{\"older-cache\": {")
+            .replace("4294967295", "256");
+        let err = parse(&older).unwrap_err().to_string();
+        assert!(
+            err.contains("recipe.older-cache.activations: 256 is above the maximum of 255"),
+            "{err}"
+        );
+        assert!(parse(&older.replace("256", "255")).is_ok());
+        let sample = MINIMAL.replace("\"sample\": 64", "\"sample\": 1000000");
+        let err = parse(&sample).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "run.power-cut.model.subsets.sample: 1000000 is above the maximum of 4096"
+            ),
+            "{err}"
+        );
+        let big = MINIMAL.replace("\"64M\"", "\"65G\"");
+        let err = parse(&big).unwrap_err().to_string();
+        assert!(
+            err.contains("devices[0].disk-size: 65G is above the maximum of 64G"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_steps_fail_at_load() {
+        let text = MINIMAL.replace("start;stop;start", "start;stpo;start");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("x.json: recovery: step 2 `stpo`: unknown step (the steps are: start"),
+            "{err}"
+        );
+        let text = MINIMAL.replace(
+            "\"workload\": \"start\"",
+            "\"workload\": \"start:mode=fast\"",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("x.json: run.power-cut.workload: step 1 `start:mode=fast`"),
+            "{err}"
+        );
     }
 
     #[test]
