@@ -74,6 +74,11 @@ pub struct StateResult {
     pub older_cache_back: bool,
     /// The guest's full reports of the recovery steps.
     pub reports: Vec<serde_json::Value>,
+    /// Why the recovery boot did not finish cleanly (a timeout, the guest's
+    /// exit code, an exception, results the runner cannot read); `None` when
+    /// it did. Always a violation. Absent in results written before it existed.
+    #[serde(default)]
+    pub failure: Option<String>,
     /// `ok`, or `violation` when `violations` is not empty (set by
     /// [`DeviceModeRun::finish`]).
     pub verdict: Verdict,
@@ -245,6 +250,7 @@ mod tests {
             usable,
             older_cache_back: back,
             reports: vec![],
+            failure: None,
             verdict: Verdict::Ok,
             violations: vec![],
             saved: None,

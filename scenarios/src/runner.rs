@@ -242,7 +242,7 @@ impl Job<'_> {
             outcome: st.outcome.clone(),
             violations: st.violations.clone(),
             usable: Some(st.usable),
-            failed: Some(st.violations.iter().any(|v| v.starts_with(RECOVERY_FAILED))),
+            failed: Some(st.failure.is_some()),
         };
         let path = dir.join("state.json");
         write_atomic(
@@ -508,9 +508,6 @@ fn build_images(saved: &SavedWindow, state: &CrashState) -> Result<vmm::CrashIma
     Ok(saved.build(state.cut as u64, &writes)?)
 }
 
-/// How a state's violation says that its recovery boot failed.
-const RECOVERY_FAILED: &str = "recovery did not finish cleanly: ";
-
 /// Boots recovery on a pair of images and reads what it did.
 fn recover(
     pmem: vmm::PmemRegion,
@@ -532,7 +529,13 @@ fn recover(
         interrupts: false,
     };
     let out = vmm::run(vm)?;
-    let rec = Recovery::from_run(&out);
+    Ok(state_result(id, &Recovery::from_run(&out), older_seq))
+}
+
+/// What a recovery boot made of a state (before its expectation is checked).
+/// A boot that did not finish cleanly is recorded in `failure` and is a
+/// violation whatever the expectation.
+fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult {
     let first = rec.starts.first();
     let mut st = StateResult {
         id: id.into(),
@@ -544,14 +547,16 @@ fn recover(
         usable: rec.usable(),
         older_cache_back: rec.older_cache_back(older_seq),
         reports: rec.steps.clone(),
+        failure: rec.failure.clone(),
         verdict: Default::default(),
         violations: vec![],
         saved: None,
     };
     if let Some(f) = &rec.failure {
-        st.violations.push(format!("{RECOVERY_FAILED}{f}"));
+        st.violations
+            .push(format!("recovery did not finish cleanly: {f}"));
     }
-    Ok(st)
+    st
 }
 
 /// The applied writes as the result file lists them.
@@ -789,6 +794,31 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_recovery_boot_is_a_field_and_a_violation() {
+        let rec = |failure: Option<&str>| Recovery {
+            steps: vec![],
+            starts: vec![],
+            errors: vec![],
+            failure: failure.map(Into::into),
+        };
+        let st = state_result("s", &rec(Some("run ended as `timeout`")), None);
+        assert_eq!(st.failure.as_deref(), Some("run ended as `timeout`"));
+        assert_eq!(st.outcome, "guest-failure");
+        assert_eq!(
+            st.violations,
+            ["recovery did not finish cleanly: run ended as `timeout`"]
+        );
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["failure"], "run ended as `timeout`");
+        let clean = state_result("s", &rec(None), None);
+        assert_eq!((clean.failure, clean.violations.len()), (None, 0));
+        assert_eq!(
+            serde_json::to_value(state_result("s", &rec(None), None)).unwrap()["failure"],
+            serde_json::Value::Null
+        );
+    }
+
+    #[test]
     fn a_harness_panic_in_one_state_is_an_error_not_a_crash() {
         let r = parallel_states("blank/strict", 6, 2, &Quiet, |i| {
             if i == 3 {
@@ -804,6 +834,7 @@ mod tests {
                 usable: true,
                 older_cache_back: false,
                 reports: vec![],
+                failure: None,
                 verdict: Default::default(),
                 violations: vec![],
                 saved: None,

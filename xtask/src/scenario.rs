@@ -337,6 +337,7 @@ mod tests {
             usable: false,
             older_cache_back: false,
             reports: vec![],
+            failure: None,
             verdict: Default::default(),
             violations,
             saved: None,
