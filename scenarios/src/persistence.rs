@@ -32,12 +32,13 @@
 //! States whose images are byte-identical are deduplicated on the applied delta
 //! and counted once.
 
-use rand::{rngs::SmallRng, Rng, SeedableRng};
+use persist::{subset_family, Domain};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
-/// Every subset of the pending writes is enumerated up to this many.
-pub const ALL_SUBSETS_MAX: usize = 12;
+/// Every subset of the pending writes is enumerated up to this many (the
+/// shared rule of the `persist` crate).
+pub use persist::ALL_SUBSETS_MAX;
 
 /// Bytes per disk sector (the unit of disk writes).
 pub const SECTOR: usize = 512;
@@ -68,10 +69,30 @@ pub enum Model {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Domain {
-    Pmem,
-    Disk,
+/// Adapter: a trace event's role for the `persist` rules.
+///
+/// TEMPORARY — the vmm helper adds `impl persist::Persistence for
+/// vmm::trace::Event` in its branch; at merge, drop this type and pass
+/// `trace.events()` to `persist::durable_prefix` directly (see `Writes::roles`).
+#[derive(Clone, Copy, Debug)]
+struct EventRole(persist::Role);
+
+impl EventRole {
+    fn of(e: &Event) -> Self {
+        EventRole(match e {
+            Event::PmemStore { .. } => persist::Role::Write(Domain::Pmem),
+            Event::BlkWrite { .. } => persist::Role::Write(Domain::Disk),
+            Event::PmemFlush => persist::Role::Barrier(Domain::Pmem),
+            Event::BlkFlush => persist::Role::Barrier(Domain::Disk),
+            Event::Marker { .. } => persist::Role::Neither,
+        })
+    }
+}
+
+impl persist::Persistence for EventRole {
+    fn role(&self) -> persist::Role {
+        self.0
+    }
 }
 
 /// A crash state: the cut position and the writes that are durable there.
@@ -191,6 +212,8 @@ pub fn enumerate(
 /// The trace's writes, with unchanged ones dropped, and its barriers.
 struct Writes<'a> {
     trace: &'a Trace,
+    /// Each event's role for the `persist` rules (see [`EventRole`]).
+    roles: Vec<EventRole>,
     /// Writes that changed the image when issued, in trace order.
     writes: Vec<(Domain, Write)>,
     unchanged: usize,
@@ -263,21 +286,18 @@ impl<'a> Writes<'a> {
         }
         Ok(Writes {
             trace,
+            roles: trace.events().iter().map(EventRole::of).collect(),
             writes,
             unchanged,
             base,
         })
     }
 
-    /// Position of the last completed barrier of `domain` before `cut` (0 if none).
+    /// Position just after the last completed barrier of `domain` before `cut`
+    /// (0 if none): the shared rule. The kept writes before it are durable, those
+    /// from it to the cut pending (unchanged writes were dropped in [`Writes::new`]).
     fn barrier_before(&self, domain: Domain, cut: usize) -> usize {
-        self.trace.events()[..cut]
-            .iter()
-            .rposition(|e| match domain {
-                Domain::Pmem => matches!(e, Event::PmemFlush),
-                Domain::Disk => matches!(e, Event::BlkFlush),
-            })
-            .map_or(0, |i| i + 1)
+        persist::durable_prefix(&self.roles, domain, cut)
     }
 
     fn durable(&self, domain: Domain, cut: usize) -> Vec<Write> {
@@ -440,45 +460,6 @@ fn apply(trace: &Trace, state: &CrashState, base: &dyn BaseImage) -> Overlay {
         }
     }
     o
-}
-
-/// The subsets of `pending` (each kept in trace order) that the model considers.
-fn subset_family(pending: &[Write], sample: usize, seed: u64) -> Vec<Vec<Write>> {
-    let n = pending.len();
-    if n <= ALL_SUBSETS_MAX {
-        return (0u32..1 << n)
-            .map(|mask| {
-                (0..n)
-                    .filter(|i| mask & (1 << i) != 0)
-                    .map(|i| pending[i])
-                    .collect()
-            })
-            .collect();
-    }
-    let mut family: Vec<Vec<Write>> = Vec::new();
-    for k in 0..=n {
-        family.push(pending[..k].to_vec()); // prefixes (incl. none and all)
-        if k > 0 && k < n {
-            family.push(pending[k..].to_vec()); // proper suffixes
-        }
-    }
-    for i in 0..n {
-        let mut drop_one = pending.to_vec();
-        drop_one.remove(i);
-        family.push(drop_one);
-        family.push(vec![pending[i]]);
-    }
-    let mut rng = SmallRng::seed_from_u64(seed);
-    for _ in 0..sample {
-        family.push(
-            pending
-                .iter()
-                .copied()
-                .filter(|_| rng.random_bool(0.5))
-                .collect(),
-        );
-    }
-    family
 }
 
 #[cfg(test)]

@@ -250,33 +250,62 @@ pub struct Counts {
     pub older_cache_back: usize,
 }
 
-/// A size such as `512M`, `1G`, `4096` (bytes); K/M/G are powers of 1024.
+/// A size such as `512M`, `1G`, `1GiB`, `4096` (bytes); K/M/G/T are powers
+/// of 1024. The one size syntax of the project (`cargo xtask format --size`
+/// parses with it too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Size(pub u64);
 
+/// Why a size does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("invalid size `{0}`: expected a number with an optional K, M, G or T suffix (e.g. 512M, 1G)")]
+    NoNumber(String),
+    #[error("invalid size `{text}`: unknown suffix `{suffix}` (use K, M, G or T)")]
+    UnknownSuffix { text: String, suffix: String },
+    #[error("size `{0}` is too large")]
+    TooLarge(String),
+}
+
 impl Size {
-    pub fn parse(s: &str) -> Result<Size, String> {
-        let s = s.trim();
-        let (num, shift) = match s.char_indices().last() {
-            Some((i, 'K' | 'k')) => (&s[..i], 10),
-            Some((i, 'M' | 'm')) => (&s[..i], 20),
-            Some((i, 'G' | 'g')) => (&s[..i], 30),
-            _ => (s, 0),
+    /// Parses a size: digits, then optionally (case-insensitive, spaces
+    /// allowed before it) `B`, or `K`/`M`/`G`/`T` alone or followed by `B` or `iB`.
+    pub fn parse(s: &str) -> Result<Size, SizeError> {
+        let t = s.trim();
+        let lower = t.to_ascii_lowercase();
+        let digits_end = lower
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(lower.len());
+        let (num, suffix) = lower.split_at(digits_end);
+        if num.is_empty() {
+            return Err(SizeError::NoNumber(s.into()));
+        }
+        let shift = match suffix.trim() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            other => {
+                return Err(SizeError::UnknownSuffix {
+                    text: s.into(),
+                    suffix: other.into(),
+                })
+            }
         };
-        let n: u64 = num.parse().map_err(|_| {
-            format!("bad size `{s}` (expected a number with an optional K, M or G)")
-        })?;
-        n.checked_shl(shift)
-            .filter(|v| v >> shift == n)
+        // Only digits: parsing fails on overflow alone.
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(1u64 << shift))
             .map(Size)
-            .ok_or_else(|| format!("size `{s}` is too large"))
+            .ok_or_else(|| SizeError::TooLarge(s.into()))
     }
 }
 
 impl TryFrom<String> for Size {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = SizeError;
+    fn try_from(s: String) -> Result<Self, SizeError> {
         Size::parse(&s)
     }
 }
@@ -781,9 +810,34 @@ mod tests {
     fn sizes_parse_and_print() {
         assert_eq!(Size::parse("512M"), Ok(Size(512 << 20)));
         assert_eq!(Size::parse("1G"), Ok(Size(1 << 30)));
+        assert_eq!(Size::parse("1GiB"), Ok(Size(1 << 30)));
+        assert_eq!(Size::parse("2t"), Ok(Size(2 << 40)));
+        assert_eq!(Size::parse(" 64k "), Ok(Size(64 << 10)));
         assert_eq!(Size::parse("4096"), Ok(Size(4096)));
-        assert!(Size::parse("").is_err());
-        assert!(Size::parse("99999999999999G").is_err());
+        assert_eq!(Size::parse("4096b"), Ok(Size(4096)));
+        for bad in ["", "M", "-1G"] {
+            assert_eq!(
+                Size::parse(bad),
+                Err(SizeError::NoNumber(bad.into())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Size::parse("12X").unwrap_err().to_string(),
+            "invalid size `12X`: unknown suffix `x` (use K, M, G or T)"
+        );
+        assert!(matches!(
+            Size::parse("1.5G"),
+            Err(SizeError::UnknownSuffix { .. })
+        ));
+        for big in ["99999999999999999999T", "99999999999999999999", "16777216T"] {
+            assert_eq!(
+                Size::parse(big),
+                Err(SizeError::TooLarge(big.into())),
+                "{big}"
+            );
+        }
+        assert_eq!(Size::parse("16777215T"), Ok(Size(16_777_215 << 40)));
         assert_eq!(String::from(Size(1 << 30)), "1G");
         assert_eq!(String::from(Size(1000)), "1000");
     }

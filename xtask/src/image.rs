@@ -58,28 +58,10 @@ pub struct InspectArgs {
     pub max_keys: usize,
 }
 
-/// Parses `512M`, `1G`, `1GiB`, `536870912`, ... (binary multiples).
+/// Parses `512M`, `1G`, `1GiB`, `536870912`, ... (binary multiples): the
+/// scenario files' size syntax, one parser for both.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let digits_end = lower
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(lower.len());
-    let (num, suffix) = lower.split_at(digits_end);
-    if num.is_empty() {
-        bail!("invalid size `{s}`: expected a number with an optional K, M, G or T suffix (e.g. 512M, 1G)");
-    }
-    let shift = match suffix.trim() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => bail!("invalid size `{s}`: unknown suffix `{other}` (use K, M, G or T)"),
-    };
-    let n: u64 = num.parse().with_context(|| format!("invalid size `{s}`"))?;
-    n.checked_mul(1u64 << shift)
-        .with_context(|| format!("size `{s}` is too large"))
+    Ok(scenarios::spec::Size::parse(s)?.0)
 }
 
 pub fn format(args: FormatArgs) -> Result<()> {
