@@ -67,18 +67,28 @@ pub enum RunnerError {
         mode: Mode,
         why: String,
     },
+    #[error("{device}/{mode}: the workload run left no traced window")]
+    NoTrace { device: String, mode: Mode },
     #[error("{device}/{mode}: {why}")]
     Window {
         device: String,
         mode: Mode,
-        why: String,
+        why: WindowError,
     },
     #[error(transparent)]
     Enumerate(#[from] persistence::EnumerateError),
     #[error(transparent)]
     Generate(#[from] generate::GenerateError),
-    #[error("{0}")]
-    Unsupported(String),
+    /// The scenario names an image its generator does not make.
+    #[error("expect.per-image names `{name}`, which the generator does not make (it makes: {})", known.join(", "))]
+    UnknownImage { name: String, known: Vec<String> },
+    /// A bug of the harness (not of the state): it panicked while checking a state.
+    #[error("{label}: the harness panicked while checking state {state}: {why}")]
+    HarnessPanic {
+        label: String,
+        state: usize,
+        why: String,
+    },
     #[error("{path}: {error}")]
     Io {
         path: PathBuf,
@@ -295,7 +305,10 @@ fn power_cut(
         .windows
         .into_iter()
         .next()
-        .ok_or_else(|| fail("no traced window".into()))?;
+        .ok_or_else(|| RunnerError::NoTrace {
+            device: device.name.clone(),
+            mode,
+        })?;
     let saved = window_mem.save(&dir.join("window"))?;
     let (start, end) = cut_range(&saved.trace, window).map_err(|why| RunnerError::Window {
         device: device.name.clone(),
@@ -374,13 +387,7 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
     let base = pcache::pmem::FilePmem::open_read_only(&prepared.pmem).map_err(io)?;
     let variants = generate::variants(generator, &base)?;
     if let Some(e) = expect {
-        let known: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
-        if let Some(missing) = e.per_image.keys().find(|k| !known.contains(&k.as_str())) {
-            return Err(RunnerError::Unsupported(format!(
-                "expect.per-image names `{missing}`, which the generator does not make (it makes: {})",
-                known.join(", ")
-            )));
-        }
+        check_image_names(e, &variants)?;
     }
     // Each variant runs on copy-on-write views of the prepared images.
     let open = |v: &generate::Variant| -> Result<vmm::CrashImages, RunnerError> {
@@ -446,6 +453,18 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
     Ok(run)
 }
 
+/// Every image `expect.per-image` names must be one the generator makes.
+fn check_image_names(e: &Expectation, variants: &[generate::Variant]) -> Result<(), RunnerError> {
+    let known: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+    match e.per_image.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(missing) => Err(RunnerError::UnknownImage {
+            name: missing.clone(),
+            known: known.iter().map(|k| k.to_string()).collect(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Runs `check(i)` for `0..n` on `jobs` threads; the first error stops the rest.
 fn parallel_states(
     label: &str,
@@ -475,9 +494,11 @@ fn parallel_states(
                             .map(|s| s.to_string())
                             .or_else(|| p.downcast_ref::<String>().cloned())
                             .unwrap_or_else(|| "a panic".into());
-                        Err(RunnerError::Unsupported(format!(
-                            "{label}: the harness panicked while checking state {i}: {why}"
-                        )))
+                        Err(RunnerError::HarnessPanic {
+                            label: label.into(),
+                            state: i,
+                            why,
+                        })
                     });
                 match checked {
                     Ok(st) => results.lock().unwrap()[i] = Some(st),
@@ -628,8 +649,19 @@ pub fn replay_saved(
     Ok((meta, rec))
 }
 
+/// Why a window does not fit a trace.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("window ends at {to}, after the trace's {len} events")]
+    PastTrace { to: usize, len: usize },
+    #[error("marker {0} is not in the trace")]
+    MissingMarker(String),
+    #[error("marker {to} is not in the trace after {from}")]
+    MissingMarkerAfter { to: String, from: String },
+}
+
 /// The cut positions `(start, end)` a window allows in a trace.
-pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), String> {
+pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), WindowError> {
     let find = |id: u32, from: usize| {
         trace.events()[from..]
             .iter()
@@ -640,23 +672,19 @@ pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), Strin
         Window::Everything => Ok((0, trace.len())),
         Window::TracePositions { from, to } => {
             if *to > trace.len() {
-                return Err(format!(
-                    "window ends at {to}, after the trace's {} events",
-                    trace.len()
-                ));
+                return Err(WindowError::PastTrace {
+                    to: *to,
+                    len: trace.len(),
+                });
             }
             Ok((*from, *to))
         }
         Window::BetweenMarkers { from, to } => {
             let name = |m: &crate::spec::MarkerName| String::from(m.clone());
-            let a = find(from.0, 0)
-                .ok_or_else(|| format!("marker {} is not in the trace", name(from)))?;
-            let b = find(to.0, a).ok_or_else(|| {
-                format!(
-                    "marker {} is not in the trace after {}",
-                    name(to),
-                    name(from)
-                )
+            let a = find(from.0, 0).ok_or_else(|| WindowError::MissingMarker(name(from)))?;
+            let b = find(to.0, a).ok_or_else(|| WindowError::MissingMarkerAfter {
+                to: name(to),
+                from: name(from),
             })?;
             // From before the first marker's sequence to after the last one's.
             Ok((a, b + 1))
@@ -840,10 +868,42 @@ mod tests {
                 saved: None,
             })
         });
-        let err = r.unwrap_err().to_string();
+        let err = r.unwrap_err();
         assert!(
-            err.contains("blank/strict: the harness panicked while checking state 3: boom at 3"),
-            "{err}"
+            matches!(&err, RunnerError::HarnessPanic { state: 3, why, .. } if why == "boom at 3"),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "blank/strict: the harness panicked while checking state 3: boom at 3"
+        );
+    }
+
+    #[test]
+    fn an_image_the_generator_does_not_make_is_named() {
+        let variant = |name: &str| generate::Variant {
+            name: name.into(),
+            patches: vec![],
+        };
+        let made = [variant("magic/new-crc"), variant("crc/stale-crc")];
+        let mut e = Expectation {
+            device: "d".into(),
+            mode: Mode::Strict,
+            allowed: vec![],
+            all_usable: false,
+            older_cache_never_back: false,
+            counts: None,
+            per_image: Default::default(),
+        };
+        let opened = crate::spec::ImageOutcome::try_from("opened".to_string()).unwrap();
+        e.per_image.insert("magic/new-crc".into(), opened.clone());
+        assert!(check_image_names(&e, &made).is_ok());
+        e.per_image.insert("magik/new-crc".into(), opened);
+        let err = check_image_names(&e, &made).unwrap_err();
+        assert!(matches!(&err, RunnerError::UnknownImage { name, .. } if name == "magik/new-crc"));
+        assert_eq!(
+            err.to_string(),
+            "expect.per-image names `magik/new-crc`, which the generator does not make (it makes: magic/new-crc, crc/stale-crc)"
         );
     }
 
@@ -888,10 +948,14 @@ mod tests {
             from: MarkerName(2),
             to: MarkerName(1),
         };
-        assert!(cut_range(&t, &missing)
-            .unwrap_err()
-            .contains("not in the trace after"));
+        assert_eq!(
+            cut_range(&t, &missing).unwrap_err().to_string(),
+            "marker 0x1 is not in the trace after 0x2"
+        );
         assert_eq!(cut_range(&t, &Window::Everything), Ok((0, 6)));
-        assert!(cut_range(&t, &Window::TracePositions { from: 0, to: 7 }).is_err());
+        assert_eq!(
+            cut_range(&t, &Window::TracePositions { from: 0, to: 7 }),
+            Err(WindowError::PastTrace { to: 7, len: 6 })
+        );
     }
 }
