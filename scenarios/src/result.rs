@@ -274,6 +274,11 @@ mod tests {
         }
     }
 
+    /// Whether a run-level violation contains `text`.
+    fn has(r: &DeviceModeRun, text: &str) -> bool {
+        r.violations.iter().any(|v| v.contains(text))
+    }
+
     fn run(states: Vec<StateResult>) -> DeviceModeRun {
         DeviceModeRun {
             device: "blank".into(),
@@ -318,14 +323,16 @@ mod tests {
         ]);
         r.finish(Some(&e));
         assert!(!r.passed());
-        assert!(r
-            .violations
-            .iter()
-            .any(|v| v.contains("`outcomes.formatted`: expected 1, got 2")));
-        assert!(r
-            .violations
-            .iter()
-            .any(|v| v.contains("`outcomes.format-redone`: expected 1, got 0")));
+        assert!(
+            has(&r, "`outcomes.formatted`: expected 1, got 2"),
+            "{:?}",
+            r.violations
+        );
+        assert!(
+            has(&r, "`outcomes.format-redone`: expected 1, got 0"),
+            "{:?}",
+            r.violations
+        );
     }
 
     #[test]
@@ -336,10 +343,11 @@ mod tests {
             state("opened", true, false),
         ]);
         r.finish(Some(&e));
-        assert!(r
-            .violations
-            .iter()
-            .any(|v| v.contains("`outcomes.opened`: expected 0, got 1")));
+        assert!(
+            has(&r, "`outcomes.opened`: expected 0, got 1"),
+            "{:?}",
+            r.violations
+        );
     }
 
     #[test]

@@ -221,6 +221,28 @@ impl Job<'_> {
         guest::cmdline(&self.scenario.recovery, self.mode, false)
     }
 
+    /// The run of this device and mode, counted and checked against the
+    /// pinned counts; `t0` is when its recovery boots started.
+    fn finish(
+        &self,
+        model: serde_json::Value,
+        counts: ObservedCounts,
+        t0: Instant,
+        states: Vec<StateResult>,
+    ) -> DeviceModeRun {
+        let mut run = DeviceModeRun {
+            device: self.device.name.clone(),
+            mode: self.mode,
+            model,
+            counts,
+            recovery_seconds: t0.elapsed().as_secs_f64(),
+            states,
+            violations: vec![],
+        };
+        run.finish(self.expect);
+        run
+    }
+
     /// Saves a violating state's images and what is needed to replay it.
     fn save_state(
         &self,
@@ -347,34 +369,24 @@ fn power_cut(
         }
         Ok(st)
     })?;
-    let mut run = DeviceModeRun {
-        device: device.name.clone(),
-        mode,
-        model: serde_json::json!({
-            "model": model,
-            "window": window,
-            "cut-positions": [start, end],
-            "trace-events": saved.trace.len(),
-        }),
-        counts: ObservedCounts {
-            duplicates: e.duplicates,
-            unchanged_writes: e.unchanged_writes,
-            ..Default::default()
-        },
-        recovery_seconds: t0.elapsed().as_secs_f64(),
-        states,
-        violations: vec![],
+    let model = serde_json::json!({
+        "model": model,
+        "window": window,
+        "cut-positions": [start, end],
+        "trace-events": saved.trace.len(),
+    });
+    let counts = ObservedCounts {
+        duplicates: e.duplicates,
+        unchanged_writes: e.unchanged_writes,
+        ..Default::default()
     };
-    run.finish(expect);
-    Ok(run)
+    Ok(job.finish(model, counts, t0, states))
 }
 
 /// A scenario without a power cut: recovery on each generated variant of the
 /// device's image.
 fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError> {
     let Job {
-        device,
-        mode,
         expect,
         prepared,
         cfg,
@@ -440,17 +452,8 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
         }
         Ok(st)
     })?;
-    let mut run = DeviceModeRun {
-        device: device.name.clone(),
-        mode,
-        model: serde_json::json!({ "generator": generator }),
-        counts: ObservedCounts::default(),
-        recovery_seconds: t0.elapsed().as_secs_f64(),
-        states,
-        violations: vec![],
-    };
-    run.finish(expect);
-    Ok(run)
+    let model = serde_json::json!({ "generator": generator });
+    Ok(job.finish(model, ObservedCounts::default(), t0, states))
 }
 
 /// Every image `expect.per-image` names must be one the generator makes.

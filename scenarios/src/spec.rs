@@ -577,6 +577,12 @@ mod tests {
         Scenario::parse(Path::new("x.json"), text)
     }
 
+    /// The error of MINIMAL with `from` replaced by `to` (which must occur).
+    fn error_with(from: &str, to: &str) -> String {
+        assert!(MINIMAL.contains(from), "`{from}` is not in MINIMAL");
+        parse(&MINIMAL.replace(from, to)).unwrap_err().to_string()
+    }
+
     #[test]
     fn a_minimal_scenario_parses() {
         let s = parse(MINIMAL).unwrap();
@@ -596,25 +602,20 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected_with_their_path() {
-        let text = MINIMAL.replace("\"pmem-size\"", "\"colour\": 1, \"pmem-size\"");
-        let err = parse(&text).unwrap_err().to_string();
+        let err = error_with("\"pmem-size\"", "\"colour\": 1, \"pmem-size\"");
         assert!(err.starts_with("x.json: at `devices[0]"), "{err}");
         assert!(err.contains("colour"), "{err}");
     }
 
     #[test]
     fn bad_values_name_the_path() {
-        let err = parse(&MINIMAL.replace("C1-begin", "C13-begin"))
-            .unwrap_err()
-            .to_string();
+        let err = error_with("C1-begin", "C13-begin");
         assert!(
             err.contains("run.power-cut.window.between-markers.from"),
             "{err}"
         );
         assert!(err.contains("C13-begin"), "{err}");
-        let err = parse(&MINIMAL.replace("\"64M\"", "\"64Q\""))
-            .unwrap_err()
-            .to_string();
+        let err = error_with("\"64M\"", "\"64Q\"");
         assert!(
             err.contains("devices[0].disk-size") && err.contains("64Q"),
             "{err}"
@@ -623,40 +624,29 @@ mod tests {
 
     #[test]
     fn inconsistent_scenarios_are_refused() {
-        let small = MINIMAL.replace("\"512M\"", "\"256M\"");
-        assert!(parse(&small)
-            .unwrap_err()
-            .to_string()
-            .contains("minimum of 512M"));
-        let bad_sum = MINIMAL.replace("\"formatted\": 5", "\"formatted\": 4");
-        assert!(parse(&bad_sum)
-            .unwrap_err()
-            .to_string()
-            .contains("add up to 7"));
-        let bad_dev = MINIMAL.replace("{\"device\": \"blank\"", "{\"device\": \"nope\"");
-        assert!(parse(&bad_dev)
-            .unwrap_err()
-            .to_string()
-            .contains("no device named `nope`"));
+        assert!(error_with("\"512M\"", "\"256M\"").contains("minimum of 512M"));
+        assert!(error_with("\"formatted\": 5", "\"formatted\": 4").contains("add up to 7"));
+        assert!(
+            error_with("{\"device\": \"blank\"", "{\"device\": \"nope\"")
+                .contains("no device named `nope`")
+        );
     }
 
     #[test]
     fn a_misspelled_outcome_is_refused_at_load_with_the_valid_names() {
         let names = "`formatted`, `opened`, `format-redone`, `superblock-rebuilt`, `refused`";
         // In `allowed`.
-        let text = MINIMAL.replace(
+        let err = error_with(
             "\"mode\": \"strict\",\n",
             "\"mode\": \"strict\", \"allowed\": [\"formatted\", \"opend\"],\n",
         );
-        let err = parse(&text).unwrap_err().to_string();
         assert!(
             err.starts_with("x.json: at `expect[0].allowed[1]`"),
             "{err}"
         );
         assert!(err.contains("`opend`") && err.contains(names), "{err}");
         // As a pinned count.
-        let text = MINIMAL.replace("\"formatted\": 5", "\"formated\": 5");
-        let err = parse(&text).unwrap_err().to_string();
+        let err = error_with("\"formatted\": 5", "\"formated\": 5");
         assert!(
             err.starts_with("x.json: at `expect[0].counts.outcomes"),
             "{err}"
@@ -679,36 +669,36 @@ mod tests {
 
     #[test]
     fn numbers_that_would_keep_a_run_going_are_bounded() {
-        let huge = MINIMAL.replace(
+        let err = error_with(
             "\"recipe\": \"blank\"",
             "\"recipe\": {\"formatted\": {\"activations\": 4294967295}}",
         );
-        let err = parse(&huge).unwrap_err().to_string();
         assert!(
             err.contains(
                 "devices[0].recipe.formatted.activations: 4294967295 is above the maximum of 255"
             ),
             "{err}"
         );
-        let older = huge
-            .replace("{\"formatted\": {", "{\"older-cache\": {")
-            .replace("4294967295", "256");
-        let err = parse(&older).unwrap_err().to_string();
+        let older = |n: u32| {
+            MINIMAL.replace(
+                "\"recipe\": \"blank\"",
+                &format!("\"recipe\": {{\"older-cache\": {{\"activations\": {n}}}}}"),
+            )
+        };
+        let err = parse(&older(256)).unwrap_err().to_string();
         assert!(
             err.contains("recipe.older-cache.activations: 256 is above the maximum of 255"),
             "{err}"
         );
-        assert!(parse(&older.replace("256", "255")).is_ok());
-        let sample = MINIMAL.replace("\"sample\": 64", "\"sample\": 1000000");
-        let err = parse(&sample).unwrap_err().to_string();
+        assert!(parse(&older(255)).is_ok());
+        let err = error_with("\"sample\": 64", "\"sample\": 1000000");
         assert!(
             err.contains(
                 "run.power-cut.model.subsets.sample: 1000000 is above the maximum of 4096"
             ),
             "{err}"
         );
-        let big = MINIMAL.replace("\"64M\"", "\"65G\"");
-        let err = parse(&big).unwrap_err().to_string();
+        let err = error_with("\"64M\"", "\"65G\"");
         assert!(
             err.contains("devices[0].disk-size: 65G is above the maximum of 64G"),
             "{err}"
@@ -717,17 +707,15 @@ mod tests {
 
     #[test]
     fn unknown_steps_fail_at_load() {
-        let text = MINIMAL.replace("start;stop;start", "start;stpo;start");
-        let err = parse(&text).unwrap_err().to_string();
+        let err = error_with("start;stop;start", "start;stpo;start");
         assert!(
             err.starts_with("x.json: recovery: step 2 `stpo`: unknown step (the steps are: start"),
             "{err}"
         );
-        let text = MINIMAL.replace(
+        let err = error_with(
             "\"workload\": \"start\"",
             "\"workload\": \"start:mode=fast\"",
         );
-        let err = parse(&text).unwrap_err().to_string();
         assert!(
             err.starts_with("x.json: run.power-cut.workload: step 1 `start:mode=fast`"),
             "{err}"
@@ -736,11 +724,10 @@ mod tests {
 
     #[test]
     fn a_second_expectation_for_a_device_and_mode_is_refused() {
-        let twice = MINIMAL.replace(
+        let err = error_with(
             "\"expect\": [{",
             "\"expect\": [{\"device\": \"blank\", \"mode\": \"strict\"}, {",
         );
-        let err = parse(&twice).unwrap_err().to_string();
         assert!(
             err.contains("expect[1]: a second expectation for device `blank` in mode `strict`"),
             "{err}"
@@ -749,21 +736,19 @@ mod tests {
 
     #[test]
     fn per_image_expectations_need_an_image_set() {
-        let text = MINIMAL.replace(
+        let err = error_with(
             "\"counts\": {",
             "\"per-image\": {\"magic/new-crc\": \"opened\"}, \"counts\": {",
         );
-        let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("expect[0].per-image"), "{err}");
     }
 
     #[test]
     fn a_reversed_trace_window_names_its_path() {
-        let text = MINIMAL.replace(
+        let err = error_with(
             "{\"between-markers\": {\"from\": \"C1-begin\", \"to\": \"C2-end\"}}",
             "{\"trace-positions\": {\"from\": 9, \"to\": 3}}",
         );
-        let err = parse(&text).unwrap_err().to_string();
         assert!(
             err.contains("run.power-cut.window.trace-positions: `from` 9 is after `to` 3"),
             "{err}"

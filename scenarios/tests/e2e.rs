@@ -45,6 +45,15 @@ fn run(tag: &str, name: &str, scenario: &Scenario) -> (RunResult, PathBuf) {
     (r, tmp)
 }
 
+/// The states of the first run that violate their expectation.
+fn violating(r: &RunResult) -> Vec<&scenarios::result::StateResult> {
+    r.runs[0]
+        .states
+        .iter()
+        .filter(|s| !s.violations.is_empty())
+        .collect()
+}
+
 fn violations(r: &RunResult) -> Vec<String> {
     let mut v = Vec::new();
     for run in &r.runs {
@@ -108,11 +117,7 @@ fn a_violating_state_is_saved_and_replays_with_the_same_outcome() {
     );
     let (r, tmp) = run("replay", "corrupt-sb", &s);
     assert!(!r.passed);
-    let bad: Vec<_> = r.runs[0]
-        .states
-        .iter()
-        .filter(|s| !s.violations.is_empty())
-        .collect();
+    let bad = violating(&r);
     assert_eq!(bad.len(), 1, "{:#?}", violations(&r));
     assert_eq!(bad[0].id, "padding/new-crc");
     let dir = PathBuf::from(bad[0].saved.as_ref().expect("a violating state is saved"));
@@ -183,11 +188,7 @@ fn a_violating_crash_state_is_saved_with_its_crash_image_and_replays() {
     s.expect[0].counts = None;
     let (r, tmp) = run("replay-cut", "crash-mid-sb-write", &s);
     assert!(!r.passed);
-    let bad: Vec<_> = r.runs[0]
-        .states
-        .iter()
-        .filter(|s| !s.violations.is_empty())
-        .collect();
+    let bad = violating(&r);
     assert_eq!(bad.len(), 3, "{:#?}", violations(&r));
     for st in bad {
         assert_eq!(st.outcome, "refused");
