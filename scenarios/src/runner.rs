@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use vmm::{SavedWindow, VmConfig};
 
 /// What the runner needs besides the scenario.
+#[derive(Debug)]
 pub struct RunnerConfig {
     /// The guest kernel (`target/guest/pcache-guest`).
     pub kernel: PathBuf,
@@ -44,6 +45,7 @@ pub trait Progress: Sync {
 }
 
 /// A progress sink that shows nothing.
+#[derive(Debug)]
 pub struct Quiet;
 
 impl Progress for Quiet {
