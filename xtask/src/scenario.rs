@@ -209,7 +209,8 @@ fn print_table(r: &RunResult) {
         println!(
             "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10} {:>9.0}",
             run.device,
-            run.mode,
+            // pcache's Display ignores widths: pad the text.
+            run.mode.to_string(),
             run.counts.states,
             outcomes.join(", "),
             run.counts.unusable,
