@@ -12,7 +12,9 @@ use crate::pmem::PmemError;
 
 /// Recovery mode of an activation (it governs the whole activation, format
 /// included).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Exactly the kernel's behaviour (M2/H), write order and refusals included.

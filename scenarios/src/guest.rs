@@ -40,6 +40,11 @@ fn run_value(steps: &str, mode: Mode) -> String {
 pub const VALID_STEPS: &str = "start[:mode=strict|recover][:data_crc=true|false], stop, status, \
 marker:ID, trace:on|off, fault:pf|ud|gp|de";
 
+/// Most bytes of `pcache.run=` steps: half the guest's command line
+/// (`protocol::layout::CMDLINE_MAX`), the rest being for the key, the markers
+/// switch, the workload's trace steps and the VMM's device entries.
+pub const STEPS_MAX: usize = protocol::layout::CMDLINE_MAX / 2;
+
 /// Checks `steps` with the guest's own parser (`guest-cmdline`), so that a step
 /// the guest would refuse fails when the scenario loads, not once per state.
 pub fn check_steps(steps: &str) -> Result<(), String> {
@@ -47,6 +52,12 @@ pub fn check_steps(steps: &str) -> Result<(), String> {
     let value = run_value(steps, Mode::Recover);
     if value.is_empty() {
         return Err("no steps".into());
+    }
+    if value.len() > STEPS_MAX {
+        return Err(format!(
+            "{} bytes of steps (with each `start`'s mode) is above the maximum of {STEPS_MAX}",
+            value.len()
+        ));
     }
     for step in guest_cmdline::run_steps(&value) {
         if let Err(e) = step {
@@ -278,6 +289,11 @@ mod tests {
         );
         assert!(check_steps("marker:0x1ffffffff").is_err());
         assert_eq!(check_steps(" ; "), Err("no steps".into()));
+        // `start` grows to `start:mode=recover` (18 bytes, 19 with its `;`).
+        let fits = vec!["start"; (STEPS_MAX + 1) / 19].join(";");
+        assert_eq!(check_steps(&fits), Ok(()));
+        let err = check_steps(&format!("{fits};stop;stop;stop;stop")).unwrap_err();
+        assert!(err.contains("is above the maximum of 2048"), "{err}");
     }
 
     #[test]

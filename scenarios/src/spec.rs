@@ -412,6 +412,18 @@ impl Scenario {
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, d) in self.devices.iter().enumerate() {
+            // Names become folder and file names of the run's work and results.
+            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if d.name.is_empty()
+                || d.name.len() > 64
+                || d.name.starts_with('.')
+                || !d.name.chars().all(plain)
+            {
+                return Err(format!(
+                    "devices[{i}].name: `{}` must be 1 to 64 letters, digits, `-`, `_` or `.`, not starting with `.`",
+                    d.name
+                ));
+            }
             if !names.insert(d.name.as_str()) {
                 return Err(format!("devices[{i}]: duplicate device name `{}`", d.name));
             }
@@ -702,6 +714,18 @@ mod tests {
         assert!(
             err.contains("devices[0].disk-size: 65G is above the maximum of 64G"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn device_names_are_plain_file_names() {
+        for bad in ["", "../up", "a/b", ".hidden", "sp ace"] {
+            let err = error_with("\"name\": \"blank\"", &format!("\"name\": \"{bad}\""));
+            assert!(err.contains("devices[0].name:"), "{bad}: {err}");
+        }
+        let long = "n".repeat(65);
+        assert!(
+            error_with("\"name\": \"blank\"", &format!("\"name\": \"{long}\"")).contains("1 to 64")
         );
     }
 
