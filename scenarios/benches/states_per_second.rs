@@ -42,7 +42,7 @@ fn main() {
             println!(
                 "  {name:20} {:12} {:8} {:5} states in {:7.3} s: {:6.0} states/s",
                 run.device,
-                run.mode.as_str(),
+                run.mode.to_string(),
                 run.states.len(),
                 run.recovery_seconds,
                 run.states_per_second()

@@ -258,7 +258,6 @@ mod tests {
 #[cfg(test)]
 mod shipped {
     use super::*;
-    use crate::recipe::pcache_mode;
     use crate::spec::{Recipe, Run, Scenario};
     use pcache::{activate, NoHooks, Options, SparsePmem};
 
@@ -276,7 +275,7 @@ mod shipped {
                     panic!("{name}: recipe")
                 };
                 let opts = Options {
-                    mode: pcache_mode(e.mode),
+                    mode: e.mode,
                     data_crc: false,
                 };
                 let mut base = SparsePmem::new(d.pmem_size.0);

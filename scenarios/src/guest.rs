@@ -5,37 +5,77 @@
 //! `start` carries the module's whole activation report under `report`
 //! (`guest-images/README.md` documents the language).
 
-use crate::spec::{Mode, StateOutcome};
-use pcache::Outcome;
+use crate::spec::Mode;
 use serde::Deserialize;
 use vmm::{Message, RunOutcome};
 
 /// The command line of a guest run of `steps` (`a;b;c`) in `mode`: `start`
 /// steps without a mode get the run's mode, so the mode governs every step.
 pub fn cmdline(steps: &str, mode: Mode, markers: bool) -> String {
-    let steps: Vec<String> = steps
-        .split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            if s == "start" {
-                format!("start:mode={}", mode.as_str())
-            } else {
-                s.to_string()
-            }
-        })
-        .collect();
-    let mut line = format!("{}={}", protocol::CMDLINE_RUN_KEY, steps.join(";"));
+    let mut line = format!("{}={}", protocol::CMDLINE_RUN_KEY, run_value(steps, mode));
     if !markers {
         line.push_str(" pcache.markers=off");
     }
     line
 }
 
+/// The `pcache.run=` value of `steps` in `mode` (see [`cmdline`]).
+fn run_value(steps: &str, mode: Mode) -> String {
+    let steps: Vec<String> = steps
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s == "start" {
+                format!("start:mode={mode}")
+            } else {
+                s.to_string()
+            }
+        })
+        .collect();
+    steps.join(";")
+}
+
+/// The steps the guest knows, for error messages.
+pub const VALID_STEPS: &str = "start[:mode=strict|recover][:data_crc=true|false], stop, status, \
+marker:ID, trace:on|off, fault:pf|ud|gp|de";
+
+/// Most bytes of `pcache.run=` steps: half the guest's command line
+/// (`protocol::layout::CMDLINE_MAX`), the rest being for the key, the markers
+/// switch, the workload's trace steps and the VMM's device entries.
+pub const STEPS_MAX: usize = protocol::layout::CMDLINE_MAX / 2;
+
+/// Checks `steps` with the guest's own parser (`guest-cmdline`), so that a step
+/// the guest would refuse fails when the scenario loads, not once per state.
+pub fn check_steps(steps: &str) -> Result<(), String> {
+    // The mode does not change validity: `start` gets one either way.
+    let value = run_value(steps, Mode::Recover);
+    if value.is_empty() {
+        return Err("no steps".into());
+    }
+    if value.len() > STEPS_MAX {
+        return Err(format!(
+            "{} bytes of steps (with each `start`'s mode) is above the maximum of {STEPS_MAX}",
+            value.len()
+        ));
+    }
+    for step in guest_cmdline::run_steps(&value) {
+        if let Err(e) = step {
+            return Err(match e.kind {
+                guest_cmdline::StepErrorKind::Unknown => {
+                    format!("{e} (the steps are: {VALID_STEPS})")
+                }
+                _ => e.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The part of an activation report the runner decides on.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct StartReport {
-    pub outcome: pcache::Outcome,
+    pub outcome: String,
     #[serde(default)]
     pub message: Option<String>,
     #[serde(default)]
@@ -94,10 +134,7 @@ impl Recovery {
         for m in messages {
             r.read_message(m, &mut malformed);
         }
-        let refused_first = r
-            .starts
-            .first()
-            .is_some_and(|s| s.outcome == Outcome::Refused);
+        let refused_first = r.starts.first().is_some_and(|s| s.outcome == "refused");
         let step_failed = protocol::ExitCode::StepFailed as u32;
         let clean = protocol_errors.is_empty() && malformed.is_empty();
         r.failure = match outcome.exit_code() {
@@ -168,11 +205,11 @@ impl Recovery {
     }
 
     /// The outcome of the first `start`, or why there is none.
-    pub fn outcome(&self) -> StateOutcome {
+    pub fn outcome(&self) -> String {
         match (&self.failure, self.starts.first()) {
-            (_, Some(s)) => StateOutcome::Activation(s.outcome),
-            (Some(_), None) => StateOutcome::GuestFailure,
-            (None, None) => StateOutcome::NoStart,
+            (_, Some(s)) => s.outcome.clone(),
+            (Some(_), None) => "guest-failure".into(),
+            (None, None) => "no-start".into(),
         }
     }
 
@@ -181,7 +218,7 @@ impl Recovery {
     pub fn usable(&self) -> bool {
         self.failure.is_none()
             && matches!(self.starts.as_slice(), [first, second, ..]
-                if first.outcome != Outcome::Refused && second.outcome == Outcome::Opened)
+                if first.outcome != "refused" && second.outcome == "opened")
     }
 
     /// The older cache came back: the first `start` opened a cache_info copy of
@@ -191,7 +228,7 @@ impl Recovery {
     /// activations keep the two apart.
     pub fn older_cache_back(&self, older_seq: Option<u8>) -> bool {
         match (older_seq, self.starts.first()) {
-            (Some(old), Some(s)) if s.outcome == Outcome::Opened => s
+            (Some(old), Some(s)) if s.outcome == "opened" => s
                 .cache_info
                 .map(|c| c.seq.wrapping_sub(1))
                 .is_some_and(|found| found == old || found == old.wrapping_sub(1)),
@@ -206,7 +243,7 @@ mod tests {
 
     fn start(outcome: &str, seq: u8) -> StartReport {
         StartReport {
-            outcome: serde_json::from_value(serde_json::json!(outcome)).unwrap(),
+            outcome: outcome.into(),
             message: None,
             cache_info: Some(SlotSeq { slot: 0, seq }),
             refusal: None,
@@ -236,6 +273,27 @@ mod tests {
             ),
             "pcache.run=trace:on;start:mode=recover;trace:off"
         );
+    }
+
+    #[test]
+    fn steps_are_checked_with_the_guests_parser() {
+        assert_eq!(check_steps("start;stop; start:mode=strict ;status"), Ok(()));
+        assert_eq!(check_steps("trace:on;marker:0x10;trace:off"), Ok(()));
+        let err = check_steps("start;stpo;start").unwrap_err();
+        assert!(err.starts_with("step 2 `stpo`: unknown step"), "{err}");
+        assert!(err.contains(VALID_STEPS), "{err}");
+        let err = check_steps("start:mode=fast").unwrap_err();
+        assert!(
+            err.contains("mode") && err.contains("strict or recover"),
+            "{err}"
+        );
+        assert!(check_steps("marker:0x1ffffffff").is_err());
+        assert_eq!(check_steps(" ; "), Err("no steps".into()));
+        // `start` grows to `start:mode=recover` (18 bytes, 19 with its `;`).
+        let fits = vec!["start"; (STEPS_MAX + 1) / 19].join(";");
+        assert_eq!(check_steps(&fits), Ok(()));
+        let err = check_steps(&format!("{fits};stop;stop;stop;stop")).unwrap_err();
+        assert!(err.contains("is above the maximum of 2048"), "{err}");
     }
 
     #[test]
@@ -376,10 +434,7 @@ mod tests {
     fn start_reports_parse_from_the_modules_own_json() {
         use pcache::{activate, NoHooks, Options, SparsePmem};
         let mut dev = SparsePmem::new(512 << 20);
-        for (outcome, seq) in [
-            (pcache::Outcome::Formatted, 1),
-            (pcache::Outcome::Opened, 2),
-        ] {
+        for (outcome, seq) in [("formatted", 1), ("opened", 2)] {
             let report = activate(&mut dev, &Options::default(), &mut NoHooks);
             let v = serde_json::to_value(&report).unwrap();
             let r = StartReport::deserialize(&v).unwrap();

@@ -32,10 +32,12 @@
 //! States whose images are byte-identical are deduplicated on the applied delta
 //! and counted once.
 
+use persist::{subset_family, Domain};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
-/// Every subset of the pending writes is enumerated up to this many.
+/// Every subset of the pending writes is enumerated up to this many (the
+/// shared rule of the `persist` crate).
 pub use persist::ALL_SUBSETS_MAX;
 
 /// Bytes per disk sector (the unit of disk writes).
@@ -66,8 +68,6 @@ pub enum Model {
         seed: u64,
     },
 }
-
-use persist::Domain;
 
 /// A crash state: the cut position and the writes that are durable there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,8 +169,8 @@ pub fn enumerate(
                     || matches!(events.get(cut), Some(Event::PmemFlush | Event::BlkFlush));
                 if small || mixed || epoch_end {
                     let n = if epoch_end { *sample } else { 0 };
-                    let pmem = persist::subset_family(&pending_pmem, n, seed ^ cut as u64);
-                    let disk = persist::subset_family(&pending_disk, n, !seed ^ cut as u64);
+                    let pmem = subset_family(&pending_pmem, n, seed ^ cut as u64);
+                    let disk = subset_family(&pending_disk, n, !seed ^ cut as u64);
                     for p in &pmem {
                         for d in &disk {
                             out.emit_with(cut, p, d);
@@ -264,8 +264,9 @@ impl<'a> Writes<'a> {
         })
     }
 
-    /// Position just after the last completed barrier of `domain` before
-    /// `cut` (0 if none): the shared rule, [`persist::durable_prefix`].
+    /// Position just after the last completed barrier of `domain` before `cut`
+    /// (0 if none): the shared rule. The kept writes before it are durable, those
+    /// from it to the cut pending (unchanged writes were dropped in [`Writes::new`]).
     fn barrier_before(&self, domain: Domain, cut: usize) -> usize {
         persist::durable_prefix(self.trace.events(), domain, cut)
     }
@@ -467,6 +468,11 @@ mod tests {
         t
     }
 
+    /// The states of cuts `start..=end` over a base of zeros.
+    fn on_zeros(ev: &Trace, start: usize, end: usize, model: &Model) -> Enumeration {
+        enumerate(ev, start, end, model, &Base::default()).unwrap()
+    }
+
     fn events_of(states: &[CrashState]) -> Vec<Vec<usize>> {
         states
             .iter()
@@ -493,14 +499,7 @@ mod tests {
     #[test]
     fn subsets_of_a_three_word_write_give_eight_states() {
         let ev = sb_write();
-        let e = enumerate(
-            &ev,
-            0,
-            ev.len(),
-            &Model::Subsets { sample: 8, seed: 1 },
-            &Base::default(),
-        )
-        .unwrap();
+        let e = on_zeros(&ev, 0, ev.len(), &Model::Subsets { sample: 8, seed: 1 });
         assert_eq!(e.unchanged_writes, 2, "zeroing zeros is not a state");
         assert_eq!(e.states.len(), 8);
         let mut sets = events_of(&e.states);
@@ -523,7 +522,7 @@ mod tests {
     #[test]
     fn prefix_gives_one_state_per_changing_store() {
         let ev = sb_write();
-        let e = enumerate(&ev, 0, ev.len(), &Model::Prefix, &Base::default()).unwrap();
+        let e = on_zeros(&ev, 0, ev.len(), &Model::Prefix);
         assert_eq!(
             events_of(&e.states),
             vec![vec![], vec![4], vec![4, 5], vec![4, 5, 6]]
@@ -533,7 +532,7 @@ mod tests {
     #[test]
     fn flushed_only_sees_nothing_until_the_flush() {
         let ev = sb_write();
-        let e = enumerate(&ev, 0, ev.len(), &Model::FlushedOnly, &Base::default()).unwrap();
+        let e = on_zeros(&ev, 0, ev.len(), &Model::FlushedOnly);
         assert_eq!(events_of(&e.states), vec![vec![], vec![4, 5, 6]]);
     }
 
@@ -545,14 +544,7 @@ mod tests {
             store(8, 2),
             store(16, 3),
         ]);
-        let e = enumerate(
-            &ev,
-            2,
-            ev.len(),
-            &Model::Subsets { sample: 0, seed: 0 },
-            &Base::default(),
-        )
-        .unwrap();
+        let e = on_zeros(&ev, 2, ev.len(), &Model::Subsets { sample: 0, seed: 0 });
         assert_eq!(e.states.len(), 4);
         assert!(e
             .states
@@ -564,14 +556,7 @@ mod tests {
     fn identical_images_are_counted_once() {
         // The second store writes back the base value: {} and {0,1} give the same image.
         let ev = trace_of(vec![store(0, 7), store(0, 0)]);
-        let e = enumerate(
-            &ev,
-            0,
-            2,
-            &Model::Subsets { sample: 0, seed: 0 },
-            &Base::default(),
-        )
-        .unwrap();
+        let e = on_zeros(&ev, 0, 2, &Model::Subsets { sample: 0, seed: 0 });
         assert_eq!(events_of(&e.states), vec![vec![], vec![0]]);
         // cut 1 repeats {}; cut 2 repeats {}, {0}, and {1}, {0,1} equal {}.
         assert_eq!(e.duplicates, 5);
@@ -587,8 +572,8 @@ mod tests {
         };
         // Only the cut at the end: earlier cuts have few enough pending stores for
         // every subset.
-        let a = enumerate(&ev, ev.len(), ev.len(), &model, &Base::default()).unwrap();
-        let b = enumerate(&ev, ev.len(), ev.len(), &model, &Base::default()).unwrap();
+        let a = on_zeros(&ev, ev.len(), ev.len(), &model);
+        let b = on_zeros(&ev, ev.len(), ev.len(), &model);
         assert_eq!(
             a.states, b.states,
             "the sample is reproducible from its seed"
@@ -619,16 +604,9 @@ mod tests {
         ev.push_blk_write(10, &data);
         ev.push(Event::PmemFlush); // not a disk barrier
         ev.push(Event::BlkFlush);
-        let e = enumerate(
-            &ev,
-            0,
-            3,
-            &Model::Subsets { sample: 0, seed: 0 },
-            &Base::default(),
-        )
-        .unwrap();
+        let e = on_zeros(&ev, 0, 3, &Model::Subsets { sample: 0, seed: 0 });
         assert_eq!(e.states.len(), 4, "two sectors pending: four subsets");
-        let prefix = enumerate(&ev, 0, 3, &Model::Prefix, &Base::default()).unwrap();
+        let prefix = on_zeros(&ev, 0, 3, &Model::Prefix);
         // sector granularity: power may fail between the sectors of one write
         let sectors: Vec<Vec<u32>> = prefix
             .states
@@ -653,14 +631,7 @@ mod tests {
         }
         ev.push_blk_write(0, &[7u8; 4 * SECTOR]);
         ev.push_blk_write(4, &[8u8; 9 * SECTOR]);
-        let e = enumerate(
-            &ev,
-            0,
-            ev.len(),
-            &Model::Subsets { sample: 0, seed: 0 },
-            &Base::default(),
-        )
-        .unwrap();
+        let e = on_zeros(&ev, 0, ev.len(), &Model::Subsets { sample: 0, seed: 0 });
         let has = |stores: usize, sectors: &[u32]| {
             e.states.iter().any(|s| {
                 s.pmem.len() == stores
@@ -710,7 +681,7 @@ mod tests {
         };
         let ev = trace_of(vec![a, b]);
         let model = Model::Subsets { sample: 0, seed: 0 };
-        let e = enumerate(&ev, 0, 2, &model, &Base::default()).unwrap();
+        let e = on_zeros(&ev, 0, 2, &model);
         assert_eq!(e.unchanged_writes, 0, "B can change bytes: it is kept");
         let mut sets = events_of(&e.states);
         sets.sort();
@@ -721,12 +692,12 @@ mod tests {
         );
         // Once A is durable (a flush between them), B changes nothing in any state.
         let ev = trace_of(vec![a, Event::PmemFlush, b]);
-        let e = enumerate(&ev, 0, 3, &model, &Base::default()).unwrap();
+        let e = on_zeros(&ev, 0, 3, &model);
         assert_eq!(e.unchanged_writes, 1);
         assert_eq!(e.states.len(), 2);
         // The same store repeated in full is dropped: it adds no image.
         let ev = trace_of(vec![a, a]);
-        let e = enumerate(&ev, 0, 2, &model, &Base::default()).unwrap();
+        let e = on_zeros(&ev, 0, 2, &model);
         assert_eq!(e.unchanged_writes, 1);
         assert_eq!(e.states.len(), 2);
     }

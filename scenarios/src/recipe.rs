@@ -117,7 +117,7 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
 /// Activates the image `n` times; returns the cache_info seq the last one wrote.
 fn activate_times(device: &Device, mode: Mode, path: &Path, n: u32) -> Result<u8, RecipeError> {
     let opts = Options {
-        mode: pcache_mode(mode),
+        mode,
         data_crc: false,
     };
     let mut dev = FilePmem::open(path).map_err(io(path))?;
@@ -141,14 +141,6 @@ fn activate_times(device: &Device, mode: Mode, path: &Path, n: u32) -> Result<u8
         seq = r.cache_info.map_or(0, |c| c.seq);
     }
     Ok(seq)
-}
-
-/// The module's mode for a scenario mode.
-pub fn pcache_mode(mode: Mode) -> pcache::Mode {
-    match mode {
-        Mode::Strict => pcache::Mode::Strict,
-        Mode::Recover => pcache::Mode::Recover,
-    }
 }
 
 #[cfg(test)]
@@ -219,7 +211,7 @@ mod tests {
     #[test]
     fn older_cache_has_its_seq_and_no_magic() {
         for mode in [Mode::Strict, Mode::Recover] {
-            let dir = tempdir(mode.as_str());
+            let dir = tempdir(&mode.to_string());
             let p = prepare(&device(Recipe::OlderCache { activations: 3 }), mode, &dir).unwrap();
             assert_eq!(
                 p.older_seq,
@@ -233,7 +225,7 @@ mod tests {
             // With its magic zeroed, the next activation formats it again.
             let mut dev = FilePmem::open(&p.pmem).unwrap();
             let opts = Options {
-                mode: pcache_mode(mode),
+                mode,
                 data_crc: false,
             };
             let r = activate(&mut dev, &opts, &mut NoHooks);

@@ -10,7 +10,7 @@ use crate::result::{
     write_atomic, AppliedWrite, DeviceModeRun, ObservedCounts, RunResult, StateResult,
     SCHEMA_VERSION,
 };
-use crate::spec::{Device, Expectation, Generator, Mode, Run, Scenario, StateOutcome, Window};
+use crate::spec::{Device, Expectation, Generator, Mode, Run, Scenario, Window};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use vmm::{SavedWindow, VmConfig};
 
 /// What the runner needs besides the scenario.
+#[derive(Debug)]
 pub struct RunnerConfig {
     /// The guest kernel (`target/guest/pcache-guest`).
     pub kernel: PathBuf,
@@ -44,6 +45,7 @@ pub trait Progress: Sync {
 }
 
 /// A progress sink that shows nothing.
+#[derive(Debug)]
 pub struct Quiet;
 
 impl Progress for Quiet {
@@ -64,21 +66,31 @@ pub enum RunnerError {
     #[error("{device}/{mode}: the workload run failed: {why}")]
     Workload {
         device: String,
-        mode: &'static str,
+        mode: Mode,
         why: String,
     },
+    #[error("{device}/{mode}: the workload run left no traced window")]
+    NoTrace { device: String, mode: Mode },
     #[error("{device}/{mode}: {why}")]
     Window {
         device: String,
-        mode: &'static str,
-        why: String,
+        mode: Mode,
+        why: WindowError,
     },
     #[error(transparent)]
     Enumerate(#[from] persistence::EnumerateError),
     #[error(transparent)]
     Generate(#[from] generate::GenerateError),
-    #[error("{0}")]
-    Unsupported(String),
+    /// The scenario names an image its generator does not make.
+    #[error("expect.per-image names `{name}`, which the generator does not make (it makes: {})", known.join(", "))]
+    UnknownImage { name: String, known: Vec<String> },
+    /// A bug of the harness (not of the state): it panicked while checking a state.
+    #[error("{label}: the harness panicked while checking state {state}: {why}")]
+    HarnessPanic {
+        label: String,
+        state: usize,
+        why: String,
+    },
     #[error("{path}: {error}")]
     Io {
         path: PathBuf,
@@ -96,7 +108,7 @@ pub struct SavedState {
     pub mode: Mode,
     /// The recovery command line the state was checked with.
     pub cmdline: String,
-    pub outcome: StateOutcome,
+    pub outcome: String,
     pub violations: Vec<String>,
     /// Whether the state was usable (absent in states saved before it was recorded).
     #[serde(default)]
@@ -151,9 +163,7 @@ pub fn run(
                 .expect
                 .iter()
                 .find(|e| e.device == device.name && e.mode == mode);
-            let dir = cfg
-                .work_dir
-                .join(format!("{}-{}", device.name, mode.as_str()));
+            let dir = cfg.work_dir.join(format!("{}-{}", device.name, mode));
             let prepared = recipe::prepare(device, mode, &dir)?;
             let job = Job {
                 name,
@@ -205,12 +215,34 @@ struct Job<'a> {
 
 impl Job<'_> {
     fn label(&self) -> String {
-        format!("{}/{}", self.device.name, self.mode.as_str())
+        format!("{}/{}", self.device.name, self.mode)
     }
 
     /// The guest command line of every recovery boot.
     fn recovery_line(&self) -> String {
         guest::cmdline(&self.scenario.recovery, self.mode, false)
+    }
+
+    /// The run of this device and mode, counted and checked against the
+    /// pinned counts; `t0` is when its recovery boots started.
+    fn finish(
+        &self,
+        model: serde_json::Value,
+        counts: ObservedCounts,
+        t0: Instant,
+        states: Vec<StateResult>,
+    ) -> DeviceModeRun {
+        let mut run = DeviceModeRun {
+            device: self.device.name.clone(),
+            mode: self.mode,
+            model,
+            counts,
+            recovery_seconds: t0.elapsed().as_secs_f64(),
+            states,
+            violations: vec![],
+        };
+        run.finish(self.expect);
+        run
     }
 
     /// Saves a violating state's images and what is needed to replay it.
@@ -241,7 +273,7 @@ impl Job<'_> {
             device: self.device.name.clone(),
             mode: self.mode,
             cmdline: self.recovery_line(),
-            outcome: st.outcome,
+            outcome: st.outcome.clone(),
             violations: st.violations.clone(),
             usable: Some(st.usable),
             failed: Some(st.failure.is_some()),
@@ -274,7 +306,7 @@ fn power_cut(
     } = *job;
     let fail = |why: String| RunnerError::Workload {
         device: device.name.clone(),
-        mode: mode.as_str(),
+        mode,
         why,
     };
 
@@ -297,11 +329,14 @@ fn power_cut(
         .windows
         .into_iter()
         .next()
-        .ok_or_else(|| fail("no traced window".into()))?;
+        .ok_or_else(|| RunnerError::NoTrace {
+            device: device.name.clone(),
+            mode,
+        })?;
     let saved = window_mem.save(&dir.join("window"))?;
     let (start, end) = cut_range(&saved.trace, window).map_err(|why| RunnerError::Window {
         device: device.name.clone(),
-        mode: mode.as_str(),
+        mode,
         why,
     })?;
     let base = WindowBase::new(&saved);
@@ -312,7 +347,7 @@ fn power_cut(
     let t0 = Instant::now();
     let states = parallel_states(&job.label(), e.states.len(), cfg.jobs, job.progress, |i| {
         let state = &e.states[i];
-        let id = format!("{}-{}-{:04}", device.name, mode.as_str(), i);
+        let id = format!("{}-{}-{:04}", device.name, mode, i);
         let images = build_images(&saved, state)?;
         let applied = applied(&saved.trace, &images.applied);
         let mut st = recover(
@@ -336,34 +371,24 @@ fn power_cut(
         }
         Ok(st)
     })?;
-    let mut run = DeviceModeRun {
-        device: device.name.clone(),
-        mode,
-        model: serde_json::json!({
-            "model": model,
-            "window": window,
-            "cut-positions": [start, end],
-            "trace-events": saved.trace.len(),
-        }),
-        counts: ObservedCounts {
-            duplicates: e.duplicates,
-            unchanged_writes: e.unchanged_writes,
-            ..Default::default()
-        },
-        recovery_seconds: t0.elapsed().as_secs_f64(),
-        states,
-        violations: vec![],
+    let model = serde_json::json!({
+        "model": model,
+        "window": window,
+        "cut-positions": [start, end],
+        "trace-events": saved.trace.len(),
+    });
+    let counts = ObservedCounts {
+        duplicates: e.duplicates,
+        unchanged_writes: e.unchanged_writes,
+        ..Default::default()
     };
-    run.finish(expect);
-    Ok(run)
+    Ok(job.finish(model, counts, t0, states))
 }
 
 /// A scenario without a power cut: recovery on each generated variant of the
 /// device's image.
 fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError> {
     let Job {
-        device,
-        mode,
         expect,
         prepared,
         cfg,
@@ -376,13 +401,7 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
     let base = pcache::pmem::FilePmem::open_read_only(&prepared.pmem).map_err(io)?;
     let variants = generate::variants(generator, &base)?;
     if let Some(e) = expect {
-        let known: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
-        if let Some(missing) = e.per_image.keys().find(|k| !known.contains(&k.as_str())) {
-            return Err(RunnerError::Unsupported(format!(
-                "expect.per-image names `{missing}`, which the generator does not make (it makes: {})",
-                known.join(", ")
-            )));
-        }
+        check_image_names(e, &variants)?;
     }
     // Each variant runs on copy-on-write views of the prepared images.
     let open = |v: &generate::Variant| -> Result<vmm::CrashImages, RunnerError> {
@@ -435,17 +454,20 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
         }
         Ok(st)
     })?;
-    let mut run = DeviceModeRun {
-        device: device.name.clone(),
-        mode,
-        model: serde_json::json!({ "generator": generator }),
-        counts: ObservedCounts::default(),
-        recovery_seconds: t0.elapsed().as_secs_f64(),
-        states,
-        violations: vec![],
-    };
-    run.finish(expect);
-    Ok(run)
+    let model = serde_json::json!({ "generator": generator });
+    Ok(job.finish(model, ObservedCounts::default(), t0, states))
+}
+
+/// Every image `expect.per-image` names must be one the generator makes.
+fn check_image_names(e: &Expectation, variants: &[generate::Variant]) -> Result<(), RunnerError> {
+    let known: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+    match e.per_image.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(missing) => Err(RunnerError::UnknownImage {
+            name: missing.clone(),
+            known: known.iter().map(|k| k.to_string()).collect(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Runs `check(i)` for `0..n` on `jobs` threads; the first error stops the rest.
@@ -477,9 +499,11 @@ fn parallel_states(
                             .map(|s| s.to_string())
                             .or_else(|| p.downcast_ref::<String>().cloned())
                             .unwrap_or_else(|| "a panic".into());
-                        Err(RunnerError::Unsupported(format!(
-                            "{label}: the harness panicked while checking state {i}: {why}"
-                        )))
+                        Err(RunnerError::HarnessPanic {
+                            label: label.into(),
+                            state: i,
+                            why,
+                        })
                     });
                 match checked {
                     Ok(st) => results.lock().unwrap()[i] = Some(st),
@@ -531,7 +555,13 @@ fn recover(
         interrupts: false,
     };
     let out = vmm::run(vm)?;
-    let rec = Recovery::from_run(&out);
+    Ok(state_result(id, &Recovery::from_run(&out), older_seq))
+}
+
+/// What a recovery boot made of a state (before its expectation is checked).
+/// A boot that did not finish cleanly is recorded in `failure` and is a
+/// violation whatever the expectation.
+fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult {
     let first = rec.starts.first();
     let mut st = StateResult {
         id: id.into(),
@@ -542,8 +572,8 @@ fn recover(
         refusal: first.and_then(|s| s.refusal_kind().map(str::to_string)),
         usable: rec.usable(),
         older_cache_back: rec.older_cache_back(older_seq),
-        failure: rec.failure.clone(),
         reports: rec.steps.clone(),
+        failure: rec.failure.clone(),
         verdict: Default::default(),
         violations: vec![],
         saved: None,
@@ -552,7 +582,7 @@ fn recover(
         st.violations
             .push(format!("recovery did not finish cleanly: {f}"));
     }
-    Ok(st)
+    st
 }
 
 /// The applied writes as the result file lists them.
@@ -624,8 +654,19 @@ pub fn replay_saved(
     Ok((meta, rec))
 }
 
+/// Why a window does not fit a trace.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("window ends at {to}, after the trace's {len} events")]
+    PastTrace { to: usize, len: usize },
+    #[error("marker {0} is not in the trace")]
+    MissingMarker(String),
+    #[error("marker {to} is not in the trace after {from}")]
+    MissingMarkerAfter { to: String, from: String },
+}
+
 /// The cut positions `(start, end)` a window allows in a trace.
-pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), String> {
+pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), WindowError> {
     let find = |id: u32, from: usize| {
         trace.events()[from..]
             .iter()
@@ -636,23 +677,19 @@ pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), Strin
         Window::Everything => Ok((0, trace.len())),
         Window::TracePositions { from, to } => {
             if *to > trace.len() {
-                return Err(format!(
-                    "window ends at {to}, after the trace's {} events",
-                    trace.len()
-                ));
+                return Err(WindowError::PastTrace {
+                    to: *to,
+                    len: trace.len(),
+                });
             }
             Ok((*from, *to))
         }
         Window::BetweenMarkers { from, to } => {
             let name = |m: &crate::spec::MarkerName| String::from(m.clone());
-            let a = find(from.0, 0)
-                .ok_or_else(|| format!("marker {} is not in the trace", name(from)))?;
-            let b = find(to.0, a).ok_or_else(|| {
-                format!(
-                    "marker {} is not in the trace after {}",
-                    name(to),
-                    name(from)
-                )
+            let a = find(from.0, 0).ok_or_else(|| WindowError::MissingMarker(name(from)))?;
+            let b = find(to.0, a).ok_or_else(|| WindowError::MissingMarkerAfter {
+                to: name(to),
+                from: name(from),
             })?;
             // From before the first marker's sequence to after the last one's.
             Ok((a, b + 1))
@@ -739,7 +776,7 @@ mod tests {
     fn a_replay_differs_in_outcome_usability_or_failure() {
         let rec = |outcome: &str, second: Option<&str>, failure: Option<&str>| {
             let report = |o: &str| crate::guest::StartReport {
-                outcome: serde_json::from_value(serde_json::json!(o)).unwrap(),
+                outcome: o.into(),
                 message: None,
                 cache_info: None,
                 refusal: None,
@@ -757,7 +794,7 @@ mod tests {
             device: "blank".into(),
             mode: Mode::Strict,
             cmdline: String::new(),
-            outcome: "formatted".parse().unwrap(),
+            outcome: "formatted".into(),
             violations: vec![],
             usable: Some(true),
             failed: Some(false),
@@ -790,6 +827,31 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_recovery_boot_is_a_field_and_a_violation() {
+        let rec = |failure: Option<&str>| Recovery {
+            steps: vec![],
+            starts: vec![],
+            errors: vec![],
+            failure: failure.map(Into::into),
+        };
+        let st = state_result("s", &rec(Some("run ended as `timeout`")), None);
+        assert_eq!(st.failure.as_deref(), Some("run ended as `timeout`"));
+        assert_eq!(st.outcome, "guest-failure");
+        assert_eq!(
+            st.violations,
+            ["recovery did not finish cleanly: run ended as `timeout`"]
+        );
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["failure"], "run ended as `timeout`");
+        let clean = state_result("s", &rec(None), None);
+        assert_eq!((clean.failure, clean.violations.len()), (None, 0));
+        assert_eq!(
+            serde_json::to_value(state_result("s", &rec(None), None)).unwrap()["failure"],
+            serde_json::Value::Null
+        );
+    }
+
+    #[test]
     fn a_harness_panic_in_one_state_is_an_error_not_a_crash() {
         let r = parallel_states("blank/strict", 6, 2, &Quiet, |i| {
             if i == 3 {
@@ -799,22 +861,54 @@ mod tests {
                 id: format!("s{i}"),
                 cut: None,
                 applied: vec![],
-                outcome: "formatted".parse().unwrap(),
+                outcome: "formatted".into(),
                 reason: None,
                 refusal: None,
                 usable: true,
                 older_cache_back: false,
-                failure: None,
                 reports: vec![],
+                failure: None,
                 verdict: Default::default(),
                 violations: vec![],
                 saved: None,
             })
         });
-        let err = r.unwrap_err().to_string();
+        let err = r.unwrap_err();
         assert!(
-            err.contains("blank/strict: the harness panicked while checking state 3: boom at 3"),
-            "{err}"
+            matches!(&err, RunnerError::HarnessPanic { state: 3, why, .. } if why == "boom at 3"),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "blank/strict: the harness panicked while checking state 3: boom at 3"
+        );
+    }
+
+    #[test]
+    fn an_image_the_generator_does_not_make_is_named() {
+        let variant = |name: &str| generate::Variant {
+            name: name.into(),
+            patches: vec![],
+        };
+        let made = [variant("magic/new-crc"), variant("crc/stale-crc")];
+        let mut e = Expectation {
+            device: "d".into(),
+            mode: Mode::Strict,
+            allowed: vec![],
+            all_usable: false,
+            older_cache_never_back: false,
+            counts: None,
+            per_image: Default::default(),
+        };
+        let opened = crate::spec::ImageOutcome::try_from("opened".to_string()).unwrap();
+        e.per_image.insert("magic/new-crc".into(), opened.clone());
+        assert!(check_image_names(&e, &made).is_ok());
+        e.per_image.insert("magik/new-crc".into(), opened);
+        let err = check_image_names(&e, &made).unwrap_err();
+        assert!(matches!(&err, RunnerError::UnknownImage { name, .. } if name == "magik/new-crc"));
+        assert_eq!(
+            err.to_string(),
+            "expect.per-image names `magik/new-crc`, which the generator does not make (it makes: magic/new-crc, crc/stale-crc)"
         );
     }
 
@@ -859,10 +953,14 @@ mod tests {
             from: MarkerName(2),
             to: MarkerName(1),
         };
-        assert!(cut_range(&t, &missing)
-            .unwrap_err()
-            .contains("not in the trace after"));
+        assert_eq!(
+            cut_range(&t, &missing).unwrap_err().to_string(),
+            "marker 0x1 is not in the trace after 0x2"
+        );
         assert_eq!(cut_range(&t, &Window::Everything), Ok((0, 6)));
-        assert!(cut_range(&t, &Window::TracePositions { from: 0, to: 7 }).is_err());
+        assert_eq!(
+            cut_range(&t, &Window::TracePositions { from: 0, to: 7 }),
+            Err(WindowError::PastTrace { to: 7, len: 6 })
+        );
     }
 }

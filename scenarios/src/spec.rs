@@ -26,153 +26,9 @@ pub struct Scenario {
     pub expect: Vec<Expectation>,
 }
 
-/// pcache's recovery mode (pcache's own type: the names in files are its
-/// serde names, `strict` and `recover`).
-pub use pcache::Mode;
-
-/// The outcome of a crash state: what recovery's first `start` reported
-/// (pcache's own [`pcache::Outcome`]), or why there was no report.
-///
-/// Scenario files name outcomes in `allowed`, `counts.outcomes` and
-/// `per-image`; a name that is not one of these is refused when the file
-/// loads, with the list of valid names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum StateOutcome {
-    /// The activation's outcome.
-    Activation(pcache::Outcome),
-    /// The recovery boot failed before any `start` reported.
-    GuestFailure,
-    /// The boot ended cleanly without a `start` result.
-    NoStart,
-}
-
-impl StateOutcome {
-    /// Every outcome a state can have, in the order the names are listed.
-    pub const ALL: [StateOutcome; 7] = [
-        StateOutcome::Activation(pcache::Outcome::Formatted),
-        StateOutcome::Activation(pcache::Outcome::Opened),
-        StateOutcome::Activation(pcache::Outcome::FormatRedone),
-        StateOutcome::Activation(pcache::Outcome::SuperblockRebuilt),
-        StateOutcome::Activation(pcache::Outcome::Refused),
-        StateOutcome::GuestFailure,
-        StateOutcome::NoStart,
-    ];
-
-    /// Whether this is pcache's `refused`.
-    pub fn is_refused(self) -> bool {
-        self == StateOutcome::Activation(pcache::Outcome::Refused)
-    }
-}
-
-impl StateOutcome {
-    /// The outcome's name, as in scenario and result files.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            StateOutcome::Activation(o) => o.as_str(),
-            StateOutcome::GuestFailure => "guest-failure",
-            StateOutcome::NoStart => "no-start",
-        }
-    }
-}
-
-impl std::fmt::Display for StateOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// An outcome name that is none of [`StateOutcome::ALL`].
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown outcome `{0}` (valid outcomes: {names})", names = StateOutcome::names())]
-pub struct UnknownOutcome(pub String);
-
-impl StateOutcome {
-    /// The valid names, comma-separated.
-    pub fn names() -> String {
-        StateOutcome::ALL.map(|o| o.to_string()).join(", ")
-    }
-}
-
-impl std::str::FromStr for StateOutcome {
-    type Err = UnknownOutcome;
-    fn from_str(s: &str) -> Result<Self, UnknownOutcome> {
-        StateOutcome::ALL
-            .into_iter()
-            .find(|o| o.as_str() == s)
-            .ok_or_else(|| UnknownOutcome(s.to_string()))
-    }
-}
-
-impl TryFrom<String> for StateOutcome {
-    type Error = UnknownOutcome;
-    fn try_from(s: String) -> Result<Self, UnknownOutcome> {
-        s.parse()
-    }
-}
-
-impl From<StateOutcome> for String {
-    fn from(o: StateOutcome) -> String {
-        o.to_string()
-    }
-}
-
-impl From<pcache::Outcome> for StateOutcome {
-    fn from(o: pcache::Outcome) -> Self {
-        StateOutcome::Activation(o)
-    }
-}
-
-impl PartialEq<str> for StateOutcome {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
-
-impl PartialEq<&str> for StateOutcome {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-/// What one image of an image-set scenario must give: an outcome, and for a
-/// refusal optionally its kind, written `refused:<kind>` (e.g. `refused:seg-num`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ImageExpectation {
-    pub outcome: StateOutcome,
-    /// The refusal's kind, as pcache's report names it.
-    pub refusal: Option<String>,
-}
-
-impl TryFrom<String> for ImageExpectation {
-    type Error = UnknownOutcome;
-    fn try_from(s: String) -> Result<Self, UnknownOutcome> {
-        let (outcome, refusal) = match s.split_once(':') {
-            Some((o, kind)) => (o, Some(kind.to_string())),
-            None => (s.as_str(), None),
-        };
-        Ok(ImageExpectation {
-            outcome: outcome.parse()?,
-            refusal,
-        })
-    }
-}
-
-impl From<ImageExpectation> for String {
-    fn from(e: ImageExpectation) -> String {
-        e.to_string()
-    }
-}
-
-impl std::fmt::Display for ImageExpectation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.refusal {
-            Some(kind) => write!(f, "{}:{kind}", self.outcome),
-            None => self.outcome.fmt(f),
-        }
-    }
-}
+/// pcache's recovery mode and an activation's outcome: the engine's own types
+/// (same kebab-case names), so a misspelled name fails when the file loads.
+pub use pcache::{Mode, Outcome};
 
 /// A pair of devices: the cache (pmem) and the backing disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,7 +148,7 @@ pub struct Expectation {
     pub mode: Mode,
     /// Outcomes a state may have (empty: any).
     #[serde(default)]
-    pub allowed: Vec<StateOutcome>,
+    pub allowed: Vec<Outcome>,
     /// Every state must be usable (recovery's `start` not refused, and a
     /// `stop;start` in the same boot reports `opened`).
     #[serde(default)]
@@ -306,7 +162,76 @@ pub struct Expectation {
     /// Image-set scenarios: the one outcome expected of each image, by image name
     /// (a refusal may be pinned with its reason as `refused: <reason words>`).
     #[serde(default)]
-    pub per_image: BTreeMap<String, ImageExpectation>,
+    pub per_image: BTreeMap<String, ImageOutcome>,
+}
+
+/// The outcome pinned for one image: `opened`, or `refused:<refusal kind>`
+/// (the kind as the activation report names it, e.g. `refused:seg-num`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageOutcome {
+    pub outcome: Outcome,
+    /// The refusal's kind; only with [`Outcome::Refused`].
+    pub refusal: Option<String>,
+}
+
+impl TryFrom<String> for ImageOutcome {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let (name, refusal) = match s.split_once(':') {
+            Some((n, k)) => (n, Some(k.trim())),
+            None => (s.as_str(), None),
+        };
+        let outcome = outcome_named(name.trim())?;
+        match refusal {
+            Some("") => Err(format!("`{s}`: empty refusal kind after `:`")),
+            Some(_) if outcome != Outcome::Refused => Err(format!(
+                "`{s}`: only `refused` takes a refusal kind after `:`"
+            )),
+            _ => Ok(ImageOutcome {
+                outcome,
+                refusal: refusal.map(str::to_string),
+            }),
+        }
+    }
+}
+
+impl From<ImageOutcome> for String {
+    fn from(o: ImageOutcome) -> String {
+        match o.refusal {
+            Some(kind) => format!("{}:{kind}", o.outcome),
+            None => o.outcome.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ImageOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from(self.clone()))
+    }
+}
+
+/// Every outcome, in pcache's order (for error messages).
+pub const OUTCOMES: [Outcome; 5] = [
+    Outcome::Formatted,
+    Outcome::Opened,
+    Outcome::FormatRedone,
+    Outcome::SuperblockRebuilt,
+    Outcome::Refused,
+];
+
+/// The outcome called `name`, or an error listing the valid names.
+pub fn outcome_named(name: &str) -> Result<Outcome, String> {
+    OUTCOMES
+        .into_iter()
+        .find(|o| o.to_string() == name)
+        .ok_or_else(|| {
+            let names: Vec<String> = OUTCOMES.iter().map(|o| format!("`{o}`")).collect();
+            format!(
+                "unknown outcome `{name}`, expected one of {}",
+                names.join(", ")
+            )
+        })
 }
 
 /// Pinned counts of a device and mode.
@@ -316,7 +241,7 @@ pub struct Counts {
     /// Distinct crash states.
     pub states: usize,
     /// States per outcome; outcomes not listed must not occur.
-    pub outcomes: BTreeMap<StateOutcome, usize>,
+    pub outcomes: BTreeMap<Outcome, usize>,
     /// States that are not usable.
     #[serde(default)]
     pub unusable: usize,
@@ -325,25 +250,27 @@ pub struct Counts {
     pub older_cache_back: usize,
 }
 
-/// A size such as `512M`, `1G`, `1GiB`, `4096` (bytes); K, M, G and T are
-/// powers of 1024. The one size syntax of the project: scenario files and the
-/// `cargo xtask` flags both parse with [`Size::parse`].
+/// A size such as `512M`, `1G`, `1GiB`, `4096` (bytes); K/M/G/T are powers
+/// of 1024. The one size syntax of the project (`cargo xtask format --size`
+/// parses with it too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Size(pub u64);
 
-/// Why a size did not parse.
+/// Why a size does not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
     #[error("invalid size `{0}`: expected a number with an optional K, M, G or T suffix (e.g. 512M, 1G)")]
-    NotANumber(String),
-    #[error("invalid size `{0}`: unknown suffix `{1}` (use K, M, G or T)")]
-    Suffix(String, String),
+    NoNumber(String),
+    #[error("invalid size `{text}`: unknown suffix `{suffix}` (use K, M, G or T)")]
+    UnknownSuffix { text: String, suffix: String },
     #[error("size `{0}` is too large")]
     TooLarge(String),
 }
 
 impl Size {
+    /// Parses a size: digits, then optionally (case-insensitive, spaces
+    /// allowed before it) `B`, or `K`/`M`/`G`/`T` alone or followed by `B` or `iB`.
     pub fn parse(s: &str) -> Result<Size, SizeError> {
         let t = s.trim();
         let lower = t.to_ascii_lowercase();
@@ -352,7 +279,7 @@ impl Size {
             .unwrap_or(lower.len());
         let (num, suffix) = lower.split_at(digits_end);
         if num.is_empty() {
-            return Err(SizeError::NotANumber(t.to_string()));
+            return Err(SizeError::NoNumber(s.into()));
         }
         let shift = match suffix.trim() {
             "" | "b" => 0,
@@ -360,13 +287,19 @@ impl Size {
             "m" | "mb" | "mib" => 20,
             "g" | "gb" | "gib" => 30,
             "t" | "tb" | "tib" => 40,
-            other => return Err(SizeError::Suffix(t.to_string(), other.to_string())),
+            other => {
+                return Err(SizeError::UnknownSuffix {
+                    text: s.into(),
+                    suffix: other.into(),
+                })
+            }
         };
+        // Only digits: parsing fails on overflow alone.
         num.parse::<u64>()
             .ok()
             .and_then(|n| n.checked_mul(1u64 << shift))
             .map(Size)
-            .ok_or_else(|| SizeError::TooLarge(t.to_string()))
+            .ok_or_else(|| SizeError::TooLarge(s.into()))
     }
 }
 
@@ -408,6 +341,20 @@ pub enum SpecError {
 
 /// Smallest cache device pcache accepts.
 pub const PMEM_MIN: u64 = 512 << 20;
+
+/// Most activations a recipe may ask for. Each one runs on the host before the
+/// scenario starts, and cache_info's seq is 8 bits: beyond 255 it wraps, and an
+/// older cache's seqs could equal a fresh format's.
+pub const ACTIVATIONS_MAX: u32 = 255;
+
+/// Most random subsets a `subsets` model may draw per epoch: the same order as
+/// every subset of [`crate::persistence::ALL_SUBSETS_MAX`] writes (4096), so
+/// that a run stays finite (each state is one VM boot).
+pub const SAMPLE_MAX: usize = 4096;
+
+/// Largest pmem or disk image a scenario may ask for (the images are sparse
+/// files, but the VM maps the pmem image whole).
+pub const DEVICE_SIZE_MAX: u64 = 64 << 30;
 
 impl Scenario {
     /// Reads and checks a scenario file.
@@ -465,6 +412,18 @@ impl Scenario {
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, d) in self.devices.iter().enumerate() {
+            // Names become folder and file names of the run's work and results.
+            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if d.name.is_empty()
+                || d.name.len() > 64
+                || d.name.starts_with('.')
+                || !d.name.chars().all(plain)
+            {
+                return Err(format!(
+                    "devices[{i}].name: `{}` must be 1 to 64 letters, digits, `-`, `_` or `.`, not starting with `.`",
+                    d.name
+                ));
+            }
             if !names.insert(d.name.as_str()) {
                 return Err(format!("devices[{i}]: duplicate device name `{}`", d.name));
             }
@@ -473,6 +432,15 @@ impl Scenario {
                     "devices[{i}].pmem-size: {} bytes is below pcache's minimum of 512M",
                     d.pmem_size.0
                 ));
+            }
+            for (what, size) in [("pmem-size", d.pmem_size), ("disk-size", d.disk_size)] {
+                if size.0 > DEVICE_SIZE_MAX {
+                    return Err(format!(
+                        "devices[{i}].{what}: {} is above the maximum of {}",
+                        String::from(size),
+                        String::from(Size(DEVICE_SIZE_MAX))
+                    ));
+                }
             }
             if d.disk_size.0 == 0 || d.disk_size.0 % 512 != 0 {
                 return Err(format!(
@@ -490,6 +458,17 @@ impl Scenario {
                 Recipe::OlderCache { activations } if activations < 3 => {
                     return Err(format!(
                         "devices[{i}].recipe.older-cache.activations: must be at least 3 (got {activations}), so that its cache_info seqs differ from a fresh format's"
+                    ));
+                }
+                Recipe::Formatted { activations } | Recipe::OlderCache { activations }
+                    if activations > ACTIVATIONS_MAX =>
+                {
+                    let kind = match d.recipe {
+                        Recipe::Formatted { .. } => "formatted",
+                        _ => "older-cache",
+                    };
+                    return Err(format!(
+                        "devices[{i}].recipe.{kind}.activations: {activations} is above the maximum of {ACTIVATIONS_MAX}"
                     ));
                 }
                 _ => {}
@@ -543,9 +522,25 @@ impl Scenario {
                 ));
             }
         }
+        if let Run::PowerCut {
+            model: Model::Subsets { sample, .. },
+            ..
+        } = &self.run
+        {
+            if *sample > SAMPLE_MAX {
+                return Err(format!(
+                    "run.power-cut.model.subsets.sample: {sample} is above the maximum of {SAMPLE_MAX}"
+                ));
+            }
+        }
+        if let Run::PowerCut { workload, .. } = &self.run {
+            crate::guest::check_steps(workload)
+                .map_err(|e| format!("run.power-cut.workload: {e}"))?;
+        }
         if self.recovery.trim().is_empty() {
             return Err("`recovery` is empty".into());
         }
+        crate::guest::check_steps(&self.recovery).map_err(|e| format!("recovery: {e}"))?;
         Ok(())
     }
 }
@@ -594,6 +589,12 @@ mod tests {
         Scenario::parse(Path::new("x.json"), text)
     }
 
+    /// The error of MINIMAL with `from` replaced by `to` (which must occur).
+    fn error_with(from: &str, to: &str) -> String {
+        assert!(MINIMAL.contains(from), "`{from}` is not in MINIMAL");
+        parse(&MINIMAL.replace(from, to)).unwrap_err().to_string()
+    }
+
     #[test]
     fn a_minimal_scenario_parses() {
         let s = parse(MINIMAL).unwrap();
@@ -612,76 +613,21 @@ mod tests {
     }
 
     #[test]
-    fn a_misspelled_outcome_is_refused_at_load_with_the_valid_names() {
-        let valid = "formatted, opened, format-redone, superblock-rebuilt, refused, guest-failure, no-start";
-        for (text, path) in [
-            (
-                MINIMAL.replace("\"refused\": 3", "\"refuse\": 3"),
-                "expect[0].counts.outcomes",
-            ),
-            (
-                MINIMAL.replace(
-                    "\"counts\": {",
-                    "\"allowed\": [\"opened\", \"formated\"], \"counts\": {",
-                ),
-                "expect[0].allowed[1]",
-            ),
-        ] {
-            let err = parse(&text).unwrap_err().to_string();
-            assert!(err.starts_with(&format!("x.json: at `{path}")), "{err}");
-            assert!(err.contains(valid), "{err}");
-        }
-        let image_set = MINIMAL
-            .replace(
-                r#"{"power-cut": {"workload": "start",
-                "window": {"between-markers": {"from": "C1-begin", "to": "C2-end"}},
-                "model": {"subsets": {"sample": 64, "seed": 1}}}}"#,
-                r#"{"images": {"generator": "corrupt-sb"}}"#,
-            )
-            .replace(
-                "\"counts\": {",
-                "\"per-image\": {\"magic/new-crc\": \"refusd:not-pcache\"}, \"counts\": {",
-            );
-        let err = parse(&image_set).unwrap_err().to_string();
-        assert!(err.contains("expect[0].per-image"), "{err}");
-        assert!(err.contains("unknown outcome `refusd`"), "{err}");
-        assert!(err.contains(valid), "{err}");
-        // The same names load, and round-trip as they were written.
-        let ok = parse(&MINIMAL.replace(
-            "\"counts\": {",
-            "\"allowed\": [\"guest-failure\", \"superblock-rebuilt\"], \"counts\": {",
-        ))
-        .unwrap();
-        assert_eq!(
-            ok.expect[0].allowed,
-            [
-                StateOutcome::GuestFailure,
-                pcache::Outcome::SuperblockRebuilt.into()
-            ]
-        );
-    }
-
-    #[test]
     fn unknown_fields_are_rejected_with_their_path() {
-        let text = MINIMAL.replace("\"pmem-size\"", "\"colour\": 1, \"pmem-size\"");
-        let err = parse(&text).unwrap_err().to_string();
+        let err = error_with("\"pmem-size\"", "\"colour\": 1, \"pmem-size\"");
         assert!(err.starts_with("x.json: at `devices[0]"), "{err}");
         assert!(err.contains("colour"), "{err}");
     }
 
     #[test]
     fn bad_values_name_the_path() {
-        let err = parse(&MINIMAL.replace("C1-begin", "C13-begin"))
-            .unwrap_err()
-            .to_string();
+        let err = error_with("C1-begin", "C13-begin");
         assert!(
             err.contains("run.power-cut.window.between-markers.from"),
             "{err}"
         );
         assert!(err.contains("C13-begin"), "{err}");
-        let err = parse(&MINIMAL.replace("\"64M\"", "\"64Q\""))
-            .unwrap_err()
-            .to_string();
+        let err = error_with("\"64M\"", "\"64Q\"");
         assert!(
             err.contains("devices[0].disk-size") && err.contains("64Q"),
             "{err}"
@@ -690,30 +636,122 @@ mod tests {
 
     #[test]
     fn inconsistent_scenarios_are_refused() {
-        let small = MINIMAL.replace("\"512M\"", "\"256M\"");
-        assert!(parse(&small)
-            .unwrap_err()
-            .to_string()
-            .contains("minimum of 512M"));
-        let bad_sum = MINIMAL.replace("\"formatted\": 5", "\"formatted\": 4");
-        assert!(parse(&bad_sum)
-            .unwrap_err()
-            .to_string()
-            .contains("add up to 7"));
-        let bad_dev = MINIMAL.replace("{\"device\": \"blank\"", "{\"device\": \"nope\"");
-        assert!(parse(&bad_dev)
-            .unwrap_err()
-            .to_string()
-            .contains("no device named `nope`"));
+        assert!(error_with("\"512M\"", "\"256M\"").contains("minimum of 512M"));
+        assert!(error_with("\"formatted\": 5", "\"formatted\": 4").contains("add up to 7"));
+        assert!(
+            error_with("{\"device\": \"blank\"", "{\"device\": \"nope\"")
+                .contains("no device named `nope`")
+        );
+    }
+
+    #[test]
+    fn a_misspelled_outcome_is_refused_at_load_with_the_valid_names() {
+        let names = "`formatted`, `opened`, `format-redone`, `superblock-rebuilt`, `refused`";
+        // In `allowed`.
+        let err = error_with(
+            "\"mode\": \"strict\",\n",
+            "\"mode\": \"strict\", \"allowed\": [\"formatted\", \"opend\"],\n",
+        );
+        assert!(
+            err.starts_with("x.json: at `expect[0].allowed[1]`"),
+            "{err}"
+        );
+        assert!(err.contains("`opend`") && err.contains(names), "{err}");
+        // As a pinned count.
+        let err = error_with("\"formatted\": 5", "\"formated\": 5");
+        assert!(
+            err.starts_with("x.json: at `expect[0].counts.outcomes"),
+            "{err}"
+        );
+        assert!(err.contains("`formated`") && err.contains(names), "{err}");
+        // As an image's expected outcome (with or without a refusal kind).
+        for bad in ["refuzed:seg-num", "openned"] {
+            let err = ImageOutcome::try_from(bad.to_string()).unwrap_err();
+            assert!(err.contains(names), "{err}");
+        }
+        let ok = ImageOutcome::try_from("refused:seg-num".to_string()).unwrap();
+        assert_eq!(
+            (ok.outcome, ok.refusal.as_deref()),
+            (Outcome::Refused, Some("seg-num"))
+        );
+        assert_eq!(ok.to_string(), "refused:seg-num");
+        assert!(ImageOutcome::try_from("opened:seg-num".to_string()).is_err());
+        assert!(ImageOutcome::try_from("refused:".to_string()).is_err());
+    }
+
+    #[test]
+    fn numbers_that_would_keep_a_run_going_are_bounded() {
+        let err = error_with(
+            "\"recipe\": \"blank\"",
+            "\"recipe\": {\"formatted\": {\"activations\": 4294967295}}",
+        );
+        assert!(
+            err.contains(
+                "devices[0].recipe.formatted.activations: 4294967295 is above the maximum of 255"
+            ),
+            "{err}"
+        );
+        let older = |n: u32| {
+            MINIMAL.replace(
+                "\"recipe\": \"blank\"",
+                &format!("\"recipe\": {{\"older-cache\": {{\"activations\": {n}}}}}"),
+            )
+        };
+        let err = parse(&older(256)).unwrap_err().to_string();
+        assert!(
+            err.contains("recipe.older-cache.activations: 256 is above the maximum of 255"),
+            "{err}"
+        );
+        assert!(parse(&older(255)).is_ok());
+        let err = error_with("\"sample\": 64", "\"sample\": 1000000");
+        assert!(
+            err.contains(
+                "run.power-cut.model.subsets.sample: 1000000 is above the maximum of 4096"
+            ),
+            "{err}"
+        );
+        let err = error_with("\"64M\"", "\"65G\"");
+        assert!(
+            err.contains("devices[0].disk-size: 65G is above the maximum of 64G"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn device_names_are_plain_file_names() {
+        for bad in ["", "../up", "a/b", ".hidden", "sp ace"] {
+            let err = error_with("\"name\": \"blank\"", &format!("\"name\": \"{bad}\""));
+            assert!(err.contains("devices[0].name:"), "{bad}: {err}");
+        }
+        let long = "n".repeat(65);
+        assert!(
+            error_with("\"name\": \"blank\"", &format!("\"name\": \"{long}\"")).contains("1 to 64")
+        );
+    }
+
+    #[test]
+    fn unknown_steps_fail_at_load() {
+        let err = error_with("start;stop;start", "start;stpo;start");
+        assert!(
+            err.starts_with("x.json: recovery: step 2 `stpo`: unknown step (the steps are: start"),
+            "{err}"
+        );
+        let err = error_with(
+            "\"workload\": \"start\"",
+            "\"workload\": \"start:mode=fast\"",
+        );
+        assert!(
+            err.starts_with("x.json: run.power-cut.workload: step 1 `start:mode=fast`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_second_expectation_for_a_device_and_mode_is_refused() {
-        let twice = MINIMAL.replace(
+        let err = error_with(
             "\"expect\": [{",
             "\"expect\": [{\"device\": \"blank\", \"mode\": \"strict\"}, {",
         );
-        let err = parse(&twice).unwrap_err().to_string();
         assert!(
             err.contains("expect[1]: a second expectation for device `blank` in mode `strict`"),
             "{err}"
@@ -722,21 +760,19 @@ mod tests {
 
     #[test]
     fn per_image_expectations_need_an_image_set() {
-        let text = MINIMAL.replace(
+        let err = error_with(
             "\"counts\": {",
             "\"per-image\": {\"magic/new-crc\": \"opened\"}, \"counts\": {",
         );
-        let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("expect[0].per-image"), "{err}");
     }
 
     #[test]
     fn a_reversed_trace_window_names_its_path() {
-        let text = MINIMAL.replace(
+        let err = error_with(
             "{\"between-markers\": {\"from\": \"C1-begin\", \"to\": \"C2-end\"}}",
             "{\"trace-positions\": {\"from\": 9, \"to\": 3}}",
         );
-        let err = parse(&text).unwrap_err().to_string();
         assert!(
             err.contains("run.power-cut.window.trace-positions: `from` 9 is after `to` 3"),
             "{err}"
@@ -782,18 +818,35 @@ mod tests {
     #[test]
     fn sizes_parse_and_print() {
         assert_eq!(Size::parse("512M"), Ok(Size(512 << 20)));
+        assert_eq!(Size::parse("1G"), Ok(Size(1 << 30)));
         assert_eq!(Size::parse("1GiB"), Ok(Size(1 << 30)));
         assert_eq!(Size::parse("2t"), Ok(Size(2 << 40)));
         assert_eq!(Size::parse(" 64k "), Ok(Size(64 << 10)));
-        assert_eq!(Size::parse("536870912"), Ok(Size(536_870_912)));
-        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999"] {
-            assert!(Size::parse(bad).is_err(), "{bad}");
-        }
-        assert!(matches!(Size::parse("12X"), Err(SizeError::Suffix(..))));
-        assert_eq!(Size::parse("1G"), Ok(Size(1 << 30)));
         assert_eq!(Size::parse("4096"), Ok(Size(4096)));
-        assert!(Size::parse("").is_err());
-        assert!(Size::parse("99999999999999G").is_err());
+        assert_eq!(Size::parse("4096b"), Ok(Size(4096)));
+        for bad in ["", "M", "-1G"] {
+            assert_eq!(
+                Size::parse(bad),
+                Err(SizeError::NoNumber(bad.into())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Size::parse("12X").unwrap_err().to_string(),
+            "invalid size `12X`: unknown suffix `x` (use K, M, G or T)"
+        );
+        assert!(matches!(
+            Size::parse("1.5G"),
+            Err(SizeError::UnknownSuffix { .. })
+        ));
+        for big in ["99999999999999999999T", "99999999999999999999", "16777216T"] {
+            assert_eq!(
+                Size::parse(big),
+                Err(SizeError::TooLarge(big.into())),
+                "{big}"
+            );
+        }
+        assert_eq!(Size::parse("16777215T"), Ok(Size(16_777_215 << 40)));
         assert_eq!(String::from(Size(1 << 30)), "1G");
         assert_eq!(String::from(Size(1000)), "1000");
     }

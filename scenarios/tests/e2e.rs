@@ -45,13 +45,22 @@ fn run(tag: &str, name: &str, scenario: &Scenario) -> (RunResult, PathBuf) {
     (r, tmp)
 }
 
+/// The states of the first run that violate their expectation.
+fn violating(r: &RunResult) -> Vec<&scenarios::result::StateResult> {
+    r.runs[0]
+        .states
+        .iter()
+        .filter(|s| !s.violations.is_empty())
+        .collect()
+}
+
 fn violations(r: &RunResult) -> Vec<String> {
     let mut v = Vec::new();
     for run in &r.runs {
         v.extend(
             run.violations
                 .iter()
-                .map(|x| format!("{}/{}: {x}", run.device, run.mode.as_str())),
+                .map(|x| format!("{}/{}: {x}", run.device, run.mode)),
         );
         for s in &run.states {
             v.extend(s.violations.iter().map(|x| format!("{}: {x}", s.id)));
@@ -75,7 +84,7 @@ fn crash_mid_sb_write_holds_its_expectations() {
             assert!(s.cut.is_some() && !s.reports.is_empty(), "{}", s.id);
         }
         if run.device == "blank" {
-            assert_eq!(run.counts.states, 8, "{}", run.mode.as_str());
+            assert_eq!(run.counts.states, 8, "{}", run.mode);
         }
         if run.device == "older-cache" && run.mode == Mode::Recover {
             assert!(run.states.iter().all(|s| s.usable && !s.older_cache_back));
@@ -104,15 +113,11 @@ fn a_violating_state_is_saved_and_replays_with_the_same_outcome() {
     s.expect.retain(|e| e.mode == Mode::Recover);
     s.expect[0].per_image.insert(
         "padding/new-crc".into(),
-        "refused:not-what-happens".to_string().try_into().unwrap(),
+        scenarios::spec::ImageOutcome::try_from("refused:not-what-happens".to_string()).unwrap(),
     );
     let (r, tmp) = run("replay", "corrupt-sb", &s);
     assert!(!r.passed);
-    let bad: Vec<_> = r.runs[0]
-        .states
-        .iter()
-        .filter(|s| !s.violations.is_empty())
-        .collect();
+    let bad = violating(&r);
     assert_eq!(bad.len(), 1, "{:#?}", violations(&r));
     assert_eq!(bad[0].id, "padding/new-crc");
     let dir = PathBuf::from(bad[0].saved.as_ref().expect("a violating state is saved"));
@@ -179,15 +184,11 @@ fn a_violating_crash_state_is_saved_with_its_crash_image_and_replays() {
     s.modes = vec![Mode::Strict];
     s.expect
         .retain(|e| e.device == "blank" && e.mode == Mode::Strict);
-    s.expect[0].allowed = vec!["formatted".parse().unwrap()];
+    s.expect[0].allowed = vec![scenarios::spec::Outcome::Formatted];
     s.expect[0].counts = None;
     let (r, tmp) = run("replay-cut", "crash-mid-sb-write", &s);
     assert!(!r.passed);
-    let bad: Vec<_> = r.runs[0]
-        .states
-        .iter()
-        .filter(|s| !s.violations.is_empty())
-        .collect();
+    let bad = violating(&r);
     assert_eq!(bad.len(), 3, "{:#?}", violations(&r));
     for st in bad {
         assert_eq!(st.outcome, "refused");

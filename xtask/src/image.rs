@@ -65,8 +65,8 @@ pub struct InspectArgs {
     pub max_segments: usize,
 }
 
-/// Parses `512M`, `1G`, `1GiB`, `536870912`, ... (binary multiples), with
-/// the scenario files' parser ([`scenarios::spec::Size::parse`]).
+/// Parses `512M`, `1G`, `1GiB`, `536870912`, ... (binary multiples): the
+/// scenario files' size syntax, one parser for both.
 pub fn parse_size(s: &str) -> Result<u64> {
     Ok(scenarios::spec::Size::parse(s)?.0)
 }

@@ -63,3 +63,39 @@ fn main() -> Result<()> {
         Command::Interop(args) => interop::interop(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("cargo xtask").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn numeric_flags_are_bounded() {
+        let err = parse(&["scenario", "--all", "--state-timeout", "0"])
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("--state-timeout") && err.contains("1..=3600"),
+            "{err}"
+        );
+        assert!(parse(&["scenario", "--all", "--state-timeout", "3601"]).is_err());
+        assert!(parse(&["scenario", "--all", "--state-timeout", "1"]).is_ok());
+        let err = parse(&["scenario", "--all", "--jobs", "0"]).err().unwrap();
+        assert!(err.contains("--jobs") && err.contains("1..=256"), "{err}");
+        assert!(parse(&["scenario", "--all", "--jobs", "257"]).is_err());
+        let Command::Scenario(a) = parse(&["scenario", "--all", "--jobs", "2"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a scenario command");
+        };
+        assert_eq!((a.jobs, a.state_timeout), (Some(2), 10));
+        let err = parse(&["bench", "--runs", "0"]).err().unwrap();
+        assert!(err.contains("--runs") && err.contains("3..=1000"), "{err}");
+        assert!(parse(&["bench", "--runs", "1001"]).is_err());
+    }
+}

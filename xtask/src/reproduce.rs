@@ -56,11 +56,7 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
         })?;
         println!(
             "state {} of scenario {} ({} / {}): recorded outcome `{}`",
-            meta.state,
-            meta.scenario,
-            meta.device,
-            meta.mode.as_str(),
-            meta.outcome
+            meta.state, meta.scenario, meta.device, meta.mode, meta.outcome
         );
         for v in &meta.violations {
             println!("  recorded violation: {v}");

@@ -3,6 +3,7 @@
 use crate::guest;
 use crate::util::workspace_root;
 use anyhow::{bail, Context, Result};
+use clap::builder::RangedU64ValueParser;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use scenarios::result::{write_atomic, RunResult};
@@ -26,13 +27,21 @@ pub struct ScenarioArgs {
     /// Also write JUnit XML to this file.
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
-    /// Recovery boots run at once (default: the number of CPUs).
-    #[arg(long)]
+    /// Recovery boots run at once (default: the number of CPUs; at most 256,
+    /// each is a VM with its own memory).
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=JOBS_MAX))]
     pub jobs: Option<usize>,
-    /// Time budget of one recovery boot, in seconds.
-    #[arg(long, default_value_t = 10)]
+    /// Time budget of one recovery boot, in seconds (1 to 3600: with 0 every
+    /// state would time out).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=STATE_TIMEOUT_MAX))]
     pub state_timeout: u64,
 }
+
+/// Most recovery boots at once.
+const JOBS_MAX: u64 = 256;
+/// Longest time budget of one recovery boot, in seconds (an hour: a state
+/// that needs more is a hang).
+const STATE_TIMEOUT_MAX: u64 = 3600;
 
 fn scenarios_dir() -> PathBuf {
     workspace_root().join("scenarios")
@@ -200,7 +209,8 @@ fn print_table(r: &RunResult) {
         println!(
             "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10} {:>9.0}",
             run.device,
-            run.mode.as_str(),
+            // pcache's Display ignores widths: pad the text.
+            run.mode.to_string(),
             run.counts.states,
             outcomes.join(", "),
             run.counts.unusable,
@@ -212,7 +222,7 @@ fn print_table(r: &RunResult) {
         }
         // What the scenario allows but a reader must see (in strict mode: the
         // kernel's own behaviour), listed rather than hidden.
-        let prefix = format!("{}-{}-", run.device, run.mode.as_str());
+        let prefix = format!("{}-{}-", run.device, run.mode);
         let listed = |what: &str, pick: &dyn Fn(&scenarios::result::StateResult) -> bool| {
             let ids: Vec<&str> = run
                 .states
@@ -258,7 +268,7 @@ fn junit(results: &[RunResult], errors: &[RunError]) -> Result<String> {
     for r in results {
         let mut suite = TestSuite::new(r.scenario.as_str());
         for run in &r.runs {
-            let class = format!("{}.{}", run.device, run.mode.as_str());
+            let class = format!("{}.{}", run.device, run.mode);
             if !run.violations.is_empty() {
                 let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
                 status.set_message(run.violations.join("; "));
