@@ -1,4 +1,4 @@
-//! Cache start (kernel `cache.c`, `cache_segment.c`; `pcache-format.md` §5.4):
+//! Cache start (kernel `cache.c`, `cache_segment.c`; `docs/format.md` §8.3):
 //! cache_info selection, the segment chain (formatted for a new cache, walked
 //! for an existing one), the tails, the key-set log check and the activation's
 //! cache_info write.
@@ -27,7 +27,7 @@ use crate::pmem::{Pmem, PmemError};
 use crate::report::{ActivationReport, Mode, Options, Refusal, SlotSeq, Tail, TailReport};
 use crate::segment::{format_segment, link_segment, read_seg_gen, read_seg_info, SegInfo, Segment};
 
-/// `struct pcache_cache_info`, 24 bytes, slots at dev+8192 and dev+12288 (§3.3).
+/// `struct pcache_cache_info`, 24 bytes, slots at dev+8192 and dev+12288 (`docs/format.md` §5.3).
 #[derive(
     Clone,
     Copy,
@@ -91,7 +91,7 @@ impl CacheInfo {
 }
 
 /// `struct pcache_cache_pos_onmedia`, 16 bytes: a log position (key_tail,
-/// dirty_tail), slots 16 bytes apart in cache_ctrl (§3.4).
+/// dirty_tail), slots 16 bytes apart in cache_ctrl (`docs/format.md` §5.4).
 #[derive(
     Clone,
     Copy,
@@ -252,7 +252,7 @@ pub fn read_tail<P: Pmem + ?Sized>(
     read_slots(pmem, tail_base(tail), CACHE_POS_STRIDE)
 }
 
-/// Why the segment chain of a cache_info cannot be followed (§5.4; checks no
+/// Why the segment chain of a cache_info cannot be followed (`docs/format.md` §8.3; checks no
 /// kernel has beyond n_segs and the range: cycles and duplicates).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -367,7 +367,7 @@ pub struct ChainWalk {
 }
 
 /// Follows the chain of `n_segs` segments from physical segment `seg_id` on a
-/// device of `seg_num` segments, reading each segment's info (§5.4): the one
+/// device of `seg_num` segments, reading each segment's info (`docs/format.md` §8.3): the one
 /// place where the chain rule lives, for activation and the inspector alike.
 /// n_segs is checked first (0 or above seg_num: nothing is read); then each
 /// segment must be in range, not already in the chain, and hold a valid
@@ -650,7 +650,7 @@ fn write_cache_info<P: Pmem + ?Sized, H: Hooks + ?Sized>(
 }
 
 /// The first activation of a new cache (no valid cache_info with INIT_DONE),
-/// in the kernel's order (§5.14): for every segment, link the previous one
+/// in the kernel's order (`docs/format.md` §10.2): for every segment, link the previous one
 /// (C6) and format it (C3); dirty_tail then key_tail (C5); cache_info with
 /// INIT_DONE (C4).
 ///

@@ -1,5 +1,5 @@
-//! The cache-device layer (kernel `cache_dev.c`): the superblock (§3.2, §5.2,
-//! §5.3) and the physical-segment allocation bitmap.
+//! The cache-device layer (kernel `cache_dev.c`): the superblock (`docs/format.md` §5.2, §8.1,
+//! `docs/format.md` §8.2) and the physical-segment allocation bitmap.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -14,7 +14,7 @@ use crate::format::{
 use crate::hooks::{CrashPoint, Hooks};
 use crate::pmem::{write_words, Pmem, PmemError};
 
-/// `struct pcache_sb`, 24 bytes at dev+4096 (§3.2).
+/// `struct pcache_sb`, 24 bytes at dev+4096 (`docs/format.md` §5.2).
 #[derive(
     Clone,
     Copy,
@@ -89,7 +89,7 @@ pub fn max_seg_num(dev_size: u64) -> u32 {
 }
 
 /// The superblock as an activation finds it, in the order the kernel checks it
-/// (§5.3): magic, CRC, byte order, `seg_num` bounds (version H).
+/// (`docs/format.md` §8.2): magic, CRC, byte order, `seg_num` bounds (version H).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum SbState {

@@ -1,5 +1,5 @@
 //! The key-set log (kernel `cache_key.c`): walking the records from a position
-//! (§3.8, §5.6), with every header and key validated before it is used.
+//! (`docs/format.md` §5.8, §9.2), with every header and key validated before it is used.
 //!
 //! Part 1 walks the log only to decide whether it is empty and to validate it;
 //! replay into an index is part 2.
@@ -17,10 +17,10 @@ use crate::format::{
 use crate::pmem::{Pmem, PmemError};
 
 // ---------------------------------------------------------------------------
-// On-media records: the key (§3.7) and the key-set (§3.8)
+// On-media records: the key (`docs/format.md` §5.7) and the key-set (§5.8)
 // ---------------------------------------------------------------------------
 
-/// `struct pcache_cache_key_onmedia`, 40 bytes (§3.7).
+/// `struct pcache_cache_key_onmedia`, 40 bytes (`docs/format.md` §5.7).
 #[derive(
     Clone,
     Copy,
@@ -67,7 +67,7 @@ const _: () = assert!(core::mem::size_of::<KeyOnMedia>() == KEY_SIZE);
 
 impl KeyOnMedia {
     /// Checks every value a reader would use as an index or a length, against a
-    /// chain of `n_segs` segments (§3.7; bounds no kernel version checks).
+    /// chain of `n_segs` segments (`docs/format.md` §5.7; bounds no kernel version checks).
     pub fn validate(&self, n_segs: u32) -> Result<(), KeyError> {
         let (off, len, flags) = (self.off.get(), self.len.get(), self.flags.get());
         let (cache_seg_id, cache_seg_off) = (self.cache_seg_id.get(), self.cache_seg_off.get());
@@ -152,7 +152,7 @@ pub enum KeyError {
 
 // ---------------------------------------------------------------------------
 
-/// `struct pcache_cache_kset_onmedia` header, 24 bytes (§3.8). Its CRC covers
+/// `struct pcache_cache_kset_onmedia` header, 24 bytes (`docs/format.md` §5.8). Its CRC covers
 /// bytes 4.. of the header and the keys that follow it.
 #[derive(
     Clone,
@@ -425,7 +425,7 @@ pub fn decode_kset(buf: &[u8], n_segs: u32) -> Result<Kset, KsetError> {
 }
 
 // ---------------------------------------------------------------------------
-// The log walk (§5.6)
+// The log walk (`docs/format.md` §9.2)
 // ---------------------------------------------------------------------------
 
 /// A position in the cache: cache segment id and offset in its data area.

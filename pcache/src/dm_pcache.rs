@@ -213,7 +213,7 @@ fn start_cache<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     }
 }
 
-/// The format of §5.2 (device of `size` bytes, superblock `found` as read,
+/// The format of `docs/format.md` §8.1 (device of `size` bytes, superblock `found` as read,
 /// magic 0 or an interrupted format): validate the `seg_num` the device size
 /// gives, zero the metadata (C1), write the superblock (C2, fenced). Strict:
 /// C1 unfenced (ordered only by C2's fence), padding kept as read. Recover: C1

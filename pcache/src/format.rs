@@ -1,13 +1,13 @@
 //! What every on-media record of dm-pcache shares: the layout constants, the
 //! CRC, the meta header and one encode/decode/CRC mechanism ([`Record`],
-//! [`DualRecord`]) (`pcache-format.md` §1–§4). Each record is declared next to
+//! [`DualRecord`]) (`docs/format.md` §3–§6). Each record is declared next to
 //! its concept, as in the kernel: the superblock in [`crate::cache_dev`],
 //! segment info and generation in [`crate::segment`], the key and key-set in
 //! [`crate::cache_key`], cache_info and the tails in [`crate::cache`].
 //!
 //! Records are `#[repr(C)]` structs of explicitly little-endian fields
 //! (`zerocopy`; the kernel stores host order, a compatible implementation
-//! writes little-endian, §0), so any bytes decode to *some* record without
+//! writes little-endian, `docs/format.md` §2), so any bytes decode to *some* record without
 //! `unsafe`; whether a record is valid is a separate question answered by its
 //! CRC and, for values used as indices or lengths, by the bounds checks of the
 //! modules that use them.
@@ -18,7 +18,7 @@ use zerocopy::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 // ---------------------------------------------------------------------------
-// §1 Layout constants
+// `docs/format.md` §3 Layout constants
 // ---------------------------------------------------------------------------
 
 /// 1 KiB.
@@ -127,7 +127,7 @@ pub const KEY_F_CLEAN: u32 = 1 << 1;
 /// kset.flags bit 0: the record links to the next log segment.
 pub const KSET_F_LAST: u64 = 1 << 0;
 
-/// Number of whole segments a device of `dev_size` bytes holds (§1 "seg_num at
+/// Number of whole segments a device of `dev_size` bytes holds (`docs/format.md` §3 "seg_num at
 /// format"); 0 for a device too small to hold one.
 pub const fn seg_num_for_size(dev_size: u64) -> u64 {
     if dev_size < SEGMENTS_OFF {
@@ -163,7 +163,7 @@ pub const fn cache_info_slot_off(slot: usize) -> u64 {
 }
 
 // ---------------------------------------------------------------------------
-// §4 CRC
+// `docs/format.md` §6 CRC
 // ---------------------------------------------------------------------------
 
 const fn crc32c_table() -> [u32; 256] {
@@ -203,7 +203,7 @@ pub fn pcache_crc(data: &[u8]) -> u32 {
     crc32c_raw(CRC_SEED, data)
 }
 
-/// Splits an 8-aligned record into the little-endian words it is written as (§8).
+/// Splits an 8-aligned record into the little-endian words it is written as (`docs/format.md` §10).
 pub fn words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
     debug_assert!(bytes.len() % 8 == 0);
     bytes.chunks_exact(8).map(|c| {
@@ -227,7 +227,7 @@ pub(crate) fn le<T: Copy + Into<u64>, S: serde::Serializer>(
 // ---------------------------------------------------------------------------
 
 /// A fixed-size on-media record whose first four bytes are a CRC over the rest
-/// (§4): the superblock and every dual-copy record. Decoding is zerocopy's
+/// (`docs/format.md` §6): the superblock and every dual-copy record. Decoding is zerocopy's
 /// (`read_from_bytes`, `new_zeroed` + `as_mut_bytes`), encoding is
 /// `as_bytes` after [`Record::sealed`].
 pub trait Record: FromBytes + IntoBytes + KnownLayout + Immutable + Unaligned + Copy {
@@ -263,7 +263,7 @@ pub trait Record: FromBytes + IntoBytes + KnownLayout + Immutable + Unaligned + 
     }
 }
 
-/// A record stored in two slots and selected by CRC and sequence (§5.1); it
+/// A record stored in two slots and selected by CRC and sequence (`docs/format.md` §7); it
 /// starts with a [`MetaHeader`].
 pub trait DualRecord: Record {
     /// The header.
@@ -299,7 +299,7 @@ macro_rules! meta_record {
 pub(crate) use meta_record;
 
 // ---------------------------------------------------------------------------
-// §3.1 meta header
+// `docs/format.md` §5.1 meta header
 // ---------------------------------------------------------------------------
 
 /// The 8-byte header of cache_info, cache_pos, seg_info and seg_gen

@@ -1,5 +1,5 @@
 //! Markers at the boundaries of the persistent write sequences of
-//! `pcache-format.md` §8.
+//! `docs/format.md` §10.
 //!
 //! The module calls [`Hooks::begin`] before the first store of a sequence and
 //! [`Hooks::end`] after its last store (and its fence, when the sequence has
@@ -12,7 +12,7 @@
 
 use serde::Serialize;
 
-/// A persistent write sequence of §8 (`C1`..`C12`).
+/// A persistent write sequence of `docs/format.md` §10 (`C1`..`C12`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CrashPoint {

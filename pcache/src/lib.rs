@@ -1,6 +1,6 @@
 //! A Rust implementation of Linux's dm-pcache, the persistent-memory write-back
 //! cache target, byte-compatible with the kernel's on-media format (M2/H of
-//! `pcache-format.md`).
+//! `docs/format.md`).
 //!
 //! Part 1 (this crate so far): what every on-media record shares
 //! ([`mod@format`]; each record is declared next to its concept, all

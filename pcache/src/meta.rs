@@ -1,4 +1,4 @@
-//! Dual-copy metadata (`pcache-format.md` §5.1): selection of the latest copy
+//! Dual-copy metadata (`docs/format.md` §7): selection of the latest copy
 //! and the update policies.
 //!
 //! cache_info, key_tail, dirty_tail, seg_info and seg_gen are each stored in two
@@ -11,7 +11,7 @@
 //! - [`Policy::B`] (kernel, every version, for key_tail and dirty_tail): write,
 //!   then advance. After a load the slot is the latest copy's, so the first
 //!   update after an activation overwrites the *newest* copy in place; a torn
-//!   write there falls back two steps (§5.15). A fresh record goes to slot 0.
+//!   write there falls back two steps (`docs/format.md` §10.4). A fresh record goes to slot 0.
 //! - [`Policy::BSafe`] (recover mode, tails): write, then advance, as B, but
 //!   after a load the slot is the one *after* the latest copy, so no update ever
 //!   overwrites the newest valid copy, while a fresh record still goes to slot 0

@@ -1,6 +1,6 @@
 //! Persistent memory: the [`Pmem`] trait and its implementations.
 //!
-//! The model is x86-64 persistent memory (`pcache-format.md` §8): data reaches
+//! The model is x86-64 persistent memory (`docs/format.md` §10): data reaches
 //! the device through 8-byte aligned stores ([`Pmem::store_u64`], the unit of
 //! power-fail atomicity) and ordinary zeroing ([`Pmem::zero_range`]); nothing is
 //! durable until it has been flushed ([`Pmem::flush`]) and a fence

@@ -1,6 +1,6 @@
 //! Segments (kernel `segment.c` and the segment part of `cache_segment.c`):
-//! per-segment info and generation records (§3.5, §3.6), each a dual copy, and
-//! the formatting of a segment (§5.4 step 2, §8 C3).
+//! per-segment info and generation records (`docs/format.md` §5.5, §5.6), each a dual copy, and
+//! the formatting of a segment (`docs/format.md` §8.3 step 2, §10 C3).
 
 use serde::Serialize;
 use zerocopy::little_endian::{U32, U64};
@@ -16,7 +16,7 @@ use crate::meta::{read_slots, write_dual, DualCopy, Policy, Slots};
 use crate::pmem::{write_words, Pmem, PmemError};
 
 /// `struct pcache_segment_info`, 16 bytes, slots at segment+0 and segment+4096
-/// (§3.5).
+/// (`docs/format.md` §5.5).
 #[derive(
     Clone,
     Copy,
@@ -58,7 +58,7 @@ impl SegInfo {
 }
 
 /// `struct pcache_cache_seg_gen`, 16 bytes, slots at segment+8192 and
-/// segment+8208 (§3.6).
+/// segment+8208 (`docs/format.md` §5.6).
 #[derive(
     Clone,
     Copy,

@@ -1,4 +1,4 @@
-//! First activation (byte-exact against §3.10), later activations, write order.
+//! First activation (byte-exact against `docs/format.md` §5.10), later activations, write order.
 
 mod common;
 
@@ -18,7 +18,7 @@ fn first_activation_matches_kernel_image_512m_and_1g() {
                 let want = expected_fresh_image(size, data_crc);
                 assert!(
                     dev.same_bytes(&want),
-                    "image differs from §3.10 ({size} bytes, {mode:?}, data_crc {data_crc})"
+                    "image differs from `docs/format.md` §5.10 ({size} bytes, {mode:?}, data_crc {data_crc})"
                 );
                 // The report.
                 assert_eq!(r.seg_num, Some(seg_num));
@@ -44,7 +44,7 @@ fn first_activation_matches_kernel_image_512m_and_1g() {
 
 #[test]
 fn first_activation_records_are_the_documented_bytes() {
-    // The literal vectors of §4.4 at the places §3.10 names (512 MiB).
+    // The literal vectors of `docs/format.md` §6.3 at the places §5.10 names (512 MiB).
     let dev = formatted(SIZE_512M, Mode::Recover);
     assert_eq!(
         read_vec(&dev, 4096, 24),
@@ -175,7 +175,7 @@ fn data_crc_option_must_match() {
     assert!(dev.same_bytes(&before));
 }
 
-/// The order of §5.14 / §8, with the crash-point markers.
+/// The order of `docs/format.md` §10.2 / §10, with the crash-point markers.
 #[test]
 fn write_order_and_markers() {
     use CrashPoint::*;
@@ -298,7 +298,7 @@ fn file_and_mmap_pmem_give_the_same_image() {
     let _ = std::fs::remove_dir(&dir);
 }
 
-/// The write order of §5.14, checked beyond offsets: on a blank device and on
+/// The write order of `docs/format.md` §10.2, checked beyond offsets: on a blank device and on
 /// one that held an older cache (magic wiped), 512 MiB and 1 GiB, every store
 /// writes the word the finished image holds (each word is stored once, so no
 /// intermediate value is ever written), every flush covers exactly the

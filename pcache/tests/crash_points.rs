@@ -1,8 +1,8 @@
-//! Crash-point tests of the first activation (§8 C1..C7), with the recording
+//! Crash-point tests of the first activation (`docs/format.md` §10 C1..C7), with the recording
 //! double, in both modes, on a blank device and on a device that held an older
 //! cache whose superblock magic was zeroed to ask for a re-format.
 //!
-//! Crash states: the persistence model of §8 — everything before the last
+//! Crash states: the persistence model of `docs/format.md` §10 — everything before the last
 //! fence is durable, and any subset of the writes issued since may be. At every
 //! fence (and at the end) every subset of the pending writes is a state. That
 //! covers what the issue asks for:
@@ -394,7 +394,7 @@ fn older_cache_wiped_whole_superblock() {
     }
 }
 
-/// C1 is 1536 unfenced words in strict mode (§8): any subset can persist
+/// C1 is 1536 unfenced words in strict mode (`docs/format.md` §10): any subset can persist
 /// before the superblock's fence. The states above take C1 as a whole; here,
 /// on the older-cache device, the superblock persisted complete and C1 only
 /// partly, by 4 KiB region (cache_info slot 0, slot 1, cache_ctrl).

@@ -258,7 +258,7 @@ pub const MARKER_RING3_ENTERED: u32 = 0x8000_0003;
 /// Marker ids with this bit set are control markers, not trace events.
 pub const MARKER_CONTROL_BIT: u32 = 0x8000_0000;
 
-/// Marker ids for the persistent write sequences of `pcache-format.md` §8.
+/// Marker ids for the persistent write sequences of `docs/format.md` §10.
 /// A sequence `Cn` is bracketed by `crash_point_begin(n)` and `crash_point_end(n)`.
 pub mod markers {
     /// First id of the crash-point markers.

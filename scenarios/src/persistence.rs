@@ -12,7 +12,7 @@
 //! it stood when it was issued *and* no crash image can differ with or without
 //! it (see `Writes::new`), so dropping never loses a state.
 //!
-//! The models (`../shared/docs/pcache-format.md` §8 explains why they matter):
+//! The models (`docs/format.md` §10 explains why they matter):
 //! - [`Model::Prefix`]: the writes before the cut are durable, in order. One state
 //!   at the window's start and one after every write in the window (every
 //!   sector, for the disk: power may fail between the sectors of one write).

@@ -7,7 +7,7 @@ use pcache::{activate, NoHooks, Options, Outcome, Pmem};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// Byte offset of the superblock's magic (`pcache-format.md` §3.2: sb at 4096, magic at +8).
+/// Byte offset of the superblock's magic (`docs/format.md` §5.2: sb at 4096, magic at +8).
 const SB_MAGIC_OFF: u64 = 4096 + 8;
 
 /// The images of one device, ready for a run.

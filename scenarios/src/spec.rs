@@ -90,7 +90,7 @@ pub enum Window {
 }
 
 /// A marker named `C<n>-begin` or `C<n>-end` (the crash points of
-/// `pcache-format.md` §8, n = 1..=12), or a raw id `0x...`.
+/// `docs/format.md` §10, n = 1..=12), or a raw id `0x...`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct MarkerName(pub u32);

@@ -165,7 +165,7 @@ impl PmemRegion {
                 source,
             })?;
         // Sparse images: default readahead makes the first touch of a hole cost
-        // ~1.3 ms; random access brings it to ~5 µs (see kvm-notes). Advice
+        // ~1.3 ms; random access brings it to ~5 µs (see docs/platform.md). Advice
         // only: a failure changes speed, not behaviour.
         // SAFETY: advice on the whole of a mapping this value owns.
         unsafe { libc::madvise(map.as_ptr().cast(), size as usize, libc::MADV_RANDOM) };

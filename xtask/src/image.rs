@@ -3,7 +3,7 @@
 //!
 //! `format` creates a sparse image file and runs a first activation on it
 //! through the `pcache` crate, leaving exactly the image the kernel leaves
-//! (`pcache-format.md` §3.10). `inspect` opens an image read-only (it never
+//! (`docs/format.md` §5.10). `inspect` opens an image read-only (it never
 //! writes) and prints what `pcache::inspect` finds, or its JSON (schema in
 //! `pcache/README.md`).
 

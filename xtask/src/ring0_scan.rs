@@ -2,7 +2,7 @@
 //! lies between the symbols `__ring0_start` and `__ring0_end` (one linker
 //! section, see `guest-images/linker.ld`). PVM emulates CPL 0 and rejects some
 //! instructions there with `KVM_EXIT_INTERNAL_ERROR` (see
-//! `../shared/docs/kvm-notes.md`); this scan decodes that range and fails the
+//! `docs/platform.md`); this scan decodes that range and fails the
 //! guest build if it finds one, naming the instruction and its address.
 //!
 //! Rejected: anything undecodable; every VEX/EVEX/XOP/MVEX/3DNow! encoding

@@ -93,7 +93,7 @@ pub fn seg_gen_rec(seq: u8, gen: u64) -> Vec<u8> {
     .to_bytes()
 }
 
-/// The image §3.10 says a kernel (M2/H) leaves after the first activation of
+/// The image `docs/format.md` §5.10 says a kernel (M2/H) leaves after the first activation of
 /// a blank device, built independently of the activation code.
 pub fn expected_fresh_image(size: u64, data_crc: bool) -> SparsePmem {
     let seg_num = ((size - SEGMENTS_OFF) / SEG_SIZE) as u32;

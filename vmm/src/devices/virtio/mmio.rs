@@ -1,4 +1,4 @@
-//! The virtio-mmio transport, version 2 ("modern") only, virtio 1.x §4.2.2.
+//! The virtio-mmio transport, version 2 ("modern") only, virtio 1.x section 4.2.2.
 //!
 //! Register accesses below the configuration space must be 4 bytes wide and
 //! 4-byte aligned; others are ignored (reads return zeros). The device
