@@ -78,6 +78,13 @@ pub fn interop(args: InteropArgs) -> Result<()> {
     }
     println!("result: {}", out_dir.join("result.json").display());
     println!("findings: {}", out_dir.join("findings.md").display());
+    let all: Vec<_> = report.cases.iter().flat_map(|c| &c.comparisons).collect();
+    let agree = all.iter().filter(|c| c.agree).count();
+    let errors = report.cases.iter().filter(|c| c.error.is_some()).count();
+    println!(
+        "interop: {agree} passed, {} failed",
+        all.len() - agree + errors
+    );
     if !report.passed {
         let failed: Vec<&str> = report
             .cases
