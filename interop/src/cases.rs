@@ -90,6 +90,15 @@ pub struct CaseResult {
     pub passed: bool,
 }
 
+/// The options of every host-side activation here: strict mode, the
+/// kernel's default `data_crc false` unless a case says otherwise.
+fn strict(data_crc: bool) -> Options {
+    Options {
+        mode: Mode::Strict,
+        data_crc,
+    }
+}
+
 /// An image to ask the kernel about, with strict mode's prediction.
 struct Question {
     name: String,
@@ -103,14 +112,7 @@ struct Question {
 impl Question {
     fn new(name: String, about: String, input: SparsePmem, data_crc: bool) -> Self {
         let mut after = input.clone();
-        let strict = activate(
-            &mut after,
-            &Options {
-                mode: Mode::Strict,
-                data_crc,
-            },
-            &mut NoHooks,
-        );
+        let strict = activate(&mut after, &strict(data_crc), &mut NoHooks);
         Question {
             name,
             about,
@@ -236,14 +238,7 @@ pub fn first_activation(kernel: &Kernel, work: &Path) -> CaseResult {
 fn formatted_base() -> SparsePmem {
     let mut dev = SparsePmem::new(512 << 20);
     for _ in 0..2 {
-        activate(
-            &mut dev,
-            &Options {
-                mode: Mode::Strict,
-                data_crc: false,
-            },
-            &mut NoHooks,
-        );
+        activate(&mut dev, &strict(false), &mut NoHooks);
     }
     dev
 }
@@ -301,14 +296,7 @@ impl persist::Persistence for WordEvent {
 fn word_events(base: &SparsePmem, window: Option<(u32, u32)>) -> (SparsePmem, Vec<WordEvent>) {
     let mut rec = RecordingPmem::new(base.clone());
     let mut hooks = rec.hooks();
-    activate(
-        &mut rec,
-        &Options {
-            mode: Mode::Strict,
-            data_crc: false,
-        },
-        &mut hooks,
-    );
+    activate(&mut rec, &strict(false), &mut hooks);
     let events = rec.events();
     let (from, to) = match window {
         None => (0, events.len()),
@@ -423,14 +411,7 @@ pub fn power_cuts(kernel: &Kernel, work: &Path, scenarios_dir: &Path, sample: us
                     BTreeMap::new();
                 for (id, img) in crash_images(&start, &events, model) {
                     let mut after = img.clone();
-                    let r = activate(
-                        &mut after,
-                        &Options {
-                            mode: Mode::Strict,
-                            data_crc: false,
-                        },
-                        &mut NoHooks,
-                    );
+                    let r = activate(&mut after, &strict(false), &mut NoHooks);
                     let back = prepared.older_seq.is_some_and(|old| {
                         r.outcome == Outcome::Opened
                             && r.cache_info.is_some_and(|c| {
