@@ -29,6 +29,9 @@ pub struct BootImage {
     pub path: PathBuf,
     /// The target's `data_crc` option.
     pub data_crc: bool,
+    /// Shell commands run on the active target (its block device is `$DM`) before
+    /// its status is read: a workload that makes the kernel write its log.
+    pub workload: Option<String>,
 }
 
 /// `dmsetup status` of the target (the format document's device-mapper section).
@@ -87,6 +90,8 @@ pub struct KernelVerdict {
     pub messages: Vec<String>,
     /// The guest saw the image through to the end of its script.
     pub done: bool,
+    /// Whether the image's workload (if any) ended with status 0.
+    pub workload_ok: Option<bool>,
 }
 
 /// Why a boot did not give verdicts.
@@ -132,6 +137,11 @@ act() {
   dmesg -c > /dev/null
   if dmsetup create pc --table "0 $S pcache /dev/$dev /dev/vda 4 cache_mode writeback data_crc $3" 2>/tmp/err; then
     echo "@@ACTIVATED $2"
+    # The target's block device (devtmpfs names it; no udev for /dev/mapper).
+    DM=/dev/$(cd /sys/block && ls -d dm-* | head -n 1)
+    if [ -f "/tmp/work-$2.sh" ]; then
+      if [ -b "$DM" ]; then (. "/tmp/work-$2.sh"); echo "@@WORKLOAD $2 rc=$?"; else echo "@@WORKLOAD $2 rc=no-device"; fi
+    fi
     echo "@@STATUS $2 $(dmsetup status pc)"
     dmsetup remove pc 2>/tmp/err || echo "@@REMOVE-FAILED $2 $(tr '\n' ' ' < /tmp/err)"
   else
@@ -143,6 +153,13 @@ act() {
 "#,
     );
     for (i, img) in images.iter().enumerate() {
+        if let Some(w) = &img.workload {
+            s.push_str(&format!(
+                "cat > /tmp/work-{} <<'WORKLOAD'\n{w}\nWORKLOAD\n",
+                img.name
+            ));
+            s.push_str(&format!("mv /tmp/work-{0} /tmp/work-{0}.sh\n", img.name));
+        }
         s.push_str(&format!(
             "act {:02x} {} {}\n",
             FIRST_SLOT + i,
@@ -303,6 +320,7 @@ pub fn verdict(console: &str, name: &str) -> KernelVerdict {
             "STATUS" => v.status = DmStatus::parse(rest),
             "REFUSED" => v.error = Some(rest.to_string()),
             "KMSG" => v.messages.push(strip_timestamp(rest).to_string()),
+            "WORKLOAD" => v.workload_ok = Some(rest == "rc=0"),
             "DONE" => v.done = true,
             _ => {}
         }
@@ -378,14 +396,20 @@ mod tests {
                 name: "x".into(),
                 path: "/a".into(),
                 data_crc: false,
+                workload: None,
             },
             BootImage {
                 name: "y".into(),
                 path: "/b".into(),
                 data_crc: true,
+                workload: Some("sync".into()),
             },
         ];
         let s = script(&imgs);
-        assert!(s.contains("act 10 x false\nact 11 y true\n"), "{s}");
+        assert!(
+            s.contains("act 10 x false\ncat > /tmp/work-y <<'WORKLOAD'\nsync\nWORKLOAD\n"),
+            "{s}"
+        );
+        assert!(s.ends_with("act 11 y true\n"), "{s}");
     }
 }

@@ -24,6 +24,10 @@ pub struct InteropArgs {
     /// Also write a JUnit XML report here.
     #[arg(long)]
     pub junit: Option<PathBuf>,
+    /// Write the image kernel-writes leaves here, zstd-compressed (how
+    /// interop/fixtures/ is made).
+    #[arg(long)]
+    pub fixture: Option<PathBuf>,
 }
 
 pub fn interop(args: InteropArgs) -> Result<()> {
@@ -45,6 +49,7 @@ pub fn interop(args: InteropArgs) -> Result<()> {
         std::fs::create_dir_all(&work)?;
         let r = match name {
             "first-activation" => cases::first_activation(&kernel, &work),
+            "kernel-writes" => cases::kernel_writes(&kernel, &work, args.fixture.as_deref()),
             "hostile-images" => cases::hostile_images(&kernel, &work),
             "power-cuts" => cases::power_cuts(
                 &kernel,

@@ -116,7 +116,7 @@ fn section_references_name_sections_of_the_format_document() {
 fn markdown_links_resolve() {
     let mut bad = Vec::new();
     for (p, text) in all() {
-        if !p.extension().is_some_and(|x| x == "md") {
+        if p.extension().is_none_or(|x| x != "md") {
             continue;
         }
         let dir = p.parent().unwrap();
