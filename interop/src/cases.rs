@@ -402,7 +402,14 @@ fn formatted_base() -> SparsePmem {
 pub fn hostile_images(kernel: &Kernel, work: &Path) -> CaseResult {
     let run = || {
         let base = formatted_base();
-        let mut qs = Vec::new();
+        // Us → kernel: the module's own formatted, twice-activated image,
+        // which the kernel must open exactly as strict mode does.
+        let mut qs = vec![Question::new(
+            "us-to-kernel/formatted".into(),
+            "an image the module formatted and activated twice (the generators' base)".into(),
+            base.clone(),
+            false,
+        )];
         for (gen, label) in [
             (Generator::CorruptSb, "corrupt-sb"),
             (Generator::ForgedMetadata, "forged-metadata"),
