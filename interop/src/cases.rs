@@ -15,7 +15,7 @@ use scenarios::persistence::Model;
 use scenarios::spec::{Generator, Run, Scenario};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 /// The case names, in the order they run.
@@ -606,19 +606,6 @@ pub fn power_cuts(kernel: &Kernel, work: &Path, scenarios_dir: &Path, sample: us
         ask(kernel, qs, work, "power-cuts")
     };
     finish("power-cuts", run())
-}
-
-/// Where the cases keep their boots' consoles.
-pub fn boot_dirs(work: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(work)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("console.log").exists())
-        .collect();
-    v.sort();
-    v
 }
 
 #[cfg(test)]
