@@ -1,9 +1,11 @@
 //! The key-set log (kernel `cache_key.c`): walking the records from a position
 //! (`docs/format.md` §5.8, §9.2), with every header and key validated before it is used.
 //!
-//! Part 1 walks the log only to decide whether it is empty and to validate it;
-//! replay into an index is part 2.
+//! Activation (part 1) walks the log only to decide whether it is empty and to
+//! validate it. [`replay`] rebuilds the index of the keys in force from a log
+//! ([`KeyIndex`]); wiring it into activation is part 2's next step.
 
+use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
 use serde::Serialize;
@@ -662,6 +664,251 @@ pub fn record_keys(r: &LogRecord) -> &[KeyOnMedia] {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The index of keys in force, and replay (`docs/format.md` §9.2)
+// ---------------------------------------------------------------------------
+
+/// Logical bytes `[off, off + len)` are cached at `(cache_seg_id,
+/// cache_seg_off)` of the data area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Extent {
+    /// Logical byte offset.
+    pub off: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Cache segment holding the data.
+    pub cache_seg_id: u32,
+    /// Offset of the data in that segment's data area.
+    pub cache_seg_off: u32,
+    /// Generation of the segment the key was written under.
+    pub seg_gen: u64,
+    /// A miss-fill key (data equals the backing device's).
+    pub clean: bool,
+}
+
+impl Extent {
+    fn end(&self) -> u64 {
+        self.off + self.len as u64
+    }
+}
+
+/// The keys in force, by logical offset, never overlapping: an insert
+/// overrides what earlier extents held on its range, trimming or splitting
+/// them, as the kernel's index fixups do (a later key wins).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyIndex {
+    map: BTreeMap<u64, Extent>,
+}
+
+impl KeyIndex {
+    /// Inserts `e` over whatever the index held on its range.
+    pub fn insert(&mut self, e: Extent) {
+        let (start, end) = (e.off, e.end());
+        let mut overlapped: Vec<u64> = Vec::new();
+        if let Some((&k, x)) = self.map.range(..start).next_back() {
+            if x.end() > start {
+                overlapped.push(k);
+            }
+        }
+        overlapped.extend(self.map.range(start..end).map(|(&k, _)| k));
+        for k in overlapped {
+            let Some(x) = self.map.remove(&k) else {
+                continue;
+            };
+            if x.off < start {
+                self.map.insert(
+                    x.off,
+                    Extent {
+                        len: (start - x.off) as u32,
+                        ..x
+                    },
+                );
+            }
+            if x.end() > end {
+                let cut = (end - x.off) as u32;
+                self.map.insert(
+                    end,
+                    Extent {
+                        off: end,
+                        len: x.len - cut,
+                        cache_seg_off: x.cache_seg_off + cut,
+                        ..x
+                    },
+                );
+            }
+        }
+        self.map.insert(start, e);
+    }
+
+    /// The extent holding logical byte `off`, if one does.
+    pub fn lookup(&self, off: u64) -> Option<&Extent> {
+        self.map
+            .range(..=off)
+            .next_back()
+            .map(|(_, x)| x)
+            .filter(|x| x.end() > off)
+    }
+
+    /// The extents in logical order.
+    pub fn extents(&self) -> impl Iterator<Item = &Extent> + '_ {
+        self.map.values()
+    }
+
+    /// How many extents.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// What a replay rebuilt.
+#[derive(Clone, Debug)]
+pub struct Replayed {
+    /// The keys in force.
+    pub index: KeyIndex,
+    /// Where the next key-set goes: the first record that is not valid.
+    pub key_head: CachePos,
+    /// Per cache segment: keys referring to it (valid ones only, as Linux
+    /// 7.2.13's replay counts them).
+    pub refs: Vec<u32>,
+    /// Per cache segment: in use (a log segment walked, or data of a valid key).
+    pub used: Vec<bool>,
+    /// Counts of the walk.
+    pub log: LogSummary,
+    /// Keys dropped because their segment's generation moved on.
+    pub stale: u64,
+}
+
+/// Why a log cannot be replayed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ReplayError {
+    /// The walk stopped on something other than the ordinary end of a log.
+    #[error("at {}: {}", .end.pos, .end.stop)]
+    Log {
+        /// Where and why.
+        end: LogEnd,
+    },
+    /// A key's data does not match its CRC (data-CRC caches; checked before
+    /// the generation, as the kernel does).
+    #[error(
+        "key at {pos}, logical {off:#x}+{len}: data CRC {computed:#010x}, stored {stored:#010x}"
+    )]
+    DataCrc {
+        /// The key-set holding the key.
+        pos: CachePos,
+        /// Logical offset.
+        off: u64,
+        /// Length.
+        len: u32,
+        /// CRC of the data found.
+        computed: u32,
+        /// CRC the key carries.
+        stored: u32,
+    },
+    /// A read failed.
+    #[error("reading key data: {error}")]
+    Io {
+        /// The error.
+        error: PmemError,
+    },
+}
+
+/// Replays the log from `start` through the chain `chain` (cache segment ->
+/// physical segment), with `gens` the generation of each cache segment:
+/// every record validated as [`LogWalker`] does, every valid key inserted
+/// into the index in log order, keys whose generation is behind their
+/// segment's dropped (with no reference, as in 7.2.13). With `data_crc`,
+/// each key's data is checked first. Bounded by the log's validation: at
+/// most one pass over each segment's data area.
+pub fn replay<P: Pmem + ?Sized>(
+    pmem: &P,
+    chain: &[u32],
+    gens: &[u64],
+    start: CachePos,
+    data_crc: bool,
+) -> Result<Replayed, ReplayError> {
+    let n = chain.len();
+    let mut out = Replayed {
+        index: KeyIndex::default(),
+        key_head: start,
+        refs: vec![0; n],
+        used: vec![false; n],
+        log: LogSummary::default(),
+        stale: 0,
+    };
+    if let Some(u) = out.used.get_mut(start.cache_seg_id as usize) {
+        *u = true;
+    }
+    let mut error: Option<ReplayError> = None;
+    let mut data = Vec::new();
+    let log = walk_log(pmem, chain, start, |r| {
+        if error.is_some() {
+            return;
+        }
+        let keys = match &r.kset {
+            Kset::Last { next_cache_seg_id } => {
+                out.used[*next_cache_seg_id as usize] = true;
+                return;
+            }
+            Kset::Keys { keys } => keys,
+        };
+        for k in keys {
+            // The walker validated the key: its segment is in the chain and
+            // its data inside the data area.
+            let cseg = k.cache_seg_id.get() as usize;
+            let (off, len) = (k.off.get(), k.len.get());
+            if data_crc {
+                data.resize(len as usize, 0);
+                let at = data_pos(chain[cseg], k.cache_seg_off.get());
+                if let Err(e) = pmem.read(at, &mut data) {
+                    error = Some(ReplayError::Io { error: e });
+                    return;
+                }
+                let computed = pcache_crc(&data);
+                if computed != k.data_crc.get() {
+                    error = Some(ReplayError::DataCrc {
+                        pos: r.pos,
+                        off,
+                        len,
+                        computed,
+                        stored: k.data_crc.get(),
+                    });
+                    return;
+                }
+            }
+            if k.seg_gen.get() < gens.get(cseg).copied().unwrap_or(0) {
+                out.stale += 1;
+                continue;
+            }
+            out.used[cseg] = true;
+            out.refs[cseg] += 1;
+            out.index.insert(Extent {
+                off,
+                len,
+                cache_seg_id: cseg as u32,
+                cache_seg_off: k.cache_seg_off.get(),
+                seg_gen: k.seg_gen.get(),
+                clean: k.flags.get() & KEY_F_CLEAN != 0,
+            });
+        }
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    let end = log.end.clone().expect("a walk always ends");
+    if !end.stop.is_end_of_log() {
+        return Err(ReplayError::Log { end });
+    }
+    out.key_head = end.pos;
+    out.log = log;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -864,5 +1111,104 @@ mod tests {
             ..ok
         };
         assert!(huge.validate(4).is_err());
+    }
+
+    fn extent(off: u64, len: u32, seg: u32, seg_off: u32) -> Extent {
+        Extent {
+            off,
+            len,
+            cache_seg_id: seg,
+            cache_seg_off: seg_off,
+            seg_gen: 0,
+            clean: false,
+        }
+    }
+
+    #[test]
+    fn a_later_key_trims_splits_and_covers_earlier_ones() {
+        let mut ix = KeyIndex::default();
+        ix.insert(extent(0, 8192, 1, 0));
+        ix.insert(extent(16384, 4096, 1, 8192));
+        // Splits the first, covers nothing else.
+        ix.insert(extent(2048, 1024, 2, 0));
+        let got: Vec<(u64, u32, u32, u32)> = ix
+            .extents()
+            .map(|e| (e.off, e.len, e.cache_seg_id, e.cache_seg_off))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 2048, 1, 0),
+                (2048, 1024, 2, 0),
+                (3072, 5120, 1, 3072),
+                (16384, 4096, 1, 8192)
+            ]
+        );
+        // Covers the middle piece and the tail, trims the head and the last.
+        ix.insert(extent(1024, 16384, 3, 0));
+        let got: Vec<(u64, u32, u32, u32)> = ix
+            .extents()
+            .map(|e| (e.off, e.len, e.cache_seg_id, e.cache_seg_off))
+            .collect();
+        assert_eq!(
+            got,
+            [(0, 1024, 1, 0), (1024, 16384, 3, 0), (17408, 3072, 1, 9216)]
+        );
+        assert_eq!(ix.lookup(17407).unwrap().cache_seg_id, 3);
+        assert_eq!(ix.lookup(17408).unwrap().cache_seg_off, 9216);
+        assert_eq!(ix.lookup(20480), None);
+    }
+
+    #[test]
+    fn replay_keeps_the_later_key_and_drops_stale_generations() {
+        use crate::pmem::SparsePmem;
+        let mut dev = SparsePmem::new(512 << 20);
+        let key = |off: u64, len: u32, seg: u32, seg_off: u32, gen: u64| KeyOnMedia {
+            off: off.into(),
+            len: len.into(),
+            cache_seg_id: seg.into(),
+            cache_seg_off: seg_off.into(),
+            seg_gen: gen.into(),
+            ..Default::default()
+        };
+        let first = Kset::Keys {
+            keys: vec![key(0, 8192, 1, 0, 0), key(1 << 20, 4096, 2, 0, 0)],
+        }
+        .to_bytes();
+        let second = Kset::Keys {
+            keys: vec![key(4096, 4096, 1, 8192, 0)],
+        }
+        .to_bytes();
+        dev.write_bytes(data_pos(0, 0), &first).unwrap();
+        dev.write_bytes(data_pos(0, first.len() as u32), &second)
+            .unwrap();
+        let chain: Vec<u32> = (0..31).collect();
+        // Segment 2 was invalidated (generation 1): its key is stale.
+        let mut gens = vec![0u64; 31];
+        gens[2] = 1;
+        let r = replay(&dev, &chain, &gens, CachePos::default(), false).unwrap();
+        assert_eq!(r.key_head.seg_off as usize, first.len() + second.len());
+        assert_eq!((r.log.ksets, r.log.keys, r.stale), (2, 3, 1));
+        assert_eq!((r.refs[1], r.refs[2]), (2, 0));
+        assert!(r.used[0] && r.used[1] && !r.used[2]);
+        let got: Vec<(u64, u32, u32)> = r
+            .index
+            .extents()
+            .map(|e| (e.off, e.len, e.cache_seg_off))
+            .collect();
+        assert_eq!(got, [(0, 4096, 0), (4096, 4096, 8192)]);
+        // A data-CRC cache refuses a key whose data does not match.
+        let e = replay(&dev, &chain, &gens, CachePos::default(), true).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ReplayError::DataCrc {
+                    off: 0,
+                    len: 8192,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }
