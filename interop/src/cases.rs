@@ -337,10 +337,19 @@ pub fn kernel_writes(kernel: &Kernel, work: &Path, fixture: Option<&Path>) -> Ca
         };
         // dirty_tail moves with the kernel's writeback, which may persist
         // one more step after the status was read: compared as reported.
+        // Strict mode replays the kernel's log and opens the cache with the
+        // same key_head.
+        let mut copy = img.clone();
+        let ours = pcache::dm_pcache::start(&mut copy, &strict(false), &mut NoHooks);
+        let our_head = ours
+            .cache
+            .as_ref()
+            .map(|c| (c.key_head().cache_seg_id, c.key_head().seg_off));
         let agree = verdict.activated
             && verdict.workload_ok == Some(true)
             && cmp.ordinary_end
             && cmp.ksets > 0
+            && our_head == Some(head)
             && cmp
                 .kernel
                 .as_ref()
@@ -356,11 +365,7 @@ pub fn kernel_writes(kernel: &Kernel, work: &Path, fixture: Option<&Path>) -> Ca
                     "the kernel's log after 320 buffered writes, fsync, O_DIRECT overwrites across 4 MiB: {}",
                     serde_json::to_string(&cmp).unwrap_or_default()
                 ),
-                strict: StrictSide {
-                    outcome: Outcome::Refused,
-                    refusal: Some("replay-not-implemented".into()),
-                    message: Some("compared with the inspector, not an activation: replay is part 2".into()),
-                },
+                strict: StrictSide::of(&ours.report),
                 kernel: verdict,
                 first_difference: None,
                 agree,

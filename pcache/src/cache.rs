@@ -8,13 +8,14 @@
 //! is what lets superblock recovery try an open before it rewrites a
 //! superblock.
 
+use alloc::vec;
 use alloc::vec::Vec;
 use serde::Serialize;
 use zerocopy::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::cache_dev::SegBitmap;
-use crate::cache_key::{walk_log, CachePos, KsetError, LogStop, LogSummary};
+use crate::cache_key::{replay, walk_log, CachePos, KeyIndex, KsetError, LogStop, Replayed};
 use crate::format::{
     cache_info_slot_off, le, meta_record, DualRecord, MetaHeader, CACHE_INFO_F_DATA_CRC,
     CACHE_INFO_F_INIT_DONE, CACHE_INFO_GC_MASK, CACHE_INFO_GC_SHIFT, CACHE_INFO_MODE_MASK,
@@ -164,6 +165,12 @@ pub struct Cache {
     pub(crate) seg_map: SegBitmap,
     /// Physical segments allocated to the chain (the cache device's bitmap).
     pub(crate) dev_map: SegBitmap,
+    /// The keys in force (replayed at activation).
+    pub(crate) index: KeyIndex,
+    /// Where the next key-set goes.
+    pub(crate) key_head: CachePos,
+    /// Per cache segment: references held by keys (the kernel's refcounts).
+    pub(crate) refs: Vec<u32>,
 }
 
 impl Cache {
@@ -194,6 +201,18 @@ impl Cache {
     /// Number of cache segments marked in use.
     pub fn segs_used(&self) -> u32 {
         self.seg_map.count()
+    }
+    /// Where the next key-set goes (the end of the replayed log).
+    pub fn key_head(&self) -> CachePos {
+        self.key_head
+    }
+    /// The keys in force.
+    pub fn index(&self) -> &KeyIndex {
+        &self.index
+    }
+    /// References keys hold on cache segment `cseg`.
+    pub fn refs(&self, cseg: u32) -> u32 {
+        self.refs.get(cseg as usize).copied().unwrap_or(0)
     }
     /// Physical segment of cache segment `cseg`.
     pub fn pseg(&self, cseg: u32) -> Option<u32> {
@@ -444,6 +463,7 @@ pub(crate) struct Loaded {
     key_tail: TailState,
     dirty_tail: TailState,
     dev_map: SegBitmap,
+    replayed: Replayed,
 }
 
 /// Loads the tail `tail`: latest valid copy, bounds checked (version H).
@@ -545,31 +565,19 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
     let dirty_tail = load_tail(pmem, Tail::DirtyTail, n_segs, opts.mode)?;
     rep.dirty_tail = dirty_tail.report();
 
-    // The log from key_tail: every record is validated; a record no kernel
-    // writes is refused for what is wrong with it. Replay is part 2, so a log
-    // holding records is refused rather than opened as empty.
+    // Replay from key_tail: every record is validated (a record no kernel
+    // writes is refused for what is wrong with it), every valid key goes
+    // into the index in log order.
     let chain: Vec<u32> = segments.iter().map(|s| s.pseg).collect();
-    let log: LogSummary = walk_log(pmem, &chain, key_tail.pos, |_| {});
-    rep.log = Some(log.clone());
-    let end = log.end.clone().expect("a walk always ends");
+    let gens: Vec<u64> = segments.iter().map(|s| s.gen).collect();
+    let replayed = replay(pmem, &chain, &gens, key_tail.pos, info.data_crc())
+        .map_err(|error| Refusal::KeyData { error })?;
+    rep.log = Some(replayed.log.clone());
+    let end = replayed.end.clone();
     if !end.stop.is_end_of_log() && !ends_log_for_the_kernel(&end.stop, opts.mode) {
         return Err(Refusal::HostileLog { end });
     }
-    if log.ksets + log.lasts > 0 {
-        return Err(Refusal::ReplayNotImplemented {
-            ksets: log.ksets,
-            keys: log.keys,
-            lasts: log.lasts,
-        });
-    }
-    // An empty log: key_head = key_tail, and dirty_tail must lie between.
-    if dirty_tail.pos != key_tail.pos {
-        return Err(Refusal::DirtyTailOffLog {
-            key_tail: key_tail.pos,
-            dirty_tail: dirty_tail.pos,
-            log_end: end.pos,
-        });
-    }
+    check_dirty_tail(pmem, &chain, &key_tail, &dirty_tail, &replayed, opts.mode)?;
 
     Ok(Loaded {
         info,
@@ -578,16 +586,57 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
         key_tail,
         dirty_tail,
         dev_map,
+        replayed,
     })
+}
+
+/// Where dirty_tail may be. Recover mode: on the log just replayed, at a
+/// record's start or at its end (writeback never passes key_head, and never
+/// stops inside a record). Strict mode: Linux 7.2.13's check
+/// (`cache_verify_dirty_tail`, `docs/format.md` §8.4): the log walked from
+/// dirty_tail must end as a log ends, wherever dirty_tail is.
+fn check_dirty_tail<P: Pmem + ?Sized>(
+    pmem: &P,
+    chain: &[u32],
+    key_tail: &TailState,
+    dirty_tail: &TailState,
+    replayed: &Replayed,
+    mode: Mode,
+) -> Result<(), Refusal> {
+    let off_log = || Refusal::DirtyTailOffLog {
+        key_tail: key_tail.pos,
+        dirty_tail: dirty_tail.pos,
+        log_end: replayed.key_head,
+    };
+    match mode {
+        Mode::Recover => {
+            let on_log =
+                dirty_tail.pos == replayed.key_head || replayed.records.contains(&dirty_tail.pos);
+            if on_log {
+                Ok(())
+            } else {
+                Err(off_log())
+            }
+        }
+        Mode::Strict => {
+            let walk = walk_log(pmem, chain, dirty_tail.pos, |_| {});
+            let end = walk.end.expect("a walk always ends");
+            if end.stop.is_end_of_log() || ends_log_for_the_kernel(&end.stop, mode) {
+                Ok(())
+            } else {
+                Err(off_log())
+            }
+        }
+    }
 }
 
 /// Whether strict mode, like Linux 7.2.13's replay, takes `stop` as the end
 /// of the log although no kernel writes such a record: a normal key-set
 /// claiming more than 128 keys fails the kernel's validity test before its
 /// CRC is checked, and replay stops there (observed on 7.2.13 media). Recover
-/// mode refuses a CRC-valid one as crafted. A CRC-valid key-set of 0 keys is
-/// one the kernel accepts and replays past; with no replay here (part 2),
-/// both modes stop there and strict refuses as for any other record.
+/// mode refuses a CRC-valid one as crafted. (A CRC-valid key-set of 0 keys,
+/// which the kernel replays past as empty, still ends both modes' walks as a
+/// record no kernel writes: refused.)
 fn ends_log_for_the_kernel(stop: &LogStop, mode: Mode) -> bool {
     mode == Mode::Strict
         && matches!(
@@ -614,9 +663,14 @@ pub(crate) fn open<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         key_tail,
         dirty_tail,
         dev_map,
+        replayed,
     } = loaded;
     let mut seg_map = SegBitmap::new(seg_num);
-    seg_map.set(key_tail.pos.cache_seg_id);
+    for (cseg, used) in replayed.used.iter().enumerate() {
+        if *used {
+            seg_map.set(cseg as u32);
+        }
+    }
     let (_, info) = write_cache_info(pmem, hooks, &mut info_state, info)?;
     Ok(Cache {
         mode,
@@ -628,6 +682,9 @@ pub(crate) fn open<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         dirty_tail,
         seg_map,
         dev_map,
+        index: replayed.index,
+        key_head: replayed.key_head,
+        refs: replayed.refs,
     })
 }
 
@@ -746,16 +803,20 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     }
 
     let (_, info) = write_cache_info(pmem, hooks, &mut info_state, info)?;
+    let n = segments.len();
     Ok(Cache {
         mode: opts.mode,
         seg_num,
         info,
         info_state,
         segments,
+        key_head: key_tail.pos,
         key_tail,
         dirty_tail,
         seg_map,
         dev_map,
+        index: KeyIndex::default(),
+        refs: vec![0; n],
     })
 }
 

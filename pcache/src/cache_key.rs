@@ -772,6 +772,11 @@ pub struct Replayed {
     pub index: KeyIndex,
     /// Where the next key-set goes: the first record that is not valid.
     pub key_head: CachePos,
+    /// Where and why the walk ended; the caller decides whether that end is
+    /// the ordinary end of a log ([`LogStop::is_end_of_log`]).
+    pub end: LogEnd,
+    /// Where every valid record starts, in log order.
+    pub records: Vec<CachePos>,
     /// Per cache segment: keys referring to it (valid ones only, as Linux
     /// 7.2.13's replay counts them).
     pub refs: Vec<u32>,
@@ -787,12 +792,6 @@ pub struct Replayed {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum ReplayError {
-    /// The walk stopped on something other than the ordinary end of a log.
-    #[error("at {}: {}", .end.pos, .end.stop)]
-    Log {
-        /// Where and why.
-        end: LogEnd,
-    },
     /// A key's data does not match its CRC (data-CRC caches; checked before
     /// the generation, as the kernel does).
     #[error(
@@ -820,7 +819,8 @@ pub enum ReplayError {
 
 /// Replays the log from `start` through the chain `chain` (cache segment ->
 /// physical segment), with `gens` the generation of each cache segment:
-/// every record validated as [`LogWalker`] does, every valid key inserted
+/// every record validated as [`LogWalker`] does (the walk's end is returned
+/// for the caller to judge), every valid key inserted
 /// into the index in log order, keys whose generation is behind their
 /// segment's dropped (with no reference, as in 7.2.13). With `data_crc`,
 /// each key's data is checked first. Bounded by the log's validation: at
@@ -836,6 +836,13 @@ pub fn replay<P: Pmem + ?Sized>(
     let mut out = Replayed {
         index: KeyIndex::default(),
         key_head: start,
+        end: LogEnd {
+            pos: start,
+            stop: LogStop::Invalid {
+                error: KsetError::Terminator,
+            },
+        },
+        records: Vec::new(),
         refs: vec![0; n],
         used: vec![false; n],
         log: LogSummary::default(),
@@ -850,6 +857,7 @@ pub fn replay<P: Pmem + ?Sized>(
         if error.is_some() {
             return;
         }
+        out.records.push(r.pos);
         let keys = match &r.kset {
             Kset::Last { next_cache_seg_id } => {
                 out.used[*next_cache_seg_id as usize] = true;
@@ -900,11 +908,8 @@ pub fn replay<P: Pmem + ?Sized>(
     if let Some(e) = error {
         return Err(e);
     }
-    let end = log.end.clone().expect("a walk always ends");
-    if !end.stop.is_end_of_log() {
-        return Err(ReplayError::Log { end });
-    }
-    out.key_head = end.pos;
+    out.end = log.end.clone().expect("a walk always ends");
+    out.key_head = out.end.pos;
     out.log = log;
     Ok(out)
 }
@@ -1188,6 +1193,17 @@ mod tests {
         gens[2] = 1;
         let r = replay(&dev, &chain, &gens, CachePos::default(), false).unwrap();
         assert_eq!(r.key_head.seg_off as usize, first.len() + second.len());
+        assert!(r.end.stop.is_end_of_log());
+        assert_eq!(
+            r.records,
+            [
+                CachePos::default(),
+                CachePos {
+                    cache_seg_id: 0,
+                    seg_off: first.len() as u32
+                }
+            ]
+        );
         assert_eq!((r.log.ksets, r.log.keys, r.stale), (2, 3, 1));
         assert_eq!((r.refs[1], r.refs[2]), (2, 0));
         assert!(r.used[0] && r.used[1] && !r.used[2]);

@@ -288,14 +288,11 @@ pub enum Refusal {
         /// The record's position and what is wrong with it.
         end: LogEnd,
     },
-    /// The log holds valid key-sets and replay is not implemented yet (part 2).
-    ReplayNotImplemented {
-        /// Normal key-sets found.
-        ksets: u64,
-        /// Keys in them.
-        keys: u64,
-        /// LAST records.
-        lasts: u64,
+    /// Replay failed on a key's data (a data-CRC mismatch, a read error):
+    /// the kernel fails the activation with EIO.
+    KeyData {
+        /// What failed.
+        error: crate::cache_key::ReplayError,
     },
     /// A persistent-memory access failed.
     Pmem {
@@ -400,10 +397,7 @@ impl fmt::Display for Refusal {
                 LogStop::Io { error } => write!(f, "reading the log at {}: {error}", end.pos),
                 stop => write!(f, "key-set log: record at {}: {stop}", end.pos),
             },
-            Refusal::ReplayNotImplemented { ksets, keys, lasts } => write!(
-                f,
-                "the log holds {ksets} key-set(s) with {keys} key(s) and {lasts} segment switch(es): key replay is not implemented yet (part 2), refusing rather than opening the cache as empty"
-            ),
+            Refusal::KeyData { error } => write!(f, "replaying the key-set log: {error}"),
             Refusal::Pmem { error } => write!(f, "persistent memory: {error}"),
         }
     }

@@ -400,60 +400,6 @@ fn other_inconsistencies_are_refused() {
             Box::new(|r| matches!(r, Refusal::NSegs { n_segs: 0, .. })),
         ),
         (
-            "a valid key-set: replay is part 2",
-            Box::new(move |d| {
-                let k = KeyOnMedia {
-                    off: 0.into(),
-                    len: 4096.into(),
-                    cache_seg_id: 1.into(),
-                    ..Default::default()
-                };
-                d.write_bytes(seg(0) + DATA_OFF, &Kset::Keys { keys: vec![k] }.to_bytes())
-                    .unwrap();
-            }),
-            Box::new(|r| {
-                matches!(
-                    r,
-                    Refusal::ReplayNotImplemented {
-                        ksets: 1,
-                        keys: 1,
-                        lasts: 0
-                    }
-                ) && r.to_string().contains("not implemented")
-            }),
-        ),
-        (
-            "a LAST record then a valid key-set",
-            Box::new(move |d| {
-                let l = Kset::Last {
-                    next_cache_seg_id: 3,
-                }
-                .to_bytes();
-                d.write_bytes(seg(0) + DATA_OFF, &l).unwrap();
-                let k = KeyOnMedia {
-                    off: 4096.into(),
-                    len: 512.into(),
-                    cache_seg_id: 2.into(),
-                    ..Default::default()
-                };
-                d.write_bytes(
-                    seg(3) + DATA_OFF,
-                    &Kset::Keys { keys: vec![k, k] }.to_bytes(),
-                )
-                .unwrap();
-            }),
-            Box::new(|r| {
-                matches!(
-                    r,
-                    Refusal::ReplayNotImplemented {
-                        ksets: 1,
-                        keys: 2,
-                        lasts: 1
-                    }
-                )
-            }),
-        ),
-        (
             // A valid CRC over 4000 (zero) keys: a record no kernel writes. (With
             // a wrong CRC the same header is just the end of the log.)
             "hostile key_num",
@@ -526,7 +472,14 @@ fn other_inconsistencies_are_refused() {
     // What Linux 7.2.13 activates (`cargo xtask interop` shows it on the
     // forged-metadata images): strict mode opens these as the kernel does,
     // recover mode refuses them.
-    const KERNEL_OPENS: [&str; 2] = ["chain cycle", "hostile key_num"];
+    const KERNEL_OPENS: [&str; 3] = [
+        "chain cycle",
+        "hostile key_num",
+        // The kernel only checks that the log walked from dirty_tail ends as
+        // a log ends (its cache_verify_dirty_tail); recover requires a record
+        // boundary on the replayed log.
+        "dirty_tail off the (empty) log",
+    ];
     for (name, damage, check) in &cases {
         for mode in MODES {
             let mut d = base.clone();
@@ -774,5 +727,93 @@ fn a_torn_first_key_set_ends_an_empty_log() {
             .and_then(|l| l.end)
             .expect("the log's end is reported");
         assert!(end.stop.is_end_of_log(), "{mode:?}: {}", end.stop);
+    }
+}
+
+/// A cache whose log holds key-sets is replayed and opened, in both modes:
+/// key_head is the log's end, the index holds the later key where keys
+/// overlap, segments get a reference per key, and dirty_tail may sit at any
+/// record boundary of the log.
+#[test]
+fn logs_are_replayed_and_opened() {
+    let base = formatted(SIZE_512M, Mode::Recover);
+    let seg = |p: u64| SEGMENTS_OFF + p * SEG_SIZE;
+    let key = |off: u64, len: u32, cseg: u32, seg_off: u32| KeyOnMedia {
+        off: off.into(),
+        len: len.into(),
+        cache_seg_id: cseg.into(),
+        cache_seg_off: seg_off.into(),
+        ..Default::default()
+    };
+    // Segment 0: a key-set, then a LAST record to segment 3; segment 3: a
+    // key-set whose key overlaps the first one's.
+    let first = Kset::Keys {
+        keys: vec![key(0, 8192, 1, 0)],
+    }
+    .to_bytes();
+    let second = Kset::Keys {
+        keys: vec![key(4096, 512, 2, 0), key(4096 + 512, 512, 2, 512)],
+    }
+    .to_bytes();
+    let mut d = base.clone();
+    d.write_bytes(seg(0) + DATA_OFF, &first).unwrap();
+    d.write_bytes(
+        seg(0) + DATA_OFF + first.len() as u64,
+        &Kset::Last {
+            next_cache_seg_id: 3,
+        }
+        .to_bytes(),
+    )
+    .unwrap();
+    d.write_bytes(seg(3) + DATA_OFF, &second).unwrap();
+    for mode in MODES {
+        for dirty in [
+            (0u32, 0u32),
+            (0, first.len() as u32),
+            (3, 0),
+            (3, second.len() as u32),
+        ] {
+            let mut img = d.clone();
+            img.write_bytes(DIRTY_TAIL_OFF + 16, &pos_rec(2, dirty.0, dirty.1))
+                .unwrap();
+            let mut dev = img.clone();
+            let a = pcache::dm_pcache::start(&mut dev, &opts(mode), &mut pcache::NoHooks);
+            let (r, cache) = (a.report, a.cache);
+            assert_eq!(r.outcome, Outcome::Opened, "{mode:?} dirty {dirty:?}: {r}");
+            let cache = cache.unwrap();
+            assert_eq!(cache.key_head().cache_seg_id, 3);
+            assert_eq!(cache.key_head().seg_off as usize, second.len());
+            let got: Vec<(u64, u32, u32)> = cache
+                .index()
+                .extents()
+                .map(|e| (e.off, e.len, e.cache_seg_id))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (0, 4096, 1),
+                    (4096, 512, 2),
+                    (4608, 512, 2),
+                    (5120, 3072, 1)
+                ]
+            );
+            assert_eq!((cache.refs(1), cache.refs(2), cache.refs(3)), (1, 2, 0));
+            let log = r.log.as_ref().unwrap();
+            assert_eq!((log.ksets, log.keys, log.lasts), (2, 3, 1));
+        }
+        // Inside a record: recover refuses (not a boundary of the log);
+        // the kernel's walk from there reads the middle of a record, which
+        // ends as a log ends, so strict opens as the kernel does.
+        let mut img = d.clone();
+        img.write_bytes(DIRTY_TAIL_OFF + 16, &pos_rec(2, 0, 24))
+            .unwrap();
+        let (r, _) = run(&img, mode);
+        match mode {
+            Mode::Recover => assert!(
+                matches!(r.refusal, Some(Refusal::DirtyTailOffLog { .. })),
+                "{r}"
+            ),
+            Mode::Strict => assert_eq!(r.outcome, Outcome::Opened, "{r}"),
+        }
     }
 }
