@@ -1,9 +1,8 @@
 //! The key-set log (kernel `cache_key.c`): walking the records from a position
 //! (`docs/format.md` §5.8, §9.2), with every header and key validated before it is used.
 //!
-//! Activation (part 1) walks the log only to decide whether it is empty and to
-//! validate it. [`replay`] rebuilds the index of the keys in force from a log
-//! ([`KeyIndex`]); wiring it into activation is part 2's next step.
+//! Every activation of an existing cache replays the log ([`replay`]) into
+//! the index of the keys in force ([`KeyIndex`]).
 
 use alloc::collections::BTreeMap;
 use alloc::vec;
