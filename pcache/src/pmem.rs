@@ -261,6 +261,33 @@ impl SparsePmem {
         }
     }
 
+    /// An in-memory copy of `src` (its non-zero pages; runs `src` reports as
+    /// never written are skipped without reading): a copy-on-write view for
+    /// work that must not change the source, such as activating a user's image.
+    pub fn copy_of<P: Pmem + ?Sized>(src: &P) -> Result<Self, PmemError> {
+        const CHUNK: u64 = 1 << 20;
+        let size = src.size();
+        let mut img = SparsePmem::new(size);
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut off = 0;
+        while off < size {
+            let Some(data) = src.next_data(off).filter(|&d| d < size) else {
+                break;
+            };
+            // Whole pages, whatever offset the source reports.
+            let start = core::cmp::max(off, data - data % SPARSE_PAGE);
+            let n = core::cmp::min(CHUNK, size - start) as usize;
+            src.read(start, &mut buf[..n])?;
+            for (i, page) in buf[..n].chunks(SPARSE_PAGE as usize).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    img.write_bytes(start + i as u64 * SPARSE_PAGE, page)?;
+                }
+            }
+            off = start + n as u64;
+        }
+        Ok(img)
+    }
+
     /// Number of pages held.
     pub fn pages(&self) -> usize {
         self.pages.len()

@@ -4,6 +4,7 @@
 //! line and dispatches.
 
 mod bench;
+mod export;
 mod guest;
 mod image;
 mod interop;
@@ -44,6 +45,8 @@ enum Command {
     Format(image::FormatArgs),
     /// Linux's own dm-pcache under QEMU as the oracle: first activations, hostile images, power-cut states.
     Interop(interop::InteropArgs),
+    /// Write the logical content of a cached device (backing + the cache's keys) to a new file.
+    Export(export::ExportArgs),
     /// Inspect a pcache image read-only: superblock, cache_info, tails, segments, key-set log.
     Inspect(image::InspectArgs),
 }
@@ -60,6 +63,7 @@ fn main() -> Result<()> {
         }),
         Command::Format(args) => image::format(args),
         Command::Inspect(args) => image::inspect(args),
+        Command::Export(args) => export::export(args),
         Command::Interop(args) => interop::interop(args),
     }
 }
