@@ -55,6 +55,8 @@ pub struct StrictSide {
     /// The refusal's kind, when refused.
     pub refusal: Option<String>,
     pub message: Option<String>,
+    /// The status line of the activated cache.
+    pub status: Option<String>,
 }
 
 impl StrictSide {
@@ -66,6 +68,7 @@ impl StrictSide {
             outcome: r.outcome,
             refusal: kind,
             message: r.message.clone(),
+            status: r.status.clone(),
         }
     }
 }
@@ -164,6 +167,19 @@ fn ask(
             let diff = first_difference(&q.strict_after, &after)
                 .map(|d| format!("{d} (strict's image vs the kernel's)"));
             let strict_activated = q.strict.outcome != Outcome::Refused;
+            // Where both activated, `dmsetup status` and strict mode's status
+            // line must be the same too.
+            let status_diff = match (&verdict.status, &q.strict.status) {
+                (Some(k), Some(ours)) if k.line() != *ours => Some(format!(
+                    "status: the kernel `{}`, strict `{ours}`",
+                    k.line()
+                )),
+                _ => None,
+            };
+            let diff = match (diff, status_diff) {
+                (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                (a, b) => a.or(b),
+            };
             let agree = verdict.done && verdict.activated == strict_activated && diff.is_none();
             out.push(Comparison {
                 image: q.name.clone(),

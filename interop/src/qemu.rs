@@ -49,6 +49,25 @@ pub struct DmStatus {
 }
 
 impl DmStatus {
+    /// The status fields as pcache's report writes them (`ActivationReport::status`).
+    pub fn line(&self) -> String {
+        format!(
+            "{:x} {} {} {} {} {:x} {}:{} {}:{} {}:{}",
+            self.sb_flags,
+            self.seg_num,
+            self.n_segs,
+            self.segs_used,
+            self.gc_percent,
+            self.cache_info_flags,
+            self.key_head.0,
+            self.key_head.1,
+            self.dirty_tail.0,
+            self.dirty_tail.1,
+            self.key_tail.0,
+            self.key_tail.1
+        )
+    }
+
     /// Parses `0 <len> pcache <sb_flags %x> <seg_num> <n_segs> <segs_used>
     /// <gc_percent> <cache_info_flags %x> <kh> <dt> <kt>` (positions `c:o`).
     pub fn parse(line: &str) -> Option<DmStatus> {
@@ -348,7 +367,9 @@ mod tests {
         assert_eq!(s.gc_percent, 70);
         assert_eq!(s.cache_info_flags, 0x1182);
         assert_eq!(s.key_head, (0, 0));
+        assert_eq!(s.line(), "0 31 31 1 70 1182 0:0 0:0 0:0");
         let t = DmStatus::parse("0 8 pcache 1 63 63 4 70 1183 2:5144 1:24 0:10288").unwrap();
+        assert_eq!(t.line(), "1 63 63 4 70 1183 2:5144 1:24 0:10288");
         assert_eq!((t.sb_flags, t.cache_info_flags), (1, 0x1183));
         assert_eq!(
             (t.key_head, t.dirty_tail, t.key_tail),

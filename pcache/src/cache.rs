@@ -230,6 +230,22 @@ impl Cache {
         rep.key_tail = self.key_tail.report();
         rep.dirty_tail = self.dirty_tail.report();
         rep.chain_len = self.segments.len() as u32;
+        // The kernel prints its run-time segment count (seg_num) as n_segs.
+        let sb_flags = match rep.superblock {
+            Some(crate::cache_dev::SbState::Valid { flags, .. }) => flags,
+            _ => 0,
+        };
+        rep.status = Some(alloc::format!(
+            "{sb_flags:x} {} {} {} {} {:x} {} {} {}",
+            self.seg_num,
+            self.seg_num,
+            self.seg_map.count(),
+            self.info.gc_percent(),
+            self.info.flags.get(),
+            self.key_head,
+            self.dirty_tail.pos,
+            self.key_tail.pos,
+        ));
     }
 }
 

@@ -457,6 +457,10 @@ pub struct ActivationReport {
     pub chain_len: u32,
     /// The key-set log from key_tail (existing caches).
     pub log: Option<crate::cache_key::LogSummary>,
+    /// What `dmsetup status` shows of the active target (`docs/format.md`
+    /// §11): `sb_flags seg_num n_segs segs_used gc_percent cache_info_flags
+    /// key_head dirty_tail key_tail`, flags in hex, positions `cseg:off`.
+    pub status: Option<String>,
 }
 
 impl ActivationReport {
@@ -477,6 +481,7 @@ impl ActivationReport {
             dirty_tail: None,
             chain_len: 0,
             log: None,
+            status: None,
         }
     }
 }
@@ -524,6 +529,9 @@ impl fmt::Display for ActivationReport {
             }
         }
         writeln!(f, "chain: {} segment(s)", self.chain_len)?;
+        if let Some(s) = &self.status {
+            writeln!(f, "status: {s}")?;
+        }
         if let Some(l) = &self.log {
             write!(
                 f,
