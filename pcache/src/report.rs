@@ -457,9 +457,10 @@ pub struct ActivationReport {
     pub chain_len: u32,
     /// The key-set log from key_tail (existing caches).
     pub log: Option<crate::cache_key::LogSummary>,
-    /// What `dmsetup status` shows of the active target (`docs/format.md`
-    /// §11): `sb_flags seg_num n_segs segs_used gc_percent cache_info_flags
-    /// key_head dirty_tail key_tail`, flags in hex, positions `cseg:off`.
+    /// What `dmsetup status` shows of the active target
+    /// (`docs/format.md` §11): `sb_flags seg_num n_segs segs_used gc_percent
+    /// cache_info_flags key_head dirty_tail key_tail`, flags in hex,
+    /// positions `cseg:off`.
     pub status: Option<String>,
 }
 
