@@ -22,23 +22,44 @@ pub fn write_sparse(img: &SparsePmem, path: &Path) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Reads a file into a `SparsePmem` (zero pages stay absent).
+/// Reads a file into a `SparsePmem` (zero pages stay absent, holes unread).
 pub fn read_sparse(path: &Path) -> std::io::Result<SparsePmem> {
-    let mut f = File::open(path)?;
+    let f = File::open(path)?;
     let size = f.metadata()?.len();
-    let mut img = SparsePmem::new(size);
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < size {
-        let n = chunk.len().min((size - off) as usize);
-        f.read_exact(&mut chunk[..n])?;
-        for (i, page) in chunk[..n].chunks(PAGE).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                img.write_bytes(off + (i * PAGE) as u64, page)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    SparsePmem::copy_of(&pcache::pmem::FilePmem::from_file(f, size, false))
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Reads a zstd-compressed image (the fixtures) into a `SparsePmem`,
+/// streaming: only its non-zero pages are held.
+pub fn read_zst(path: &Path) -> std::io::Result<SparsePmem> {
+    let mut dec = ruzstd::decoding::StreamingDecoder::new(File::open(path)?)
+        .map_err(std::io::Error::other)?;
+    let mut pages: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match dec.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
             }
         }
-        off += n as u64;
+        for (i, page) in buf[..filled].chunks(PAGE).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                pages.push((size + (i * PAGE) as u64, page.to_vec()));
+            }
+        }
+        size += filled as u64;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    let mut img = SparsePmem::new(size);
+    for (off, page) in pages {
+        img.write_bytes(off, &page)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     Ok(img)
 }

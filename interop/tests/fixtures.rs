@@ -6,38 +6,14 @@ use pcache::cache_key::{record_keys, replay, walk_log, CachePos};
 use pcache::format::data_pos;
 use pcache::inspect::{inspect, InspectOptions};
 use pcache::pmem::{Pmem, SparsePmem};
-use std::io::Read;
 use std::path::Path;
 
 fn fixture(name: &str) -> SparsePmem {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(name);
-    let file = std::fs::File::open(&path).unwrap();
-    let mut dec = ruzstd::decoding::StreamingDecoder::new(file).unwrap();
-    let mut img = SparsePmem::new(512 << 20);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = dec.read(&mut buf[filled..]).unwrap();
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        for (i, page) in buf[..filled].chunks(4096).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                img.write_bytes(off + (i * 4096) as u64, page).unwrap();
-            }
-        }
-        off += filled as u64;
-        if filled < buf.len() {
-            break;
-        }
-    }
-    assert_eq!(off, 512 << 20, "{name}: decompressed size");
+    let img = interop::image::read_zst(&path).unwrap();
+    assert_eq!(img.size(), 512 << 20, "{name}: decompressed size");
     img
 }
 

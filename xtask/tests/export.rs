@@ -2,8 +2,6 @@
 //! kernel's log and the exported content is exactly what the kernel's
 //! workload wrote; the input is not modified and an existing output is kept.
 
-use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -25,31 +23,8 @@ impl Drop for TempDir {
 fn kernel_image(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../interop/fixtures/kernel-writes-512M.img.zst");
-    let mut dec =
-        ruzstd::decoding::StreamingDecoder::new(std::fs::File::open(src).unwrap()).unwrap();
     let path = dir.join("kernel.img");
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(512 << 20).unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = dec.read(&mut buf[filled..]).unwrap();
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if buf[..filled].iter().any(|&b| b != 0) {
-            f.write_all_at(&buf[..filled], off).unwrap();
-        }
-        off += filled as u64;
-        if filled < buf.len() {
-            break;
-        }
-    }
-    assert_eq!(off, 512 << 20);
+    interop::image::write_sparse(&interop::image::read_zst(&src).unwrap(), &path).unwrap();
     path
 }
 
