@@ -123,8 +123,16 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
                 .active
                 .take()
                 .ok_or_else(|| Failure::Step("no cache is active".into()))?;
-            pcache::deactivate(cache);
-            result(r#"{"step":"stop"}"#);
+            let dev = devices.pmem().map_err(Failure::Device)?;
+            let mut pmem = GuestPmem::new(dev);
+            // The kernel ignores a failed close; the result says so.
+            match pcache::deactivate(cache, &mut pmem, &mut s.hooks) {
+                Ok(()) => result(r#"{"step":"stop"}"#),
+                Err(e) => result(&alloc::format!(
+                    r#"{{"step":"stop","error":{}}}"#,
+                    serde_json::to_string(&e).unwrap_or_else(|_| "null".into())
+                )),
+            }
         }
         RunStep::Status => {
             let report = match &s.last {

@@ -1,5 +1,6 @@
 //! The backing device: the slow block device the cache fronts, in 512-byte
-//! sectors. Part 2 (writeback, miss fill) uses it; part 1 only defines it.
+//! sectors. Reads that miss the cache come from it (`cache_req`); writeback
+//! (issue 12) will write to it.
 
 use alloc::string::String;
 use alloc::vec;
@@ -35,6 +36,12 @@ pub enum BackingError {
     /// An I/O error of the device.
     #[error("I/O error: {0}")]
     Io(String),
+}
+
+impl serde::Serialize for BackingError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 fn check(sector: u64, len: usize, size: u64) -> Result<(), BackingError> {

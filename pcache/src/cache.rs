@@ -15,7 +15,9 @@ use zerocopy::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::cache_dev::SegBitmap;
-use crate::cache_key::{replay, walk_log, CachePos, KeyIndex, KsetError, LogStop, Replayed};
+use crate::cache_key::{
+    replay, walk_log_with, CachePos, KeyIndex, KeyOnMedia, KsetError, LogStop, Replayed, Rules,
+};
 use crate::format::{
     cache_info_slot_off, le, meta_record, DualRecord, MetaHeader, CACHE_INFO_F_DATA_CRC,
     CACHE_INFO_F_INIT_DONE, CACHE_INFO_GC_MASK, CACHE_INFO_GC_SHIFT, CACHE_INFO_MODE_MASK,
@@ -169,8 +171,16 @@ pub struct Cache {
     pub(crate) index: KeyIndex,
     /// Where the next key-set goes.
     pub(crate) key_head: CachePos,
-    /// Per cache segment: references held by keys (the kernel's refcounts).
+    /// Per cache segment: references held by keys and the data head (the
+    /// kernel's refcounts).
     pub(crate) refs: Vec<u32>,
+    /// The open key-set's keys (one per CPU in the kernel; the guest has one).
+    pub(crate) open_kset: Vec<KeyOnMedia>,
+    /// Where the next data goes (the kernel's per-CPU data head), if a data
+    /// segment is current.
+    pub(crate) data_head: Option<CachePos>,
+    /// The next-fit hint of segment allocation (`last_cache_seg`).
+    pub(crate) last_cache_seg: u32,
 }
 
 impl Cache {
@@ -230,12 +240,19 @@ impl Cache {
         rep.key_tail = self.key_tail.report();
         rep.dirty_tail = self.dirty_tail.report();
         rep.chain_len = self.segments.len() as u32;
-        // The kernel prints its run-time segment count (seg_num) as n_segs.
         let sb_flags = match rep.superblock {
             Some(crate::cache_dev::SbState::Valid { flags, .. }) => flags,
             _ => 0,
         };
-        rep.status = Some(alloc::format!(
+        rep.status = Some(self.status_line(sb_flags));
+    }
+
+    /// The line `dmsetup status` prints for the target (`docs/format.md`
+    /// §11): superblock flags, seg_num, n_segs, segments used, gc_percent,
+    /// cache_info flags, key_head, dirty_tail, key_tail. The kernel prints
+    /// its run-time segment count (seg_num) as n_segs.
+    pub fn status_line(&self, sb_flags: u32) -> alloc::string::String {
+        alloc::format!(
             "{sb_flags:x} {} {} {} {} {:x} {} {} {}",
             self.seg_num,
             self.seg_num,
@@ -245,7 +262,7 @@ impl Cache {
             self.key_head,
             self.dirty_tail.pos,
             self.key_tail.pos,
-        ));
+        )
     }
 }
 
@@ -586,8 +603,15 @@ pub(crate) fn load_existing<P: Pmem + ?Sized>(
     // into the index in log order.
     let chain: Vec<u32> = segments.iter().map(|s| s.pseg).collect();
     let gens: Vec<u64> = segments.iter().map(|s| s.gen).collect();
-    let replayed = replay(pmem, &chain, &gens, key_tail.pos, info.data_crc())
-        .map_err(|error| Refusal::KeyData { error })?;
+    let replayed = replay(
+        pmem,
+        &chain,
+        &gens,
+        key_tail.pos,
+        info.data_crc(),
+        rules(opts.mode),
+    )
+    .map_err(|error| Refusal::KeyData { error })?;
     rep.log = Some(replayed.log.clone());
     let end = replayed.end.clone();
     if !end.stop.is_end_of_log() && !ends_log_for_the_kernel(&end.stop, opts.mode) {
@@ -635,7 +659,7 @@ fn check_dirty_tail<P: Pmem + ?Sized>(
             }
         }
         Mode::Strict => {
-            let walk = walk_log(pmem, chain, dirty_tail.pos, |_| {});
+            let walk = walk_log_with(pmem, chain, dirty_tail.pos, rules(mode), |_| {});
             let end = walk.end.expect("a walk always ends");
             if end.stop.is_end_of_log() || ends_log_for_the_kernel(&end.stop, mode) {
                 Ok(())
@@ -646,13 +670,22 @@ fn check_dirty_tail<P: Pmem + ?Sized>(
     }
 }
 
+/// The log validity rules of a mode: strict reads the log as Linux 7.2.13
+/// does; recover refuses CRC-valid records no kernel writes.
+pub fn rules(mode: Mode) -> Rules {
+    match mode {
+        Mode::Strict => Rules::Kernel,
+        Mode::Recover => Rules::Ours,
+    }
+}
+
 /// Whether strict mode, like Linux 7.2.13's replay, takes `stop` as the end
 /// of the log although no kernel writes such a record: a normal key-set
 /// claiming more than 128 keys fails the kernel's validity test before its
 /// CRC is checked, and replay stops there (observed on 7.2.13 media). Recover
 /// mode refuses a CRC-valid one as crafted. (A CRC-valid key-set of 0 keys,
 /// which the kernel replays past as empty, still ends both modes' walks as a
-/// record no kernel writes: refused.)
+/// record no kernel writes in recover mode; strict replays past it, see [`Rules`].)
 fn ends_log_for_the_kernel(stop: &LogStop, mode: Mode) -> bool {
     mode == Mode::Strict
         && matches!(
@@ -701,6 +734,9 @@ pub(crate) fn open<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         index: replayed.index,
         key_head: replayed.key_head,
         refs: replayed.refs,
+        open_kset: Vec::new(),
+        data_head: None,
+        last_cache_seg: 0,
     })
 }
 
@@ -833,6 +869,9 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         dev_map,
         index: KeyIndex::default(),
         refs: vec![0; n],
+        open_kset: Vec::new(),
+        data_head: None,
+        last_cache_seg: 0,
     })
 }
 

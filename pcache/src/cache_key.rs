@@ -15,7 +15,8 @@ use crate::format::{
     crc32c_raw, data_pos, le, pcache_crc, CACHE_SUBTREE_SIZE, DATA_SIZE, KEY_F_CLEAN, KEY_SIZE,
     KSET_F_LAST, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_MAGIC, KSET_ONMEDIA_SIZE_MAX, SECTOR_SIZE,
 };
-use crate::pmem::{Pmem, PmemError};
+use crate::hooks::{CrashPoint, Hooks};
+use crate::pmem::{write_words, Pmem, PmemError};
 
 // ---------------------------------------------------------------------------
 // On-media records: the key (`docs/format.md` §5.7) and the key-set (§5.8)
@@ -347,6 +348,26 @@ impl KsetError {
 /// the writer leaves, flags, next segment, keys): a valid CRC over an
 /// impossible value is a record no kernel writes.
 pub fn decode_kset(buf: &[u8], n_segs: u32) -> Result<Kset, KsetError> {
+    decode_kset_with(buf, n_segs, Rules::Ours)
+}
+
+/// Which validity rules a log reader applies to records that no kernel
+/// writes but that carry a valid CRC (`docs/format.md` §9.2, §13).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rules {
+    /// Every value checked: such a record is refused for what is wrong with it.
+    #[default]
+    Ours,
+    /// Linux 7.2.13's replay (strict mode): a key_num 0 record is an empty
+    /// key-set, flag bits above LAST are ignored, and a record only has to
+    /// fit in what remains of the data area (no room for a terminator needed).
+    Kernel,
+}
+
+/// [`decode_kset`] under the given rules.
+pub fn decode_kset_with(buf: &[u8], n_segs: u32, rules: Rules) -> Result<Kset, KsetError> {
+    let kernel = rules == Rules::Kernel;
     let Ok((hdr, _)) = KsetHeader::read_from_prefix(buf) else {
         return Err(KsetError::NoRoom {
             space: buf.len() as u64,
@@ -380,18 +401,28 @@ pub fn decode_kset(buf: &[u8], n_segs: u32) -> Result<Kset, KsetError> {
         });
     }
     if !hdr.is_last() {
+        if kernel && key_num == 0 {
+            // cache_key.c replays past it as an empty key-set.
+            return Ok(Kset::Keys { keys: Vec::new() });
+        }
         if key_num == 0 || key_num > KSET_KEYS_MAX {
             return Err(KsetError::KeyNumOutOfRange { key_num });
         }
-        // The writer leaves room for a terminator after every normal record.
-        if size + KSET_HEADER_SIZE > buf.len() {
+        // The writer leaves room for a terminator after every normal record
+        // (the kernel only requires the record itself to fit).
+        let needed = if kernel {
+            size
+        } else {
+            size + KSET_HEADER_SIZE
+        };
+        if needed > buf.len() {
             return Err(KsetError::TooLarge {
                 size: size as u64,
                 space: buf.len() as u64,
             });
         }
     }
-    if hdr.flags.get() & !KSET_F_LAST != 0 {
+    if !kernel && hdr.flags.get() & !KSET_F_LAST != 0 {
         return Err(KsetError::Flags {
             flags: hdr.flags.get(),
         });
@@ -515,6 +546,7 @@ pub struct LogWalker<'a, P: Pmem + ?Sized> {
     pos: CachePos,
     visited: Vec<bool>,
     buf: Vec<u8>,
+    rules: Rules,
 }
 
 impl<P: Pmem + ?Sized> core::fmt::Debug for LogWalker<'_, P> {
@@ -540,7 +572,14 @@ impl<'a, P: Pmem + ?Sized> LogWalker<'a, P> {
             pos: start,
             visited,
             buf: vec![0u8; KSET_ONMEDIA_SIZE_MAX + KSET_HEADER_SIZE],
+            rules: Rules::Ours,
         }
+    }
+
+    /// The same walker, validating records under `rules`.
+    pub fn with_rules(mut self, rules: Rules) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// The position of the next record.
@@ -571,7 +610,7 @@ impl<'a, P: Pmem + ?Sized> LogWalker<'a, P> {
         {
             return end(LogStop::Io { error });
         }
-        let decoded = match decode_kset(&self.buf[..len], n_segs) {
+        let decoded = match decode_kset_with(&self.buf[..len], n_segs, self.rules) {
             // The header claims more than any record the kernel writes, but
             // within the data area: read the whole claim so its CRC can be
             // checked (valid: a hostile record; invalid: a torn one, the end).
@@ -583,7 +622,7 @@ impl<'a, P: Pmem + ?Sized> LogWalker<'a, P> {
                 if let Err(error) = self.pmem.read(data_pos(pseg, pos.seg_off), &mut whole) {
                     return end(LogStop::Io { error });
                 }
-                decode_kset(&whole, n_segs)
+                decode_kset_with(&whole, n_segs, self.rules)
             }
             other => other,
         };
@@ -631,9 +670,20 @@ pub fn walk_log<P: Pmem + ?Sized>(
     pmem: &P,
     chain: &[u32],
     start: CachePos,
+    each: impl FnMut(&LogRecord),
+) -> LogSummary {
+    walk_log_with(pmem, chain, start, Rules::Ours, each)
+}
+
+/// [`walk_log`] under the given rules.
+pub fn walk_log_with<P: Pmem + ?Sized>(
+    pmem: &P,
+    chain: &[u32],
+    start: CachePos,
+    rules: Rules,
     mut each: impl FnMut(&LogRecord),
 ) -> LogSummary {
-    let mut w = LogWalker::new(pmem, chain, start);
+    let mut w = LogWalker::new(pmem, chain, start).with_rules(rules);
     let mut s = LogSummary::default();
     loop {
         match w.step() {
@@ -686,7 +736,8 @@ pub struct Extent {
 }
 
 impl Extent {
-    fn end(&self) -> u64 {
+    /// One past the last logical byte.
+    pub fn end(&self) -> u64 {
         self.off + self.len as u64
     }
 }
@@ -702,6 +753,39 @@ pub struct KeyIndex {
 impl KeyIndex {
     /// Inserts `e` over whatever the index held on its range.
     pub fn insert(&mut self, e: Extent) {
+        self.insert_returning(e);
+    }
+
+    /// Takes back an [`KeyIndex::insert_returning`] of `e` that returned
+    /// `removed`: the index is as before the insert.
+    pub fn undo_insert(&mut self, e: Extent, removed: Vec<Extent>) {
+        self.map.remove(&e.off);
+        for x in &removed {
+            if x.off < e.off {
+                self.map.remove(&x.off);
+            }
+            if x.end() > e.end() {
+                self.map.remove(&e.end());
+            }
+        }
+        for x in removed {
+            self.map.insert(x.off, x);
+        }
+    }
+
+    /// Removes the extent starting at `off`.
+    pub fn remove(&mut self, off: u64) -> Option<Extent> {
+        self.map.remove(&off)
+    }
+
+    /// The first extent starting at or after `off`.
+    pub fn next_at_or_after(&self, off: u64) -> Option<&Extent> {
+        self.map.range(off..).next().map(|(_, x)| x)
+    }
+
+    /// [`KeyIndex::insert`], returning the extents it overrode, as they were.
+    pub fn insert_returning(&mut self, e: Extent) -> Vec<Extent> {
+        let mut removed = Vec::new();
         let (start, end) = (e.off, e.end());
         let mut overlapped: Vec<u64> = Vec::new();
         if let Some((&k, x)) = self.map.range(..start).next_back() {
@@ -714,6 +798,7 @@ impl KeyIndex {
             let Some(x) = self.map.remove(&k) else {
                 continue;
             };
+            removed.push(x);
             if x.off < start {
                 self.map.insert(
                     x.off,
@@ -737,6 +822,7 @@ impl KeyIndex {
             }
         }
         self.map.insert(start, e);
+        removed
     }
 
     /// The extent holding logical byte `off`, if one does.
@@ -830,6 +916,7 @@ pub fn replay<P: Pmem + ?Sized>(
     gens: &[u64],
     start: CachePos,
     data_crc: bool,
+    rules: Rules,
 ) -> Result<Replayed, ReplayError> {
     let n = chain.len();
     let mut out = Replayed {
@@ -852,7 +939,7 @@ pub fn replay<P: Pmem + ?Sized>(
     }
     let mut error: Option<ReplayError> = None;
     let mut data = Vec::new();
-    let log = walk_log(pmem, chain, start, |r| {
+    let log = walk_log_with(pmem, chain, start, rules, |r| {
         if error.is_some() {
             return;
         }
@@ -911,6 +998,154 @@ pub fn replay<P: Pmem + ?Sized>(
     out.key_head = out.end.pos;
     out.log = log;
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Appending to the log (`cache_key_append`, `cache_kset_close`; `docs/format.md` §9.3)
+// ---------------------------------------------------------------------------
+
+/// Why a key-set could not be closed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum AppendError {
+    /// The log needs a new segment and none is free (the kernel's EBUSY;
+    /// until GC exists nothing frees one).
+    #[error("cache full: the key-set log needs a new segment and none is free")]
+    CacheFull,
+    /// key_head leaves no room for the LAST record a segment switch writes
+    /// (only a CRC-valid record that fills its segment, which strict mode
+    /// replays as the kernel does, can put it there; the kernel would write
+    /// past the data area).
+    #[error("key_head {key_head} leaves no room for a LAST record")]
+    NoRoomForLast {
+        /// key_head.
+        key_head: CachePos,
+    },
+    /// A store or fence failed.
+    #[error("{error}")]
+    Pmem {
+        /// The error.
+        error: PmemError,
+    },
+}
+
+impl From<PmemError> for AppendError {
+    fn from(error: PmemError) -> Self {
+        AppendError::Pmem { error }
+    }
+}
+
+/// The 24 zero bytes written after every record (`pcache_empty_kset`).
+const TERMINATOR: [u8; KSET_HEADER_SIZE] = [0; KSET_HEADER_SIZE];
+
+impl crate::cache::Cache {
+    fn log_pos(&self, pos: CachePos) -> u64 {
+        // key_head only ever names a segment of the chain.
+        data_pos(self.segments[pos.cache_seg_id as usize].pseg, pos.seg_off)
+    }
+
+    /// Keys waiting in the open key-set.
+    pub fn open_keys(&self) -> &[KeyOnMedia] {
+        &self.open_kset
+    }
+
+    /// `cache_key_append`: adds `key` to the open key-set and closes it when
+    /// it reaches 128 keys or `force_close` (FUA). A failed close takes the
+    /// key back out, as the kernel does. The kernel also closes an open
+    /// key-set about a second later; callers model that with
+    /// [`Cache::close_kset`].
+    pub fn append_key<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+        &mut self,
+        pmem: &mut P,
+        hooks: &mut H,
+        key: KeyOnMedia,
+        force_close: bool,
+    ) -> Result<(), AppendError> {
+        self.open_kset.push(key);
+        if self.open_kset.len() as u32 == KSET_KEYS_MAX || force_close {
+            if let Err(e) = self.close_kset(pmem, hooks) {
+                self.open_kset.pop();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// `cache_kset_close`: writes the open key-set at key_head (C8),
+    /// switching the log to a new segment first (C9) when what remains of
+    /// the segment cannot hold the record and a LAST record after it.
+    ///
+    /// The kernel writes the terminator after the record and the record
+    /// with one fence for both, so a record can persist while its
+    /// terminator does not, and replay then reads whatever follows as the
+    /// log's continuation. Recover mode fences the terminator first (and the
+    /// new segment's terminator before the LAST record that leads to it);
+    /// the bytes on media are the same.
+    pub fn close_kset<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+        &mut self,
+        pmem: &mut P,
+        hooks: &mut H,
+    ) -> Result<(), AppendError> {
+        if self.open_kset.is_empty() {
+            return Ok(());
+        }
+        let record = Kset::Keys {
+            keys: core::mem::take(&mut self.open_kset),
+        };
+        let result = self.write_record(pmem, hooks, &record);
+        if let Kset::Keys { keys } = record {
+            if result.is_err() {
+                self.open_kset = keys;
+            }
+        }
+        result
+    }
+
+    fn write_record<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+        &mut self,
+        pmem: &mut P,
+        hooks: &mut H,
+        record: &Kset,
+    ) -> Result<(), AppendError> {
+        let size = record.size() as u64;
+        let recover = self.mode == crate::report::Mode::Recover;
+        while DATA_SIZE - (self.key_head.seg_off as u64) < size + KSET_HEADER_SIZE as u64 {
+            if DATA_SIZE - (self.key_head.seg_off as u64) < KSET_HEADER_SIZE as u64 {
+                return Err(AppendError::NoRoomForLast {
+                    key_head: self.key_head,
+                });
+            }
+            let next = self.get_cache_segment().ok_or(AppendError::CacheFull)?;
+            hooks.begin(CrashPoint::LogSwitch);
+            let next_start = data_pos(self.segments[next as usize].pseg, 0);
+            write_words(pmem, next_start, &TERMINATOR)?;
+            if recover {
+                pmem.fence()?;
+            }
+            let last = Kset::Last {
+                next_cache_seg_id: next,
+            }
+            .to_bytes();
+            write_words(pmem, self.log_pos(self.key_head), &last)?;
+            pmem.fence()?;
+            hooks.end(CrashPoint::LogSwitch);
+            self.key_head = CachePos {
+                cache_seg_id: next,
+                seg_off: 0,
+            };
+        }
+        hooks.begin(CrashPoint::KsetAppend);
+        let at = self.log_pos(self.key_head);
+        write_words(pmem, at + size, &TERMINATOR)?;
+        if recover {
+            pmem.fence()?;
+        }
+        write_words(pmem, at, &record.to_bytes())?;
+        pmem.fence()?;
+        hooks.end(CrashPoint::KsetAppend);
+        self.key_head.seg_off += size as u32;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -1190,7 +1425,7 @@ mod tests {
         // Segment 2 was invalidated (generation 1): its key is stale.
         let mut gens = vec![0u64; 31];
         gens[2] = 1;
-        let r = replay(&dev, &chain, &gens, CachePos::default(), false).unwrap();
+        let r = replay(&dev, &chain, &gens, CachePos::default(), false, Rules::Ours).unwrap();
         assert_eq!(r.key_head.seg_off as usize, first.len() + second.len());
         assert!(r.end.stop.is_end_of_log());
         assert_eq!(
@@ -1213,7 +1448,7 @@ mod tests {
             .collect();
         assert_eq!(got, [(0, 4096, 0), (4096, 4096, 8192)]);
         // A data-CRC cache refuses a key whose data does not match.
-        let e = replay(&dev, &chain, &gens, CachePos::default(), true).unwrap_err();
+        let e = replay(&dev, &chain, &gens, CachePos::default(), true, Rules::Ours).unwrap_err();
         assert!(
             matches!(
                 e,

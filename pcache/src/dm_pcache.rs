@@ -124,10 +124,17 @@ pub fn activate<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     start(pmem, opts, hooks).report
 }
 
-/// Deactivates a cache. As the kernel's, it writes no cache_info or tail; in
-/// part 1 there are no open key-sets to close, so it writes nothing at all.
-pub fn deactivate(cache: Cache) {
-    drop(cache);
+/// Deactivates a cache (`docs/format.md` §9.9): closes the open key-set and
+/// writes nothing else (no cache_info, no tail); dirty data stays in the
+/// cache for the next activation to replay. The kernel ignores a failed
+/// close, which silently drops the keys of writes no flush covered; the
+/// error is returned here so a caller can say so.
+pub fn deactivate<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+    mut cache: Cache,
+    pmem: &mut P,
+    hooks: &mut H,
+) -> Result<(), crate::cache_req::IoError> {
+    cache.flush(pmem, hooks)
 }
 
 type Run = Result<(Outcome, Cache), Refusal>;

@@ -31,6 +31,7 @@ pub mod backing;
 pub mod cache;
 pub mod cache_dev;
 pub mod cache_key;
+pub mod cache_req;
 pub mod dm_pcache;
 pub mod format;
 pub mod hooks;

@@ -186,6 +186,40 @@ pub fn link_segment<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------
+// Run-time allocation and references (kernel `cache_segment.c`, `docs/format.md` §9.1)
+// ---------------------------------------------------------------------------
+
+impl crate::cache::Cache {
+    /// `get_cache_segment`: the first free cache segment from the next-fit
+    /// hint, wrapping once; marks it used. `None` is "cache full". Searches
+    /// [0, n_segs), as Linux 7.2.13 does. Writes nothing: a new data
+    /// segment's old bytes stay until keys overwrite them.
+    pub(crate) fn get_cache_segment(&mut self) -> Option<u32> {
+        let n = self.segments.len() as u32;
+        let from = self.last_cache_seg.min(n);
+        let found = (from..n).chain(0..from).find(|&i| !self.seg_map.test(i))?;
+        self.seg_map.set(found);
+        self.last_cache_seg = found;
+        Some(found)
+    }
+
+    /// `cache_seg_get`.
+    pub(crate) fn seg_get(&mut self, cseg: u32) {
+        if let Some(r) = self.refs.get_mut(cseg as usize) {
+            *r += 1;
+        }
+    }
+
+    /// `cache_seg_put`. Without GC (issue 12) a count reaching zero frees
+    /// nothing: the segment stays in use until GC invalidates it.
+    pub(crate) fn seg_put(&mut self, cseg: u32) {
+        if let Some(r) = self.refs.get_mut(cseg as usize) {
+            *r = r.saturating_sub(1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

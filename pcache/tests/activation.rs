@@ -150,11 +150,11 @@ fn cache_info_seq_wraps() {
 }
 
 #[test]
-fn deactivate_writes_nothing() {
+fn deactivate_without_open_keys_writes_nothing() {
     let mut rec = RecordingPmem::new(formatted(SIZE_512M, Mode::Recover));
     let a = start(&mut rec, &opts(Mode::Recover), &mut NoHooks);
     let n = rec.events().len();
-    pcache::deactivate(a.cache.unwrap());
+    pcache::deactivate(a.cache.unwrap(), &mut rec, &mut NoHooks).unwrap();
     assert_eq!(rec.events().len(), n);
 }
 

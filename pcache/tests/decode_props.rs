@@ -1,7 +1,7 @@
 //! Property tests: arbitrary bytes decode as every record type without a panic
 //! or an out-of-bounds read, and decoding then re-encoding gives the bytes back.
 
-use pcache::cache_key::{replay, walk_log, CachePos};
+use pcache::cache_key::{replay, walk_log, walk_log_with, CachePos, Rules};
 use pcache::format::*;
 use pcache::meta::read_slots;
 use pcache::pmem::SparsePmem;
@@ -131,13 +131,16 @@ proptest! {
         // Replay over the same bytes: an index or an error, never a panic;
         // every extent lies inside the chain and its segment's data area.
         let gens = vec![0u64; chain.len()];
-        for data_crc in [false, true] {
-            if let Ok(r) = replay(&dev, &chain, &gens, start, data_crc) {
-                for e in r.index.extents() {
-                    prop_assert!((e.cache_seg_id as usize) < chain.len());
-                    prop_assert!(e.cache_seg_off as u64 + e.len as u64 <= DATA_SIZE);
+        for rules in [Rules::Ours, Rules::Kernel] {
+            let s = walk_log_with(&dev, &chain, start, rules, |_| {});
+            for data_crc in [false, true] {
+                if let Ok(r) = replay(&dev, &chain, &gens, start, data_crc, rules) {
+                    for e in r.index.extents() {
+                        prop_assert!((e.cache_seg_id as usize) < chain.len());
+                        prop_assert!(e.cache_seg_off as u64 + e.len as u64 <= DATA_SIZE);
+                    }
+                    prop_assert_eq!(r.key_head, s.end.as_ref().unwrap().pos);
                 }
-                prop_assert_eq!(r.key_head, s.end.as_ref().unwrap().pos);
             }
         }
     }
