@@ -23,7 +23,9 @@
 //! control markers ([`MARKER_TRACE_ON`], [`MARKER_TRACE_OFF`],
 //! [`MARKER_RING3_ENTERED`]). When tracing starts, the VMM freezes the pmem
 //! and disk contents as the window's base: everything stored before the
-//! trace-on marker counts as durable.
+//! trace-on marker counts as durable. Other ids are trace events: the
+//! module's crash points ([`markers::crash_point_begin`]) and the workload's
+//! "op done" markers ([`markers::op_done`]).
 //!
 //! # Test commands
 //! The guest's work comes from its kernel command line. The keys are
@@ -282,6 +284,35 @@ pub mod markers {
         let rel = id - CRASH_POINT_BASE;
         Some((rel / 2, rel % 2 == 1))
     }
+
+    /// First id of the "op done" markers: the guest writes `op_done(k)` when
+    /// the k-th workload op (0-based, in `pcache.run` order, `gen` expanded)
+    /// completes, so the host knows how many ops a cut found acknowledged.
+    /// Far above the crash points and below the control bit.
+    pub const OP_DONE_BASE: u32 = 0x1000_0000;
+    /// Ops are numbered below this (the markers fill `0x1000_0000..0x2000_0000`).
+    pub const OP_DONE_LIMIT: u32 = 0x1000_0000;
+
+    /// The marker for op `k` (`k < OP_DONE_LIMIT`; larger `k` panics).
+    pub const fn op_done(k: u32) -> u32 {
+        assert!(k < OP_DONE_LIMIT, "op number out of the op-done range");
+        OP_DONE_BASE + k
+    }
+
+    /// The op number of an "op done" marker, `None` for any other id.
+    pub const fn decode_op_done(id: u32) -> Option<u32> {
+        if id >= OP_DONE_BASE && id - OP_DONE_BASE < OP_DONE_LIMIT {
+            Some(id - OP_DONE_BASE)
+        } else {
+            None
+        }
+    }
+
+    // Disjoint from the crash points and from the control markers.
+    const _: () = {
+        assert!(crash_point_end(12) < OP_DONE_BASE);
+        assert!(OP_DONE_BASE + (OP_DONE_LIMIT - 1) < super::MARKER_CONTROL_BIT);
+    };
 }
 
 #[cfg(test)]
@@ -334,6 +365,37 @@ mod tests {
             None
         );
         assert_eq!(markers::decode_crash_point(MARKER_TRACE_ON), None);
+    }
+
+    #[test]
+    fn op_done_markers_round_trip_and_stay_in_their_range() {
+        use markers::*;
+        for k in [0, 1, 99_999, OP_DONE_LIMIT - 1] {
+            let id = op_done(k);
+            assert_eq!(decode_op_done(id), Some(k));
+            assert_eq!(decode_crash_point(id), None);
+            assert_eq!(id & MARKER_CONTROL_BIT, 0);
+        }
+        assert_eq!(op_done(0), 0x1000_0000);
+        assert_eq!(decode_op_done(OP_DONE_BASE - 1), None);
+        assert_eq!(decode_op_done(0x2000_0000), None);
+        for id in [
+            MARKER_TRACE_ON,
+            MARKER_TRACE_OFF,
+            MARKER_RING3_ENTERED,
+            crash_point_begin(1),
+            crash_point_end(12),
+            0,
+            u32::MAX,
+        ] {
+            assert_eq!(decode_op_done(id), None, "{id:#x}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "op-done range")]
+    fn op_done_refuses_numbers_past_its_range() {
+        markers::op_done(core::hint::black_box(markers::OP_DONE_LIMIT));
     }
 
     #[test]

@@ -12,8 +12,27 @@
 //! | `marker:ID` | a 32-bit marker (ID ≤ 0xffffffff) |
 //! | `trace:on\|off` | the VMM's trace-on / trace-off control marker |
 //! | `fault:pf\|ud\|gp\|de` | test only: a page fault, `ud2`, a general-protection fault, a divide error |
+//! | `write:OFF:LEN:ID[:fua]` | write LEN bytes of write ID's sector pattern at byte OFF (OFF, LEN multiples of 512; 1 ≤ LEN ≤ 16 MiB; 1 ≤ ID ≤ 0xffffffff), with FUA if `fua` |
+//! | `read:OFF:LEN` | read LEN bytes at OFF (aligned as for `write`; LEN ≤ 64 MiB) |
+//! | `flush` | a flush of the cached device |
+//! | `close-ksets` | close the module's open key sets |
+//! | `gen:KIND:seed=S:ops=N:span=BYTES[:base=OFF][:first-id=I]` | the ops of `workload::generate` (KIND `sequential`, `random`, `overwrite` or `mixed`; defaults base 0, first-id 1; options in any order, each at most once; checked by `GenSpec::validate`) |
+//! | `verify:OFF:LEN` | read LEN bytes at OFF back as tag runs (aligned as for `write`; LEN ≤ 256 MiB) |
+//!
+//! `write`, `flush`, `close-ksets` and the ops of a `gen` are the workload's
+//! ops, numbered from 0 in this order ([`crate::ops_of_steps`]).
 
+use crate::number::parse_u64;
 use crate::steps::{split_steps, Args, StepError, StepErrorKind};
+use workload::{GenError, GenKind, GenSpec};
+
+const MIB: u64 = 1 << 20;
+/// Largest `write` (bytes).
+pub const WRITE_MAX: u64 = 16 * MIB;
+/// Largest `read` (bytes).
+pub const READ_MAX: u64 = 64 * MIB;
+/// Largest `verify` (bytes).
+pub const VERIFY_MAX: u64 = 256 * MIB;
 
 /// Recovery mode of a `start` (mirrors `pcache::Mode`; this crate has no
 /// dependencies so that it stays a plain host-testable parser).
@@ -65,6 +84,24 @@ pub enum RunStep {
     Marker(u32),
     Trace(bool),
     Fault(Fault),
+    /// Bytes `[off, off + len)` of write `id`'s pattern.
+    Write {
+        off: u64,
+        len: u32,
+        id: u32,
+        fua: bool,
+    },
+    Read {
+        off: u64,
+        len: u32,
+    },
+    Flush,
+    CloseKsets,
+    Generate(GenSpec),
+    Verify {
+        off: u64,
+        len: u32,
+    },
 }
 
 /// Parses the steps of a `pcache.run` value, each with its text; an empty
@@ -102,10 +139,96 @@ fn parse_run_step(text: &str) -> Result<RunStep, StepErrorKind> {
             "de" => Fault::DivideError,
             _ => return Err(StepErrorKind::BadValue("fault", "pf, ud, gp or de")),
         }),
+        "write" => {
+            let (off, len) = byte_range(&mut args, WRITE_MAX)?;
+            let id = args.number("ID")?;
+            let id = u32::try_from(id)
+                .ok()
+                .filter(|&id| id != 0)
+                .ok_or(StepErrorKind::OutOfRange("ID"))?;
+            let fua = match args.optional() {
+                None => false,
+                Some("fua") => true,
+                Some(_) => return Err(StepErrorKind::BadValue("flag", "fua")),
+            };
+            RunStep::Write { off, len, id, fua }
+        }
+        "read" => {
+            let (off, len) = byte_range(&mut args, READ_MAX)?;
+            RunStep::Read { off, len }
+        }
+        "verify" => {
+            let (off, len) = byte_range(&mut args, VERIFY_MAX)?;
+            RunStep::Verify { off, len }
+        }
+        "flush" => RunStep::Flush,
+        "close-ksets" => RunStep::CloseKsets,
+        "gen" => return parse_gen(args),
         _ => return Err(StepErrorKind::Unknown),
     };
     args.finish()?;
     Ok(step)
+}
+
+/// `OFF:LEN`: both multiples of 512, 1 ≤ LEN ≤ `max`, OFF + LEN in range.
+fn byte_range(args: &mut Args<'_>, max: u64) -> Result<(u64, u32), StepErrorKind> {
+    let off = args.number("OFF")?;
+    let len = args.number("LEN")?;
+    if off % 512 != 0 {
+        return Err(StepErrorKind::NotSectorAligned("OFF"));
+    }
+    if len % 512 != 0 {
+        return Err(StepErrorKind::NotSectorAligned("LEN"));
+    }
+    if len == 0 || len > max {
+        return Err(StepErrorKind::OutOfRange("LEN"));
+    }
+    if off.checked_add(len).is_none() {
+        return Err(StepErrorKind::OutOfRange("OFF"));
+    }
+    // max ≤ 256 MiB, so LEN fits.
+    Ok((off, len as u32))
+}
+
+/// `gen:KIND` then `seed=`, `ops=`, `span=` (required) and `base=`,
+/// `first-id=` (optional), in any order, each at most once.
+fn parse_gen(mut args: Args<'_>) -> Result<RunStep, StepErrorKind> {
+    let kind: GenKind = args
+        .word("KIND")?
+        .parse()
+        .map_err(|_| StepErrorKind::BadValue("KIND", "sequential, random, overwrite or mixed"))?;
+    let mut seed = None;
+    let mut ops = None;
+    let mut span = None;
+    let mut base = None;
+    let mut first_id = None;
+    for opt in args.0.into_iter().flatten() {
+        let (key, value) = opt.split_once('=').ok_or(StepErrorKind::UnknownOption)?;
+        let (name, slot) = match key {
+            "seed" => ("seed", &mut seed),
+            "ops" => ("ops", &mut ops),
+            "span" => ("span", &mut span),
+            "base" => ("base", &mut base),
+            "first-id" => ("first-id", &mut first_id),
+            _ => return Err(StepErrorKind::UnknownOption),
+        };
+        let v = parse_u64(value).map_err(|e| StepErrorKind::BadNumber(name, e))?;
+        if slot.replace(v).is_some() {
+            return Err(StepErrorKind::DuplicateOption(name));
+        }
+    }
+    let required = |v: Option<u64>, name| v.ok_or(StepErrorKind::MissingArgument(name));
+    let narrow = |v: u64, e| u32::try_from(v).map_err(|_| StepErrorKind::Workload(e));
+    let spec = GenSpec {
+        kind,
+        seed: required(seed, "seed=S")?,
+        ops: narrow(required(ops, "ops=N")?, GenError::Ops)?,
+        span: required(span, "span=BYTES")?,
+        base: base.unwrap_or(0),
+        first_id: narrow(first_id.unwrap_or(1), GenError::FirstId)?,
+    };
+    spec.validate().map_err(StepErrorKind::Workload)?;
+    Ok(RunStep::Generate(spec))
 }
 
 /// `start` options: `mode=strict|recover`, `data_crc=true|false`, each at most once.
@@ -268,6 +391,204 @@ mod tests {
         assert_eq!(one("Start"), Err(Unknown));
         // harness.test steps are not pcache steps.
         assert_eq!(one("pmem-flush"), Err(Unknown));
+    }
+
+    #[test]
+    fn data_steps() {
+        let write = |off, len, id, fua| Ok(RunStep::Write { off, len, id, fua });
+        assert_eq!(one("write:0:512:1"), write(0, 512, 1, false));
+        assert_eq!(
+            one("write:0x1000:0x1000000:0xffffffff:fua"),
+            write(0x1000, 16 << 20, u32::MAX, true)
+        );
+        assert_eq!(
+            one("write:18446744073709534720:16384:7"),
+            write(u64::MAX - 16895, 16384, 7, false)
+        );
+        assert_eq!(
+            one("read:4096:0x4000000"),
+            Ok(RunStep::Read {
+                off: 4096,
+                len: 64 << 20
+            })
+        );
+        assert_eq!(
+            one("verify:0:0x10000000"),
+            Ok(RunStep::Verify {
+                off: 0,
+                len: 256 << 20
+            })
+        );
+        assert_eq!(one("flush"), Ok(RunStep::Flush));
+        assert_eq!(one("close-ksets"), Ok(RunStep::CloseKsets));
+    }
+
+    #[test]
+    fn malformed_data_steps() {
+        assert_eq!(one("write"), Err(MissingArgument("OFF")));
+        assert_eq!(one("write:0"), Err(MissingArgument("LEN")));
+        assert_eq!(one("write:0:512"), Err(MissingArgument("ID")));
+        assert_eq!(one("write:1:512:1"), Err(NotSectorAligned("OFF")));
+        assert_eq!(one("write:0:100:1"), Err(NotSectorAligned("LEN")));
+        assert_eq!(one("write:0:0:1"), Err(OutOfRange("LEN")));
+        assert_eq!(one("write:0:0x1000200:1"), Err(OutOfRange("LEN")));
+        assert_eq!(one("write:0:512:0"), Err(OutOfRange("ID")));
+        assert_eq!(one("write:0:512:0x100000000"), Err(OutOfRange("ID")));
+        assert_eq!(
+            one("write:18446744073709551104:512:1"),
+            Err(OutOfRange("OFF"))
+        );
+        assert_eq!(one("write:0:512:1:FUA"), Err(BadValue("flag", "fua")));
+        assert_eq!(one("write:0:512:1:"), Err(BadValue("flag", "fua")));
+        assert_eq!(one("write:0:512:1:fua:fua"), Err(ExtraArgument));
+        assert_eq!(
+            one("write:x:512:1"),
+            Err(BadNumber("OFF", NumberError::BadDigit))
+        );
+        assert_eq!(one("read:0"), Err(MissingArgument("LEN")));
+        assert_eq!(one("read:0:0x4000200"), Err(OutOfRange("LEN")));
+        assert_eq!(one("read:0:511"), Err(NotSectorAligned("LEN")));
+        assert_eq!(one("read:0:512:1"), Err(ExtraArgument));
+        assert_eq!(one("verify:0:0x10000200"), Err(OutOfRange("LEN")));
+        assert_eq!(one("verify:256:512"), Err(NotSectorAligned("OFF")));
+        assert_eq!(one("verify:0:0"), Err(OutOfRange("LEN")));
+        assert_eq!(one("verify:0:512:x"), Err(ExtraArgument));
+        assert_eq!(one("flush:now"), Err(ExtraArgument));
+        assert_eq!(one("close-ksets:"), Err(ExtraArgument));
+        assert_eq!(one("close_ksets"), Err(Unknown));
+        let e = run_steps("write:0:100:1").find_map(Result::err).unwrap();
+        assert_eq!(
+            std::format!("{e}"),
+            "step 1 `write:0:100:1`: LEN must be a multiple of 512"
+        );
+    }
+
+    fn spec(kind: GenKind, seed: u64, ops: u32, span: u64, base: u64, first_id: u32) -> GenSpec {
+        GenSpec {
+            kind,
+            seed,
+            ops,
+            base,
+            span,
+            first_id,
+        }
+    }
+
+    #[test]
+    fn gen_options_and_defaults() {
+        use GenKind::*;
+        let gen = |s| Ok(RunStep::Generate(s));
+        assert_eq!(
+            one("gen:random:seed=7:ops=100:span=0x1000000"),
+            gen(spec(Random, 7, 100, 16 << 20, 0, 1))
+        );
+        assert_eq!(
+            one("gen:mixed:span=65536:first-id=50:ops=1:base=0x200:seed=0"),
+            gen(spec(Mixed, 0, 1, 65536, 512, 50))
+        );
+        for (name, kind) in [
+            ("sequential", Sequential),
+            ("overwrite", Overwrite),
+            ("random", Random),
+            ("mixed", Mixed),
+        ] {
+            let s = std::format!("gen:{name}:seed=1:ops=100000:span=0x10000");
+            assert_eq!(one(&s), gen(spec(kind, 1, 100_000, 0x10000, 0, 1)));
+        }
+    }
+
+    #[test]
+    fn malformed_gen() {
+        let kinds = "sequential, random, overwrite or mixed";
+        assert_eq!(one("gen"), Err(MissingArgument("KIND")));
+        assert_eq!(one("gen:"), Err(BadValue("KIND", kinds)));
+        assert_eq!(
+            one("gen:Random:seed=1:ops=1:span=65536"),
+            Err(BadValue("KIND", kinds))
+        );
+        assert_eq!(
+            one("gen:random:ops=1:span=65536"),
+            Err(MissingArgument("seed=S"))
+        );
+        assert_eq!(
+            one("gen:random:seed=1:span=65536"),
+            Err(MissingArgument("ops=N"))
+        );
+        assert_eq!(
+            one("gen:random:seed=1:ops=1"),
+            Err(MissingArgument("span=BYTES"))
+        );
+        assert_eq!(
+            one("gen:random:seed=1:seed=2:ops=1:span=65536"),
+            Err(DuplicateOption("seed"))
+        );
+        assert_eq!(
+            one("gen:random:seed=1:ops=1:span=65536:first-id=2:first-id=2"),
+            Err(DuplicateOption("first-id"))
+        );
+        assert_eq!(
+            one("gen:random:seed=1:ops=1:span=65536:size=1"),
+            Err(UnknownOption)
+        );
+        assert_eq!(one("gen:random:seed"), Err(UnknownOption));
+        assert_eq!(
+            one("gen:random:seed=1:ops=1:span=65536:"),
+            Err(UnknownOption)
+        );
+        assert_eq!(
+            one("gen:random:seed=x:ops=1:span=65536"),
+            Err(BadNumber("seed", NumberError::BadDigit))
+        );
+        assert_eq!(
+            one("gen:random:seed=1:ops=:span=65536"),
+            Err(BadNumber("ops", NumberError::Empty))
+        );
+        // The workload crate's checks.
+        let bad = |opts: &str| one(&std::format!("gen:random:{opts}"));
+        assert_eq!(bad("seed=1:ops=0:span=65536"), Err(Workload(GenError::Ops)));
+        assert_eq!(
+            bad("seed=1:ops=100001:span=65536"),
+            Err(Workload(GenError::Ops))
+        );
+        assert_eq!(
+            bad("seed=1:ops=0x100000000:span=65536"),
+            Err(Workload(GenError::Ops))
+        );
+        assert_eq!(
+            bad("seed=1:ops=1:span=65024"),
+            Err(Workload(GenError::Span))
+        );
+        assert_eq!(
+            bad("seed=1:ops=1:span=65537"),
+            Err(Workload(GenError::Span))
+        );
+        assert_eq!(
+            bad("seed=1:ops=1:span=65536:base=1"),
+            Err(Workload(GenError::Base))
+        );
+        assert_eq!(
+            bad("seed=1:ops=1:span=65536:base=0xfffffffffffffe00"),
+            Err(Workload(GenError::Overflow))
+        );
+        assert_eq!(
+            bad("seed=1:ops=1:span=65536:first-id=0"),
+            Err(Workload(GenError::FirstId))
+        );
+        assert_eq!(
+            bad("seed=1:ops=2:span=65536:first-id=0xffffffff"),
+            Err(Workload(GenError::FirstId))
+        );
+        assert_eq!(
+            bad("seed=1:ops=1:span=65536:first-id=0x100000000"),
+            Err(Workload(GenError::FirstId))
+        );
+        let e = run_steps("gen:random:seed=1:ops=0:span=65536")
+            .find_map(Result::err)
+            .unwrap();
+        assert_eq!(
+            std::format!("{e}"),
+            "step 1 `gen:random:seed=1:ops=0:span=65536`: ops must be 1..=100000"
+        );
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub enum StepErrorKind {
     UnknownOption,
     /// The named option is given more than once.
     DuplicateOption(&'static str),
+    /// The named byte offset or length is not a multiple of 512.
+    NotSectorAligned(&'static str),
+    /// A `gen` spec the workload crate refuses.
+    Workload(workload::GenError),
 }
 
 /// A malformed step: which one (1-based), its text, and why.
@@ -81,6 +85,8 @@ impl fmt::Display for StepError<'_> {
             StepErrorKind::BadValue(a, set) => write!(f, "{a} must be {set}"),
             StepErrorKind::UnknownOption => f.write_str("unknown option"),
             StepErrorKind::DuplicateOption(a) => write!(f, "option {a} given more than once"),
+            StepErrorKind::NotSectorAligned(a) => write!(f, "{a} must be a multiple of 512"),
+            StepErrorKind::Workload(e) => write!(f, "{e}"),
         }
     }
 }
@@ -214,6 +220,11 @@ impl<'a> Args<'a> {
             .as_mut()
             .and_then(|a| a.next())
             .ok_or(StepErrorKind::MissingArgument(name))
+    }
+
+    /// The next argument, if any (for optional trailing words).
+    pub(crate) fn optional(&mut self) -> Option<&'a str> {
+        self.0.as_mut().and_then(|a| a.next())
     }
 
     fn byte(&mut self, name: &'static str) -> Result<u8, StepErrorKind> {
