@@ -1,14 +1,7 @@
 //! `pcache::backing::Backing` over virtio-blk: 512-byte sectors, bounds
 //! checked against the disk's capacity (by the driver's wrapper), `flush` a
-//! virtio-blk FLUSH (refused when the device does not offer it). pcache part 2
-//! (writeback, miss fill) uses it; part 1 never touches the backing device, so
-//! nothing calls it yet.
-
-// Nothing calls it until part 2.
-#![allow(
-    dead_code,
-    reason = "pcache part 2 (writeback, miss fill) uses the backing device; part 1 does not"
-)]
+//! virtio-blk FLUSH (refused when the device does not offer it). Reads that
+//! miss the cache come from it; writeback (issue 12) will write to it.
 
 use crate::virtio::blk::{Blk, BlkError, SECTOR};
 use alloc::format;

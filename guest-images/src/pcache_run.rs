@@ -1,17 +1,25 @@
 //! Runs the pcache steps of `pcache.run=` (grammar in
 //! `guest-images/cmdline/src/run.rs` and the README): activation,
-//! deactivation, status, markers, trace control, test faults. Each step sends
-//! one `StepResult` message (JSON). The whole list is parsed before the first
-//! step runs, so a malformed command has no side effects.
+//! deactivation, status, the data path (write, read, flush, close-ksets,
+//! generated workloads, verify), markers, trace control, test faults. Each
+//! step sends one `StepResult` message (JSON); every workload op (a write, a
+//! flush, a close-ksets, each op of a `gen`) also writes the marker
+//! `op_done(k)` when it completes, k counting ops from 0 in the order
+//! `guest_cmdline::ops_of_steps` lists them, so the host knows which writes
+//! were acknowledged before a power cut. The whole list is parsed before the
+//! first step runs, so a malformed command has no side effects.
 
 use crate::backends::{GuestPmem, MarkerHooks};
+use crate::backing::GuestBacking;
 use crate::channel::{self, fatal};
 use crate::steps::{fail, Failure};
 use crate::virtio::Devices;
 use alloc::string::String;
 use alloc::vec::Vec;
 use guest_cmdline::{Fault, RunStep, StartMode, StartOptions};
+use pcache::cache_req::IoError;
 use pcache::{ActivationReport, Cache, Mode, Options};
+use workload::Op;
 use protocol::{
     ExitCode, MessageKind, CMDLINE_MARKERS_KEY, CMDLINE_RUN_KEY, MARKER_TRACE_OFF, MARKER_TRACE_ON,
 };
@@ -69,6 +77,8 @@ struct State {
     active: Option<Cache>,
     last: Option<ActivationReport>,
     hooks: MarkerHooks,
+    /// Workload ops completed so far (the next op-done marker's number).
+    ops_done: u32,
 }
 
 /// Runs the steps in order; the first failure ends the run.
@@ -77,6 +87,7 @@ pub fn run(plan: &Plan<'_>, devices: &mut Devices) {
         active: None,
         last: None,
         hooks: MarkerHooks { on: plan.markers },
+        ops_done: 0,
     };
     for (i, (text, step)) in plan.steps.iter().enumerate() {
         if let Err(e) = run_one(*step, &mut state, devices) {
@@ -139,8 +150,19 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
                 Some(r) => report_json(r)?,
                 None => "null".into(),
             };
+            // The target's `dmsetup status` line as it is now (the report's
+            // is the one at activation).
+            let sb_flags = match s.last.as_ref().and_then(|r| r.superblock) {
+                Some(pcache::SbState::Valid { flags, .. }) => flags,
+                _ => 0,
+            };
+            let status = match &s.active {
+                Some(c) => serde_json::to_string(&c.status_line(sb_flags))
+                    .map_err(|e| Failure::Step(alloc::format!("cannot serialize: {e}")))?,
+                None => "null".into(),
+            };
             result(&alloc::format!(
-                r#"{{"step":"status","active":{},"report":{report}}}"#,
+                r#"{{"step":"status","active":{},"dm_status":{status},"report":{report}}}"#,
                 s.active.is_some()
             ));
         }
@@ -157,8 +179,120 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
             result(&alloc::format!(r#"{{"step":"trace","on":{on}}}"#));
         }
         RunStep::Fault(f) => raise(f),
+        RunStep::Write { .. } | RunStep::Flush | RunStep::CloseKsets => {
+            for op in step.ops() {
+                run_op(op, s, devices)?;
+            }
+            let op = step_name(&step);
+            result(&alloc::format!(r#"{{"step":"{op}","ops_done":{}}}"#, s.ops_done));
+        }
+        RunStep::Generate(spec) => {
+            let ops = workload::generate(&spec);
+            for op in &ops {
+                run_op(*op, s, devices)?;
+            }
+            result(&alloc::format!(
+                r#"{{"step":"gen","ops":{},"ops_done":{}}}"#,
+                ops.len(),
+                s.ops_done
+            ));
+        }
+        RunStep::Read { off, len } => {
+            let mut buf = alloc::vec![0u8; len as usize];
+            read(s, devices, off, &mut buf)?;
+            result(&alloc::format!(
+                r#"{{"step":"read","off":{off},"len":{len},"digest":"{:#018x}"}}"#,
+                workload::digest(&buf)
+            ));
+        }
+        RunStep::Verify { off, len } => {
+            // In 1 MiB pieces: the heap need not hold the whole range.
+            const PIECE: u64 = 1 << 20;
+            let mut runs: Vec<workload::TagRun> = Vec::new();
+            let mut buf = alloc::vec![0u8; PIECE as usize];
+            let end = off + len as u64;
+            let mut at = off;
+            while at < end {
+                let n = (end - at).min(PIECE) as usize;
+                read(s, devices, at, &mut buf[..n])?;
+                for r in workload::classify_range(at, &buf[..n]) {
+                    match runs.last_mut() {
+                        Some(l) if l.tag == r.tag && l.sector + l.count == r.sector => {
+                            l.count += r.count
+                        }
+                        _ => runs.push(r),
+                    }
+                }
+                at += n as u64;
+            }
+            let runs = serde_json::to_string(&runs)
+                .map_err(|e| Failure::Step(alloc::format!("cannot serialize: {e}")))?;
+            result(&alloc::format!(
+                r#"{{"step":"verify","off":{off},"len":{len},"runs":{runs}}}"#
+            ));
+        }
     }
     Ok(())
+}
+
+fn step_name(step: &RunStep) -> &'static str {
+    match step {
+        RunStep::Write { .. } => "write",
+        RunStep::Flush => "flush",
+        _ => "close-ksets",
+    }
+}
+
+fn io_failed(e: IoError) -> Failure {
+    Failure::Step(alloc::format!("{e}"))
+}
+
+/// One workload op through the module, then its op-done marker.
+fn run_op(op: Op, s: &mut State, devices: &mut Devices) -> Result<(), Failure> {
+    let cache = s
+        .active
+        .as_mut()
+        .ok_or_else(|| Failure::Step("no cache is active".into()))?;
+    match op {
+        Op::Write { off, len, id, fua } => {
+            let mut data = alloc::vec![0u8; len as usize];
+            workload::fill(id, off, &mut data);
+            let (dev, blk) = devices.pmem_and_blk().map_err(Failure::Device)?;
+            let backing = GuestBacking(blk);
+            let mut pmem = GuestPmem::new(dev);
+            cache
+                .write(&mut pmem, &backing, &mut s.hooks, off, &data, fua)
+                .map_err(io_failed)?;
+        }
+        Op::Flush => {
+            let dev = devices.pmem().map_err(Failure::Device)?;
+            cache
+                .flush(&mut GuestPmem::new(dev), &mut s.hooks)
+                .map_err(io_failed)?;
+        }
+        Op::CloseKsets => {
+            let dev = devices.pmem().map_err(Failure::Device)?;
+            cache
+                .close_kset(&mut GuestPmem::new(dev), &mut s.hooks)
+                .map_err(|e| io_failed(e.into()))?;
+        }
+    }
+    channel::marker(protocol::markers::op_done(s.ops_done));
+    s.ops_done += 1;
+    Ok(())
+}
+
+/// A read through the module.
+fn read(s: &mut State, devices: &mut Devices, off: u64, buf: &mut [u8]) -> Result<(), Failure> {
+    let cache = s
+        .active
+        .as_mut()
+        .ok_or_else(|| Failure::Step("no cache is active".into()))?;
+    let (dev, blk) = devices.pmem_and_blk().map_err(Failure::Device)?;
+    let mut backing = GuestBacking(blk);
+    cache
+        .read(&mut GuestPmem::new(dev), &mut backing, &mut s.hooks, off, buf)
+        .map_err(io_failed)
 }
 
 /// Raises the exception; ring 0's print path reports it and exits.

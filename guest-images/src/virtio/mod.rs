@@ -133,6 +133,17 @@ impl Devices {
         }
         Ok(self.pmem.as_mut().expect("set above"))
     }
+
+    /// Both drivers at once (the module's data path uses the cache and the
+    /// backing device in one request).
+    pub fn pmem_and_blk(&mut self) -> Result<(&mut Pmem, &mut Blk), DeviceError> {
+        self.pmem()?;
+        self.blk()?;
+        Ok((
+            self.pmem.as_mut().expect("started above"),
+            self.blk.as_mut().expect("started above"),
+        ))
+    }
 }
 
 fn rdtsc() -> u64 {
