@@ -2,7 +2,7 @@
 //! that made them wrote.
 
 use interop::cases::kernel_writes_content;
-use pcache::cache_key::{record_keys, replay, walk_log, CachePos};
+use pcache::cache_key::{record_keys, replay, walk_log, CachePos, Rules};
 use pcache::format::data_pos;
 use pcache::inspect::{inspect, InspectOptions};
 use pcache::pmem::{Pmem, SparsePmem};
@@ -45,7 +45,15 @@ fn the_kernels_log_replays_to_the_content_its_workload_wrote() {
     // pcache's replay rebuilds the same content: every byte read through its
     // index (data from pmem where a key holds it, the zeroed backing
     // device elsewhere).
-    let r = replay(&img, &chain, &[0; 31], CachePos::default(), false).unwrap();
+    let r = replay(
+        &img,
+        &chain,
+        &[0; 31],
+        CachePos::default(),
+        false,
+        Rules::Ours,
+    )
+    .unwrap();
     assert_eq!((r.key_head.cache_seg_id, r.key_head.seg_off), (0, 13096));
     assert_eq!(r.stale, 0);
     const SPAN: usize = 6 << 20;
