@@ -91,6 +91,18 @@ pub trait Pmem {
     /// until flushed and fenced.
     fn store_u64(&mut self, off: u64, val: u64) -> Result<(), PmemError>;
 
+    /// Stores `bytes` (a multiple of 8, at an 8-aligned `off`) as ascending
+    /// 8-byte words: the same as calling [`Pmem::store_u64`] for each, which
+    /// is the default. An in-memory device may copy them at once (the words
+    /// are unordered until a fence anyway); a traced one must not.
+    fn store_words(&mut self, off: u64, bytes: &[u8]) -> Result<(), PmemError> {
+        check_word(off, bytes.len() as u64, self.size())?;
+        for (i, w) in crate::format::words(bytes).enumerate() {
+            self.store_u64(off + 8 * i as u64, w)?;
+        }
+        Ok(())
+    }
+
     /// Zeroes `[off, off+len)` (8-aligned) with ordinary, unfenced stores.
     /// Implementations may skip words that are already zero.
     fn zero_range(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
@@ -135,6 +147,9 @@ impl<P: Pmem + ?Sized> Pmem for &mut P {
     fn store_u64(&mut self, off: u64, val: u64) -> Result<(), PmemError> {
         (**self).store_u64(off, val)
     }
+    fn store_words(&mut self, off: u64, bytes: &[u8]) -> Result<(), PmemError> {
+        (**self).store_words(off, bytes)
+    }
     fn zero_range(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
         (**self).zero_range(off, len)
     }
@@ -165,10 +180,7 @@ pub fn write_words<P: Pmem + ?Sized>(
             len: bytes.len() as u64,
         });
     }
-    check_word(off, bytes.len() as u64, pmem.size())?;
-    for (i, w) in crate::format::words(bytes).enumerate() {
-        pmem.store_u64(off + 8 * i as u64, w)?;
-    }
+    pmem.store_words(off, bytes)?;
     pmem.flush(off, bytes.len() as u64)
 }
 
@@ -222,6 +234,11 @@ impl Pmem for VecPmem {
     fn store_u64(&mut self, off: u64, val: u64) -> Result<(), PmemError> {
         check_word(off, 8, self.size())?;
         self.buf[off as usize..off as usize + 8].copy_from_slice(&val.to_le_bytes());
+        Ok(())
+    }
+    fn store_words(&mut self, off: u64, bytes: &[u8]) -> Result<(), PmemError> {
+        check_word(off, bytes.len() as u64, self.size())?;
+        self.buf[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
         Ok(())
     }
     fn zero_range(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
@@ -380,6 +397,10 @@ impl Pmem for SparsePmem {
     fn store_u64(&mut self, off: u64, val: u64) -> Result<(), PmemError> {
         check_word(off, 8, self.size)?;
         self.write_bytes(off, &val.to_le_bytes())
+    }
+    fn store_words(&mut self, off: u64, bytes: &[u8]) -> Result<(), PmemError> {
+        check_word(off, bytes.len() as u64, self.size)?;
+        self.write_bytes(off, bytes)
     }
     fn zero_range(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
         check_word(off, len, self.size)?;
@@ -729,6 +750,14 @@ mod host {
             self.dirty = true;
             self.file.write_all_at(&val.to_le_bytes(), off).map_err(io)
         }
+        fn store_words(&mut self, off: u64, bytes: &[u8]) -> Result<(), PmemError> {
+            if !self.writable {
+                return Err(PmemError::ReadOnly);
+            }
+            check_word(off, bytes.len() as u64, self.size)?;
+            self.dirty = true;
+            self.file.write_all_at(bytes, off).map_err(io)
+        }
         fn zero_range(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
             if !self.writable {
                 return Err(PmemError::ReadOnly);
@@ -808,6 +837,11 @@ mod host {
         fn store_u64(&mut self, off: u64, val: u64) -> Result<(), PmemError> {
             check_word(off, 8, self.size())?;
             self.map[off as usize..off as usize + 8].copy_from_slice(&val.to_le_bytes());
+            Ok(())
+        }
+        fn store_words(&mut self, off: u64, bytes: &[u8]) -> Result<(), PmemError> {
+            check_word(off, bytes.len() as u64, self.size())?;
+            self.map[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
             Ok(())
         }
         fn zero_range(&mut self, off: u64, len: u64) -> Result<(), PmemError> {
