@@ -247,8 +247,8 @@ impl Cache {
         rep.status = Some(self.status_line(sb_flags));
     }
 
-    /// The line `dmsetup status` prints for the target (`docs/format.md`
-    /// §11): superblock flags, seg_num, n_segs, segments used, gc_percent,
+    /// The line `dmsetup status` prints for the target (`docs/format.md` §11):
+    /// superblock flags, seg_num, n_segs, segments used, gc_percent,
     /// cache_info flags, key_head, dirty_tail, key_tail. The kernel prints
     /// its run-time segment count (seg_num) as n_segs.
     pub fn status_line(&self, sb_flags: u32) -> alloc::string::String {

@@ -203,7 +203,7 @@ impl Cache {
         Ok(len)
     }
 
-    /// A WRITE of `data` at logical byte `off` (§9.4): cut at 4 MiB logical
+    /// A WRITE of `data` at logical byte `off` (`docs/format.md` §9.4): cut at 4 MiB logical
     /// boundaries and wherever a data segment ends, each piece copied to
     /// pmem and fenced, then logged. With `fua` each piece's key-set is
     /// closed before the next piece, so the write is durable when this
@@ -232,7 +232,7 @@ impl Cache {
         Ok(())
     }
 
-    /// A READ of `buf.len()` bytes at logical byte `off` (§9.5): cached
+    /// A READ of `buf.len()` bytes at logical byte `off` (`docs/format.md` §9.5): cached
     /// ranges from pmem (no data-CRC check, as the kernel), gaps from the
     /// backing device, each gap then filled into the cache as a CLEAN key
     /// when space allows (a fill that finds no space is dropped, as the
@@ -288,7 +288,7 @@ impl Cache {
         }
     }
 
-    /// An empty FLUSH (§9.6): closes the open key-set, so every write
+    /// An empty FLUSH (`docs/format.md` §9.6): closes the open key-set, so every write
     /// completed before it is durable.
     pub fn flush<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         &mut self,

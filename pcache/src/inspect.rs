@@ -31,7 +31,7 @@ use crate::cache::{
 };
 use crate::cache_dev::{classify_sb, max_seg_num, read_sb, SbState, Superblock};
 use crate::cache_key::{
-    walk_log, CachePos, KeyOnMedia, Kset, LogEnd, LogRecord, LogStep, LogWalker,
+    replay, walk_log, CachePos, KeyOnMedia, Kset, LogEnd, LogRecord, LogStep, LogWalker, Rules,
 };
 use crate::format::{
     cache_info_slot_off, data_pos, seg_gen_slot_off, seg_info_slot_off, seg_off, DualRecord,
@@ -273,6 +273,30 @@ pub struct LogView {
     /// Whether the end is an ordinary end of a log (terminator, no magic, torn
     /// record) rather than a record no kernel writes.
     pub end_is_ordinary: Option<bool>,
+    /// What replay keeps in force (our rules, no data-CRC check), by (cache
+    /// segment, offset in its data area) → length: how much of each key
+    /// still serves reads. `None` when the log was not walked, does not end
+    /// ordinarily, or holds more keys than `max_log_keys`.
+    pub in_force: Option<BTreeMap<(u32, u32), u32>>,
+    /// The line `dmsetup status` would print after an activation that
+    /// replays this log (`docs/format.md` §11), when the log was replayed.
+    pub status: Option<String>,
+}
+
+/// What replay made of a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyState {
+    /// All of its range is served from it.
+    Current,
+    /// Later keys override part of its range.
+    PartlyOverridden,
+    /// Later keys override all of its range.
+    Overridden,
+    /// Its segment's generation moved on: replay drops it.
+    Stale,
+    /// Not computed (see [`LogView::in_force`]).
+    Unknown,
 }
 
 /// Everything [`inspect`] found. Holds the device: the listed segments and
@@ -450,6 +474,8 @@ pub fn inspect<'a, P: Pmem + ?Sized>(
             truncated: false,
             end: None,
             end_is_ordinary: None,
+            in_force: None,
+            status: None,
         },
     };
     // Count the segments (no record is read for that).
@@ -518,7 +544,89 @@ fn count_log<P: Pmem + ?Sized>(
     v.truncated = truncated;
     v.end_is_ordinary = summary.end.as_ref().map(|e| e.stop.is_end_of_log());
     v.end = summary.end;
+    if v.end_is_ordinary == Some(true) && v.keys <= opts.max_log_keys as u64 {
+        replay_for_states(pmem, report, psegs, start, &mut v);
+    }
     v
+}
+
+/// Replays the log (bounded: the caller checked the key count) to tell each
+/// key's state and the status line an activation would report.
+fn replay_for_states<P: Pmem + ?Sized>(
+    pmem: &P,
+    report: &InspectReport<'_, P>,
+    psegs: &[u32],
+    start: CachePos,
+    v: &mut LogView,
+) {
+    let gens: Vec<u64> = psegs
+        .iter()
+        .map(|&p| {
+            read_seg_gen(pmem, p)
+                .ok()
+                .and_then(|g| g.latest_record().map(|(_, g)| g.gen.get()))
+                .unwrap_or(0)
+        })
+        .collect();
+    let Ok(r) = replay(pmem, psegs, &gens, start, false, Rules::Ours) else {
+        return;
+    };
+    v.in_force = Some(
+        r.index
+            .extents()
+            .map(|e| ((e.cache_seg_id, e.cache_seg_off), e.len))
+            .collect(),
+    );
+    let (Some(ci), Some(dt)) = (
+        report.cache_info.current_record(),
+        report.dirty_tail.current_record(),
+    ) else {
+        return;
+    };
+    let sb_flags = match report.superblock.state {
+        SbState::Valid { flags, .. } => flags,
+        _ => 0,
+    };
+    v.status = Some(alloc::format!(
+        "{sb_flags:x} {} {} {} {} {:x} {} {} {}",
+        report.seg_num,
+        report.seg_num,
+        r.used.iter().filter(|u| **u).count(),
+        ci.gc_percent(),
+        ci.flags.get(),
+        r.key_head,
+        dt.pos(),
+        start,
+    ));
+}
+
+/// The state of a key of the log, from what replay keeps in force.
+fn key_state(
+    k: &KeyOnMedia,
+    stale: bool,
+    in_force: Option<&BTreeMap<(u32, u32), u32>>,
+) -> KeyState {
+    if stale {
+        return KeyState::Stale;
+    }
+    let Some(m) = in_force else {
+        return KeyState::Unknown;
+    };
+    let (seg, off, len) = (k.cache_seg_id.get(), k.cache_seg_off.get(), k.len.get());
+    // Data space is never shared by two keys (until GC reuses a segment,
+    // which bumps its generation), so what is in force inside this key's
+    // data range is what is left of it.
+    let kept: u64 = m
+        .range((seg, off)..(seg, off.saturating_add(len)))
+        .map(|(_, &l)| l as u64)
+        .sum();
+    if kept == len as u64 {
+        KeyState::Current
+    } else if kept == 0 {
+        KeyState::Overridden
+    } else {
+        KeyState::PartlyOverridden
+    }
 }
 
 /// The segments in physical order: runs without written metadata are skipped
@@ -638,13 +746,15 @@ impl<P: Pmem + ?Sized> RecordScan<'_, '_, P> {
                     // Validated by the decoder: cache_seg_id < n_segs.
                     let kp = self.psegs[k.cache_seg_id.get() as usize];
                     let segment_gen = self.segment_gen(kp)?;
+                    let stale = k.seg_gen.get() < segment_gen;
                     rv.keys.push(KeyView {
                         key: *k,
                         pseg: kp,
                         data_offset: data_pos(kp, k.cache_seg_off.get()),
                         segment_gen,
-                        stale: k.seg_gen.get() < segment_gen,
+                        stale,
                         clean: k.flags.get() & KEY_F_CLEAN != 0,
+                        state: key_state(k, stale, self.report.log.in_force.as_ref()),
                     });
                 }
             }
@@ -796,7 +906,7 @@ struct LogJson<'r, 'a, P: Pmem + ?Sized>(&'r InspectReport<'a, P>);
 impl<P: Pmem + ?Sized> Serialize for LogJson<'_, '_, P> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let l = &self.0.log;
-        let mut st = s.serialize_struct("LogView", 10)?;
+        let mut st = s.serialize_struct("LogView", 11)?;
         st.serialize_field("start", &l.start)?;
         st.serialize_field("not_walked", &l.not_walked)?;
         st.serialize_field("ksets", &l.ksets)?;
@@ -807,6 +917,7 @@ impl<P: Pmem + ?Sized> Serialize for LogJson<'_, '_, P> {
         st.serialize_field("end", &l.end)?;
         st.serialize_field("end_message", &l.end.as_ref().map(|e| e.stop.to_string()))?;
         st.serialize_field("end_is_ordinary", &l.end_is_ordinary)?;
+        st.serialize_field("status", &l.status)?;
         st.end()
     }
 }
@@ -826,6 +937,8 @@ pub struct KeyView {
     pub stale: bool,
     /// CLEAN (miss fill) rather than dirty.
     pub clean: bool,
+    /// Whether replay keeps it (current, overridden by later keys, stale).
+    pub state: KeyState,
 }
 
 /// One valid log record.
@@ -1103,6 +1216,9 @@ impl<P: Pmem + ?Sized> fmt::Display for InspectReport<'_, P> {
                     "log from key_tail {start}: {} key-set(s), {} key(s), {} segment switch(es)",
                     l.ksets, l.keys, l.lasts
                 )?;
+                if let Some(st) = &l.status {
+                    writeln!(f, "status after replay (as dmsetup status prints it): {st}")?;
+                }
                 for r in self.log_records() {
                     let r = match r {
                         Ok(r) => r,
@@ -1132,7 +1248,13 @@ impl<P: Pmem + ?Sized> fmt::Display for InspectReport<'_, P> {
                                     k.key.cache_seg_off,
                                     k.key.seg_gen,
                                     if k.clean { " clean" } else { " dirty" },
-                                    if k.stale { " (stale)" } else { "" }
+                                    match k.state {
+                                        KeyState::Current => "",
+                                        KeyState::PartlyOverridden => " (partly overridden)",
+                                        KeyState::Overridden => " (overridden)",
+                                        KeyState::Stale => " (stale)",
+                                        KeyState::Unknown => "",
+                                    }
                                 )?;
                             }
                         }

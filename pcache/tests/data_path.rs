@@ -344,3 +344,42 @@ fn bad_requests_are_errors_not_writes() {
     assert!(pmem.same_bytes(&before));
     let _ = pmem.size();
 }
+
+#[test]
+fn the_inspector_tells_current_overridden_and_partly_overridden_keys_and_the_status() {
+    use pcache::inspect::{inspect, InspectOptions, KeyState};
+    let mut pmem = SparsePmem::new(PMEM);
+    let disk = VecBacking::new(DISK / 512);
+    let mut cache = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
+        .cache
+        .unwrap();
+    for (off, len) in [(0u64, 8192usize), (0, 8192), (4096, 8192), (65536, 4096)] {
+        cache
+            .write(&mut pmem, &disk, &mut NoHooks, off, &content(1, len), false)
+            .unwrap();
+    }
+    pcache::deactivate(cache, &mut pmem, &mut NoHooks).unwrap();
+    let rep = inspect(&pmem, &InspectOptions::default()).unwrap();
+    let states: Vec<KeyState> = rep
+        .log_records()
+        .flat_map(|r| r.unwrap().keys)
+        .map(|k| k.state)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            KeyState::Overridden,
+            KeyState::PartlyOverridden,
+            KeyState::Current,
+            KeyState::Current
+        ]
+    );
+    let text = rep.to_string();
+    assert!(text.contains("(partly overridden)"), "{text}");
+    assert!(text.contains("status after replay"), "{text}");
+    // The status line an activation reports.
+    let status = rep.log.status.clone().expect("a status line");
+    drop(rep);
+    let a = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks);
+    assert_eq!(Some(status), a.report.status);
+}
