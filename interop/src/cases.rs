@@ -153,6 +153,8 @@ fn ask(
                 path,
                 data_crc: q.data_crc,
                 workload: None,
+                backing: None,
+                out: None,
             });
         }
         let disk = dir.join("backing.disk");
@@ -325,6 +327,8 @@ pub fn kernel_writes(kernel: &Kernel, work: &Path, fixture: Option<&Path>) -> Ca
             path: path.clone(),
             data_crc: false,
             workload: Some(KERNEL_WRITES.into()),
+            backing: None,
+            out: None,
         }];
         let boot = qemu::boot(kernel, &images, &disk, &dir, BOOT_TIMEOUT)?;
         let verdict = boot.verdicts.into_iter().next().unwrap_or_default();
