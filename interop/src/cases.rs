@@ -24,6 +24,7 @@ pub const CASES: &[&str] = &[
     "kernel-writes",
     "hostile-images",
     "power-cuts",
+    "module-writes",
 ];
 
 /// Time budget of one boot (TCG boots take 5–12 s; a batch activates up to 8 images).
@@ -43,7 +44,7 @@ pub enum CaseError {
     Setup(String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CaseError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CaseError {
     let what = what.into();
     move |source| CaseError::Io { what, source }
 }
@@ -60,7 +61,7 @@ pub struct StrictSide {
 }
 
 impl StrictSide {
-    fn of(r: &ActivationReport) -> Self {
+    pub(crate) fn of(r: &ActivationReport) -> Self {
         let kind = serde_json::to_value(&r.refusal)
             .ok()
             .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string));
@@ -100,7 +101,7 @@ pub struct CaseResult {
 
 /// The options of every host-side activation here: strict mode, the
 /// kernel's default `data_crc false` unless a case says otherwise.
-fn strict(data_crc: bool) -> Options {
+pub(crate) fn strict(data_crc: bool) -> Options {
     Options {
         mode: Mode::Strict,
         data_crc,
@@ -201,7 +202,7 @@ fn ask(
     Ok((out, boots))
 }
 
-fn finish(name: &str, r: Result<(Vec<Comparison>, Vec<f64>), CaseError>) -> CaseResult {
+pub(crate) fn finish(name: &str, r: Result<(Vec<Comparison>, Vec<f64>), CaseError>) -> CaseResult {
     match r {
         Ok((comparisons, boots)) => CaseResult {
             name: name.into(),
