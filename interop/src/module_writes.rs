@@ -510,23 +510,36 @@ fn judge(
             d.describe("the kernel read", "the model holds")
         ));
     }
-    // Writeback: once dirty_tail reached key_head (status after the reads)
-    // every dirty key is on the backing disk, so it must hold the model too.
-    if let Some(st) = kernel
-        .status
-        .as_ref()
-        .filter(|s| s.dirty_tail == s.key_head)
-    {
+    // Writeback: once dirty_tail has passed the key_head the kernel found
+    // (the reads after it only add CLEAN keys, which writeback skips), every
+    // key we wrote is on the backing disk, so it must hold the model too.
+    let first = output("status").and_then(DmStatus::parse);
+    if let Some(dt) = written_back(first.as_ref(), kernel.status.as_ref()) {
         if let Some(d) = first_sector_difference(backing, &w.expected) {
             diffs.push(format!(
-                "backing disk after the kernel's writeback (dirty_tail {}:{} = key_head): {}",
-                st.dirty_tail.0,
-                st.dirty_tail.1,
+                "backing disk after the kernel's writeback (dirty_tail {}:{}): {}",
+                dt.0,
+                dt.1,
                 d.describe("the disk holds", "the model holds")
             ));
         }
     }
     diffs
+}
+
+/// The dirty_tail showing that writeback passed everything the activation
+/// found dirty (`first`: the status before the reads; `last`: after them),
+/// if one does. Only positions in key_head's own segment are judged: past
+/// a segment switch the log's order is not the positions' order.
+fn written_back(first: Option<&DmStatus>, last: Option<&DmStatus>) -> Option<(u32, u32)> {
+    let first = first?;
+    if first.dirty_tail == first.key_head {
+        return Some(first.dirty_tail);
+    }
+    let last = last?;
+    let (seg, off) = first.key_head;
+    (last.dirty_tail == last.key_head || (last.dirty_tail.0 == seg && last.dirty_tail.1 >= off))
+        .then_some(last.dirty_tail)
 }
 
 fn parse_pos(s: &str) -> Option<(u32, u32)> {
@@ -631,4 +644,96 @@ pub fn module_writes(kernel: &Kernel, work: &Path, fixture: &Path) -> CaseResult
         Ok((out, boots))
     };
     finish("module-writes", run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::KernelVerdict;
+
+    fn written() -> Written {
+        let mut steps = Steps::default();
+        for i in 0..130 {
+            steps.write(i * 4 * KIB, 4 * KIB, false);
+        }
+        steps.write(MIB - 8 * KIB, 3 * SECTOR, true);
+        write_image(
+            SparsePmem::new(512 * MIB),
+            vec![0; MIB as usize],
+            Mode::Strict,
+            false,
+            &steps.steps,
+        )
+        .unwrap()
+    }
+
+    /// What the guest prints for a kernel that does what we predict, its
+    /// writeback having reached `dirty_tail`.
+    fn faithful(w: &Written, sha: &str, dirty_tail: &str) -> KernelVerdict {
+        let f: Vec<&str> = w.strict_status.split_whitespace().collect();
+        let status = format!("0 2048 pcache {} {dirty_tail} {}", f[..7].join(" "), f[8]);
+        KernelVerdict {
+            activated: true,
+            done: true,
+            workload_ok: Some(true),
+            status: DmStatus::parse(&status),
+            outputs: vec![format!("status {status}"), format!("sha256 {sha}  -")],
+            ..KernelVerdict::default()
+        }
+    }
+
+    #[test]
+    fn the_judge_passes_a_faithful_kernel_and_names_each_departure() {
+        let w = written();
+        let sha = sha256(&w.expected).unwrap();
+        let f: Vec<String> = w
+            .strict_status
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        let (head, ours_dt) = (&f[6], &f[7]);
+        let ok = faithful(&w, &sha, ours_dt);
+        let same = &w.expected;
+        assert!(judge(&w, &ok, &sha, same, same).is_empty());
+        // Writeback may have moved dirty_tail to a later record, not elsewhere.
+        let later = format!("{}:{}", w.records[1].0, w.records[1].1);
+        assert!(judge(&w, &faithful(&w, &sha, &later), &sha, same, same).is_empty());
+        let d = judge(&w, &faithful(&w, &sha, "0:8"), &sha, same, same);
+        assert!(
+            d.len() == 1 && d[0].contains("not a record boundary"),
+            "{d:?}"
+        );
+        // Another key_head.
+        let mut moved = ok.clone();
+        moved.outputs[0] = moved.outputs[0].replace(&format!(" {head} "), " 0:24 ");
+        let d = judge(&w, &moved, &sha, same, same);
+        assert!(d.len() == 1 && d[0].starts_with("status:"), "{d:?}");
+        // A misplaced sector in what the kernel read, and so its sha.
+        let mut read = w.expected.clone();
+        read.copy_within(4096..4608, 8192);
+        let d = judge(&w, &ok, &sha256(&read).unwrap(), &read, same);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0].starts_with("sha256 of the kernel's first read"));
+        assert_eq!(
+            d[1],
+            "content (the kernel's second read): first differing sector 16 (byte 0x2000): \
+             the kernel read a pattern sector naming write 2 and sector 8 (torn or misplaced), \
+             the model holds write 3's sector 16"
+        );
+        // The backing disk is judged once writeback passed key_head, not before.
+        let zeros = vec![0u8; w.expected.len()];
+        assert!(judge(&w, &ok, &sha, same, &zeros).is_empty());
+        let d = judge(&w, &faithful(&w, &sha, head), &sha, same, &zeros);
+        assert!(d.len() == 1 && d[0].starts_with("backing disk"), "{d:?}");
+        // A refusal says only that.
+        let refused = KernelVerdict {
+            done: true,
+            error: Some("reload ioctl failed".into()),
+            ..KernelVerdict::default()
+        };
+        assert_eq!(
+            judge(&w, &refused, &sha, same, same),
+            ["the kernel refused the image: reload ioctl failed"]
+        );
+    }
 }
