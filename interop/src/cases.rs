@@ -24,6 +24,7 @@ pub const CASES: &[&str] = &[
     "kernel-writes",
     "hostile-images",
     "power-cuts",
+    "module-writes",
 ];
 
 /// Time budget of one boot (TCG boots take 5–12 s; a batch activates up to 8 images).
@@ -43,7 +44,7 @@ pub enum CaseError {
     Setup(String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CaseError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CaseError {
     let what = what.into();
     move |source| CaseError::Io { what, source }
 }
@@ -60,7 +61,7 @@ pub struct StrictSide {
 }
 
 impl StrictSide {
-    fn of(r: &ActivationReport) -> Self {
+    pub(crate) fn of(r: &ActivationReport) -> Self {
         let kind = serde_json::to_value(&r.refusal)
             .ok()
             .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string));
@@ -100,7 +101,7 @@ pub struct CaseResult {
 
 /// The options of every host-side activation here: strict mode, the
 /// kernel's default `data_crc false` unless a case says otherwise.
-fn strict(data_crc: bool) -> Options {
+pub(crate) fn strict(data_crc: bool) -> Options {
     Options {
         mode: Mode::Strict,
         data_crc,
@@ -153,6 +154,8 @@ fn ask(
                 path,
                 data_crc: q.data_crc,
                 workload: None,
+                backing: None,
+                out: None,
             });
         }
         let disk = dir.join("backing.disk");
@@ -199,7 +202,7 @@ fn ask(
     Ok((out, boots))
 }
 
-fn finish(name: &str, r: Result<(Vec<Comparison>, Vec<f64>), CaseError>) -> CaseResult {
+pub(crate) fn finish(name: &str, r: Result<(Vec<Comparison>, Vec<f64>), CaseError>) -> CaseResult {
     match r {
         Ok((comparisons, boots)) => CaseResult {
             name: name.into(),
@@ -325,6 +328,8 @@ pub fn kernel_writes(kernel: &Kernel, work: &Path, fixture: Option<&Path>) -> Ca
             path: path.clone(),
             data_crc: false,
             workload: Some(KERNEL_WRITES.into()),
+            backing: None,
+            out: None,
         }];
         let boot = qemu::boot(kernel, &images, &disk, &dir, BOOT_TIMEOUT)?;
         let verdict = boot.verdicts.into_iter().next().unwrap_or_default();

@@ -10,10 +10,12 @@
 //!   console is parsed into a [`qemu::KernelVerdict`] per image.
 //! - [`cases`]: what is compared (first activations byte for byte, hostile
 //!   images and power-cut states against strict mode).
+//! - [`module_writes`]: the module writes data, the kernel reads it.
 //! - [`report`]: `result.json`, `findings.md`.
 
 pub mod cases;
 pub mod image;
+pub mod module_writes;
 pub mod prepare;
 pub mod qemu;
 pub mod report;

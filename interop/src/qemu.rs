@@ -7,6 +7,12 @@
 //! and removes it (deactivation writes nothing), then the next image. QEMU
 //! maps the files shared, so what the kernel wrote is in them after the boot.
 //! Callers pass copies: a boot writes its images.
+//!
+//! The backing device is the boot's shared disk unless an image brings its
+//! own (a cache holding dirty data needs the backing device its data belongs
+//! to, and the kernel's writeback writes it); an image may also bring an
+//! output disk its workload writes (`$OUT`), for results too big for the
+//! console. Both are virtio-blk devices at fixed slots too.
 
 use crate::prepare::Kernel;
 use serde::Serialize;
@@ -19,6 +25,10 @@ use std::time::{Duration, Instant};
 pub const MAX_IMAGES: usize = 8;
 /// First PCI slot of the virtio-pmem devices.
 const FIRST_SLOT: usize = 0x10;
+/// First PCI slot of the images' own backing disks.
+const FIRST_BACKING_SLOT: usize = 0x18;
+/// First PCI slot of the images' output disks.
+const FIRST_OUT_SLOT: usize = 0x08;
 
 /// One image to activate.
 #[derive(Clone, Debug)]
@@ -29,9 +39,16 @@ pub struct BootImage {
     pub path: PathBuf,
     /// The target's `data_crc` option.
     pub data_crc: bool,
-    /// Shell commands run on the active target (its block device is `$DM`) before
-    /// its status is read: a workload that makes the kernel write its log.
+    /// Shell commands run on the active target (its block device is `$DM`,
+    /// the image's name `$NAME`, its output disk `$OUT`) before its status is
+    /// read: a workload that makes the kernel write its log. Lines it prints
+    /// as `@@OUT $NAME text` are the verdict's `outputs`.
     pub workload: Option<String>,
+    /// The image's own backing disk (else the boot's shared one); the
+    /// target's length is its size.
+    pub backing: Option<PathBuf>,
+    /// A disk the workload may write, as `$OUT`.
+    pub out: Option<PathBuf>,
 }
 
 /// `dmsetup status` of the target (the format document's device-mapper section).
@@ -111,6 +128,9 @@ pub struct KernelVerdict {
     pub done: bool,
     /// Whether the image's workload (if any) ended with status 0.
     pub workload_ok: Option<bool>,
+    /// What the workload printed as `@@OUT`, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
 }
 
 /// Why a boot did not give verdicts.
@@ -146,15 +166,22 @@ pub struct Boot {
 /// The guest script activating each image in turn.
 fn script(images: &[BootImage]) -> String {
     let mut s = String::from(
-        r#"S=$(blockdev --getsz /dev/vda)
-act() {
-  dev=""
-  for b in /sys/block/pmem*; do
-    case "$(readlink -f $b/device)" in *"0000:00:$1.0/"*) dev=$(basename $b);; esac
+        r#"# The block device (pmem* or vd*) at PCI slot $2.
+at_slot() {
+  for b in /sys/block/$1*; do
+    case "$(readlink -f $b/device)" in *"0000:00:$2.0/"*) basename $b;; esac
   done
-  echo "@@IMAGE $2 $dev"
+}
+# act PMEM_SLOT NAME DATA_CRC BACKING_SLOT OUT_SLOT (slots: - for none)
+act() {
+  dev=$(at_slot pmem $1)
+  back=vda; [ "$4" = - ] || back=$(at_slot vd $4)
+  OUT=""; [ "$5" = - ] || OUT=/dev/$(at_slot vd $5)
+  NAME=$2
+  S=$(blockdev --getsz /dev/$back)
+  echo "@@IMAGE $2 $dev $back"
   dmesg -c > /dev/null
-  if dmsetup create pc --table "0 $S pcache /dev/$dev /dev/vda 4 cache_mode writeback data_crc $3" 2>/tmp/err; then
+  if dmsetup create pc --table "0 $S pcache /dev/$dev /dev/$back 4 cache_mode writeback data_crc $3" 2>/tmp/err; then
     echo "@@ACTIVATED $2"
     # The target's block device (devtmpfs names it; no udev for /dev/mapper).
     DM=/dev/$(cd /sys/block && ls -d dm-* | head -n 1)
@@ -179,11 +206,17 @@ act() {
             ));
             s.push_str(&format!("mv /tmp/work-{0} /tmp/work-{0}.sh\n", img.name));
         }
+        let slot = |own: &Option<PathBuf>, first: usize| match own {
+            Some(_) => format!("{:02x}", first + i),
+            None => "-".into(),
+        };
         s.push_str(&format!(
-            "act {:02x} {} {}\n",
+            "act {:02x} {} {} {} {}\n",
             FIRST_SLOT + i,
             img.name,
-            img.data_crc
+            img.data_crc,
+            slot(&img.backing, FIRST_BACKING_SLOT),
+            slot(&img.out, FIRST_OUT_SLOT)
         ));
     }
     s
@@ -230,6 +263,21 @@ pub fn boot(
             "virtio-pmem-pci,memdev=pm{i},addr={:#x}",
             FIRST_SLOT + i
         ));
+        for (disk, id, first) in [
+            (&img.backing, "bd", FIRST_BACKING_SLOT),
+            (&img.out, "od", FIRST_OUT_SLOT),
+        ] {
+            if let Some(path) = disk {
+                cmd.arg("-drive").arg(format!(
+                    "file={},format=raw,if=none,id={id}{i}",
+                    path.display()
+                ));
+                cmd.arg("-device").arg(format!(
+                    "virtio-blk-pci,drive={id}{i},addr={:#x}",
+                    first + i
+                ));
+            }
+        }
     }
     cmd.arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", disk.display()));
@@ -340,6 +388,7 @@ pub fn verdict(console: &str, name: &str) -> KernelVerdict {
             "REFUSED" => v.error = Some(rest.to_string()),
             "KMSG" => v.messages.push(strip_timestamp(rest).to_string()),
             "WORKLOAD" => v.workload_ok = Some(rest == "rc=0"),
+            "OUT" => v.outputs.push(rest.to_string()),
             "DONE" => v.done = true,
             _ => {}
         }
@@ -388,10 +437,11 @@ mod tests {
 
     #[test]
     fn verdicts_are_read_per_image_from_noisy_consoles() {
-        let console = "\x1b[2J@@BOOTED\n@@IMAGE a pmem0\n@@ACTIVATED a\n@@STATUS a 0 131072 pcache 0 31 31 1 70 1182 0:0 0:0 0:0\n@@KMSG a [    5.5] dm_pcache: loading out-of-tree module taints kernel.\n@@DONE a\n@@IMAGE ab pmem1\n@@REFUSED ab device-mapper: reload ioctl on pc  failed: Invalid argument \n@@KMSG ab [    6.1] dm-pcache: sb_validate:198 253:0 corrupted sb: 1, expected: 2\n@@DONE ab\n@@END\n";
+        let console = "\x1b[2J@@BOOTED\n@@IMAGE a pmem0\n@@ACTIVATED a\n@@OUT a sha256 0f00\n@@OUT ab x\n@@STATUS a 0 131072 pcache 0 31 31 1 70 1182 0:0 0:0 0:0\n@@KMSG a [    5.5] dm_pcache: loading out-of-tree module taints kernel.\n@@DONE a\n@@IMAGE ab pmem1\n@@REFUSED ab device-mapper: reload ioctl on pc  failed: Invalid argument \n@@KMSG ab [    6.1] dm-pcache: sb_validate:198 253:0 corrupted sb: 1, expected: 2\n@@DONE ab\n@@END\n";
         let a = verdict(console, "a");
         assert!(a.activated && a.done && a.error.is_none());
         assert_eq!(a.status.unwrap().seg_num, 31);
+        assert_eq!(a.outputs, ["sha256 0f00"]);
         assert_eq!(
             a.messages,
             ["dm_pcache: loading out-of-tree module taints kernel."]
@@ -418,19 +468,24 @@ mod tests {
                 path: "/a".into(),
                 data_crc: false,
                 workload: None,
+                backing: None,
+                out: None,
             },
             BootImage {
                 name: "y".into(),
                 path: "/b".into(),
                 data_crc: true,
                 workload: Some("sync".into()),
+                backing: Some("/b.disk".into()),
+                out: Some("/b.out".into()),
             },
         ];
         let s = script(&imgs);
         assert!(
-            s.contains("act 10 x false\ncat > /tmp/work-y <<'WORKLOAD'\nsync\nWORKLOAD\n"),
+            s.contains("act 10 x false - -\ncat > /tmp/work-y <<'WORKLOAD'\nsync\nWORKLOAD\n"),
             "{s}"
         );
-        assert!(s.ends_with("act 11 y true\n"), "{s}");
+        // The second image's own disks sit at the second backing and output slots.
+        assert!(s.ends_with("act 11 y true 19 09\n"), "{s}");
     }
 }

@@ -12,10 +12,12 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct InteropArgs {
-    /// Run only this case (repeatable): first-activation, hostile-images, power-cuts.
+    /// Run only this case (repeatable): first-activation, kernel-writes,
+    /// hostile-images, power-cuts, module-writes.
     #[arg(long = "case", value_parser = clap::builder::PossibleValuesParser::new(cases::CASES))]
     pub cases: Vec<String>,
-    /// Crash states per distinct strict result class, in power-cuts.
+    /// Crash states per distinct strict result class, in power-cuts (the
+    /// other cases have nothing to sample).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub sample: u64,
     /// Keep the boots' images (512 MiB sparse files) beside the consoles.
@@ -56,6 +58,11 @@ pub fn interop(args: InteropArgs) -> Result<()> {
                 &work,
                 &workspace_root().join("scenarios"),
                 args.sample as usize,
+            ),
+            "module-writes" => interop::module_writes::module_writes(
+                &kernel,
+                &work,
+                &workspace_root().join("interop/fixtures/kernel-writes-512M.img.zst"),
             ),
             other => unreachable!("clap only accepts known cases, got {other}"),
         };
