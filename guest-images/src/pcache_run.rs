@@ -4,7 +4,7 @@
 //! generated workloads, verify), markers, trace control, test faults. Each
 //! step sends one `StepResult` message (JSON); every workload op (a write, a
 //! flush, a close-ksets, each op of a `gen`) also writes the marker
-//! `op_done(k)` when it completes, k counting ops from 0 in the order
+//! `op_done(k)` when it completes (unless `pcache.markers=off`), k counting ops from 0 in the order
 //! `guest_cmdline::ops_of_steps` lists them, so the host knows which writes
 //! were acknowledged before a power cut. The whole list is parsed before the
 //! first step runs, so a malformed command has no side effects.
@@ -277,7 +277,11 @@ fn run_op(op: Op, s: &mut State, devices: &mut Devices) -> Result<(), Failure> {
                 .map_err(|e| io_failed(e.into()))?;
         }
     }
-    channel::marker(protocol::markers::op_done(s.ops_done));
+    // Like the crash-point markers, switched off by `pcache.markers=off`
+    // (recovery boots and benchmarks, where nobody cuts power).
+    if s.hooks.on {
+        channel::marker(protocol::markers::op_done(s.ops_done));
+    }
     s.ops_done += 1;
     Ok(())
 }

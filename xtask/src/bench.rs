@@ -279,5 +279,126 @@ fn pcache_boots_in(kernel: &Path, runs: usize, dir: &Path) -> Result<()> {
         serde_json::json!(t.median),
     );
     println!("{}", serde_json::Value::Object(json));
+    data_path_boots(&env, runs, dir)
+}
+
+/// Requests per data-path boot (the command line holds at most 4 KiB).
+const DATA_OPS: u64 = 60;
+
+/// The data path inside the guest (ring 3, untraced, markers off): the cost
+/// of one 4 KiB request is the difference between a boot that makes
+/// `DATA_OPS` of them and the same boot without them, divided by
+/// `DATA_OPS`; VM exits likewise. Replay: a `start` on a device whose log
+/// holds 10,000 keys against one on an empty log.
+fn data_path_boots(env: &Env, runs: usize, dir: &Path) -> Result<()> {
+    let writes = |mode: &str, fua: bool| {
+        let mut s = format!("pcache.markers=off pcache.run=start:mode={mode}");
+        for i in 0..DATA_OPS {
+            s += &format!(";write:{:#x}:4096:{}", i * 8192, i + 1);
+            if fua {
+                s += ":fua";
+            }
+        }
+        s
+    };
+    let reads = |base: String| {
+        let mut s = base;
+        for i in 0..DATA_OPS {
+            s += &format!(";read:{:#x}:4096", i * 8192);
+        }
+        s
+    };
+    let cases: Vec<(&str, String)> = vec![
+        ("base", "pcache.markers=off pcache.run=start".into()),
+        ("write", writes("recover", false)),
+        ("write-fua", writes("recover", true)),
+        ("write-fua-strict", writes("strict", true)),
+        ("write-fua+read-hit", reads(writes("recover", true))),
+    ];
+    for (_, c) in &cases {
+        anyhow::ensure!(c.len() < 4000, "bench command line too long");
+    }
+    // 10,000 keys, written by the module on the host (2,500 writes of 16 KiB
+    // cut in 4 KiB keys would differ; 10,000 writes of 4 KiB, flushed).
+    let keys = dir.join("10000-keys.img");
+    std::fs::copy(&env.formatted, &keys)?;
+    {
+        let mut pmem = pcache::pmem::FilePmem::open(&keys)?;
+        let backing = pcache::backing::VecBacking::new(64 << 11);
+        let opts = pcache::Options {
+            mode: pcache::Mode::Recover,
+            data_crc: false,
+        };
+        let mut cache = pcache::start(&mut pmem, &opts, &mut pcache::NoHooks)
+            .cache
+            .context("the formatted image does not open")?;
+        let data = vec![0x5au8; 4096];
+        for k in 0..10_000u64 {
+            cache
+                .write(
+                    &mut pmem,
+                    &backing,
+                    &mut pcache::NoHooks,
+                    (k * 4096) % (32 << 20),
+                    &data,
+                    false,
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        pcache::deactivate(cache, &mut pmem, &mut pcache::NoHooks)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let mut samples: Vec<(Vec<f64>, u64)> = vec![(vec![], 0); cases.len() + 1];
+    for _ in 0..runs {
+        for (i, (_, cmdline)) in cases.iter().enumerate() {
+            let r = env.boot(env.config(&env.formatted, cmdline)?, &[])?;
+            samples[i].0.push(ms(r.stats.stop_ns));
+            samples[i].1 = r.stats.exits;
+        }
+        let r = env.boot(
+            env.config(&keys, "pcache.markers=off pcache.run=start")?,
+            &["opened"],
+        )?;
+        samples[cases.len()].0.push(ms(r.stats.stop_ns));
+        samples[cases.len()].1 = r.stats.exits;
+    }
+    let med: Vec<(f64, u64)> = samples
+        .into_iter()
+        .map(|(v, e)| (stat(v).median, e))
+        .collect();
+    let per_op = |i: usize, base: usize| {
+        (
+            (med[i].0 - med[base].0) * 1e3 / DATA_OPS as f64,
+            (med[i].1 as f64 - med[base].1 as f64) / DATA_OPS as f64,
+        )
+    };
+    println!("pcache data path in the guest ({runs} runs each, medians; {DATA_OPS} requests per boot, minus the same boot without them)");
+    let mut json = serde_json::Map::new();
+    for (label, key, i, base) in [
+        (
+            "4 KiB write, key left in the open key-set (recover)",
+            "write_4k",
+            1,
+            0,
+        ),
+        ("4 KiB write, FUA (recover)", "write_4k_fua", 2, 0),
+        ("4 KiB write, FUA (strict)", "write_4k_fua_strict", 3, 0),
+        ("4 KiB read hit", "read_4k_hit", 4, 2),
+    ] {
+        let (us, exits) = per_op(i, base);
+        println!("  {label:<56} {us:8.1} µs, {exits:5.1} VM exits");
+        json.insert(format!("{key}_us"), serde_json::json!(us));
+        json.insert(format!("{key}_exits"), serde_json::json!(exits));
+    }
+    let replay = med[cases.len()].0 - med[0].0;
+    println!(
+        "  {:<56} {:8.2} ms ({} exits, empty log: {})",
+        "start on a log of 10,000 keys, minus an empty log",
+        replay,
+        med[cases.len()].1,
+        med[0].1
+    );
+    json.insert("replay_10000_keys_ms".into(), serde_json::json!(replay));
+    println!("{}", serde_json::Value::Object(json));
     Ok(())
 }
