@@ -113,6 +113,31 @@ impl Backing for VecBacking {
     }
 }
 
+/// A read-only backing device of zeros that takes no memory (a disk that was
+/// never written, of any size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZeroBacking {
+    /// Size in sectors.
+    pub sectors: u64,
+}
+
+impl Backing for ZeroBacking {
+    fn sectors(&self) -> u64 {
+        self.sectors
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        check(sector, buf.len(), self.sectors)?;
+        buf.fill(0);
+        Ok(())
+    }
+    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), BackingError> {
+        Err(BackingError::ReadOnly)
+    }
+    fn flush(&mut self) -> Result<(), BackingError> {
+        Ok(())
+    }
+}
+
 #[cfg(feature = "std")]
 pub use host::FileBacking;
 
@@ -145,6 +170,17 @@ mod host {
                 sectors,
                 writable: true,
             })
+        }
+
+        /// A backing device over an open file of `size` bytes (rounded down
+        /// to sectors; a block device's size comes from the device, not its
+        /// metadata, so the caller gives it).
+        pub fn from_file(file: File, size: u64, writable: bool) -> Self {
+            FileBacking {
+                file,
+                sectors: size / SECTOR as u64,
+                writable,
+            }
         }
 
         /// Opens `path` read-only.

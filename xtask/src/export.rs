@@ -5,8 +5,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use pcache::format::data_pos;
-use pcache::pmem::{FilePmem, Pmem, SparsePmem};
+use pcache::backing::{Backing, FileBacking, ZeroBacking};
+use pcache::pmem::{FilePmem, SparsePmem};
 use pcache::{start, Mode, NoHooks, Options, Outcome};
 use std::io::Write as _;
 use std::os::unix::fs::FileExt;
@@ -56,7 +56,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         data_crc: args.data_crc,
     };
     let activation = start(&mut copy, &opts, &mut NoHooks);
-    let Some(cache) = activation
+    let Some(mut cache) = activation
         .cache
         .filter(|_| activation.report.outcome == Outcome::Opened)
     else {
@@ -87,42 +87,53 @@ pub fn export(args: ExportArgs) -> Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     out.set_len(size)?;
     // The backing device first, then the cache's keys over it.
-    if let Some((d, _)) = &disk {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = 0;
-        while off < size {
-            let n = buf.len().min((size - off) as usize);
-            d.file.read_exact_at(&mut buf[..n], off)?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                out.write_all_at(&buf[..n], off)?;
-            }
-            off += n as u64;
-        }
-    }
     let (mut extents, mut bytes, mut beyond) = (0u64, 0u64, 0u64);
-    let mut data = Vec::new();
     for e in cache.index().extents() {
         if e.off >= size {
             beyond += 1;
             continue;
         }
-        let len = (e.len as u64).min(size - e.off) as usize;
-        let pseg = cache
-            .pseg(e.cache_seg_id)
-            .context("an extent in a segment outside the chain")?;
-        data.resize(len, 0);
-        copy.read(data_pos(pseg, e.cache_seg_off), &mut data)
-            .map_err(|err| anyhow::anyhow!("reading cached data: {err}"))?;
-        out.write_all_at(&data, e.off)?;
         extents += 1;
-        bytes += len as u64;
+        bytes += (e.len as u64).min(size - e.off);
+    }
+    let source = disk
+        .as_ref()
+        .map_or("zeros (no --disk)".to_string(), |(_, p)| {
+            p.display().to_string()
+        });
+    // Every byte as a read through the module returns it (cached extents
+    // from the in-memory copy, the rest from the backing device); the
+    // misses it fills go into the copy, never into the user's image.
+    let mut backing: Box<dyn Backing> = match disk {
+        Some((d, _)) => Box::new(FileBacking::from_file(d.file, d.size, false)),
+        None => Box::new(ZeroBacking {
+            sectors: size.div_ceil(512),
+        }),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = buf.len().min((size - off) as usize);
+        cache
+            .read(
+                &mut copy,
+                backing.as_mut(),
+                &mut NoHooks,
+                off,
+                &mut buf[..n],
+            )
+            .map_err(|e| anyhow::anyhow!("reading {off:#x}+{n} through the module: {e}"))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            out.write_all_at(&buf[..n], off)?;
+        }
+        off += n as u64;
     }
     out.flush()?;
     println!(
         "{}: {size} bytes; {extents} cached extent(s), {bytes} bytes from the cache (key_head {}), the rest from {}",
         args.out.display(),
         cache.key_head(),
-        disk.map_or("zeros (no --disk)".to_string(), |(_, p)| p.display().to_string())
+        source
     );
     if beyond > 0 {
         println!("warning: {beyond} cached extent(s) lie beyond the backing device's end and were left out");
