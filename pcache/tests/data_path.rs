@@ -34,6 +34,15 @@ fn patterned_disk() -> VecBacking {
     d
 }
 
+/// A freshly formatted 512 MiB cache in recover mode.
+fn fresh_cache() -> (SparsePmem, Cache) {
+    let mut pmem = SparsePmem::new(PMEM);
+    let cache = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
+        .cache
+        .unwrap();
+    (pmem, cache)
+}
+
 fn content(id: u32, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (id as u8).wrapping_mul(31) ^ (i / 512) as u8 ^ (i as u8))
@@ -125,11 +134,8 @@ proptest! {
 
 #[test]
 fn keys_are_cut_at_4_mib_and_at_the_end_of_a_data_segment() {
-    let mut pmem = SparsePmem::new(PMEM);
+    let (mut pmem, mut cache) = fresh_cache();
     let disk = VecBacking::new(DISK / 512);
-    let mut cache = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
-        .cache
-        .unwrap();
     // 1 MiB straddling the 4 MiB boundary: two keys.
     let off = CACHE_SUBTREE_SIZE - 512 * 1024;
     cache
@@ -238,11 +244,8 @@ fn a_write_fences_its_data_before_its_key_set_and_fua_closes_it() {
 
 #[test]
 fn a_full_log_segment_switches_with_a_last_record() {
-    let mut pmem = SparsePmem::new(PMEM);
+    let (mut pmem, mut cache) = fresh_cache();
     let disk = VecBacking::new(DISK / 512);
-    let mut cache = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
-        .cache
-        .unwrap();
     // One-key FUA writes of 512 bytes: 64 bytes of log each.
     let per_seg = (DATA_SIZE - 24) / 64;
     let mut i = 0u64;
@@ -281,11 +284,8 @@ fn a_full_log_segment_switches_with_a_last_record() {
 
 #[test]
 fn without_gc_a_full_cache_refuses_writes_and_says_so() {
-    let mut pmem = SparsePmem::new(PMEM);
+    let (mut pmem, mut cache) = fresh_cache();
     let disk = VecBacking::new(1024 * MB / 512);
-    let mut cache = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
-        .cache
-        .unwrap();
     let chunk = content(9, 4 * MB as usize);
     let mut off = 0;
     let err = loop {
@@ -309,11 +309,8 @@ fn without_gc_a_full_cache_refuses_writes_and_says_so() {
 
 #[test]
 fn bad_requests_are_errors_not_writes() {
-    let mut pmem = SparsePmem::new(PMEM);
+    let (mut pmem, mut cache) = fresh_cache();
     let disk = VecBacking::new(DISK / 512);
-    let mut cache = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
-        .cache
-        .unwrap();
     let before = pmem.clone();
     assert!(matches!(
         cache.write(&mut pmem, &disk, &mut NoHooks, 100, &[0; 512], false),
@@ -348,11 +345,8 @@ fn bad_requests_are_errors_not_writes() {
 #[test]
 fn the_inspector_tells_current_overridden_and_partly_overridden_keys_and_the_status() {
     use pcache::inspect::{inspect, InspectOptions, KeyState};
-    let mut pmem = SparsePmem::new(PMEM);
+    let (mut pmem, mut cache) = fresh_cache();
     let disk = VecBacking::new(DISK / 512);
-    let mut cache = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
-        .cache
-        .unwrap();
     for (off, len) in [(0u64, 8192usize), (0, 8192), (4096, 8192), (65536, 4096)] {
         cache
             .write(&mut pmem, &disk, &mut NoHooks, off, &content(1, len), false)
