@@ -349,3 +349,28 @@ fn the_kernels_key_set_order_can_resurrect_an_older_caches_records_and_recover_m
     assert!(found[0] > 0, "strict: no state resurrected the older cache");
     assert_eq!(found[1], 0, "recover: a state resurrected the older cache");
 }
+
+#[test]
+fn a_cut_after_every_single_store_of_a_small_workload_recovers_to_allowed_content() {
+    // Small writes, so that every store can be a cut: overwrites, a write
+    // across the 4 MiB boundary, FUA, a flush, and a key-set left open.
+    let w = |off: u64, len: u32, id: u32, fua: bool| Op::Write { off, len, id, fua };
+    let ops = vec![
+        w(0, 1024, 1, false),
+        w(512, 1024, 2, false),
+        w((4 << 20) - 512, 1024, 3, true),
+        Op::Flush,
+        w(0, 512, 4, false),
+        Op::CloseKsets,
+        w(1024, 1536, 5, true),
+        w(512, 512, 6, false),
+    ];
+    for mode in [Mode::Strict, Mode::Recover] {
+        let r = record(mode, false, ops.clone());
+        let n = r.rec.events().len();
+        for cut in 0..=n {
+            let v = judge(&r, r.rec.image_at(cut), cut, mode, false);
+            assert!(v.is_empty(), "{mode:?}: cut {cut} of {n}: {v:?}");
+        }
+    }
+}
