@@ -113,6 +113,88 @@ impl Backing for VecBacking {
     }
 }
 
+/// A test double with a volatile write cache, like a disk: a write is
+/// durable only after a completed [`Backing::flush`], each 512-byte sector
+/// on its own. Faults can be injected: every write, or every flush, fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolatileBacking {
+    durable: Vec<u8>,
+    /// Written since the last flush, per sector (the latest write wins).
+    pending: alloc::collections::BTreeMap<u64, [u8; SECTOR]>,
+    /// Writes fail with an I/O error.
+    pub fail_writes: bool,
+    /// Flushes fail with an I/O error (and make nothing durable).
+    pub fail_flushes: bool,
+}
+
+impl VolatileBacking {
+    /// A device of `sectors` sectors holding `init(lba)`'s content, durable.
+    pub fn new(sectors: u64, mut init: impl FnMut(u64, &mut [u8; SECTOR])) -> Self {
+        let mut durable = vec![0u8; sectors as usize * SECTOR];
+        for (lba, chunk) in durable.chunks_exact_mut(SECTOR).enumerate() {
+            let s: &mut [u8; SECTOR] = chunk.try_into().expect("a sector");
+            init(lba as u64, s);
+        }
+        VolatileBacking {
+            durable,
+            pending: Default::default(),
+            fail_writes: false,
+            fail_flushes: false,
+        }
+    }
+
+    /// What a power cut now would leave.
+    pub fn durable(&self) -> &[u8] {
+        &self.durable
+    }
+
+    /// Sectors written since the last completed flush.
+    pub fn pending_sectors(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl Backing for VolatileBacking {
+    fn sectors(&self) -> u64 {
+        (self.durable.len() / SECTOR) as u64
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        check(sector, buf.len(), self.sectors())?;
+        for (i, out) in buf.chunks_exact_mut(SECTOR).enumerate() {
+            let lba = sector + i as u64;
+            match self.pending.get(&lba) {
+                Some(p) => out.copy_from_slice(p),
+                None => {
+                    let o = lba as usize * SECTOR;
+                    out.copy_from_slice(&self.durable[o..o + SECTOR]);
+                }
+            }
+        }
+        Ok(())
+    }
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BackingError> {
+        check(sector, buf.len(), self.sectors())?;
+        if self.fail_writes {
+            return Err(BackingError::Io("injected write error".into()));
+        }
+        for (i, s) in buf.chunks_exact(SECTOR).enumerate() {
+            self.pending
+                .insert(sector + i as u64, s.try_into().expect("a sector"));
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), BackingError> {
+        if self.fail_flushes {
+            return Err(BackingError::Io("injected flush error".into()));
+        }
+        for (lba, s) in core::mem::take(&mut self.pending) {
+            let o = lba as usize * SECTOR;
+            self.durable[o..o + SECTOR].copy_from_slice(&s);
+        }
+        Ok(())
+    }
+}
+
 /// A read-only backing device of zeros that takes no memory (a disk that was
 /// never written, of any size).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,13 +16,14 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::cache_dev::SegBitmap;
 use crate::cache_key::{
-    replay, walk_log_with, CachePos, KeyIndex, KeyOnMedia, KsetError, LogStop, Replayed, Rules,
+    replay, walk_log_with, CachePos, KeyIndex, KeyOnMedia, Kset, KsetError, LogStop, Replayed,
+    Rules,
 };
 use crate::format::{
     cache_info_slot_off, le, meta_record, DualRecord, MetaHeader, CACHE_INFO_F_DATA_CRC,
     CACHE_INFO_F_INIT_DONE, CACHE_INFO_GC_MASK, CACHE_INFO_GC_SHIFT, CACHE_INFO_MODE_MASK,
     CACHE_INFO_MODE_SHIFT, CACHE_INFO_OFF, CACHE_INFO_SIZE, CACHE_POS_STRIDE, DATA_SIZE,
-    DIRTY_TAIL_OFF, GC_PERCENT_DEFAULT, KEY_TAIL_OFF, KSET_KEYS_MAX,
+    DIRTY_TAIL_OFF, GC_PERCENT_DEFAULT, GC_PERCENT_MAX, KEY_TAIL_OFF, KSET_KEYS_MAX,
 };
 use crate::hooks::{CrashPoint, Hooks};
 use crate::meta::{read_slots, write_dual, DualCopy, Policy, Slots};
@@ -172,8 +173,8 @@ pub struct Cache {
     /// Where the next key-set goes.
     pub(crate) key_head: CachePos,
     /// Per cache segment: references held by keys and the data head (the
-    /// kernel's refcounts).
-    pub(crate) refs: Vec<u32>,
+    /// kernel's refcounts; signed, because the kernel's can go below zero).
+    pub(crate) refs: Vec<i64>,
     /// The open key-set's keys (one per CPU in the kernel; the guest has one).
     pub(crate) open_kset: Vec<KeyOnMedia>,
     /// Where the next data goes (the kernel's per-CPU data head), if a data
@@ -181,6 +182,13 @@ pub struct Cache {
     pub(crate) data_head: Option<CachePos>,
     /// The next-fit hint of segment allocation (`last_cache_seg`).
     pub(crate) last_cache_seg: u32,
+    /// Segments invalidated since activation (generation bumped, freed).
+    pub(crate) invalidations: u64,
+    /// Why writeback stopped for good (until the next activation), as the
+    /// kernel's writeback does on a record it cannot use.
+    pub(crate) writeback_stopped: Option<alloc::string::String>,
+    /// Why GC stopped for good (the kernel's `gc_errors`).
+    pub(crate) gc_stopped: Option<alloc::string::String>,
 }
 
 impl Cache {
@@ -220,9 +228,21 @@ impl Cache {
     pub fn index(&self) -> &KeyIndex {
         &self.index
     }
-    /// References keys hold on cache segment `cseg`.
-    pub fn refs(&self, cseg: u32) -> u32 {
+    /// References keys and the data head hold on cache segment `cseg`.
+    pub fn refs(&self, cseg: u32) -> i64 {
         self.refs.get(cseg as usize).copied().unwrap_or(0)
+    }
+    /// Segments invalidated since activation.
+    pub fn invalidations(&self) -> u64 {
+        self.invalidations
+    }
+    /// Why writeback stopped for good, if it did.
+    pub fn writeback_stopped(&self) -> Option<&str> {
+        self.writeback_stopped.as_deref()
+    }
+    /// Why GC stopped for good, if it did.
+    pub fn gc_stopped(&self) -> Option<&str> {
+        self.gc_stopped.as_deref()
     }
     /// Physical segment of cache segment `cseg`.
     pub fn pseg(&self, cseg: u32) -> Option<u32> {
@@ -273,6 +293,94 @@ pub fn tail_policy(mode: Mode) -> Policy {
         Mode::Strict => Policy::B,
         Mode::Recover => Policy::BSafe,
     }
+}
+
+impl Cache {
+    /// Persists a tail at run time (C5): the next slot of the mode's update
+    /// policy (strict: the kernel's, whose first update after an activation
+    /// overwrites the newest copy; recover: never the newest copy).
+    pub(crate) fn write_tail<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+        &mut self,
+        pmem: &mut P,
+        hooks: &mut H,
+        tail: Tail,
+        pos: CachePos,
+    ) -> Result<(), PmemError> {
+        let t = match tail {
+            Tail::KeyTail => &mut self.key_tail,
+            Tail::DirtyTail => &mut self.dirty_tail,
+        };
+        write_dual(
+            pmem,
+            hooks,
+            CrashPoint::TailUpdate,
+            tail_base(tail),
+            CACHE_POS_STRIDE,
+            &mut t.state,
+            CachePosOnMedia {
+                cache_seg_id: pos.cache_seg_id.into(),
+                seg_off: pos.seg_off.into(),
+                ..Default::default()
+            },
+        )?;
+        t.pos = pos;
+        Ok(())
+    }
+
+    /// Reads the record at a log position the cache holds (a tail), under
+    /// the mode's rules, as writeback and GC do (`min(5144, space)` bytes).
+    pub(crate) fn read_record_at<P: Pmem + ?Sized>(
+        &self,
+        pmem: &P,
+        pos: CachePos,
+    ) -> Result<Kset, LogStop> {
+        let chain: Vec<u32> = self.segments.iter().map(|s| s.pseg).collect();
+        let mut w =
+            crate::cache_key::LogWalker::new(pmem, &chain, pos).with_rules(rules(self.mode));
+        match w.step() {
+            crate::cache_key::LogStep::Record(r) => Ok(r.kset),
+            crate::cache_key::LogStep::End(e) => Err(e.stop),
+        }
+    }
+
+    /// The gc_percent message (`gc_percent N`, 0..=90): persisted in
+    /// cache_info (C4), as the kernel's.
+    pub fn set_gc_percent<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+        &mut self,
+        pmem: &mut P,
+        hooks: &mut H,
+        percent: u32,
+    ) -> Result<(), GcPercentError> {
+        if percent > GC_PERCENT_MAX {
+            return Err(GcPercentError::OutOfRange { percent });
+        }
+        let mut info = self.info;
+        let flags = info.flags.get() & !(CACHE_INFO_GC_MASK << CACHE_INFO_GC_SHIFT);
+        info.flags
+            .set(flags | (percent & CACHE_INFO_GC_MASK) << CACHE_INFO_GC_SHIFT);
+        let (_, written) = write_cache_info(pmem, hooks, &mut self.info_state, info)
+            .map_err(|error| GcPercentError::Pmem { error })?;
+        self.info = written;
+        Ok(())
+    }
+}
+
+/// Why a gc_percent message was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum GcPercentError {
+    /// Above 90, as the kernel refuses (EINVAL).
+    #[error("gc_percent {percent} is out of range (0..=90)")]
+    OutOfRange {
+        /// The value asked for.
+        percent: u32,
+    },
+    /// The cache_info write failed.
+    #[error("{error}")]
+    Pmem {
+        /// The error.
+        error: PmemError,
+    },
 }
 
 fn tail_base(tail: Tail) -> u64 {
@@ -733,10 +841,13 @@ pub(crate) fn open<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         dev_map,
         index: replayed.index,
         key_head: replayed.key_head,
-        refs: replayed.refs,
+        refs: replayed.refs.iter().map(|&r| r as i64).collect(),
         open_kset: Vec::new(),
         data_head: None,
         last_cache_seg: 0,
+        invalidations: 0,
+        writeback_stopped: None,
+        gc_stopped: None,
     })
 }
 
@@ -872,6 +983,9 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         open_kset: Vec::new(),
         data_head: None,
         last_cache_seg: 0,
+        invalidations: 0,
+        writeback_stopped: None,
+        gc_stopped: None,
     })
 }
 

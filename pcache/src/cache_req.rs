@@ -105,7 +105,12 @@ impl Cache {
     /// `*len` bytes or fewer left, the key takes what is left (`*len`
     /// shrinks) and the head is dropped. Takes a reference for the key.
     /// Returns the position and the segment's generation.
-    fn data_alloc(&mut self, len: &mut u32) -> Result<(CachePos, u64), IoError> {
+    fn data_alloc<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+        &mut self,
+        pmem: &mut P,
+        hooks: &mut H,
+        len: &mut u32,
+    ) -> Result<(CachePos, u64), IoError> {
         loop {
             let Some(head) = self.data_head else {
                 let seg = self.get_cache_segment().ok_or(IoError::CacheFull)?;
@@ -127,7 +132,7 @@ impl Cache {
                 });
             } else {
                 *len = remain;
-                self.seg_put(cseg); // the head leaves the segment
+                self.seg_put(pmem, hooks, cseg)?; // the head leaves the segment
                 self.data_head = None;
             }
             return Ok((head, gen));
@@ -165,10 +170,10 @@ impl Cache {
         force_close: bool,
     ) -> Result<u32, IoError> {
         let mut len = data.len() as u32;
-        let (pos, seg_gen) = self.data_alloc(&mut len)?;
+        let (pos, seg_gen) = self.data_alloc(pmem, hooks, &mut len)?;
         let data = &data[..len as usize];
         if let Err(e) = self.write_data(pmem, hooks, pos, data) {
-            self.seg_put(pos.cache_seg_id);
+            self.seg_put(pmem, hooks, pos.cache_seg_id)?;
             return Err(e.into());
         }
         let extent = Extent {
@@ -196,8 +201,8 @@ impl Cache {
         };
         let removed = self.index.insert_returning(extent);
         if let Err(e) = self.append_key(pmem, hooks, key, force_close) {
-            self.seg_put(pos.cache_seg_id);
             self.index.undo_insert(extent, removed);
+            self.seg_put(pmem, hooks, pos.cache_seg_id)?;
             return Err(e.into());
         }
         Ok(len)

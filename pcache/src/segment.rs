@@ -211,12 +211,52 @@ impl crate::cache::Cache {
         }
     }
 
-    /// `cache_seg_put`. Without GC (issue 12) a count reaching zero frees
-    /// nothing: the segment stays in use until GC invalidates it.
-    pub(crate) fn seg_put(&mut self, cseg: u32) {
-        if let Some(r) = self.refs.get_mut(cseg as usize) {
-            *r = r.saturating_sub(1);
+    /// `cache_seg_put`: drops a reference; the drop that brings the count
+    /// to exactly zero invalidates the segment (as `atomic_dec_and_test`: a
+    /// count already at zero goes negative and invalidates nothing — the
+    /// kernel's unbalanced count after stale keys, `docs/format.md` §10.4).
+    pub(crate) fn seg_put<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+        &mut self,
+        pmem: &mut P,
+        hooks: &mut H,
+        cseg: u32,
+    ) -> Result<(), PmemError> {
+        let Some(r) = self.refs.get_mut(cseg as usize) else {
+            return Ok(());
+        };
+        *r -= 1;
+        if *r == 0 {
+            self.invalidate_segment(pmem, hooks, cseg)?;
         }
+        Ok(())
+    }
+
+    /// `cache_seg_invalidate`: generation + 1, persisted (C7, the other
+    /// slot), then the segment is free for reuse. Keys written under the
+    /// old generation are stale from then on.
+    pub(crate) fn invalidate_segment<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+        &mut self,
+        pmem: &mut P,
+        hooks: &mut H,
+        cseg: u32,
+    ) -> Result<(), PmemError> {
+        let seg = &mut self.segments[cseg as usize];
+        seg.gen += 1;
+        write_dual(
+            pmem,
+            hooks,
+            CrashPoint::SegGen,
+            seg_gen_slot_off(seg.pseg, 0),
+            SEG_GEN_STRIDE,
+            &mut seg.gen_state,
+            SegGen {
+                gen: seg.gen.into(),
+                ..Default::default()
+            },
+        )?;
+        self.seg_map.clear(cseg);
+        self.invalidations += 1;
+        Ok(())
     }
 }
 
