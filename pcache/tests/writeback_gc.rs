@@ -3,7 +3,7 @@
 //! writes, flushes, idle periods (writeback and GC until neither moves),
 //! reopens; the log cycles through its segments several times.
 
-use pcache::backing::{Backing, VolatileBacking};
+use pcache::backing::VolatileBacking;
 use pcache::cache_gc::Gc;
 use pcache::cache_writeback::Writeback;
 use pcache::format::MB;
