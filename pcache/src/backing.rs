@@ -86,6 +86,11 @@ impl VecBacking {
         }
     }
 
+    /// A device holding `buf` (its length a multiple of 512).
+    pub fn from_vec(buf: Vec<u8>) -> Self {
+        VecBacking { buf }
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         &self.buf

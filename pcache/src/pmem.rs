@@ -467,6 +467,16 @@ pub enum Access {
     Begin(CrashPoint),
     /// A crash-point sequence ends ([`RecordingHooks`]).
     End(CrashPoint),
+    /// A 512-byte sector written to the backing device ([`RecordingBacking`]);
+    /// `data` indexes the recorder's sector store.
+    DiskWrite {
+        /// Sector.
+        sector: u64,
+        /// Index of its content in the sector store.
+        data: u32,
+    },
+    /// A completed backing-device flush ([`RecordingBacking`]).
+    DiskFlush,
 }
 
 impl Access {
@@ -483,6 +493,8 @@ impl Persistence for Access {
         match self {
             Access::Store { .. } | Access::ZeroRange { .. } => Role::Write(Domain::Pmem),
             Access::Fence => Role::Barrier(Domain::Pmem),
+            Access::DiskWrite { .. } => Role::Write(Domain::Disk),
+            Access::DiskFlush => Role::Barrier(Domain::Disk),
             Access::Flush { .. } | Access::Begin(_) | Access::End(_) => Role::Neither,
         }
     }
@@ -499,6 +511,7 @@ pub struct RecordingPmem {
     base: SparsePmem,
     current: SparsePmem,
     events: Rc<RefCell<Vec<Access>>>,
+    sectors: Rc<RefCell<Vec<[u8; 512]>>>,
 }
 
 impl RecordingPmem {
@@ -508,7 +521,46 @@ impl RecordingPmem {
             current: base.clone(),
             base,
             events: Rc::new(RefCell::new(Vec::new())),
+            sectors: Rc::new(RefCell::new(Vec::new())),
         }
+    }
+
+    /// A backing device over `base` whose writes and flushes are recorded
+    /// in this recorder's event list, so a cut covers both devices.
+    pub fn backing(&self, base: Vec<u8>) -> RecordingBacking {
+        RecordingBacking {
+            current: crate::backing::VecBacking::from_vec(base.clone()),
+            base,
+            events: self.events.clone(),
+            sectors: self.sectors.clone(),
+        }
+    }
+
+    /// The backing device's image at a cut: `base` (the image the recording
+    /// backing started from), the disk writes before the last completed
+    /// disk flush preceding `cut`, and of the writes pending since, those for
+    /// which `persisted(index)` is true, in issue order (each sector alone).
+    pub fn disk_image(
+        &self,
+        base: &[u8],
+        cut: usize,
+        persisted: impl Fn(usize) -> bool,
+    ) -> Vec<u8> {
+        let ev = self.events.borrow();
+        let sectors = self.sectors.borrow();
+        let cut = cut.min(ev.len());
+        let start = persist::durable_prefix(&ev, Domain::Disk, cut);
+        let mut img = base.to_vec();
+        for (i, e) in ev[..cut].iter().enumerate() {
+            if let Access::DiskWrite { sector, data } = *e {
+                if i >= start && !persisted(i) {
+                    continue;
+                }
+                let o = sector as usize * 512;
+                img[o..o + 512].copy_from_slice(&sectors[data as usize]);
+            }
+        }
+        img
     }
 
     /// Hooks that record crash-point markers into the same event list.
@@ -635,6 +687,49 @@ impl Pmem for RecordingPmem {
     }
     fn next_data(&self, off: u64) -> Option<u64> {
         self.current.next_data(off)
+    }
+}
+
+/// A backing device that records its sector writes and flushes into a
+/// [`RecordingPmem`]'s event list ([`RecordingPmem::backing`]).
+#[derive(Clone, Debug)]
+pub struct RecordingBacking {
+    base: Vec<u8>,
+    current: crate::backing::VecBacking,
+    events: Rc<RefCell<Vec<Access>>>,
+    sectors: Rc<RefCell<Vec<[u8; 512]>>>,
+}
+
+impl RecordingBacking {
+    /// The image it started from.
+    pub fn base(&self) -> &[u8] {
+        &self.base
+    }
+}
+
+impl crate::backing::Backing for RecordingBacking {
+    fn sectors(&self) -> u64 {
+        self.current.sectors()
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), crate::backing::BackingError> {
+        self.current.read(sector, buf)
+    }
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), crate::backing::BackingError> {
+        self.current.write(sector, buf)?;
+        let mut ev = self.events.borrow_mut();
+        let mut store = self.sectors.borrow_mut();
+        for (i, s) in buf.chunks_exact(512).enumerate() {
+            ev.push(Access::DiskWrite {
+                sector: sector + i as u64,
+                data: store.len() as u32,
+            });
+            store.push(s.try_into().expect("a sector"));
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), crate::backing::BackingError> {
+        self.events.borrow_mut().push(Access::DiskFlush);
+        Ok(())
     }
 }
 
