@@ -195,6 +195,8 @@ fn write_order_and_markers() {
                 Access::Fence => "|".into(),
                 Access::Begin(cp) => format!("<{}", cp.number()),
                 Access::End(cp) => format!("{}>", cp.number()),
+                Access::DiskWrite { sector, .. } => format!("D{sector}"),
+                Access::DiskFlush => "DF".into(),
             })
             .collect();
         let s = tok.join(" ");
