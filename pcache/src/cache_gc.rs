@@ -89,8 +89,14 @@ impl Cache {
                 })
             }
         };
-        let n_segs = self.segments.len() as u64;
-        let threshold = n_segs * self.info.gc_percent() as u64 / 100;
+        // The kernel counts its run-time segment count (seg_num), so a cache
+        // whose chain is shorter (n_segs < seg_num) may never reach the
+        // threshold (`docs/format.md` §10.4); recover mode counts the chain.
+        let n = match self.mode {
+            Mode::Strict => self.seg_num as u64,
+            Mode::Recover => self.segments.len() as u64,
+        };
+        let threshold = n * self.info.gc_percent() as u64 / 100;
         if (self.seg_map.count() as u64) < threshold {
             return Ok(Gc::Idle {
                 why: "fewer segments in use than gc_percent",
