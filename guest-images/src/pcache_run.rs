@@ -231,8 +231,54 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
                 r#"{{"step":"verify","off":{off},"len":{len},"runs":{runs}}}"#
             ));
         }
+        RunStep::Writeback | RunStep::Gc | RunStep::Idle => {
+            let cache = s
+                .active
+                .as_mut()
+                .ok_or_else(|| Failure::Step("no cache is active".into()))?;
+            let (dev, blk) = devices.pmem_and_blk().map_err(Failure::Device)?;
+            let mut pmem = GuestPmem::new(dev);
+            let mut backing = GuestBacking(blk);
+            let json = match step {
+                RunStep::Writeback => {
+                    let steps = cache
+                        .writeback_all(&mut pmem, &mut backing, &mut s.hooks)
+                        .map_err(io_failed)?;
+                    to_json("writeback", &steps)?
+                }
+                RunStep::Gc => {
+                    let steps = cache.gc_all(&mut pmem, &mut s.hooks).map_err(io_failed)?;
+                    to_json("gc", &steps)?
+                }
+                _ => {
+                    let idle = cache
+                        .idle(&mut pmem, &mut backing, &mut s.hooks)
+                        .map_err(io_failed)?;
+                    to_json("idle", &idle)?
+                }
+            };
+            result(&json);
+        }
+        RunStep::GcPercent(n) => {
+            let cache = s
+                .active
+                .as_mut()
+                .ok_or_else(|| Failure::Step("no cache is active".into()))?;
+            let dev = devices.pmem().map_err(Failure::Device)?;
+            cache
+                .set_gc_percent(&mut GuestPmem::new(dev), &mut s.hooks, n.into())
+                .map_err(|e| Failure::Step(alloc::format!("{e}")))?;
+            result(&alloc::format!(r#"{{"step":"gc-percent","percent":{n}}}"#));
+        }
     }
     Ok(())
+}
+
+/// `{"step":NAME,"result":…}`.
+fn to_json(name: &str, v: &impl serde::Serialize) -> Result<String, Failure> {
+    let v = serde_json::to_string(v)
+        .map_err(|e| Failure::Step(alloc::format!("cannot serialize: {e}")))?;
+    Ok(alloc::format!(r#"{{"step":"{name}","result":{v}}}"#))
 }
 
 fn step_name(step: &RunStep) -> &'static str {

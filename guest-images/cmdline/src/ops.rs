@@ -22,7 +22,11 @@ impl RunStep {
             | RunStep::Trace(_)
             | RunStep::Fault(_)
             | RunStep::Read { .. }
-            | RunStep::Verify { .. } => Vec::new(),
+            | RunStep::Verify { .. }
+            | RunStep::Writeback
+            | RunStep::Gc
+            | RunStep::Idle
+            | RunStep::GcPercent(_) => Vec::new(),
         }
     }
 }

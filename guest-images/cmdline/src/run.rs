@@ -18,6 +18,10 @@
 //! | `close-ksets` | close the module's open key sets |
 //! | `gen:KIND:seed=S:ops=N:span=BYTES[:base=OFF][:first-id=I]` | the ops of `workload::generate` (KIND `sequential`, `random`, `overwrite` or `mixed`; defaults base 0, first-id 1; options in any order, each at most once; checked by `GenSpec::validate`) |
 //! | `verify:OFF:LEN` | read LEN bytes at OFF back as tag runs (aligned as for `write`; LEN ≤ 256 MiB) |
+//! | `writeback` | the kernel's writeback worker until the log is clean (or it stops) |
+//! | `gc` | the kernel's GC worker until it does not move key_tail |
+//! | `idle` | writeback and GC in turn until neither moves |
+//! | `gc-percent:N` | the target's `gc_percent N` message (0 ≤ N ≤ 90) |
 //!
 //! `write`, `flush`, `close-ksets` and the ops of a `gen` are the workload's
 //! ops, numbered from 0 in this order ([`crate::ops_of_steps`]).
@@ -102,6 +106,10 @@ pub enum RunStep {
         off: u64,
         len: u32,
     },
+    Writeback,
+    Gc,
+    Idle,
+    GcPercent(u8),
 }
 
 /// Parses the steps of a `pcache.run` value, each with its text; an empty
@@ -164,6 +172,18 @@ fn parse_run_step(text: &str) -> Result<RunStep, StepErrorKind> {
         "flush" => RunStep::Flush,
         "close-ksets" => RunStep::CloseKsets,
         "gen" => return parse_gen(args),
+        "writeback" => RunStep::Writeback,
+        "gc" => RunStep::Gc,
+        "idle" => RunStep::Idle,
+        "gc-percent" => {
+            let n = args.number("N")?;
+            RunStep::GcPercent(
+                u8::try_from(n)
+                    .ok()
+                    .filter(|&n| n <= 90)
+                    .ok_or(StepErrorKind::OutOfRange("N"))?,
+            )
+        }
         _ => return Err(StepErrorKind::Unknown),
     };
     args.finish()?;
@@ -421,6 +441,14 @@ mod tests {
         );
         assert_eq!(one("flush"), Ok(RunStep::Flush));
         assert_eq!(one("close-ksets"), Ok(RunStep::CloseKsets));
+        assert_eq!(one("writeback"), Ok(RunStep::Writeback));
+        assert_eq!(one("gc"), Ok(RunStep::Gc));
+        assert_eq!(one("idle"), Ok(RunStep::Idle));
+        assert_eq!(one("gc-percent:0"), Ok(RunStep::GcPercent(0)));
+        assert_eq!(one("gc-percent:90"), Ok(RunStep::GcPercent(90)));
+        assert_eq!(one("gc-percent:91"), Err(OutOfRange("N")));
+        assert_eq!(one("gc-percent"), Err(MissingArgument("N")));
+        assert_eq!(one("idle:1"), Err(ExtraArgument));
     }
 
     #[test]
