@@ -122,3 +122,56 @@ fn a_cut_between_an_invalidation_and_key_tail_loses_acknowledged_data_in_strict_
         "strict loses the FUA write, recover does not"
     );
 }
+
+#[test]
+fn a_torn_first_tail_update_after_an_activation_falls_back_two_steps_in_strict_one_in_recover() {
+    for mode in [Mode::Strict, Mode::Recover] {
+        // Three key-sets written back one at a time: dirty_tail at the end
+        // of each, persisted each time.
+        let mut pmem = SparsePmem::new(PMEM);
+        let mut disk = VecBacking::new(DISK / 512);
+        let mut cache = start(&mut pmem, &opts(mode), &mut NoHooks).cache.unwrap();
+        let mut ends = vec![cache.dirty_tail().pos];
+        for i in 0..4u64 {
+            let mut data = vec![0u8; 4096];
+            fill(1 + i as u32, i * 4096, &mut data);
+            cache
+                .write(&mut pmem, &disk, &mut NoHooks, i * 4096, &data, true)
+                .unwrap();
+        }
+        for _ in 0..3 {
+            cache
+                .writeback_step(&mut pmem, &mut disk, &mut NoHooks)
+                .unwrap();
+            ends.push(cache.dirty_tail().pos);
+        }
+        pcache::deactivate(cache, &mut pmem, &mut NoHooks).unwrap();
+        // A new activation, then one more key-set written back; power fails
+        // with only the first word of that dirty_tail write persisted (the
+        // record is torn: its CRC fails).
+        let mut rec = RecordingPmem::new(pmem);
+        let mut hooks = rec.hooks();
+        let mut cache = start(&mut rec, &opts(mode), &mut hooks).cache.unwrap();
+        let n = rec.events().len();
+        cache
+            .writeback_step(&mut rec, &mut disk, &mut hooks)
+            .unwrap();
+        let ev = rec.events();
+        let first_tail_store = (n..ev.len())
+            .find(|&i| {
+                ev[i - 1] == Access::Begin(CrashPoint::TailUpdate)
+                    && matches!(ev[i], Access::Store { .. })
+            })
+            .unwrap();
+        let mut img = rec.image_at(first_tail_store + 1);
+        let a = start(&mut img, &opts(mode), &mut NoHooks);
+        let back = a.cache.unwrap().dirty_tail().pos;
+        let want = match mode {
+            // Policy B overwrote the newest copy: the older one is two
+            // key-sets behind.
+            Mode::Strict => ends[2],
+            Mode::Recover => ends[3],
+        };
+        assert_eq!(back, want, "{mode:?}: dirty_tail after the cut ({ends:?})");
+    }
+}
