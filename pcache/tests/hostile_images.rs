@@ -861,7 +861,8 @@ fn check_case_with(img: &SparsePmem, activator: Activator) -> Result<(), String>
 /// one left open, one across a 4 MiB boundary), a flush, reads of both and of
 /// a range never written; each may fail (a full cache, a log that leaves no
 /// room), none may panic, hang or touch bytes outside the device, and (in
-/// recover mode) what was written and flushed reads back.
+/// recover mode) what was written and flushed reads back; then writeback and
+/// GC over the whole log.
 fn check_data_path(img: &SparsePmem, mode: Mode) -> Result<(), String> {
     let mut img = img.clone();
     let opts = pcache::Options {
@@ -898,6 +899,10 @@ fn check_data_path(img: &SparsePmem, mode: Mode) -> Result<(), String> {
     }
     let mut buf = vec![0u8; 4096];
     let _ = cache.read(&mut img, &mut disk, &mut NoHooks, 8 << 20, &mut buf);
+    // Writeback and GC walk the (hostile) log from the tails: errors and
+    // stops are results, never panics or hangs.
+    let _ = cache.set_gc_percent(&mut img, &mut NoHooks, 0);
+    let _ = cache.idle(&mut img, &mut disk, &mut NoHooks);
     Ok(())
 }
 
