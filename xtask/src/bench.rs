@@ -399,6 +399,80 @@ fn data_path_boots(env: &Env, runs: usize, dir: &Path) -> Result<()> {
         med[0].1
     );
     json.insert("replay_10000_keys_ms".into(), serde_json::json!(replay));
+    writeback_gc_boots(env, runs, &mut json)?;
     println!("{}", serde_json::Value::Object(json));
     Ok(())
+}
+
+/// Writeback and GC in the guest: 16 MiB of sequential writes, flushed, then
+/// `writeback` (time over the same boot without it: MiB/s), then `gc` with
+/// gc_percent 0 (time over the boot without it, per key-set collected).
+fn writeback_gc_boots(
+    env: &Env,
+    runs: usize,
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let spec = workload::GenSpec {
+        kind: workload::GenKind::Sequential,
+        seed: 1,
+        ops: 600,
+        base: 0,
+        span: 16 << 20,
+        first_id: 1,
+    };
+    spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bytes: u64 = workload::generate(&spec)
+        .iter()
+        .filter_map(|o| match o {
+            workload::Op::Write { len, .. } => Some(*len as u64),
+            _ => None,
+        })
+        .sum();
+    let base = "pcache.markers=off pcache.run=start;gc-percent:0;gen:sequential:seed=1:ops=600:span=0x1000000;flush";
+    let cases = [
+        base.to_string(),
+        format!("{base};writeback"),
+        format!("{base};writeback;gc"),
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![vec![]; cases.len()];
+    let mut collected = 0u64;
+    for _ in 0..runs {
+        for (i, c) in cases.iter().enumerate() {
+            let r = env.boot(env.config(&env.formatted, c)?, &[])?;
+            samples[i].push(ms(r.stats.stop_ns));
+            if i == 2 {
+                collected = gc_key_sets(&r);
+            }
+        }
+    }
+    let med: Vec<f64> = samples.into_iter().map(|v| stat(v).median).collect();
+    let wb_ms = med[1] - med[0];
+    let mib_s = (bytes as f64 / (1 << 20) as f64) / (wb_ms / 1e3);
+    let gc_us = (med[2] - med[1]) * 1e3 / collected.max(1) as f64;
+    println!(
+        "  {:<56} {:8.1} MiB/s ({:.1} MiB in {wb_ms:.1} ms)",
+        "writeback, 600 sequential writes",
+        mib_s,
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "  {:<56} {:8.1} µs per key-set ({collected} key-sets)",
+        "GC after writeback, gc_percent 0", gc_us
+    );
+    json.insert("writeback_mib_s".into(), serde_json::json!(mib_s));
+    json.insert("gc_us_per_key_set".into(), serde_json::json!(gc_us));
+    Ok(())
+}
+
+/// Key-sets collected by the `gc` step of a run (its step result).
+fn gc_key_sets(r: &vmm::RunOutcome) -> u64 {
+    r.messages
+        .iter()
+        .filter(|m| m.kind() == Some(protocol::MessageKind::StepResult))
+        .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+        .filter(|v| v["step"] == "gc")
+        .filter_map(|v| v["result"].as_array().cloned())
+        .flatten()
+        .filter(|s| s["kind"] == "key-set")
+        .count() as u64
 }
