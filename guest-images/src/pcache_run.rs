@@ -19,10 +19,10 @@ use alloc::vec::Vec;
 use guest_cmdline::{Fault, RunStep, StartMode, StartOptions};
 use pcache::cache_req::IoError;
 use pcache::{ActivationReport, Cache, Mode, Options};
-use workload::Op;
 use protocol::{
     ExitCode, MessageKind, CMDLINE_MARKERS_KEY, CMDLINE_RUN_KEY, MARKER_TRACE_OFF, MARKER_TRACE_ON,
 };
+use workload::Op;
 
 /// An address no page table maps (PML4 entry 0, PDPT entry 256): `fault:pf`
 /// reads it, so the report's CR2 is this value.
@@ -184,7 +184,10 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
                 run_op(op, s, devices)?;
             }
             let op = step_name(&step);
-            result(&alloc::format!(r#"{{"step":"{op}","ops_done":{}}}"#, s.ops_done));
+            result(&alloc::format!(
+                r#"{{"step":"{op}","ops_done":{}}}"#,
+                s.ops_done
+            ));
         }
         RunStep::Generate(spec) => {
             let ops = workload::generate(&spec);
@@ -341,7 +344,13 @@ fn read(s: &mut State, devices: &mut Devices, off: u64, buf: &mut [u8]) -> Resul
     let (dev, blk) = devices.pmem_and_blk().map_err(Failure::Device)?;
     let mut backing = GuestBacking(blk);
     cache
-        .read(&mut GuestPmem::new(dev), &mut backing, &mut s.hooks, off, buf)
+        .read(
+            &mut GuestPmem::new(dev),
+            &mut backing,
+            &mut s.hooks,
+            off,
+            buf,
+        )
         .map_err(io_failed)
 }
 

@@ -272,12 +272,14 @@ fn status_stop_marker_and_trace_steps_report_their_results() {
     assert_eq!(v.len(), 8, "{}", describe(&r));
     assert_eq!(
         v[0],
-        serde_json::json!({"step": "status", "active": false, "report": null})
+        serde_json::json!({"step": "status", "active": false, "dm_status": null, "report": null})
     );
     assert_eq!(v[1]["report"]["outcome"], "formatted");
     assert_eq!(v[1]["report"]["data_crc_option"], true);
     assert_eq!(v[2]["active"], true);
     assert_eq!(v[2]["report"], v[1]["report"]);
+    // The live status line: data_crc on (flags 0x1183), nothing logged yet.
+    assert_eq!(v[2]["dm_status"], "0 31 31 1 70 1183 0:0 0:0 0:0");
     assert_eq!(v[3], serde_json::json!({"step": "stop"}));
     assert_eq!(v[4]["active"], false);
     assert_eq!(v[4]["report"], v[1]["report"]);
@@ -589,4 +591,47 @@ fn harness_test_steps_still_run_before_the_pcache_steps() {
         .collect();
     assert_eq!(ids, [3, 4]);
     assert_eq!(r.pmem.read_u64(0x10_0000).unwrap(), 5);
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn data_steps_write_read_verify_writeback_and_gc_through_the_module() {
+    let dev = Dev::new();
+    let r = dev.run(
+        "pcache.run=start;gc-percent:0;write:0:8192:1;write:4096:4096:2:fua;read:0:8192;flush;verify:0:12288;idle;status;stop;start;verify:0:12288",
+    );
+    assert_exit(&r, ExitCode::Success);
+    let v = results(&r);
+    assert_eq!(v.len(), 12, "{}", describe(&r));
+    assert_eq!(v[2], serde_json::json!({"step": "write", "ops_done": 1}));
+    assert_eq!(v[3], serde_json::json!({"step": "write", "ops_done": 2}));
+    assert_eq!(v[4]["step"], "read");
+    // Sectors 0..8 of write 1, 8..16 of write 2 (it overwrote the second
+    // half of write 1), then the disk's zeros: not a tagged sector.
+    let runs = serde_json::json!([
+        {"sector": 0, "count": 8, "tag": 1},
+        {"sector": 8, "count": 8, "tag": 2},
+        {"sector": 16, "count": 8, "tag": -1}
+    ]);
+    assert_eq!(v[6]["runs"], runs);
+    assert_eq!(v[7]["step"], "idle");
+    assert_eq!(v[7]["result"]["writeback"]["kind"], "clean");
+    assert!(
+        v[7]["result"]["written_back"].as_u64().unwrap() >= 1,
+        "{}",
+        v[7]
+    );
+    // After the idle period every tail is at the log's end.
+    let status = v[8]["dm_status"].as_str().unwrap();
+    let f: Vec<&str> = status.split(' ').collect();
+    assert_eq!((f[6] == f[7], f[7] == f[8]), (true, true), "{status}");
+    assert_eq!(v[10]["report"]["outcome"], "opened");
+    assert_eq!(v[11]["runs"], runs);
+    // One op-done marker per write and flush, in order.
+    let done: Vec<u32> = r
+        .markers
+        .iter()
+        .filter_map(|m| protocol::markers::decode_op_done(m.id))
+        .collect();
+    assert_eq!(done, [0, 1, 2]);
 }
