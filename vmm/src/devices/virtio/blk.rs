@@ -18,7 +18,7 @@
 //! | IN with readable data, OUT/GET_ID with the wrong data direction | `IOERR` |
 //! | IN/OUT not a multiple of 512 bytes, beyond the disk's end, or larger than [`MAX_REQUEST_BYTES`] | `IOERR` |
 //! | backend error | `IOERR` |
-//! | a WRITE or FLUSH the fault plan names ([`Block::set_faults`]) | `IOERR`, backend and observer untouched |
+//! | a WRITE or FLUSH the fault plan names ([`Block::set_faults`]) | `IOERR`; the backend is untouched and the observer gets `blk_fault`, never `blk_write`/`blk_flush` |
 //! | unknown type | `UNSUPP` |
 
 use log::warn;
@@ -100,7 +100,8 @@ impl Block {
     }
 
     /// Sets which requests fail with `IOERR` (default: none). Counted per
-    /// kind from 1: every OUT that carries data and passed the checks above
+    /// kind from 1: every OUT that carries data and passed the checks in the
+    /// module's table
     /// (so would reach the backend), and every FLUSH with a valid header.
     /// Requests refused for a bad chain, and empty OUTs, are not counted.
     pub fn set_faults(&mut self, faults: BlkFaults) -> Result<(), FaultError> {
