@@ -553,6 +553,7 @@ fn recover(
         timeout: cfg.state_timeout,
         console: Default::default(),
         interrupts: false,
+        blk_faults: Default::default(),
     };
     let out = vmm::run(vm)?;
     Ok(state_result(id, &Recovery::from_run(&out), older_seq))

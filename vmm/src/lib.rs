@@ -26,7 +26,8 @@
 //!
 //! Module map (Firecracker-like): [`boot`] (kernel, zero page, long mode),
 //! [`memory`] (RAM and the pmem slot), [`disk`] (the disk image),
-//! [`devices`] (bus, COM1, virtio), [`image_file`] (what a user's image
+//! [`devices`] (bus, COM1, virtio), [`faults`] (virtio-blk fault
+//! injection), [`image_file`] (what a user's image
 //! path is, checked before it is opened), [`vm`] (configuration, results,
 //! [`Vm`]: construction and teardown), [`vcpu`] (registers, the exit
 //! handler, the run loop), [`trace`], [`crash`], [`watchdog`] (time budget).
@@ -35,6 +36,7 @@ pub mod boot;
 pub mod crash;
 pub mod devices;
 pub mod disk;
+pub mod faults;
 pub mod image_file;
 pub mod memory;
 pub mod trace;
@@ -44,6 +46,7 @@ pub mod watchdog;
 
 pub use crash::{CrashImages, SavedWindow, TraceWindow, WriteRef};
 pub use disk::DiskImage;
+pub use faults::{BlkFaults, BlkRequest, FaultError, FaultWhen, InjectedFault};
 pub use memory::{ImageMode, PmemRegion};
 pub use trace::{Event, Trace};
 pub use vm::{

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vmm::vm::ConsoleConfig;
-use vmm::{DiskImage, ImageMode, Outcome, PmemRegion, VmConfig};
+use vmm::{BlkFaults, DiskImage, FaultWhen, ImageMode, Outcome, PmemRegion, VmConfig};
 
 #[derive(Parser)]
 #[command(name = "vmm", about = "A small KVM monitor for the pcache harness")]
@@ -91,6 +91,15 @@ struct RunArgs {
     /// Create the in-kernel irqchip and wire device interrupts as irqfds (traced stores cost 2x; the project's guest polls).
     #[arg(long)]
     interrupts: bool,
+    /// Fail virtio-blk WRITE number N (1-based, since boot) with IOERR, or with
+    /// N+ that one and every later one; the disk is left unchanged. Repeat the
+    /// flag or separate with commas for several.
+    #[arg(long, value_name = "N[+]", value_delimiter = ',')]
+    blk_fail_write: Vec<FaultWhen>,
+    /// Fail virtio-blk FLUSH number N (1-based, since boot) with IOERR, or with
+    /// N+ that one and every later one; a failed flush is no barrier in the trace.
+    #[arg(long, value_name = "N[+]", value_delimiter = ',')]
+    blk_fail_flush: Vec<FaultWhen>,
     /// Print the run's summary as JSON on standard output.
     #[arg(long)]
     json: bool,
@@ -135,6 +144,10 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             terminal: a.console,
         },
         interrupts: a.interrupts,
+        blk_faults: BlkFaults {
+            fail_writes: a.blk_fail_write,
+            fail_flushes: a.blk_fail_flush,
+        },
     };
     vmm::vm::check_kvm()?;
     let result = vmm::run(config)?;
@@ -165,6 +178,12 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         }
         for p in &summary.protocol_errors {
             println!("[protocol error] {p}");
+        }
+        for f in &summary.blk_faults {
+            println!(
+                "[blk fault] {} {} failed with IOERR (fault plan)",
+                f.kind, f.nth
+            );
         }
         println!(
             "outcome: {} {}",

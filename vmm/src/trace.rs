@@ -33,6 +33,7 @@ pub enum Event {
     /// the trace's data area at `data`.
     BlkWrite { sector: u64, len: u32, data: u64 },
     /// A virtio-blk flush completed: every earlier disk write is durable.
+    /// A flush failed by the fault plan is not recorded (it is no barrier).
     BlkFlush,
     /// A guest marker (a scenario's named point).
     Marker { id: u32 },

@@ -19,6 +19,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::{MmioBus, Overlap};
 use crate::disk::{DiskImage, Overlay};
+use crate::faults::{BlkFaults, BlkRequest, FaultError, InjectedFault};
 use crate::memory::{self, ImageMode, MemoryError, PmemRegion};
 use crate::trace::{Event, Trace};
 pub use crate::vcpu::Registers;
@@ -54,6 +55,8 @@ pub enum VmError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Bus(#[from] Overlap),
+    #[error("virtio-blk fault plan: {0}")]
+    Faults(#[from] FaultError),
     #[error("{0} is still shared at the end of the run (a VMM bug)")]
     StillShared(&'static str),
 }
@@ -90,6 +93,9 @@ pub struct VmConfig {
     /// irqfd. Off by default: the project's guest polls, and on PVM hosts the
     /// irqchip makes every traced store cost ~68 µs instead of ~28 µs.
     pub interrupts: bool,
+    /// virtio-blk requests to fail with `IOERR` (default: none); see
+    /// [`crate::faults`].
+    pub blk_faults: BlkFaults,
 }
 
 impl VmConfig {
@@ -111,6 +117,7 @@ impl VmConfig {
             timeout: Duration::from_secs(10),
             console: ConsoleConfig::default(),
             interrupts: false,
+            blk_faults: BlkFaults::default(),
         })
     }
 }
@@ -230,6 +237,9 @@ pub struct RunOutcome {
     pub windows: Vec<TraceWindow>,
     /// Guest protocol violations the VMM refused (bad message addresses, ...).
     pub protocol_errors: Vec<String>,
+    /// The virtio-blk requests failed by [`VmConfig::blk_faults`], in order
+    /// (at most [`MAX_INJECTED_FAULTS`] kept).
+    pub blk_faults: Vec<InjectedFault>,
     pub stats: RunStats,
     /// The images as the run left them.
     pub pmem: PmemRegion,
@@ -265,6 +275,9 @@ pub struct RunSummary {
     pub protocol_errors: Vec<String>,
     /// Number of events in each traced window.
     pub window_events: Vec<usize>,
+    /// The virtio-blk requests failed on purpose (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blk_faults: Vec<InjectedFault>,
     pub stats: RunStats,
 }
 
@@ -299,6 +312,7 @@ impl RunOutcome {
             console: self.console_text(),
             protocol_errors: self.protocol_errors.clone(),
             window_events: self.windows.iter().map(|w| w.trace.len()).collect(),
+            blk_faults: self.blk_faults.clone(),
             stats: self.stats,
         }
     }
@@ -385,6 +399,8 @@ pub const MAX_TRACE_EVENTS: usize = 64 << 20;
 pub const MAX_TRACE_DATA: usize = 1 << 30;
 /// Most message payload bytes a run keeps.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Most injected faults a run lists (a `N+` plan can fail every request).
+pub const MAX_INJECTED_FAULTS: usize = 1 << 20;
 
 /// Trace state shared by the vCPU loop and the device observers.
 pub(crate) struct Tracer {
@@ -395,6 +411,8 @@ pub(crate) struct Tracer {
     pub(crate) trace: Trace,
     pub(crate) base: Option<WindowBase>,
     pub(crate) windows: Vec<TraceWindow>,
+    /// Requests the fault plan failed (kept here for their trace position).
+    pub(crate) faults: Vec<InjectedFault>,
 }
 
 pub(crate) struct WindowBase {
@@ -429,6 +447,23 @@ impl IoObserver for Observer {
     fn blk_flush(&mut self) {
         let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
         t.record(Event::BlkFlush);
+    }
+    /// Not a trace event: a failed write reached no media and a failed flush
+    /// is no barrier, so to every persistence model the request did nothing
+    /// (a `BlkFlush` here would wrongly make the writes before it durable).
+    /// A new event kind would change `trace.bin` for no state the models
+    /// could tell apart; the run lists the fault with its trace position.
+    fn blk_fault(&mut self, kind: BlkRequest, nth: u64, sector: Option<u64>) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let trace_pos = t.on.then(|| (t.windows.len(), t.trace.len() as u64));
+        if t.faults.len() < MAX_INJECTED_FAULTS {
+            t.faults.push(InjectedFault {
+                kind,
+                nth,
+                sector,
+                trace_pos,
+            });
+        }
     }
     fn pmem_flush(&mut self) {
         let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -480,6 +515,7 @@ impl Tracer {
             trace: Trace::new(),
             base: None,
             windows: Vec::new(),
+            faults: Vec::new(),
         }
     }
 }
@@ -585,8 +621,10 @@ fn build_bus(
     disk: &Arc<Mutex<DiskImage>>,
     tracer: &Arc<Mutex<Tracer>>,
     irqchip: bool,
+    blk_faults: BlkFaults,
 ) -> Result<MmioBus, VmError> {
     let mut blk = Block::new(Box::new(SharedDisk(disk.clone())), b"pcache-disk");
+    blk.set_faults(blk_faults)?;
     blk.set_observer(Box::new(Observer(tracer.clone())));
     let mut pm = Pmem::new(
         layout::PMEM_START,
@@ -617,6 +655,7 @@ impl Vm {
     /// the first instruction.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         let start = Instant::now();
+        config.blk_faults.validate()?;
         let host = host()?;
         if config.trace && config.pmem.mode() != ImageMode::CopyOnWrite {
             return Err(VmError::TraceNeedsCopyOnWrite);
@@ -648,7 +687,15 @@ impl Vm {
             vm.create_irq_chip()
                 .map_err(kvm_err("create the in-kernel irqchip"))?;
         }
-        let bus = build_bus(vm, &ram, &pmem, &disk, &tracer, config.interrupts)?;
+        let bus = build_bus(
+            vm,
+            &ram,
+            &pmem,
+            &disk,
+            &tracer,
+            config.interrupts,
+            config.blk_faults,
+        )?;
         let console = Console::new(console_sink(&config.console)?);
 
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
@@ -730,12 +777,15 @@ impl Vm {
         drop(ram);
         let (fd, ram) = memory.release();
         reap(fd, ram);
-        let windows = {
+        let (windows, blk_faults) = {
             let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
             if t.on {
                 close_window(&mut t, &pmem, &disk, true);
             }
-            std::mem::take(&mut t.windows)
+            (
+                std::mem::take(&mut t.windows),
+                std::mem::take(&mut t.faults),
+            )
         };
         let pmem = Arc::try_unwrap(pmem).map_err(|_| VmError::StillShared("the pmem region"))?;
         let disk = Arc::try_unwrap(disk)
@@ -750,6 +800,7 @@ impl Vm {
             console: console.into_sink().buffer,
             windows,
             protocol_errors,
+            blk_faults,
             stats,
             pmem,
             disk,
@@ -807,6 +858,83 @@ pub(crate) fn close_window(t: &mut Tracer, pmem: &PmemRegion, disk: &Mutex<DiskI
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn injected_faults_are_listed_with_their_trace_position_but_not_traced() {
+        let tracer = Arc::new(Mutex::new(Tracer::new()));
+        let mut obs = Observer(tracer.clone());
+        // Not tracing: listed without a position.
+        obs.blk_fault(BlkRequest::Flush, 1, None);
+        {
+            let mut t = tracer.lock().unwrap();
+            t.on = true;
+            t.windows.clear();
+        }
+        obs.blk_write(4, &[1; 512]);
+        obs.blk_fault(BlkRequest::Flush, 2, None);
+        obs.blk_fault(BlkRequest::Write, 3, Some(9));
+        obs.blk_flush();
+        let t = tracer.lock().unwrap();
+        assert_eq!(
+            t.faults,
+            vec![
+                InjectedFault {
+                    kind: BlkRequest::Flush,
+                    nth: 1,
+                    sector: None,
+                    trace_pos: None
+                },
+                InjectedFault {
+                    kind: BlkRequest::Flush,
+                    nth: 2,
+                    sector: None,
+                    trace_pos: Some((0, 1))
+                },
+                InjectedFault {
+                    kind: BlkRequest::Write,
+                    nth: 3,
+                    sector: Some(9),
+                    trace_pos: Some((0, 1))
+                },
+            ]
+        );
+        // The write before the failed flush stays pending until the real flush.
+        assert_eq!(t.trace.len(), 2);
+        assert_eq!(t.trace.events()[1], Event::BlkFlush);
+        assert_eq!(t.trace.pending_at(1), vec![0]);
+        assert_eq!(t.trace.pending_at(2), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn summary_lists_faults_only_when_there_are_some() {
+        let f = InjectedFault {
+            kind: BlkRequest::Write,
+            nth: 2,
+            sector: Some(6),
+            trace_pos: Some((0, 5)),
+        };
+        let mut summary = RunSummary {
+            outcome: Outcome::Exited { code: 0 },
+            messages: vec![],
+            markers: vec![],
+            console: String::new(),
+            protocol_errors: vec![],
+            window_events: vec![],
+            blk_faults: vec![],
+            stats: RunStats::default(),
+        };
+        let none = serde_json::to_string(&summary).unwrap();
+        assert!(!none.contains("blk_faults"), "{none}");
+        // Summaries written before the field existed still read.
+        assert_eq!(serde_json::from_str::<RunSummary>(&none).unwrap(), summary);
+        summary.blk_faults.push(f);
+        let one = serde_json::to_string(&summary).unwrap();
+        assert!(
+            one.contains(r#""blk_faults":[{"kind":"write","nth":2,"sector":6,"trace_pos":[0,5]}]"#),
+            "{one}"
+        );
+        assert_eq!(serde_json::from_str::<RunSummary>(&one).unwrap(), summary);
+    }
 
     #[test]
     fn outcome_serialises_with_its_kind() {

@@ -183,3 +183,70 @@ fn saved_window_becomes_crash_image_files() {
     assert_eq!(&b[..8], &5u64.to_le_bytes());
     assert_eq!(&b[8..], &[0; 8], "the pending store was not kept");
 }
+
+#[test]
+fn bad_fault_plans_are_refused_with_the_form_expected() {
+    let img = Images::new();
+    let (p, d) = paths(&img);
+    for (flag, value, says) in [
+        ("--blk-fail-flush", "0", "start at 1"),
+        ("--blk-fail-write", "0+", "start at 1"),
+        ("--blk-fail-flush", "x", "is not N or N+"),
+        ("--blk-fail-write", "+3", "is not N or N+"),
+        ("--blk-fail-flush", "2,3++", "is not N or N+"),
+    ] {
+        let (code, _, err) = vmm(&[
+            "run", "--kernel", "k", "--pmem", &p, "--disk", &d, flag, value,
+        ]);
+        assert_eq!(code, 2, "{flag} {value}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn fault_flags_fail_the_chosen_requests() {
+    let img = Images::new();
+    let (p, d) = paths(&img);
+    let kernel = guest_kernel().display().to_string();
+    let run = |extra: &[&str], json: bool| {
+        let mut args = vec![
+            "run",
+            "--kernel",
+            &kernel,
+            "--pmem",
+            &p,
+            "--disk",
+            &d,
+            "--cmdline",
+            "harness.test=blk-write:1:7;blk-flush",
+        ];
+        if json {
+            args.push("--json");
+        }
+        args.extend_from_slice(extra);
+        vmm(&args)
+    };
+    let (code, out, err) = run(&["--blk-fail-flush", "1"], false);
+    assert_eq!(code, protocol::ExitCode::StepFailed as i32, "{out}{err}");
+    assert!(out.contains("`blk-flush` failed"), "{out}");
+    assert!(
+        out.contains("[blk fault] flush 1 failed with IOERR"),
+        "{out}"
+    );
+
+    let (code, out, err) = run(&["--blk-fail-write", "1+", "--blk-fail-flush", "5"], true);
+    assert_eq!(code, protocol::ExitCode::StepFailed as i32, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON on stdout");
+    assert_eq!(v["blk_faults"][0]["kind"], "write");
+    assert_eq!(v["blk_faults"][0]["nth"], 1);
+    assert_eq!(v["blk_faults"][0]["sector"], 1);
+
+    let (code, out, err) = run(&[], true);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v.get("blk_faults").is_none(), "{out}");
+}

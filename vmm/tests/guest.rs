@@ -293,3 +293,160 @@ fn write_through_images_keep_what_the_guest_flushed() {
         Err(vmm::VmError::TraceNeedsCopyOnWrite)
     ));
 }
+
+fn faults(writes: &[&str], flushes: &[&str]) -> vmm::BlkFaults {
+    vmm::BlkFaults {
+        fail_writes: writes.iter().map(|s| s.parse().unwrap()).collect(),
+        fail_flushes: flushes.iter().map(|s| s.parse().unwrap()).collect(),
+    }
+}
+
+/// The guest's error message for a failed step, if it sent one.
+fn step_error(r: &vmm::RunOutcome) -> String {
+    r.messages
+        .iter()
+        .find(|m| m.kind() == Some(MessageKind::Error))
+        .map(|m| m.text())
+        .unwrap_or_else(|| panic!("no error message: {}", describe(r)))
+}
+
+fn disk_sector(disk: &vmm::DiskImage, sector: u64) -> [u8; 512] {
+    let mut s = [0u8; 512];
+    disk.read(sector * 512, &mut s).unwrap();
+    s
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn failed_blk_flush_is_a_step_failure_and_no_barrier_in_the_trace() {
+    let img = Images::new();
+    let mut c = img.config("harness.test=blk-write:1:7;blk-flush");
+    c.trace = true;
+    c.blk_faults = faults(&[], &["1"]);
+    let r = vmm::run(c).unwrap();
+    assert_exit(&r, ExitCode::StepFailed);
+    let err = step_error(&r);
+    assert!(err.contains("step 2 `blk-flush` failed"), "{err}");
+    // The write went through; the failed flush is not in the trace, so the
+    // write is still pending at the end of the window.
+    assert_eq!(disk_sector(&r.disk, 1), [7; 512]);
+    let t = r.trace();
+    assert!(
+        matches!(
+            t.events(),
+            [Event::BlkWrite {
+                sector: 1,
+                len: 512,
+                ..
+            }]
+        ),
+        "{:?}",
+        t.events()
+    );
+    assert_eq!(t.pending_at(t.len() as u64), vec![0]);
+    assert_eq!(
+        r.blk_faults,
+        vec![vmm::InjectedFault {
+            kind: vmm::BlkRequest::Flush,
+            nth: 1,
+            sector: None,
+            trace_pos: Some((0, 1)),
+        }]
+    );
+
+    // Without the plan the same steps pass and the flush is a barrier.
+    let mut c = img.config("harness.test=blk-write:1:7;blk-flush");
+    c.trace = true;
+    let r = vmm::run(c).unwrap();
+    assert_exit(&r, ExitCode::Success);
+    assert_eq!(r.trace().events().last(), Some(&Event::BlkFlush));
+    assert!(r.blk_faults.is_empty());
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn every_flush_from_the_second_on_fails() {
+    let img = Images::new();
+    let mut c = img.config("harness.test=blk-flush;blk-flush");
+    c.blk_faults = faults(&[], &["2+"]);
+    let r = vmm::run(c).unwrap();
+    assert_exit(&r, ExitCode::StepFailed);
+    let err = step_error(&r);
+    assert!(err.contains("step 2 `blk-flush` failed"), "{err}");
+    // The guest's driver may flush on its own at start-up; whatever it did,
+    // the first failure is flush 2 and every later flush fails too.
+    assert_eq!(
+        r.blk_faults.first().map(|f| f.nth),
+        Some(2),
+        "{:?}",
+        r.blk_faults
+    );
+    assert!(r
+        .blk_faults
+        .iter()
+        .all(|f| f.kind == vmm::BlkRequest::Flush));
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn failed_blk_write_leaves_the_disk_and_its_overlay_unchanged() {
+    let img = Images::new();
+    // Sector 2 of the file holds 0x33 before the run.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img.disk())
+        .unwrap()
+        .write_all_at(&[0x33; 512], 2 * 512)
+        .unwrap();
+    let steps = "harness.test=blk-write:1:7;blk-write:2:9";
+    // Copy-on-write: the overlay keeps sector 1's write, not sector 2's.
+    let mut c = img.config(steps);
+    c.trace = true;
+    c.blk_faults = faults(&["2"], &[]);
+    let r = vmm::run(c).unwrap();
+    assert_exit(&r, ExitCode::StepFailed);
+    let err = step_error(&r);
+    assert!(err.contains("step 2 `blk-write:2:9` failed"), "{err}");
+    assert_eq!(disk_sector(&r.disk, 1), [7; 512]);
+    assert_eq!(disk_sector(&r.disk, 2), [0x33; 512]);
+    assert_eq!(r.disk.overlay().len(), 1, "only sector 1 was written");
+    assert_eq!(r.trace().len(), 1, "{:?}", r.trace().events());
+    assert_eq!(
+        r.blk_faults,
+        vec![vmm::InjectedFault {
+            kind: vmm::BlkRequest::Write,
+            nth: 2,
+            sector: Some(2),
+            trace_pos: Some((0, 1)),
+        }]
+    );
+    // Write-through: the file itself keeps its old sector.
+    let mut c = img.config(steps);
+    c.disk = vmm::DiskImage::open(&img.disk(), vmm::ImageMode::WriteThrough).unwrap();
+    c.blk_faults = faults(&["2"], &[]);
+    let r = vmm::run(c).unwrap();
+    assert_exit(&r, ExitCode::StepFailed);
+    drop(r);
+    let f = std::fs::File::open(img.disk()).unwrap();
+    let mut s = [0u8; 512];
+    f.read_exact_at(&mut s, 512).unwrap();
+    assert_eq!(s, [7; 512]);
+    f.read_exact_at(&mut s, 2 * 512).unwrap();
+    assert_eq!(s, [0x33; 512]);
+}
+
+/// No KVM needed: the plan is checked before anything else, even the kernel.
+#[test]
+fn a_plan_with_a_zeroth_request_is_refused_before_boot() {
+    let img = Images::new();
+    let mut c = vmm::VmConfig::new("/no/such/kernel", "", &img.pmem(), &img.disk()).unwrap();
+    c.blk_faults.fail_flushes.push(vmm::FaultWhen {
+        nth: 0,
+        onward: false,
+    });
+    let e = vmm::run(c).unwrap_err();
+    assert!(
+        matches!(e, vmm::VmError::Faults(vmm::FaultError::ZeroNth)),
+        "{e}"
+    );
+}

@@ -18,6 +18,7 @@
 //! | IN with readable data, OUT/GET_ID with the wrong data direction | `IOERR` |
 //! | IN/OUT not a multiple of 512 bytes, beyond the disk's end, or larger than [`MAX_REQUEST_BYTES`] | `IOERR` |
 //! | backend error | `IOERR` |
+//! | a WRITE or FLUSH the fault plan names ([`Block::set_faults`]) | `IOERR`; the backend is untouched and the observer gets `blk_fault`, never `blk_write`/`blk_flush` |
 //! | unknown type | `UNSUPP` |
 
 use log::warn;
@@ -33,6 +34,7 @@ use super::{
     BlockBackend, DeviceError, GuestMem, IoObserver, NoopObserver, VirtioDevice, FEATURE_VERSION_1,
     VIRTIO_ID_BLOCK,
 };
+use crate::faults::{BlkFaults, BlkRequest, FaultError};
 
 /// Sector size of the virtio-blk protocol (and the advertised `blk_size`).
 pub const SECTOR_SIZE: u64 = 512;
@@ -58,6 +60,11 @@ pub struct Block {
     capacity: u64,
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
+    faults: BlkFaults,
+    /// Writes and flushes counted for the fault plan since construction (not
+    /// reset with the device: the plan counts since boot).
+    writes_seen: u64,
+    flushes_seen: u64,
 }
 
 impl std::fmt::Debug for Block {
@@ -86,7 +93,38 @@ impl Block {
             capacity,
             config,
             queue_sizes: [QUEUE_SIZE],
+            faults: BlkFaults::default(),
+            writes_seen: 0,
+            flushes_seen: 0,
         }
+    }
+
+    /// Sets which requests fail with `IOERR` (default: none). Counted per
+    /// kind from 1: every OUT that carries data and passed the checks in the
+    /// module's table
+    /// (so would reach the backend), and every FLUSH with a valid header.
+    /// Requests refused for a bad chain, and empty OUTs, are not counted.
+    pub fn set_faults(&mut self, faults: BlkFaults) -> Result<(), FaultError> {
+        faults.validate()?;
+        self.faults = faults;
+        Ok(())
+    }
+
+    /// Counts one request of `kind`; true when the plan fails it (and then
+    /// tells the observer).
+    fn inject(&mut self, kind: BlkRequest, sector: Option<u64>) -> bool {
+        let seen = match kind {
+            BlkRequest::Write => &mut self.writes_seen,
+            BlkRequest::Flush => &mut self.flushes_seen,
+        };
+        *seen = seen.saturating_add(1);
+        let nth = *seen;
+        if !self.faults.fails(kind, nth) {
+            return false;
+        }
+        warn!("virtio-blk: {kind} {nth} fails (fault plan)");
+        self.observer.blk_fault(kind, nth, sector);
+        true
     }
 
     /// Sets who is told about writes and flushes (the tracer).
@@ -180,6 +218,11 @@ impl Block {
                 if !req.readable.read(mem, HEADER_LEN, &mut buf) {
                     return IOERR;
                 }
+                // Before the backend: a failed write changes no sector and
+                // is not traced (nothing of it can reach the media).
+                if self.inject(BlkRequest::Write, Some(sector)) {
+                    return IOERR;
+                }
                 if let Err(e) = self.backend.write_at(offset, &buf) {
                     warn!("virtio-blk: write at {offset}: {e}");
                     return IOERR;
@@ -189,6 +232,11 @@ impl Block {
             }
             VIRTIO_BLK_T_FLUSH => {
                 // Data buffers carry nothing for a flush; they are ignored.
+                // A failed flush neither reaches the backend nor is traced as
+                // a barrier: it made nothing durable.
+                if self.inject(BlkRequest::Flush, None) {
+                    return IOERR;
+                }
                 if let Err(e) = self.backend.flush() {
                     warn!("virtio-blk: flush: {e}");
                     return IOERR;

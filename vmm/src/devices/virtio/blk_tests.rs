@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::blk::MAX_REQUEST_BYTES;
 use super::testutil::{mem, Driver, Event, LogObserver, MemDisk, Recorder, D, DATA, MEM_SIZE};
 use super::*;
+use crate::faults::BlkRequest;
 
 const DISK: usize = 64 * 1024; // 128 sectors
 const HDR: u64 = DATA;
@@ -705,4 +706,200 @@ fn empty_read_and_write_succeed_without_io() {
     assert_eq!(d.used(1).1, 1);
     assert_eq!(*f.disk.data.lock().unwrap(), before);
     assert!(f.rec.events().is_empty(), "an empty write is not traced");
+}
+
+/// Submits one request and returns its status byte. Request `i` (< 16) gets
+/// its own header and status slot so earlier ones stay readable. A macro for
+/// the same reason as `run!`.
+macro_rules! submit {
+    ($f:expr, $d:expr, $q:expr, $i:expr, $ty:expr, $sector:expr, $data:expr $(,)?) => {{
+        let i: u64 = $i;
+        let (hdr, st) = (HDR + 0x100 + i * 16, STATUS + 0x10 + i);
+        header(&$f.mem, hdr, $ty, $sector);
+        $f.mem.write_obj(UNTOUCHED, GuestAddress(st)).unwrap();
+        let mut descs = vec![D(hdr, 16, false)];
+        descs.extend_from_slice($data);
+        descs.push(D(st, 1, true));
+        $d.add(&descs);
+        assert_eq!(run!($f, $q), Ok(true));
+        $f.mem.read_obj::<u8>(GuestAddress(st)).unwrap()
+    }};
+}
+
+fn plan(writes: &[&str], flushes: &[&str]) -> crate::faults::BlkFaults {
+    crate::faults::BlkFaults {
+        fail_writes: writes.iter().map(|s| s.parse().unwrap()).collect(),
+        fail_flushes: flushes.iter().map(|s| s.parse().unwrap()).collect(),
+    }
+}
+
+#[test]
+fn planned_flush_fails_without_reaching_the_backend_or_the_trace() {
+    let mut f = fix();
+    f.dev.set_faults(plan(&[], &["2"])).unwrap();
+    let mut d = Driver::new(&f.mem, 16);
+    let mut q = d.queue();
+    let got: Vec<u8> = (0..3)
+        .map(|i| submit!(f, d, &mut q, i, VIRTIO_BLK_T_FLUSH, 0, &[]))
+        .collect();
+    assert_eq!(got, vec![OK, IOERR, OK]);
+    assert_eq!(
+        *f.disk.flushes.lock().unwrap(),
+        2,
+        "the failed flush never reached the backend"
+    );
+    assert_eq!(
+        f.rec.events(),
+        vec![
+            Event::BlkFlush,
+            Event::BlkFault(BlkRequest::Flush, 2, None),
+            Event::BlkFlush
+        ],
+        "the failed flush is reported as a fault, never as a flush"
+    );
+    assert_eq!(d.used(1).1, 1, "completed with just its status byte");
+}
+
+#[test]
+fn planned_write_fails_and_leaves_the_disk_unchanged() {
+    let mut f = fix();
+    f.dev.set_faults(plan(&["2"], &[])).unwrap();
+    let mut d = Driver::new(&f.mem, 16);
+    let mut q = d.queue();
+    let before = f.disk.data.lock().unwrap().clone();
+    let mut statuses = vec![];
+    for (i, (sector, byte)) in [(5u64, 0xa5u8), (6, 0x5a), (7, 0x33)]
+        .into_iter()
+        .enumerate()
+    {
+        let buf = BUF + i as u64 * 512;
+        f.mem.write_slice(&[byte; 512], GuestAddress(buf)).unwrap();
+        statuses.push(submit!(
+            f,
+            d,
+            &mut q,
+            i as u64,
+            VIRTIO_BLK_T_OUT,
+            sector,
+            &[D(buf, 512, false)],
+        ));
+    }
+    assert_eq!(statuses, vec![OK, IOERR, OK]);
+    assert_eq!(disk_at(&f, 5 * 512, 512), vec![0xa5; 512]);
+    assert_eq!(
+        disk_at(&f, 6 * 512, 512),
+        before[6 * 512..7 * 512],
+        "failed write changed nothing"
+    );
+    assert_eq!(disk_at(&f, 7 * 512, 512), vec![0x33; 512]);
+    assert_eq!(
+        f.rec.events(),
+        vec![
+            Event::BlkWrite(5, vec![0xa5; 512]),
+            Event::BlkFault(BlkRequest::Write, 2, Some(6)),
+            Event::BlkWrite(7, vec![0x33; 512]),
+        ]
+    );
+}
+
+#[test]
+fn onward_plan_fails_every_request_from_nth_and_kinds_count_apart() {
+    let mut f = fix();
+    f.dev.set_faults(plan(&["1"], &["2+"])).unwrap();
+    let mut d = Driver::new(&f.mem, 16);
+    let mut q = d.queue();
+    let w = [D(BUF, 512, false)];
+    // flush 1, write 1 (fails), flush 2.., write 2: each kind has its own count.
+    let got = vec![
+        submit!(f, d, &mut q, 0, VIRTIO_BLK_T_FLUSH, 0, &[]),
+        submit!(f, d, &mut q, 1, VIRTIO_BLK_T_OUT, 0, &w),
+        submit!(f, d, &mut q, 2, VIRTIO_BLK_T_FLUSH, 0, &[]),
+        submit!(f, d, &mut q, 3, VIRTIO_BLK_T_FLUSH, 0, &[]),
+        submit!(f, d, &mut q, 4, VIRTIO_BLK_T_OUT, 0, &w),
+        submit!(f, d, &mut q, 5, VIRTIO_BLK_T_FLUSH, 0, &[]),
+    ];
+    assert_eq!(got, vec![OK, IOERR, IOERR, IOERR, OK, IOERR]);
+    assert_eq!(*f.disk.flushes.lock().unwrap(), 1);
+    let faults: Vec<_> = f
+        .rec
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::BlkFault(..)))
+        .collect();
+    assert_eq!(
+        faults,
+        vec![
+            Event::BlkFault(BlkRequest::Write, 1, Some(0)),
+            Event::BlkFault(BlkRequest::Flush, 2, None),
+            Event::BlkFault(BlkRequest::Flush, 3, None),
+            Event::BlkFault(BlkRequest::Flush, 4, None),
+        ]
+    );
+}
+
+#[test]
+fn refused_empty_and_read_requests_do_not_count() {
+    let mut f = fix();
+    f.dev.set_faults(plan(&["1"], &[])).unwrap();
+    let mut d = Driver::new(&f.mem, 16);
+    let mut q = d.queue();
+    let w = [D(BUF, 512, false)];
+    // Beyond the disk's end: refused by the checks, not by the plan.
+    assert_eq!(submit!(f, d, &mut q, 0, VIRTIO_BLK_T_OUT, 128, &w), IOERR);
+    // Empty write and a read: no backend write, no count.
+    assert_eq!(submit!(f, d, &mut q, 1, VIRTIO_BLK_T_OUT, 3, &[]), OK);
+    assert_eq!(
+        submit!(
+            f,
+            d,
+            &mut q,
+            2,
+            VIRTIO_BLK_T_IN,
+            3,
+            &[D(BUF + 512, 512, true)]
+        ),
+        OK
+    );
+    assert!(f.rec.events().is_empty());
+    // The first write the device would carry out is the one that fails.
+    assert_eq!(submit!(f, d, &mut q, 3, VIRTIO_BLK_T_OUT, 3, &w), IOERR);
+    assert_eq!(submit!(f, d, &mut q, 4, VIRTIO_BLK_T_OUT, 3, &w), OK);
+    assert_eq!(
+        f.rec.events()[0],
+        Event::BlkFault(BlkRequest::Write, 1, Some(3))
+    );
+}
+
+#[test]
+fn counts_survive_a_device_reset() {
+    let mut f = fix();
+    f.dev.set_faults(plan(&[], &["2"])).unwrap();
+    let mut d = Driver::new(&f.mem, 16);
+    let mut q = d.queue();
+    assert_eq!(submit!(f, d, &mut q, 0, VIRTIO_BLK_T_FLUSH, 0, &[]), OK);
+    f.dev.reset();
+    assert_eq!(
+        submit!(f, d, &mut q, 1, VIRTIO_BLK_T_FLUSH, 0, &[]),
+        IOERR,
+        "counted since boot"
+    );
+}
+
+#[test]
+fn nth_zero_is_refused_and_the_plan_left_as_it_was() {
+    let mut f = fix();
+    let bad = crate::faults::BlkFaults {
+        fail_writes: vec![],
+        fail_flushes: vec![crate::faults::FaultWhen {
+            nth: 0,
+            onward: true,
+        }],
+    };
+    assert_eq!(
+        f.dev.set_faults(bad),
+        Err(crate::faults::FaultError::ZeroNth)
+    );
+    let mut d = Driver::new(&f.mem, 16);
+    let mut q = d.queue();
+    assert_eq!(submit!(f, d, &mut q, 0, VIRTIO_BLK_T_FLUSH, 0, &[]), OK);
 }

@@ -34,6 +34,8 @@ use std::path::Path;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
+use crate::faults::BlkRequest;
+
 pub use vmm_sys_util::eventfd::EventFd;
 
 mod blk;
@@ -151,6 +153,11 @@ pub trait IoObserver: Send {
     }
     /// A virtio-blk FLUSH returned from the backend.
     fn blk_flush(&mut self) {}
+    /// A virtio-blk request was failed on purpose (the fault plan): nothing
+    /// reached the backend. `sector` is a write's first sector.
+    fn blk_fault(&mut self, kind: BlkRequest, nth: u64, sector: Option<u64>) {
+        let _ = (kind, nth, sector);
+    }
     /// A virtio-pmem FLUSH returned from the backend successfully.
     fn pmem_flush(&mut self) {}
 }

@@ -11,6 +11,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{BlockBackend, GuestMem, IoObserver, PmemBackend};
+use crate::faults::BlkRequest;
 
 /// Guest memory size used by the tests: 1 MiB at address 0.
 pub const MEM_SIZE: u64 = 0x10_0000;
@@ -149,6 +150,8 @@ pub enum Event {
     BlkWrite(u64, Vec<u8>),
     BlkFlush,
     PmemFlush,
+    /// A request failed by the fault plan: kind, its count, a write's sector.
+    BlkFault(BlkRequest, u64, Option<u64>),
 }
 
 /// Records observer calls into a shared list (events from backends go to
@@ -174,6 +177,12 @@ impl IoObserver for Recorder {
     }
     fn pmem_flush(&mut self) {
         self.0.lock().unwrap().push(Event::PmemFlush);
+    }
+    fn blk_fault(&mut self, kind: BlkRequest, nth: u64, sector: Option<u64>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(Event::BlkFault(kind, nth, sector));
     }
 }
 
