@@ -11,10 +11,12 @@
 //! - [`cases`]: what is compared (first activations byte for byte, hostile
 //!   images and power-cut states against strict mode).
 //! - [`module_writes`]: the module writes data, the kernel reads it.
+//! - [`module_gc`]: the same after the module's own writeback and GC.
 //! - [`report`]: `result.json`, `findings.md`.
 
 pub mod cases;
 pub mod image;
+pub mod module_gc;
 pub mod module_writes;
 pub mod prepare;
 pub mod qemu;

@@ -285,7 +285,7 @@ pub struct SectorDifference {
 }
 
 impl SectorDifference {
-    fn describe(&self, a: &str, b: &str) -> String {
+    pub(crate) fn describe(&self, a: &str, b: &str) -> String {
         format!(
             "first differing sector {} (byte {:#x}): {a} {}, {b} {}",
             self.sector,
@@ -335,7 +335,7 @@ fn describe_sector(lba: u64, s: &[u8]) -> String {
 }
 
 /// sha256 of `data` (coreutils' `sha256sum`, as the guest's busybox).
-fn sha256(data: &[u8]) -> Result<String, CaseError> {
+pub(crate) fn sha256(data: &[u8]) -> Result<String, CaseError> {
     let mut child = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -433,7 +433,7 @@ fn variants(fixture: &Path) -> Result<Vec<Variant>, CaseError> {
     Ok(out)
 }
 
-fn mode_name(mode: Mode) -> &'static str {
+pub(crate) fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::Strict => "strict",
         Mode::Recover => "recover",
