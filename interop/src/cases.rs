@@ -25,6 +25,7 @@ pub const CASES: &[&str] = &[
     "hostile-images",
     "power-cuts",
     "module-writes",
+    "module-gc",
 ];
 
 /// Time budget of one boot (TCG boots take 5–12 s; a batch activates up to 8 images).

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct InteropArgs {
     /// Run only this case (repeatable): first-activation, kernel-writes,
-    /// hostile-images, power-cuts, module-writes.
+    /// hostile-images, power-cuts, module-writes, module-gc.
     #[arg(long = "case", value_parser = clap::builder::PossibleValuesParser::new(cases::CASES))]
     pub cases: Vec<String>,
     /// Crash states per distinct strict result class, in power-cuts (the
@@ -64,6 +64,7 @@ pub fn interop(args: InteropArgs) -> Result<()> {
                 &work,
                 &workspace_root().join("interop/fixtures/kernel-writes-512M.img.zst"),
             ),
+            "module-gc" => interop::module_gc::module_gc(&kernel, &work),
             other => unreachable!("clap only accepts known cases, got {other}"),
         };
         print_case(&r);
