@@ -552,6 +552,8 @@ fn crash_images(
             Model::Subsets { sample, seed } => {
                 persist::subset_family(&pending, *sample, seed ^ cut as u64)
             }
+            // Not used by the scenarios interop samples; the two fixed ends only.
+            Model::AtFences { .. } => vec![vec![], pending.clone()],
         };
         for subset in family {
             let mut img = start.clone();

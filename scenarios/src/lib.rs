@@ -3,6 +3,7 @@
 //! crash state in fresh VMs.
 //!
 //! - [`spec`]: scenario files (format in `scenarios/README.md`).
+//! - [`durability`]: the read-back of a state judged by the durability rule.
 //! - [`generate`]: image variants for scenarios without a power cut.
 //! - [`guest`]: the guest's command lines and step results.
 //! - [`persistence`]: persistence models that turn a traced window into crash states.
@@ -10,6 +11,7 @@
 //! - [`runner`]: runs a scenario: workload, crash states, recovery boots, verdicts.
 //! - [`result`]: the result file of a run and the checks of expectations.
 
+pub mod durability;
 pub mod generate;
 pub mod guest;
 pub mod persistence;

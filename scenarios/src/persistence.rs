@@ -28,6 +28,12 @@
 //!   single drop, every single write alone, and `sample` subsets drawn with a
 //!   seeded generator (each write kept with probability ½). The prefixes there
 //!   cover every earlier cut's "all issued writes durable" state.
+//! - [`Model::AtFences`]: for epochs too long for `subsets` (a data write of
+//!   thousands of stores). At the end of each barrier epoch: only what the
+//!   barriers covered, everything issued, and `sample` seeded random subsets of
+//!   the pending writes (each kept with probability ½); at the window's start
+//!   and just after every marker (the guest's op and crash-point boundaries):
+//!   everything issued, in program order.
 //!
 //! States whose images are byte-identical are deduplicated on the applied delta
 //! and counted once.
@@ -63,6 +69,15 @@ pub enum Model {
     FlushedOnly,
     Subsets {
         /// Number of random subsets drawn per epoch with more than `ALL_SUBSETS_MAX` writes.
+        sample: usize,
+        /// Seed of the random sample.
+        seed: u64,
+    },
+    /// For long epochs (thousands of pending stores): at each barrier, the
+    /// durable image, everything issued, and `sample` random subsets of the
+    /// pending writes; after each marker, everything issued.
+    AtFences {
+        /// Random subsets drawn at each epoch's end.
         sample: usize,
         /// Seed of the random sample.
         seed: u64,
@@ -114,18 +129,35 @@ pub fn enumerate(
     model: &Model,
     base: &dyn BaseImage,
 ) -> Result<Enumeration, EnumerateError> {
-    let events = trace.events();
-    if start > end || end > events.len() {
-        return Err(EnumerateError::BadWindow {
-            start,
-            end,
-            len: events.len(),
-        });
+    enumerate_windows(trace, &[(start, end)], model, base)
+}
+
+/// Enumerates the crash states of cuts in each window `start..=end` of
+/// `windows`; a state whose images equal an earlier window's is counted once.
+pub fn enumerate_windows(
+    trace: &Trace,
+    windows: &[(usize, usize)],
+    model: &Model,
+    base: &dyn BaseImage,
+) -> Result<Enumeration, EnumerateError> {
+    let len = trace.events().len();
+    if let Some(&(start, end)) = windows.iter().find(|(s, e)| s > e || *e > len) {
+        return Err(EnumerateError::BadWindow { start, end, len });
     }
     let writes = Writes::new(trace, base)?;
     let mut out = Emitter::new(&writes);
     out.enumeration.unchanged_writes = writes.unchanged;
-    let trace = &writes;
+    for &(start, end) in windows {
+        window_states(&mut out, &writes, start, end, model);
+    }
+    Ok(out.enumeration)
+}
+
+/// The states `model` gives for cuts `start..=end`.
+fn window_states(out: &mut Emitter, trace: &Writes, start: usize, end: usize, model: &Model) {
+    let events = trace.trace.events();
+    let is_barrier =
+        |cut: usize| matches!(events.get(cut), Some(Event::PmemFlush | Event::BlkFlush));
     match model {
         Model::Prefix => {
             // Everything issued before the window's start, then one more write
@@ -165,8 +197,7 @@ pub fn enumerate(
                 let mixed = (few(&pending_pmem) && !pending_pmem.is_empty())
                     || (few(&pending_disk) && !pending_disk.is_empty());
                 // The last cut of an epoch: the window's end, or just before a barrier.
-                let epoch_end = cut == end
-                    || matches!(events.get(cut), Some(Event::PmemFlush | Event::BlkFlush));
+                let epoch_end = cut == end || is_barrier(cut);
                 if small || mixed || epoch_end {
                     let n = if epoch_end { *sample } else { 0 };
                     let pmem = subset_family(&pending_pmem, n, seed ^ cut as u64);
@@ -179,8 +210,59 @@ pub fn enumerate(
                 }
             }
         }
+        Model::AtFences { sample, seed } => {
+            for cut in start..=end {
+                let after_marker =
+                    cut == start || matches!(events.get(cut - 1), Some(Event::Marker { .. }));
+                let epoch_end = cut == end || is_barrier(cut);
+                if !(after_marker || epoch_end) {
+                    continue;
+                }
+                let pmem = trace.pending(Domain::Pmem, cut);
+                let disk = trace.pending(Domain::Disk, cut);
+                // Program order: everything issued so far persisted.
+                out.emit_with(cut, &pmem, &disk);
+                if epoch_end {
+                    out.emit_flushed(cut);
+                    let mut rng = SplitMix64(*seed ^ (cut as u64).wrapping_mul(0x9e37_79b9));
+                    for _ in 0..*sample {
+                        let p = rng.subset(&pmem);
+                        let d = rng.subset(&disk);
+                        out.emit_with(cut, &p, &d);
+                    }
+                }
+            }
+        }
     }
-    Ok(out.enumeration)
+}
+
+/// splitmix64: a seeded stream for the `at-fences` sample (reproducible, no
+/// dependency).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Each write kept with probability ½, in order.
+    fn subset(&mut self, writes: &[Write]) -> Vec<Write> {
+        let mut out = Vec::new();
+        let mut bits = 0u64;
+        for (i, w) in writes.iter().enumerate() {
+            if i % 64 == 0 {
+                bits = self.next_u64();
+            }
+            if bits & (1 << (i % 64)) != 0 {
+                out.push(*w);
+            }
+        }
+        out
+    }
 }
 
 /// The trace's writes, with unchanged ones dropped, and its barriers.

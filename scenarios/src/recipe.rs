@@ -1,11 +1,14 @@
 //! Device recipes: the images a scenario starts from, made on the host with the
 //! same pcache code the guest runs.
 
-use crate::spec::{Device, Mode, Recipe};
-use pcache::pmem::FilePmem;
-use pcache::{activate, NoHooks, Options, Outcome, Pmem};
+use crate::spec::{Device, DiskContent, Mode, Recipe};
+use pcache::backing::FileBacking;
+use pcache::pmem::{FilePmem, SPARSE_PAGE};
+use pcache::{activate, NoHooks, Options, Outcome, Pmem, SparsePmem};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use workload::Op;
 
 /// Byte offset of the superblock's magic (`docs/format.md` §5.2: sb at 4096, magic at +8).
 const SB_MAGIC_OFF: u64 = 4096 + 8;
@@ -40,6 +43,8 @@ pub enum RecipeError {
         device: String,
         source: pcache::PmemError,
     },
+    #[error("prefill of `{device}`: {why}")]
+    Prefill { device: String, why: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
@@ -65,6 +70,9 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let disk = dir.join(format!("{}.disk", device.name));
     create_sparse(&disk, device.disk_size.0)?;
+    if device.disk == DiskContent::Pattern {
+        write_pattern(&disk, device.disk_size.0)?;
+    }
     let pmem = match &device.recipe {
         Recipe::File { path } => {
             let len = std::fs::metadata(path).map_err(io(path))?.len();
@@ -80,8 +88,19 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
                     ),
                 });
             }
+            if device.prefill.is_none() {
+                return Ok(PreparedDevice {
+                    pmem: path.clone(),
+                    disk,
+                    older_seq: None,
+                });
+            }
+            // A prefill writes: onto a copy, never the user's file.
+            let copy = dir.join(format!("{}.pmem", device.name));
+            std::fs::copy(path, &copy).map_err(io(&copy))?;
+            prefill(device, mode, &copy, &disk)?;
             return Ok(PreparedDevice {
-                pmem: path.clone(),
+                pmem: copy,
                 disk,
                 older_seq: None,
             });
@@ -93,6 +112,7 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
         Recipe::Blank | Recipe::File { .. } => None,
         Recipe::Formatted { activations } => {
             activate_times(device, mode, &pmem, activations)?;
+            prefill(device, mode, &pmem, &disk)?;
             None
         }
         Recipe::OlderCache { activations } => {
@@ -112,6 +132,78 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
         disk,
         older_seq,
     })
+}
+
+/// Fills the disk with the tag-0 pattern (`workload::pattern`), 1 MiB at a time.
+fn write_pattern(path: &Path, size: u64) -> Result<(), RecipeError> {
+    const CHUNK: u64 = 1 << 20;
+    let f = File::options().write(true).open(path).map_err(io(path))?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(CHUNK) as usize;
+        workload::fill(0, off, &mut buf[..n]);
+        f.write_all_at(&buf[..n], off).map_err(io(path))?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Runs the device's prefill (if any) on the pmem image with pcache: an
+/// activation in `mode`, the ops, a deactivation. The work is done on an
+/// in-memory copy (a file's stores would each be a system call) and the
+/// pages it holds are written back.
+fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), RecipeError> {
+    let fail = |why: String| RecipeError::Prefill {
+        device: device.name.clone(),
+        why,
+    };
+    let ops = device.prefill_ops().map_err(fail)?;
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let file = FilePmem::open(pmem).map_err(io(pmem))?;
+    let mut mem = SparsePmem::copy_of(&file).map_err(|e| fail(e.to_string()))?;
+    drop(file);
+    let mut backing = FileBacking::open(disk).map_err(io(disk))?;
+    let opts = Options {
+        mode,
+        data_crc: false,
+    };
+    let act = pcache::start(&mut mem, &opts, &mut NoHooks);
+    let mut cache = act.cache.ok_or_else(|| {
+        fail(format!(
+            "the activation before it gave `{}`: {}",
+            act.report.outcome,
+            act.report.message.unwrap_or_default()
+        ))
+    })?;
+    let mut data = Vec::new();
+    for (k, op) in ops.iter().enumerate() {
+        let done = match *op {
+            Op::Write { off, len, id, fua } => {
+                data.resize(len as usize, 0);
+                workload::fill(id, off, &mut data);
+                cache.write(&mut mem, &backing, &mut NoHooks, off, &data, fua)
+            }
+            Op::Flush => cache.flush(&mut mem, &mut NoHooks),
+            Op::CloseKsets => cache.close_kset(&mut mem, &mut NoHooks).map_err(Into::into),
+        };
+        done.map_err(|e| fail(format!("op {k} ({op:?}): {e}")))?;
+    }
+    pcache::deactivate(cache, &mut mem, &mut NoHooks)
+        .map_err(|e| fail(format!("deactivation: {e}")))?;
+    // Reads through the cache never happen here, but keep the disk's writes
+    // (none today) durable like the pmem's.
+    pcache::backing::Backing::flush(&mut backing).map_err(|e| fail(e.to_string()))?;
+    let f = File::options().write(true).open(pmem).map_err(io(pmem))?;
+    let mut page = vec![0u8; SPARSE_PAGE as usize];
+    for p in mem.page_indices().collect::<Vec<_>>() {
+        mem.read(p * SPARSE_PAGE, &mut page)
+            .map_err(|e| fail(e.to_string()))?;
+        f.write_all_at(&page, p * SPARSE_PAGE).map_err(io(pmem))?;
+    }
+    f.sync_all().map_err(io(pmem))
 }
 
 /// Activates the image `n` times; returns the cache_info seq the last one wrote.
@@ -154,6 +246,9 @@ mod tests {
             pmem_size: Size(512 << 20),
             disk_size: Size(1 << 20),
             recipe,
+            disk: DiskContent::Zeros,
+            prefill: None,
+            prefill_repeat: 1,
         }
     }
 

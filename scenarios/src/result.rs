@@ -51,6 +51,10 @@ pub struct ObservedCounts {
     pub outcomes: BTreeMap<String, usize>,
     pub unusable: usize,
     pub older_cache_back: usize,
+    /// States whose read-back breaks the durability rule (absent in results
+    /// written before it existed).
+    #[serde(default)]
+    pub durability_violations: usize,
     pub violations: usize,
 }
 
@@ -86,6 +90,24 @@ pub struct StateResult {
     pub violations: Vec<String>,
     /// Where the state's images were saved for `cargo xtask reproduce` (violations only).
     pub saved: Option<String>,
+    /// The read-back judged by the durability rule, when recovery has
+    /// `verify` steps (absent otherwise, and in results written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<Durability>,
+}
+
+/// What the durability rule made of a state's read-back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Durability {
+    /// Ops acknowledged before the cut (prefill ops, the deactivation's
+    /// flush after them, and the workload's ops with an op-done marker
+    /// before the cut).
+    pub acked: usize,
+    /// Whether there was a read-back to judge (none after a refused `start`).
+    pub checked: bool,
+    /// What breaks the rule, e.g. `sectors 16..24: write 3 was flushed but reads write 1`.
+    pub violations: Vec<String>,
 }
 
 /// A state's verdict.
@@ -145,6 +167,12 @@ impl StateResult {
         if expect.older_cache_never_back && self.older_cache_back {
             self.violations.push("the older cache came back".into());
         }
+        if expect.durability {
+            if let Some(d) = &self.durability {
+                self.violations
+                    .extend(d.violations.iter().map(|v| format!("durability: {v}")));
+            }
+        }
     }
 }
 
@@ -166,6 +194,15 @@ impl DeviceModeRun {
         }
         c.unusable = self.states.iter().filter(|s| !s.usable).count();
         c.older_cache_back = self.states.iter().filter(|s| s.older_cache_back).count();
+        c.durability_violations = self
+            .states
+            .iter()
+            .filter(|s| {
+                s.durability
+                    .as_ref()
+                    .is_some_and(|d| !d.violations.is_empty())
+            })
+            .count();
         if let Some(pinned) = expect.and_then(|e| e.counts.as_ref()) {
             let mut differs = |what: &str, want: usize, got: usize| {
                 if want != got {
@@ -179,6 +216,11 @@ impl DeviceModeRun {
                 "older-cache-back",
                 pinned.older_cache_back,
                 c.older_cache_back,
+            );
+            differs(
+                "durability-violations",
+                pinned.durability_violations,
+                c.durability_violations,
             );
             // The observed outcomes are the guest's words (`guest-failure` and
             // `no-start` included); the pinned ones are typed.
@@ -254,6 +296,7 @@ mod tests {
             verdict: Verdict::Ok,
             violations: vec![],
             saved: None,
+            durability: None,
         }
     }
 
@@ -264,11 +307,13 @@ mod tests {
             allowed: vec![Outcome::Formatted, Outcome::FormatRedone],
             all_usable: true,
             older_cache_never_back: true,
+            durability: false,
             counts: Some(Counts {
                 states: 2,
                 outcomes: [(Outcome::Formatted, 1), (Outcome::FormatRedone, 1)].into(),
                 unusable: 0,
                 older_cache_back: 0,
+                durability_violations: 0,
             }),
             per_image: Default::default(),
         }

@@ -334,13 +334,20 @@ fn power_cut(
             mode,
         })?;
     let saved = window_mem.save(&dir.join("window"))?;
-    let (start, end) = cut_range(&saved.trace, window).map_err(|why| RunnerError::Window {
+    let windows = cut_ranges(&saved.trace, window).map_err(|why| RunnerError::Window {
         device: device.name.clone(),
         mode,
         why,
     })?;
     let base = WindowBase::new(&saved);
-    let e = persistence::enumerate(&saved.trace, start, end, model, &base)?;
+    let e = persistence::enumerate_windows(&saved.trace, &windows, model, &base)?;
+    // The durability rule judges each state against the ops acknowledged
+    // before its cut (a scenario file that loaded has valid ops).
+    let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
+    let prefill_ops = device.prefill_ops().map_err(&fail)?;
+    let (ops, before) = crate::durability::judged_ops(&prefill_ops, &workload_ops);
+    let done = crate::durability::ops_done_before(&saved.trace);
+    let judge = !crate::spec::verify_ranges(&job.scenario.recovery).is_empty();
 
     // Recovery boots, in parallel.
     let line = job.recovery_line();
@@ -360,6 +367,10 @@ fn power_cut(
         )?;
         st.cut = Some(state.cut);
         st.applied = applied;
+        if judge {
+            let acked = before + done[state.cut.min(done.len() - 1)];
+            st.durability = Some(crate::durability::judge(&st.reports, &ops, acked));
+        }
         if let Some(e) = expect {
             st.check(e);
         }
@@ -374,7 +385,8 @@ fn power_cut(
     let model = serde_json::json!({
         "model": model,
         "window": window,
-        "cut-positions": [start, end],
+        "cut-positions": [windows[0].0, windows[windows.len() - 1].1],
+        "windows": windows.len(),
         "trace-events": saved.trace.len(),
     });
     let counts = ObservedCounts {
@@ -578,6 +590,7 @@ fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult 
         verdict: Default::default(),
         violations: vec![],
         saved: None,
+        durability: None,
     };
     if let Some(f) = &rec.failure {
         st.violations
@@ -666,8 +679,15 @@ pub enum WindowError {
     MissingMarkerAfter { to: String, from: String },
 }
 
-/// The cut positions `(start, end)` a window allows in a trace.
+/// The cut positions `(start, end)` a window allows in a trace (the first
+/// occurrence of a marker window, even with `every`).
 pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), WindowError> {
+    cut_ranges(trace, window).map(|r| r[0])
+}
+
+/// The ranges of cut positions `(start, end)` a window allows in a trace:
+/// one, or with `between-markers.every` one per occurrence of `from`.
+pub fn cut_ranges(trace: &Trace, window: &Window) -> Result<Vec<(usize, usize)>, WindowError> {
     let find = |id: u32, from: usize| {
         trace.events()[from..]
             .iter()
@@ -675,7 +695,7 @@ pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), Windo
             .map(|i| i + from)
     };
     match window {
-        Window::Everything => Ok((0, trace.len())),
+        Window::Everything => Ok(vec![(0, trace.len())]),
         Window::TracePositions { from, to } => {
             if *to > trace.len() {
                 return Err(WindowError::PastTrace {
@@ -683,17 +703,28 @@ pub fn cut_range(trace: &Trace, window: &Window) -> Result<(usize, usize), Windo
                     len: trace.len(),
                 });
             }
-            Ok((*from, *to))
+            Ok(vec![(*from, *to)])
         }
-        Window::BetweenMarkers { from, to } => {
+        Window::BetweenMarkers { from, to, every } => {
             let name = |m: &crate::spec::MarkerName| String::from(m.clone());
-            let a = find(from.0, 0).ok_or_else(|| WindowError::MissingMarker(name(from)))?;
-            let b = find(to.0, a).ok_or_else(|| WindowError::MissingMarkerAfter {
-                to: name(to),
-                from: name(from),
-            })?;
-            // From before the first marker's sequence to after the last one's.
-            Ok((a, b + 1))
+            let mut ranges = Vec::new();
+            let mut at = 0;
+            while let Some(a) = find(from.0, at) {
+                let b = find(to.0, a).ok_or_else(|| WindowError::MissingMarkerAfter {
+                    to: name(to),
+                    from: name(from),
+                })?;
+                // From before the first marker's sequence to after the last one's.
+                ranges.push((a, b + 1));
+                if !every {
+                    break;
+                }
+                at = b + 1;
+            }
+            if ranges.is_empty() {
+                return Err(WindowError::MissingMarker(name(from)));
+            }
+            Ok(ranges)
         }
     }
 }
@@ -872,6 +903,7 @@ mod tests {
                 verdict: Default::default(),
                 violations: vec![],
                 saved: None,
+                durability: None,
             })
         });
         let err = r.unwrap_err();
@@ -898,6 +930,7 @@ mod tests {
             allowed: vec![],
             all_usable: false,
             older_cache_never_back: false,
+            durability: false,
             counts: None,
             per_image: Default::default(),
         };
@@ -948,11 +981,13 @@ mod tests {
         let w = Window::BetweenMarkers {
             from: MarkerName(1),
             to: MarkerName(2),
+            every: false,
         };
         assert_eq!(cut_range(&t, &w), Ok((2, 5)));
         let missing = Window::BetweenMarkers {
             from: MarkerName(2),
             to: MarkerName(1),
+            every: false,
         };
         assert_eq!(
             cut_range(&t, &missing).unwrap_err().to_string(),

@@ -4,9 +4,11 @@
 //! rejected, and every error names the file, the JSON path and what is wrong.
 
 use crate::persistence::Model;
+use guest_cmdline::RunStep;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use workload::Op;
 
 /// A scenario, as read from its file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,6 +44,38 @@ pub struct Device {
     pub disk_size: Size,
     /// How the pmem image is made before the workload runs.
     pub recipe: Recipe,
+    /// What the backing disk holds before the workload runs.
+    #[serde(default)]
+    pub disk: DiskContent,
+    /// Data ops (guest steps `write`, `flush`, `close-ksets`, `gen`) run on
+    /// the host with pcache after the recipe, in the run's mode, then a
+    /// deactivation: a cheap way to bring a cache to a given state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<String>,
+    /// How many times the prefill's ops run in a row (default 1): tens of
+    /// thousands of small writes do not fit in a step string.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub prefill_repeat: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// The backing disk's content before the workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskContent {
+    /// A sparse file of zeros.
+    #[default]
+    Zeros,
+    /// Every sector holds `workload::pattern::fill_sector(0, lba)` (tag 0),
+    /// so that stale or zeroed data read through the cache shows as garbage.
+    Pattern,
 }
 
 /// How a pmem image is prepared.
@@ -81,8 +115,14 @@ pub enum Run {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub enum Window {
-    /// From marker `from` (inclusive) to marker `to` (inclusive).
-    BetweenMarkers { from: MarkerName, to: MarkerName },
+    /// From marker `from` (inclusive) to marker `to` (inclusive); with
+    /// `every`, each `from` of the trace to the first `to` after it.
+    BetweenMarkers {
+        from: MarkerName,
+        to: MarkerName,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        every: bool,
+    },
     /// Trace positions `from..=to`.
     TracePositions { from: usize, to: usize },
     /// The whole traced run.
@@ -156,6 +196,10 @@ pub struct Expectation {
     /// No state may bring the older cache back (`opened` with its cache_info seq).
     #[serde(default)]
     pub older_cache_never_back: bool,
+    /// Every state's read-back (recovery's `verify` steps) must obey the
+    /// durability rule (`workload::oracle`).
+    #[serde(default)]
+    pub durability: bool,
     /// Pinned counts: a change in any of them fails the scenario.
     #[serde(default)]
     pub counts: Option<Counts>,
@@ -248,6 +292,9 @@ pub struct Counts {
     /// States where the older cache came back.
     #[serde(default)]
     pub older_cache_back: usize,
+    /// States whose read-back breaks the durability rule.
+    #[serde(default)]
+    pub durability_violations: usize,
 }
 
 /// A size such as `512M`, `1G`, `1GiB`, `4096` (bytes); K/M/G/T are powers
@@ -541,7 +588,184 @@ impl Scenario {
             return Err("`recovery` is empty".into());
         }
         crate::guest::check_steps(&self.recovery).map_err(|e| format!("recovery: {e}"))?;
+        self.check_data()
+    }
+
+    /// The data checks: prefills, write ids, verify coverage, durability.
+    fn check_data(&self) -> Result<(), String> {
+        let workload_ops = match &self.run {
+            Run::PowerCut { workload, .. } => guest_cmdline::ops_of_steps(workload)
+                .map_err(|e| format!("run.power-cut.workload: {e}"))?,
+            Run::Images { .. } => Vec::new(),
+        };
+        let verifies = verify_ranges(&self.recovery);
+        for (i, d) in self.devices.iter().enumerate() {
+            let disk = d.disk_size.0;
+            let prefill = d.prefill_ops().map_err(|e| format!("devices[{i}].{e}"))?;
+            if d.prefill.is_some()
+                && !matches!(d.recipe, Recipe::Formatted { .. } | Recipe::File { .. })
+            {
+                return Err(format!(
+                    "devices[{i}].prefill: runs on a formatted cache, so the recipe must be `formatted` or `file`"
+                ));
+            }
+            for (what, ops) in [
+                ("prefill", &prefill),
+                ("run.power-cut.workload", &workload_ops),
+            ] {
+                if let Some((off, len)) = ops.iter().find_map(|op| match *op {
+                    Op::Write { off, len, .. } if off + u64::from(len) > disk => Some((off, len)),
+                    _ => None,
+                }) {
+                    return Err(format!(
+                        "{what}: a write of {len} bytes at {off} reaches past device `{}`'s disk-size ({disk} bytes)",
+                        d.name
+                    ));
+                }
+            }
+            let ids = |ops: &[Op]| -> std::collections::BTreeSet<u32> {
+                ops.iter()
+                    .filter_map(|op| match *op {
+                        Op::Write { id, .. } => Some(id),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            if let Some(id) = ids(&prefill).intersection(&ids(&workload_ops)).next() {
+                return Err(format!(
+                    "devices[{i}].prefill: write id {id} is also a workload write's (the read-back could not tell them apart)"
+                ));
+            }
+            if let Some(&(off, len)) = verifies.iter().find(|(o, l)| o + l > disk) {
+                return Err(format!(
+                    "recovery: verify:{off}:{len} reaches past device `{}`'s disk-size ({disk} bytes)",
+                    d.name
+                ));
+            }
+            if verifies.is_empty() {
+                continue;
+            }
+            // A scenario that does not look where it wrote is a mistake.
+            let mut ops = prefill;
+            ops.extend_from_slice(&workload_ops);
+            for (off, len) in workload::touched_ranges(&ops) {
+                if let Some((s, e)) = uncovered(off, off + len, &verifies) {
+                    return Err(format!(
+                        "recovery: no verify step reads bytes {s}..{e}, which device `{}`'s writes touch",
+                        d.name
+                    ));
+                }
+            }
+        }
+        for (i, e) in self.expect.iter().enumerate() {
+            if !e.durability {
+                continue;
+            }
+            if !matches!(self.run, Run::PowerCut { .. }) {
+                return Err(format!(
+                    "expect[{i}].durability: only power-cut scenarios have a workload to judge"
+                ));
+            }
+            if verifies.is_empty() {
+                return Err(format!(
+                    "expect[{i}].durability: `recovery` has no verify step to read the data back"
+                ));
+            }
+            if let Some(d) = self.devices.iter().find(|d| d.name == e.device) {
+                if d.disk != DiskContent::Pattern {
+                    return Err(format!(
+                        "expect[{i}].durability: device `{}` needs `\"disk\": \"pattern\"` (on a disk of zeros every sector the cache does not hold reads as garbage)",
+                        d.name
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+/// Most times a prefill's ops may run (each is a host write, a few µs).
+pub const PREFILL_REPEAT_MAX: u32 = 1_000_000;
+
+impl Device {
+    /// The ops of the prefill, repeated `prefill-repeat` times (empty without
+    /// one); an error names the field (`prefill: ...`).
+    pub fn prefill_ops(&self) -> Result<Vec<Op>, String> {
+        let Some(steps) = &self.prefill else {
+            if self.prefill_repeat != 1 {
+                return Err("prefill-repeat: only with a `prefill`".into());
+            }
+            return Ok(Vec::new());
+        };
+        if !(1..=PREFILL_REPEAT_MAX).contains(&self.prefill_repeat) {
+            return Err(format!(
+                "prefill-repeat: {} is not in 1..={PREFILL_REPEAT_MAX}",
+                self.prefill_repeat
+            ));
+        }
+        let mut once = Vec::new();
+        for step in guest_cmdline::run_steps(steps) {
+            let (text, step) = step.map_err(|e| format!("prefill: {e}"))?;
+            if !matches!(
+                step,
+                RunStep::Write { .. } | RunStep::Flush | RunStep::CloseKsets | RunStep::Generate(_)
+            ) {
+                return Err(format!(
+                    "prefill: `{text}` is not a data op (a prefill runs write, flush, close-ksets and gen on the host, between the recipe's activation and a deactivation)"
+                ));
+            }
+            once.extend(step.ops());
+        }
+        if once.is_empty() {
+            return Err("prefill: no steps".into());
+        }
+        let n = once.len() * self.prefill_repeat as usize;
+        if n > PREFILL_OPS_MAX {
+            return Err(format!(
+                "prefill: {n} ops with its repeat is above the maximum of {PREFILL_OPS_MAX}"
+            ));
+        }
+        Ok(once.repeat(self.prefill_repeat as usize))
+    }
+}
+
+/// Most ops a prefill may run in all.
+pub const PREFILL_OPS_MAX: usize = 2_000_000;
+
+/// The `(off, len)` of every `verify` step of `steps` (which must parse).
+pub fn verify_ranges(steps: &str) -> Vec<(u64, u64)> {
+    guest_cmdline::run_steps(steps)
+        .filter_map(|s| match s {
+            Ok((_, RunStep::Verify { off, len })) => Some((off, u64::from(len))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first part of `[s, e)` no range of `by` covers.
+fn uncovered(s: u64, e: u64, by: &[(u64, u64)]) -> Option<(u64, u64)> {
+    let mut at = s;
+    loop {
+        if at >= e {
+            return None;
+        }
+        match by
+            .iter()
+            .filter(|(o, l)| *o <= at && at < o + l)
+            .map(|(o, l)| o + l)
+            .max()
+        {
+            Some(next) => at = next,
+            None => {
+                let next = by
+                    .iter()
+                    .map(|(o, _)| *o)
+                    .filter(|&o| o > at)
+                    .min()
+                    .unwrap_or(e);
+                return Some((at, next.min(e)));
+            }
+        }
     }
 }
 
@@ -600,7 +824,7 @@ mod tests {
         let s = parse(MINIMAL).unwrap();
         assert_eq!(s.devices[0].pmem_size, Size(512 << 20));
         let Run::PowerCut {
-            window: Window::BetweenMarkers { from, to },
+            window: Window::BetweenMarkers { from, to, .. },
             ..
         } = &s.run
         else {

@@ -10,11 +10,15 @@
 //! - no two produced states give the same images;
 //! - the exact models (`prefix`, `flushed-only`) produce every reachable image,
 //!   and so does `subsets` whenever at most `ALL_SUBSETS_MAX` writes of each
-//!   domain are pending at every cut of the window.
+//!   domain are pending at every cut of the window;
+//! - `at-fences` produces its fixed states: at each epoch's end what the
+//!   barriers covered and everything issued, after each marker everything
+//!   issued; and several windows enumerated together give distinct states.
 
 use proptest::prelude::*;
 use scenarios::persistence::{
-    enumerate, BaseImage, CrashState, Event, Model, Trace, ALL_SUBSETS_MAX, SECTOR,
+    enumerate, enumerate_windows, BaseImage, CrashState, Event, Model, Trace, ALL_SUBSETS_MAX,
+    SECTOR,
 };
 use std::collections::BTreeSet;
 
@@ -238,7 +242,7 @@ fn reachable_at(
                 &durable.iter().map(key).collect::<Vec<_>>(),
             ));
         }
-        Model::Subsets { .. } => {
+        Model::Subsets { .. } | Model::AtFences { .. } => {
             let (durable, pending) = split(trace, &all, cut);
             let durable: Vec<(usize, u32)> = durable.iter().map(key).collect();
             for mask in 0u64..1 << pending.len() {
@@ -266,7 +270,7 @@ fn reachable(
     start: usize,
     img: &Image,
 ) -> bool {
-    if let Model::Subsets { .. } = model {
+    if let Model::Subsets { .. } | Model::AtFences { .. } = model {
         // Quick check: everything durable at the cut plus the state's pending writes.
         let all = units(trace);
         let (durable, pending) = split(trace, &all, s.cut);
@@ -372,7 +376,37 @@ fn check(ops: &[Op], base: &Base, model: &Model, a: usize, b: usize) -> Result<(
     let exhaustive = match model {
         Model::Prefix | Model::FlushedOnly => true,
         Model::Subsets { .. } => max_pending(&trace, start, end) <= ALL_SUBSETS_MAX,
+        Model::AtFences { .. } => false,
     };
+    // At-fences: its fixed states are all there. At each epoch's end (a cut
+    // just before a barrier, or the window's end) what the barriers covered
+    // and everything issued; at the window's start and after each marker,
+    // everything issued.
+    if let Model::AtFences { .. } = model {
+        let all = units(&trace);
+        let events = trace.events();
+        for c in start..=end {
+            let epoch_end =
+                c == end || matches!(events.get(c), Some(Event::PmemFlush | Event::BlkFlush));
+            let after_marker =
+                c == start || matches!(events.get(c - 1), Some(Event::Marker { .. }));
+            let (durable, _) = split(&trace, &all, c);
+            let issued: Vec<(usize, u32)> = all.iter().filter(|u| u.event < c).map(key).collect();
+            let durable: Vec<(usize, u32)> = durable.iter().map(key).collect();
+            if epoch_end || after_marker {
+                prop_assert!(
+                    produced.contains(&image(&trace, base, &issued)),
+                    "cut {c}: the state with everything issued is missing"
+                );
+            }
+            if epoch_end {
+                prop_assert!(
+                    produced.contains(&image(&trace, base, &durable)),
+                    "cut {c}: the state with only what the barriers covered is missing"
+                );
+            }
+        }
+    }
     if exhaustive {
         let mut reachable = BTreeSet::new();
         for c in start..=end {
@@ -395,6 +429,7 @@ fn model() -> impl Strategy<Value = Model> {
         Just(Model::Prefix),
         Just(Model::FlushedOnly),
         (0usize..8, any::<u64>()).prop_map(|(sample, seed)| Model::Subsets { sample, seed }),
+        (0usize..8, any::<u64>()).prop_map(|(sample, seed)| Model::AtFences { sample, seed }),
     ]
 }
 
@@ -424,5 +459,50 @@ proptest! {
         let ops: Vec<Op> = ops.into_iter().map(|(o, bytes)| Op::Store { offset: o & !7, bytes }).collect();
         let len = ops.len();
         check(&ops, &base, &Model::Subsets { sample, seed }, 0, len)?;
+    }
+
+    /// Long epochs under `at-fences`: its states are reachable and distinct.
+    #[test]
+    fn at_fences_on_long_epochs(
+        ops in prop::collection::vec(op(), 13..30),
+        base in base(),
+        sample in 0usize..16,
+        seed in any::<u64>(),
+    ) {
+        let len = ops.len();
+        check(&ops, &base, &Model::AtFences { sample, seed }, 0, len)?;
+    }
+
+    /// Several windows together: every state lies in one of them, is
+    /// reachable at its cut, and no two give the same images; each window's
+    /// own states are all there.
+    #[test]
+    fn windows_enumerated_together(
+        ops in prop::collection::vec(op(), 0..14),
+        base in base(),
+        model in model(),
+        cuts in prop::collection::vec(0usize..16, 4),
+    ) {
+        let trace = build_trace(&ops);
+        let len = trace.len();
+        let w = |a: usize, b: usize| (a.min(b).min(len), a.max(b).min(len));
+        let windows = [w(cuts[0], cuts[1]), w(cuts[2], cuts[3])];
+        let e = enumerate_windows(&trace, &windows, &model, &base).unwrap();
+        let mut produced = BTreeSet::new();
+        for s in &e.states {
+            let img = state_image(&trace, &base, s);
+            // Reachable from one of the windows its cut lies in (a prefix
+            // state may split a disk write issued inside its own window only).
+            let mut inside = windows.iter().filter(|(a, b)| (*a..=*b).contains(&s.cut)).peekable();
+            prop_assert!(inside.peek().is_some(), "cut {} in no window", s.cut);
+            prop_assert!(inside.any(|w| reachable(&trace, &base, &model, s, w.0, &img)));
+            prop_assert!(produced.insert(img), "two states give the same images");
+        }
+        for &(a, b) in &windows {
+            let one = enumerate(&trace, a, b, &model, &base).unwrap();
+            for s in &one.states {
+                prop_assert!(produced.contains(&state_image(&trace, &base, s)));
+            }
+        }
     }
 }

@@ -238,6 +238,11 @@ fn print_table(r: &RunResult) {
             s.outcome == "refused"
         });
         listed("the older cache came back", &|s| s.older_cache_back);
+        listed("read back against the durability rule", &|s| {
+            s.durability
+                .as_ref()
+                .is_some_and(|d| !d.violations.is_empty())
+        });
         for s in run.states.iter().filter(|s| !s.violations.is_empty()) {
             println!("  {} ({}): {}", s.id, s.outcome, s.violations.join("; "));
             if let Some(saved) = &s.saved {
@@ -342,6 +347,7 @@ mod tests {
             verdict: Default::default(),
             violations,
             saved: None,
+            durability: None,
         }
     }
 

@@ -1,0 +1,195 @@
+//! The durability check of a state: the `verify` results of its recovery
+//! judged by `workload::oracle` against the ops acknowledged before the cut.
+
+use crate::persistence::{Event, Trace};
+use crate::result::Durability;
+use serde::Deserialize as _;
+use workload::{Op, TagRun, Violation};
+
+/// The ops a state is judged against: the prefill's, a flush for the
+/// deactivation that ends it (it closes the open key-set), then the workload's.
+pub fn judged_ops(prefill: &[Op], workload: &[Op]) -> (Vec<Op>, usize) {
+    let mut ops = prefill.to_vec();
+    if !ops.is_empty() {
+        ops.push(Op::Flush);
+    }
+    let before = ops.len();
+    ops.extend_from_slice(workload);
+    (ops, before)
+}
+
+/// `done[c]`: the op-done markers among the trace's first `c` events (the
+/// workload ops acknowledged by a cut at `c`).
+pub fn ops_done_before(trace: &Trace) -> Vec<usize> {
+    let mut done = Vec::with_capacity(trace.len() + 1);
+    let mut n = 0;
+    done.push(0);
+    for e in trace.events() {
+        if let Event::Marker { id } = e {
+            if protocol::markers::decode_op_done(*id).is_some() {
+                n += 1;
+            }
+        }
+        done.push(n);
+    }
+    done
+}
+
+/// Judges the `verify` results among a recovery's step results.
+pub fn judge(reports: &[serde_json::Value], ops: &[Op], acked: usize) -> Durability {
+    let mut runs: Vec<TagRun> = Vec::new();
+    let mut checked = false;
+    let mut violations = Vec::new();
+    for r in reports {
+        if r.get("step").and_then(|s| s.as_str()) != Some("verify") {
+            continue;
+        }
+        checked = true;
+        match r.get("runs").map(Vec::<TagRun>::deserialize) {
+            Some(Ok(v)) => runs.extend(v),
+            _ => violations.push(format!("a verify result the runner cannot read: {r}")),
+        }
+    }
+    violations.extend(
+        workload::check(ops, acked, &runs)
+            .iter()
+            .map(|v| describe(v, ops, acked)),
+    );
+    Durability {
+        acked,
+        checked,
+        violations,
+    }
+}
+
+/// A violation in words, e.g. `sectors 16..24: write 3 was flushed but reads write 1`.
+pub fn describe(v: &Violation, ops: &[Op], acked: usize) -> String {
+    let (s, n) = v.range();
+    let range = format!("sectors {s}..{}", s + n);
+    match *v {
+        Violation::Garbage { .. } => {
+            format!("{range}: garbage (neither the disk's content nor a whole sector of a write)")
+        }
+        Violation::Lost { durable, found, .. } => {
+            let fua = ops[..acked.min(ops.len())]
+                .iter()
+                .any(|op| matches!(*op, Op::Write { id, fua: true, .. } if id == durable));
+            let how = if fua { "a FUA write" } else { "flushed" };
+            format!("{range}: write {durable} was {how} but reads {found}")
+        }
+        Violation::Unknown { id, .. } => {
+            format!("{range}: reads write {id}, which never wrote there before the cut")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use workload::Tag;
+
+    fn w(off: u64, len: u32, id: u32, fua: bool) -> Op {
+        Op::Write { off, len, id, fua }
+    }
+
+    fn verify(runs: &[(u64, u64, i64)]) -> serde_json::Value {
+        let runs: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|&(sector, count, tag)| serde_json::json!({"sector": sector, "count": count, "tag": tag}))
+            .collect();
+        serde_json::json!({"step": "verify", "off": 0, "len": 8192, "runs": runs})
+    }
+
+    #[test]
+    fn a_lost_flushed_write_is_named_in_words() {
+        // Write 1, flush, write 3 over it, flush: 3 is durable.
+        let ops = [
+            w(8192, 4096, 1, false),
+            Op::Flush,
+            w(8192, 4096, 3, false),
+            Op::Flush,
+        ];
+        let reports = [
+            serde_json::json!({"step": "start"}),
+            verify(&[(0, 16, 0), (16, 8, 1)]),
+        ];
+        let d = judge(&reports, &ops, 4);
+        assert!(d.checked);
+        assert_eq!(
+            d.violations,
+            ["sectors 16..24: write 3 was flushed but reads write 1"]
+        );
+        // Cut before the second flush completed: write 1 or 3 may show.
+        assert!(judge(&reports, &ops, 3).violations.is_empty());
+        // A FUA write is durable once acknowledged.
+        let fua = [w(8192, 4096, 3, true)];
+        let d = judge(&[verify(&[(16, 8, 0)])], &fua, 1);
+        assert_eq!(
+            d.violations,
+            ["sectors 16..24: write 3 was a FUA write but reads backing"]
+        );
+    }
+
+    #[test]
+    fn garbage_and_unknown_writes_are_violations_whatever_was_acked() {
+        let ops = [w(0, 512, 1, false)];
+        let d = judge(&[verify(&[(0, 1, -1)])], &ops, 0);
+        assert_eq!(d.violations.len(), 1);
+        assert!(
+            d.violations[0].starts_with("sectors 0..1: garbage"),
+            "{:?}",
+            d.violations
+        );
+        let d = judge(&[verify(&[(0, 1, 7)])], &ops, 1);
+        assert_eq!(
+            d.violations,
+            ["sectors 0..1: reads write 7, which never wrote there before the cut"]
+        );
+    }
+
+    #[test]
+    fn no_verify_result_is_not_checked_and_a_bad_one_is_a_violation() {
+        let d = judge(&[serde_json::json!({"step": "start"})], &[], 0);
+        assert_eq!((d.checked, d.violations.len()), (false, 0));
+        let bad = serde_json::json!({"step": "verify", "runs": [{"sector": 0}]});
+        let d = judge(&[bad], &[], 0);
+        assert!(
+            d.checked && d.violations[0].contains("cannot read"),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_prefill_is_acknowledged_and_flushed_before_the_workload() {
+        let (ops, before) = judged_ops(&[w(0, 512, 1, false)], &[w(0, 512, 2, false)]);
+        assert_eq!(before, 2);
+        assert_eq!(ops[1], Op::Flush);
+        // No workload op acknowledged: the prefill's write must show.
+        let d = judge(&[verify(&[(0, 1, 0)])], &ops, before);
+        assert_eq!(
+            d.violations,
+            ["sectors 0..1: write 1 was flushed but reads backing"]
+        );
+        assert!(judge(&[verify(&[(0, 1, 2)])], &ops, before)
+            .violations
+            .is_empty());
+        assert_eq!(judged_ops(&[], &[Op::Flush]).1, 0);
+        let _ = Tag::Backing;
+    }
+
+    #[test]
+    fn op_done_markers_are_counted_by_position() {
+        let mut t = Trace::new();
+        t.push(Event::Marker {
+            id: protocol::markers::op_done(0),
+        });
+        t.push(Event::PmemFlush);
+        t.push(Event::Marker {
+            id: protocol::markers::crash_point_begin(8),
+        });
+        t.push(Event::Marker {
+            id: protocol::markers::op_done(1),
+        });
+        assert_eq!(ops_done_before(&t), [0, 1, 1, 1, 2]);
+    }
+}
