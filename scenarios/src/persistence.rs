@@ -445,7 +445,9 @@ impl Overlay {
 /// Collects states, dropping those whose images equal an earlier state's.
 struct Emitter<'a> {
     trace: &'a Writes<'a>,
-    seen: HashSet<DeltaKey>,
+    /// A 128-bit digest of each state's delta: a whole delta per state
+    /// would hold every byte a long workload wrote, once per state.
+    seen: HashSet<u128>,
     enumeration: Enumeration,
 }
 
@@ -488,12 +490,24 @@ impl<'a> Emitter<'a> {
 
     fn emit(&mut self, state: CrashState) {
         let key = apply(self.trace.trace, &state, self.trace.base).delta_key(self.trace.base);
-        if self.seen.insert(key) {
+        if self.seen.insert(digest(&key)) {
             self.enumeration.states.push(state);
         } else {
             self.enumeration.duplicates += 1;
         }
     }
+}
+
+/// Two SipHash digests with different keys: distinct deltas collide with
+/// probability about 2^-128.
+fn digest(key: &DeltaKey) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let mut a = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut a);
+    let mut b = std::collections::hash_map::DefaultHasher::new();
+    0x5ca1_ab1e_u64.hash(&mut b);
+    key.hash(&mut b);
+    (u128::from(a.finish()) << 64) | u128::from(b.finish())
 }
 
 /// The overlay a state's durable writes make over the base, applied in trace order.

@@ -1088,6 +1088,168 @@ mod tests {
         assert!(MarkerName::try_from("C1-middle".to_string()).is_err());
     }
 
+    /// MINIMAL as a data scenario: a pattern disk, a prefill, a workload of
+    /// writes and a recovery that verifies them, durability expected.
+    fn data_scenario() -> String {
+        MINIMAL
+            .replace(
+                "\"recipe\": \"blank\"",
+                "\"recipe\": {\"formatted\": {\"activations\": 1}}, \"disk\": \"pattern\", \"prefill\": \"write:0:4096:1;flush\"",
+            )
+            .replace(
+                "\"workload\": \"start\"",
+                "\"workload\": \"start;write:8192:512:2:fua;write:0x3ffe00:1024:3\"",
+            )
+            .replace("start;stop;start", "start;verify:0:0x4000;verify:0x3ff000:0x2000;stop;start")
+            .replace("\"mode\": \"strict\",\n", "\"mode\": \"strict\", \"durability\": true,\n")
+            .replace("\"states\": 8, \"outcomes\": {\"refused\": 3, \"formatted\": 5}", "\"states\": 1, \"outcomes\": {\"opened\": 1}, \"durability-violations\": 0")
+    }
+
+    fn data_error(from: &str, to: &str) -> String {
+        let text = data_scenario();
+        assert!(text.contains(from), "`{from}` is not in the data scenario");
+        parse(&text.replace(from, to)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_data_scenario_parses_with_its_prefill_ops() {
+        let s = parse(&data_scenario()).unwrap();
+        let d = &s.devices[0];
+        assert_eq!(d.disk, DiskContent::Pattern);
+        assert_eq!(
+            d.prefill_ops().unwrap(),
+            [
+                Op::Write {
+                    off: 0,
+                    len: 4096,
+                    id: 1,
+                    fua: false
+                },
+                Op::Flush
+            ]
+        );
+        assert!(s.expect[0].durability);
+        assert_eq!(
+            s.expect[0].counts.as_ref().unwrap().durability_violations,
+            0
+        );
+        let round = serde_json::to_string(&s).unwrap();
+        assert_eq!(parse(&round).unwrap(), s);
+        // The default disk is zeros, and a repeat multiplies the ops.
+        let plain = parse(MINIMAL).unwrap();
+        assert_eq!(plain.devices[0].disk, DiskContent::Zeros);
+        let text = data_scenario().replace("\"prefill\":", "\"prefill-repeat\": 3, \"prefill\":");
+        assert_eq!(
+            parse(&text).unwrap().devices[0]
+                .prefill_ops()
+                .unwrap()
+                .len(),
+            6
+        );
+    }
+
+    #[test]
+    fn a_recovery_that_does_not_look_where_the_writes_went_is_refused() {
+        // The workload's write across 4 MiB ends at 0x400200: verify stops short.
+        let err = data_error("verify:0x3ff000:0x2000", "verify:0x3ff000:0x1000");
+        assert!(
+            err.contains("recovery: no verify step reads bytes 4194304..4194816, which device `blank`'s writes touch"),
+            "{err}"
+        );
+        // The prefill's writes count too.
+        let err = data_error("verify:0:0x4000", "verify:0x1000:0x3000");
+        assert!(err.contains("bytes 0..4096"), "{err}");
+        let err = data_error("verify:0:0x4000;verify:0x3ff000:0x2000;", "");
+        assert!(
+            err.contains("expect[0].durability: `recovery` has no verify step"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durability_needs_a_pattern_disk() {
+        let err = data_error("\"disk\": \"pattern\"", "\"disk\": \"zeros\"");
+        assert!(
+            err.contains("expect[0].durability: device `blank` needs `\"disk\": \"pattern\"`"),
+            "{err}"
+        );
+        let err = data_error("\"disk\": \"pattern\"", "\"disk\": \"stripes\"");
+        assert!(err.contains("at `devices[0].disk`"), "{err}");
+    }
+
+    #[test]
+    fn prefills_are_data_ops_on_a_formatted_cache_with_their_own_ids() {
+        let err = data_error("write:0:4096:1;flush", "write:0:4096:1;stop");
+        assert!(
+            err.contains("devices[0].prefill: `stop` is not a data op"),
+            "{err}"
+        );
+        let err = data_error("write:0:4096:1;flush", "write:0:4096:2;flush");
+        assert!(
+            err.contains("devices[0].prefill: write id 2 is also a workload write's"),
+            "{err}"
+        );
+        let err = data_error("{\"formatted\": {\"activations\": 1}}", "\"blank\"");
+        assert!(
+            err.contains("devices[0].prefill: runs on a formatted cache"),
+            "{err}"
+        );
+        let err = data_error("write:0:4096:1;flush", "write:0:4096:1;flsh");
+        assert!(err.contains("devices[0].prefill: step 2 `flsh`"), "{err}");
+        let err = data_error("\"prefill\":", "\"prefill-repeat\": 0, \"prefill\":");
+        assert!(
+            err.contains("devices[0].prefill-repeat: 0 is not in 1..="),
+            "{err}"
+        );
+        let err = parse(&MINIMAL.replace(
+            "\"recipe\": \"blank\"",
+            "\"recipe\": \"blank\", \"prefill-repeat\": 2",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("devices[0].prefill-repeat: only with a `prefill`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn writes_and_verifies_must_fit_the_disk() {
+        let err = data_error("\"64M\"", "\"4M\"");
+        assert!(
+            err.contains("a write of 1024 bytes at 4193792 reaches past device `blank`'s disk-size (4194304 bytes)"),
+            "{err}"
+        );
+        let err = data_error("verify:0:0x4000", "verify:0:0x4000;verify:0x4000000:0x1000");
+        assert!(
+            err.contains("recovery: verify:67108864:4096 reaches past"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_occurrence_windows_round_trip() {
+        let text = MINIMAL.replace("\"to\": \"C2-end\"", "\"to\": \"C2-end\", \"every\": true");
+        let s = parse(&text).unwrap();
+        assert!(matches!(
+            s.run,
+            Run::PowerCut {
+                window: Window::BetweenMarkers { every: true, .. },
+                ..
+            }
+        ));
+        assert_eq!(parse(&serde_json::to_string(&s).unwrap()).unwrap(), s);
+        assert!(parse(&text.replace("\"every\": true", "\"every\": 1")).is_err());
+    }
+
+    #[test]
+    fn uncovered_finds_the_first_gap() {
+        assert_eq!(uncovered(0, 10, &[(0, 4), (4, 6)]), None);
+        assert_eq!(uncovered(0, 10, &[(0, 4), (6, 6)]), Some((4, 6)));
+        assert_eq!(uncovered(2, 10, &[(0, 5)]), Some((5, 10)));
+        assert_eq!(uncovered(0, 10, &[]), Some((0, 10)));
+    }
+
     #[test]
     fn the_shipped_scenarios_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -1098,6 +1260,12 @@ mod tests {
             "crash-mid-format",
             "corrupt-sb",
             "forged-metadata",
+            "crash-mid-data-write",
+            "crash-mid-kset-append",
+            "crash-mid-log-switch",
+            "crash-mid-cache-info-update",
+            "crash-during-recovery",
+            "random-workload",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
