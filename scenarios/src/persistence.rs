@@ -59,6 +59,10 @@ pub trait BaseImage {
     fn pmem_byte(&self, off: u64) -> u8;
     /// Sector `sector` of the disk (`SECTOR` bytes).
     fn disk_sector(&self, sector: u64) -> Vec<u8>;
+    /// The 8 bytes at the 8-aligned pmem offset `word * 8`.
+    fn pmem_word(&self, word: u64) -> [u8; 8] {
+        core::array::from_fn(|i| self.pmem_byte(word * 8 + i as u64))
+    }
 }
 
 /// A persistence model. See the module documentation.
@@ -375,9 +379,6 @@ impl<'a> Writes<'a> {
     }
 }
 
-/// The bytes of a state's images that differ from the base: (pmem bytes, disk sectors).
-type DeltaKey = (Vec<(u64, u8)>, Vec<(u64, Vec<u8>)>);
-
 /// Bytes written over the base image.
 #[derive(Default)]
 struct Overlay {
@@ -422,23 +423,6 @@ impl Overlay {
         };
         self.disk.insert(sector, bytes.to_vec());
         changed
-    }
-
-    /// The bytes that differ from the base: the identity of the resulting images.
-    fn delta_key(&self, base: &dyn BaseImage) -> DeltaKey {
-        let pmem = self
-            .pmem
-            .iter()
-            .filter(|(&off, &b)| base.pmem_byte(off) != b)
-            .map(|(&off, &b)| (off, b))
-            .collect();
-        let disk = self
-            .disk
-            .iter()
-            .filter(|(&s, d)| base.disk_sector(s) != **d)
-            .map(|(&s, d)| (s, d.clone()))
-            .collect();
-        (pmem, disk)
     }
 }
 
@@ -489,8 +473,8 @@ impl<'a> Emitter<'a> {
     }
 
     fn emit(&mut self, state: CrashState) {
-        let key = apply(self.trace.trace, &state, self.trace.base).delta_key(self.trace.base);
-        if self.seen.insert(digest(&key)) {
+        let key = state_digest(self.trace.trace, &state, self.trace.base);
+        if self.seen.insert(key) {
             self.enumeration.states.push(state);
         } else {
             self.enumeration.duplicates += 1;
@@ -498,35 +482,96 @@ impl<'a> Emitter<'a> {
     }
 }
 
-/// Two SipHash digests with different keys: distinct deltas collide with
-/// probability about 2^-128.
-fn digest(key: &DeltaKey) -> u128 {
-    use std::hash::{Hash, Hasher};
-    let mut a = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut a);
-    let mut b = std::collections::hash_map::DefaultHasher::new();
-    0x5ca1_ab1e_u64.hash(&mut b);
-    key.hash(&mut b);
-    (u128::from(a.finish()) << 64) | u128::from(b.finish())
-}
-
-/// The overlay a state's durable writes make over the base, applied in trace order.
-fn apply(trace: &Trace, state: &CrashState, base: &dyn BaseImage) -> Overlay {
-    let mut o = Overlay::default();
+/// A 128-bit digest of the bytes a state's images hold that differ from the
+/// base: what identifies its images (holding the bytes themselves would cost
+/// a long workload's writes once per state).
+fn state_digest(trace: &Trace, state: &CrashState, base: &dyn BaseImage) -> u128 {
+    // (word, bytes, mask of the bytes written), in write order; a stable
+    // sort by word then keeps the order of the writes to one word.
+    let mut words: Vec<(u64, [u8; 8], u8)> = Vec::with_capacity(state.pmem.len());
+    let mut sectors: Vec<(u64, &[u8])> = Vec::new();
     for w in state.pmem.iter().chain(&state.disk) {
         match trace.get(w.event) {
-            Some(e @ Event::PmemStore { offset, .. }) => {
-                o.pmem_apply(*offset, &Trace::store_bytes(e), base);
+            Some(&Event::PmemStore { offset, len, value }) => {
+                let bytes = value.to_le_bytes();
+                for i in 0..u64::from(len) {
+                    let at = offset + i;
+                    let mut b = [0u8; 8];
+                    b[(at % 8) as usize] = bytes[i as usize];
+                    // Merged with its neighbours below.
+                    words.push((at / 8, b, 1 << (at % 8)));
+                }
             }
             Some(e @ Event::BlkWrite { sector, .. }) => {
                 let p = w.part as usize;
-                let data = &trace.blk_data(e)[p * SECTOR..(p + 1) * SECTOR];
-                o.disk_apply(sector + p as u64, data, base);
+                sectors.push((
+                    sector + p as u64,
+                    &trace.blk_data(e)[p * SECTOR..(p + 1) * SECTOR],
+                ));
             }
             _ => {}
         }
     }
-    o
+    words.sort_by_key(|w| w.0);
+    sectors.sort_by_key(|s| s.0);
+    let mut h = Digest::default();
+    let mut i = 0;
+    while i < words.len() {
+        let word = words[i].0;
+        let (mut bytes, mut mask) = ([0u8; 8], 0u8);
+        while i < words.len() && words[i].0 == word {
+            let (_, b, m) = words[i];
+            for (j, byte) in bytes.iter_mut().enumerate() {
+                if m & (1 << j) != 0 {
+                    *byte = b[j];
+                }
+            }
+            mask |= m;
+            i += 1;
+        }
+        let old = base.pmem_word(word);
+        for (j, (&new, &was)) in bytes.iter().zip(&old).enumerate() {
+            if mask & (1 << j) != 0 && new != was {
+                h.add(((word * 8 + j as u64) << 8) | u64::from(new));
+            }
+        }
+    }
+    h.add(u64::MAX);
+    // Later writes of a sector win: the last of each run of equal sectors.
+    for (k, &(s, d)) in sectors.iter().enumerate() {
+        if sectors.get(k + 1).is_some_and(|n| n.0 == s) || base.disk_sector(s) == d {
+            continue;
+        }
+        h.add(s);
+        for c in d.chunks_exact(8) {
+            h.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+    }
+    h.finish()
+}
+
+/// Two independent 64-bit multiply-xorshift hashes of a stream of words
+/// (cheap even in a debug build, where `cargo xtask` runs).
+#[derive(Default)]
+struct Digest(u64, u64);
+
+impl Digest {
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0 ^ x)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+        self.1 = (self.1.rotate_left(17) ^ x ^ 0xd6e8_feb8_6659_fd93)
+            .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    }
+
+    fn finish(&self) -> u128 {
+        let mix = |mut z: u64| {
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        (u128::from(mix(self.0)) << 64) | u128::from(mix(self.1))
+    }
 }
 
 #[cfg(test)]

@@ -746,8 +746,9 @@ impl<'a> WindowBase<'a> {
     }
 }
 
-impl BaseImage for WindowBase<'_> {
-    fn pmem_byte(&self, off: u64) -> u8 {
+impl WindowBase<'_> {
+    /// Runs `f` on the base's page holding `off` (read once, then cached).
+    fn with_page<T>(&self, off: u64, f: impl FnOnce(&[u8]) -> T) -> T {
         let page = off / PAGE;
         let mut pages = self.pages.borrow_mut();
         let p = pages.entry(page).or_insert_with(|| {
@@ -757,7 +758,21 @@ impl BaseImage for WindowBase<'_> {
             let _ = self.saved.base_pmem_read(page * PAGE, &mut buf);
             buf
         });
-        p[(off % PAGE) as usize]
+        f(p)
+    }
+}
+
+impl BaseImage for WindowBase<'_> {
+    fn pmem_byte(&self, off: u64) -> u8 {
+        self.with_page(off, |p| p[(off % PAGE) as usize])
+    }
+
+    fn pmem_word(&self, word: u64) -> [u8; 8] {
+        let off = word * 8;
+        self.with_page(off, |p| {
+            let at = (off % PAGE) as usize;
+            p[at..at + 8].try_into().expect("8 bytes within a page")
+        })
     }
 
     fn disk_sector(&self, sector: u64) -> Vec<u8> {

@@ -1243,6 +1243,27 @@ mod tests {
     }
 
     #[test]
+    fn the_random_workload_crosses_4mib_boundaries_flushes_and_uses_fua() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("random-workload.json");
+        let s = Scenario::load(&file).unwrap();
+        let Run::PowerCut { workload, .. } = &s.run else {
+            panic!("a power-cut scenario");
+        };
+        let ops = guest_cmdline::ops_of_steps(workload).unwrap();
+        let crossing = ops.iter().filter(|op| {
+            matches!(**op, Op::Write { off, len, .. }
+                if off / (4 << 20) != (off + u64::from(len) - 1) / (4 << 20))
+        });
+        assert!(crossing.count() >= 2, "{ops:?}");
+        assert!(ops.contains(&Op::Flush), "{ops:?}");
+        assert!(
+            ops.iter()
+                .any(|op| matches!(op, Op::Write { fua: true, .. })),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
     fn uncovered_finds_the_first_gap() {
         assert_eq!(uncovered(0, 10, &[(0, 4), (4, 6)]), None);
         assert_eq!(uncovered(0, 10, &[(0, 4), (6, 6)]), Some((4, 6)));
