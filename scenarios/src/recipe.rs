@@ -117,6 +117,8 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
         }
         Recipe::OlderCache { activations } => {
             let seq = activate_times(device, mode, &pmem, activations)?;
+            // The older cache's data (its log stays behind a re-format).
+            prefill(device, mode, &pmem, &disk)?;
             let mut dev = FilePmem::open(&pmem).map_err(io(&pmem))?;
             let pmem_err = |source| RecipeError::Pmem {
                 device: device.name.clone(),

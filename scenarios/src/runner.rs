@@ -344,7 +344,7 @@ fn power_cut(
     // The durability rule judges each state against the ops acknowledged
     // before its cut (a scenario file that loaded has valid ops).
     let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
-    let prefill_ops = device.prefill_ops().map_err(&fail)?;
+    let prefill_ops = device.judged_prefill_ops().map_err(&fail)?;
     let (ops, before) = crate::durability::judged_ops(&prefill_ops, &workload_ops);
     let done = crate::durability::ops_done_before(&saved.trace);
     let judge = !crate::spec::verify_ranges(&job.scenario.recovery).is_empty();

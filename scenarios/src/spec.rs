@@ -603,10 +603,13 @@ impl Scenario {
             let disk = d.disk_size.0;
             let prefill = d.prefill_ops().map_err(|e| format!("devices[{i}].{e}"))?;
             if d.prefill.is_some()
-                && !matches!(d.recipe, Recipe::Formatted { .. } | Recipe::File { .. })
+                && !matches!(
+                    d.recipe,
+                    Recipe::Formatted { .. } | Recipe::File { .. } | Recipe::OlderCache { .. }
+                )
             {
                 return Err(format!(
-                    "devices[{i}].prefill: runs on a formatted cache, so the recipe must be `formatted` or `file`"
+                    "devices[{i}].prefill: runs on a formatted cache, so the recipe must be `formatted`, `older-cache` (the older cache's data) or `file`"
                 ));
             }
             for (what, ops) in [
@@ -688,6 +691,16 @@ impl Scenario {
 pub const PREFILL_REPEAT_MAX: u32 = 1_000_000;
 
 impl Device {
+    /// The prefill ops whose data the workload's cache holds: none for an
+    /// `older-cache` recipe, whose prefill is the older cache's data, which a
+    /// re-format discards (any of it reading back is a violation).
+    pub fn judged_prefill_ops(&self) -> Result<Vec<Op>, String> {
+        match self.recipe {
+            Recipe::OlderCache { .. } => Ok(Vec::new()),
+            _ => self.prefill_ops(),
+        }
+    }
+
     /// The ops of the prefill, repeated `prefill-repeat` times (empty without
     /// one); an error names the field (`prefill: ...`).
     pub fn prefill_ops(&self) -> Result<Vec<Op>, String> {
