@@ -310,19 +310,7 @@ impl Cache {
             Tail::KeyTail => &mut self.key_tail,
             Tail::DirtyTail => &mut self.dirty_tail,
         };
-        write_dual(
-            pmem,
-            hooks,
-            CrashPoint::TailUpdate,
-            tail_base(tail),
-            CACHE_POS_STRIDE,
-            &mut t.state,
-            CachePosOnMedia {
-                cache_seg_id: pos.cache_seg_id.into(),
-                seg_off: pos.seg_off.into(),
-                ..Default::default()
-            },
-        )?;
+        persist_tail(pmem, hooks, tail, &mut t.state, pos)?;
         t.pos = pos;
         Ok(())
     }
@@ -381,6 +369,30 @@ pub enum GcPercentError {
         /// The error.
         error: PmemError,
     },
+}
+
+/// Writes `pos` as `tail`'s next copy under `state`'s policy (C5).
+fn persist_tail<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+    pmem: &mut P,
+    hooks: &mut H,
+    tail: Tail,
+    state: &mut DualCopy,
+    pos: CachePos,
+) -> Result<(), PmemError> {
+    write_dual(
+        pmem,
+        hooks,
+        CrashPoint::TailUpdate,
+        tail_base(tail),
+        CACHE_POS_STRIDE,
+        state,
+        CachePosOnMedia {
+            cache_seg_id: pos.cache_seg_id.into(),
+            seg_off: pos.seg_off.into(),
+            ..Default::default()
+        },
+    )?;
+    Ok(())
 }
 
 fn tail_base(tail: Tail) -> u64 {
@@ -950,19 +962,7 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         if opts.mode == Mode::Recover {
             t.state = read_tail(pmem, tail)?.state(policy);
         }
-        write_dual(
-            pmem,
-            hooks,
-            CrashPoint::TailUpdate,
-            tail_base(tail),
-            CACHE_POS_STRIDE,
-            &mut t.state,
-            CachePosOnMedia {
-                cache_seg_id: (t.pos.cache_seg_id).into(),
-                seg_off: (t.pos.seg_off).into(),
-                ..Default::default()
-            },
-        )?;
+        persist_tail(pmem, hooks, tail, &mut t.state, t.pos)?;
     }
 
     let (_, info) = write_cache_info(pmem, hooks, &mut info_state, info)?;
