@@ -2,22 +2,18 @@
 //! reads, flushes and FUA through the module, compared after every step, and
 //! after a deactivation and a replay (`docs/format.md` §9.2–§9.6).
 
+mod common;
+use common::{content, opts, SIZE_512M};
+
 use pcache::backing::{Backing, VecBacking};
 use pcache::cache_req::IoError;
 use pcache::format::{CACHE_SUBTREE_SIZE, DATA_SIZE, MB};
 use pcache::pmem::{Access, RecordingPmem, SparsePmem};
-use pcache::{start, Cache, CrashPoint, Mode, NoHooks, Options, Outcome, Pmem};
+use pcache::{start, Cache, CrashPoint, Mode, NoHooks, Outcome, Pmem};
 use proptest::prelude::*;
 
-const PMEM: u64 = 512 * MB;
+const PMEM: u64 = SIZE_512M;
 const DISK: u64 = 24 * MB;
-
-fn opts(mode: Mode) -> Options {
-    Options {
-        mode,
-        data_crc: false,
-    }
-}
 
 /// A backing device whose every sector is distinct, so a read that returns
 /// the wrong sector shows.
@@ -41,12 +37,6 @@ fn fresh_cache() -> (SparsePmem, Cache) {
         .cache
         .unwrap();
     (pmem, cache)
-}
-
-fn content(id: u32, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (id as u8).wrapping_mul(31) ^ (i / 512) as u8 ^ (i as u8))
-        .collect()
 }
 
 #[derive(Clone, Debug)]

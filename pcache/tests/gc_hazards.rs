@@ -2,23 +2,19 @@
 //! exact states a power cut leaves, recovered in both modes, then the
 //! workload goes on and a read is judged by the durability oracle.
 
+mod common;
+use common::{opts, SIZE_512M};
+
 use pcache::backing::VecBacking;
 use pcache::format::MB;
 use pcache::pmem::{Access, RecordingPmem, SparsePmem};
-use pcache::{start, CrashPoint, Mode, NoHooks, Options, Outcome};
+use pcache::{start, CrashPoint, Mode, NoHooks, Outcome};
 use workload::oracle::{check, Violation};
 use workload::pattern::{classify_range, fill};
 use workload::Op;
 
-const PMEM: u64 = 512 * MB;
+const PMEM: u64 = SIZE_512M;
 const DISK: u64 = 64 * MB;
-
-fn opts(mode: Mode) -> Options {
-    Options {
-        mode,
-        data_crc: false,
-    }
-}
 
 /// A cache whose first data segment is exactly full of 4,093 keys of 4 KiB
 /// (the last key-set holds 125 of them), all written back; gc_percent 0.

@@ -3,35 +3,25 @@
 //! writes, flushes, idle periods (writeback and GC until neither moves),
 //! reopens; the log cycles through its segments several times.
 
+mod common;
+use common::{content, opts, SIZE_512M};
+
 use pcache::backing::VolatileBacking;
 use pcache::cache_gc::Gc;
 use pcache::cache_writeback::Writeback;
 use pcache::format::MB;
 use pcache::pmem::SparsePmem;
-use pcache::{start, Cache, Mode, NoHooks, Options, Outcome};
+use pcache::{start, Cache, Mode, NoHooks, Outcome};
 use proptest::prelude::*;
 
-const PMEM: u64 = 512 * MB;
+const PMEM: u64 = SIZE_512M;
 const DISK: u64 = 64 * MB;
-
-fn opts(mode: Mode) -> Options {
-    Options {
-        mode,
-        data_crc: false,
-    }
-}
 
 fn disk() -> VolatileBacking {
     VolatileBacking::new(DISK / 512, |lba, s| {
         s.fill(lba as u8 ^ 0x3c);
         s[..8].copy_from_slice(&lba.to_le_bytes());
     })
-}
-
-fn content(id: u32, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (id as u8).wrapping_mul(29) ^ (i / 512) as u8 ^ (i as u8).rotate_left(3))
-        .collect()
 }
 
 #[derive(Clone, Debug)]

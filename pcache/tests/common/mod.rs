@@ -19,6 +19,14 @@ pub fn opts(mode: Mode) -> Options {
 
 pub const MODES: [Mode; 2] = [Mode::Strict, Mode::Recover];
 
+/// Distinct bytes for write `id` of `len` bytes (each 512-byte sector and
+/// each write differ), for tests that compare with a plain byte model.
+pub fn content(id: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (id as u8).wrapping_mul(31) ^ (i / 512) as u8 ^ (i as u8))
+        .collect()
+}
+
 pub fn act(dev: &mut SparsePmem, mode: Mode) -> ActivationReport {
     activate(dev, &opts(mode), &mut NoHooks)
 }
