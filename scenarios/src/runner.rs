@@ -180,7 +180,8 @@ pub fn run(
                     workload,
                     window,
                     model,
-                } => power_cut(&job, workload, window, model, &dir)?,
+                    faults,
+                } => power_cut(&job, workload, window, model, faults, &dir)?,
                 Run::Images { generator } => images(&job, *generator)?,
             };
             runs.push(run);
@@ -294,6 +295,7 @@ fn power_cut(
     workload: &str,
     window: &Window,
     model: &persistence::Model,
+    faults: &vmm::BlkFaults,
     dir: &Path,
 ) -> Result<DeviceModeRun, RunnerError> {
     let Job {
@@ -320,6 +322,7 @@ fn power_cut(
         &prepared.disk,
     )?;
     vm.timeout = cfg.workload_timeout;
+    vm.blk_faults = faults.clone();
     let out = vmm::run(vm)?;
     let rec = Recovery::from_run(&out);
     if let Some(f) = rec.failure {

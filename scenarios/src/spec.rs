@@ -106,6 +106,11 @@ pub enum Run {
         window: Window,
         /// Which writes are durable at a cut (pmem and disk alike).
         model: Model,
+        /// virtio-blk requests of the traced run that fail (the VMM's fault
+        /// plan, e.g. `{"fail-flushes": [{"nth": 1, "onward": true}]}`); none
+        /// by default.
+        #[serde(default, skip_serializing_if = "vmm::BlkFaults::is_empty")]
+        faults: vmm::BlkFaults,
     },
     /// No power cut: images made by a named generator from the device.
     Images { generator: Generator },
@@ -830,6 +835,41 @@ mod tests {
     fn error_with(from: &str, to: &str) -> String {
         assert!(MINIMAL.contains(from), "`{from}` is not in MINIMAL");
         parse(&MINIMAL.replace(from, to)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_disk_fault_plan_is_read_and_a_bad_one_named() {
+        let with = |faults: &str| {
+            MINIMAL.replace(
+                r#""model": {"subsets": {"sample": 64, "seed": 1}}}}"#,
+                &format!(
+                    r#""model": {{"subsets": {{"sample": 64, "seed": 1}}}}, "faults": {faults}}}}}"#
+                ),
+            )
+        };
+        let s = parse(&with(r#"{"fail-flushes": [{"nth": 2, "onward": true}]}"#)).unwrap();
+        let Run::PowerCut { faults, .. } = &s.run else {
+            panic!("{:?}", s.run);
+        };
+        assert_eq!(
+            faults.fail_flushes,
+            [vmm::FaultWhen::from_nth_on(2).unwrap()]
+        );
+        assert!(faults.fail_writes.is_empty());
+        assert_eq!(parse(&serde_json::to_string(&s).unwrap()).unwrap(), s);
+        // No plan: nothing fails, and the field is not written back.
+        let Run::PowerCut { faults, .. } = &parse(MINIMAL).unwrap().run else {
+            unreachable!()
+        };
+        assert!(faults.is_empty());
+        let e = parse(&with(r#"{"fail-flushes": [{"nth": 0}]}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("run.power-cut.faults"), "{e}");
+        let e = parse(&with(r#"{"fail-reads": []}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fail-reads"), "{e}");
     }
 
     #[test]
