@@ -348,7 +348,8 @@ fn power_cut(
     // before its cut (a scenario file that loaded has valid ops).
     let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
     let prefill_ops = device.judged_prefill_ops().map_err(&fail)?;
-    let (ops, before) = crate::durability::judged_ops(&prefill_ops, &workload_ops);
+    let recovery_ops = guest_cmdline::ops_of_steps(&job.scenario.recovery).map_err(&fail)?;
+    let (ops, before) = crate::durability::judged_ops(&prefill_ops, &workload_ops, &recovery_ops);
     let done = crate::durability::ops_done_before(&saved.trace);
     let judge = !crate::spec::verify_ranges(&job.scenario.recovery).is_empty();
 

@@ -604,6 +604,15 @@ impl Scenario {
             Run::Images { .. } => Vec::new(),
         };
         let verifies = verify_ranges(&self.recovery);
+        let recovery_ops =
+            guest_cmdline::ops_of_steps(&self.recovery).map_err(|e| format!("recovery: {e}"))?;
+        if !recovery_ops.is_empty() && !workload_ops.is_empty() {
+            // A workload op in flight at the cut could not be told from a
+            // recovery op that followed it: judge one or the other.
+            return Err(
+                "recovery: data steps in the recovery need a workload without data steps".into(),
+            );
+        }
         for (i, d) in self.devices.iter().enumerate() {
             let disk = d.disk_size.0;
             let prefill = d.prefill_ops().map_err(|e| format!("devices[{i}].{e}"))?;
@@ -639,7 +648,8 @@ impl Scenario {
                     })
                     .collect()
             };
-            if let Some(id) = ids(&prefill).intersection(&ids(&workload_ops)).next() {
+            let later: Vec<Op> = workload_ops.iter().chain(&recovery_ops).copied().collect();
+            if let Some(id) = ids(&prefill).intersection(&ids(&later)).next() {
                 return Err(format!(
                     "devices[{i}].prefill: write id {id} is also a workload write's (the read-back could not tell them apart)"
                 ));
@@ -656,6 +666,7 @@ impl Scenario {
             // A scenario that does not look where it wrote is a mistake.
             let mut ops = prefill;
             ops.extend_from_slice(&workload_ops);
+            ops.extend_from_slice(&recovery_ops);
             for (off, len) in workload::touched_ranges(&ops) {
                 if let Some((s, e)) = uncovered(off, off + len, &verifies) {
                     return Err(format!(
@@ -835,6 +846,27 @@ mod tests {
     fn error_with(from: &str, to: &str) -> String {
         assert!(MINIMAL.contains(from), "`{from}` is not in MINIMAL");
         parse(&MINIMAL.replace(from, to)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn recovery_data_steps_need_a_workload_without_them() {
+        let text = MINIMAL
+            .replace(
+                r#""name": "blank", "pmem-size": "512M", "disk-size": "64M", "recipe": "blank""#,
+                r#""name": "blank", "pmem-size": "512M", "disk-size": "64M", "disk": "pattern", "recipe": "blank""#,
+            )
+            .replace(
+                r#""recovery": "start;stop;start""#,
+                r#""recovery": "start;write:0:512:7:fua;verify:0:512""#,
+            );
+        assert!(parse(&text).is_ok(), "{:?}", parse(&text));
+        let e = parse(&text.replace(
+            r#""workload": "start""#,
+            r#""workload": "start;write:512:512:1""#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("need a workload without data steps"), "{e}");
     }
 
     #[test]
