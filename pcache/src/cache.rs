@@ -175,6 +175,13 @@ pub struct Cache {
     /// Per cache segment: references held by keys and the data head (the
     /// kernel's refcounts; signed, because the kernel's can go below zero).
     pub(crate) refs: Vec<i64>,
+    /// What only the running cache holds (nothing of it is on media).
+    pub(crate) rt: RunTime,
+}
+
+/// The volatile run-time state of a cache, empty at every activation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RunTime {
     /// The open key-set's keys (one per CPU in the kernel; the guest has one).
     pub(crate) open_kset: Vec<KeyOnMedia>,
     /// Where the next data goes (the kernel's per-CPU data head), if a data
@@ -234,15 +241,15 @@ impl Cache {
     }
     /// Segments invalidated since activation.
     pub fn invalidations(&self) -> u64 {
-        self.invalidations
+        self.rt.invalidations
     }
     /// Why writeback stopped for good, if it did.
     pub fn writeback_stopped(&self) -> Option<&str> {
-        self.writeback_stopped.as_deref()
+        self.rt.writeback_stopped.as_deref()
     }
     /// Why GC stopped for good, if it did.
     pub fn gc_stopped(&self) -> Option<&str> {
-        self.gc_stopped.as_deref()
+        self.rt.gc_stopped.as_deref()
     }
     /// Physical segment of cache segment `cseg`.
     pub fn pseg(&self, cseg: u32) -> Option<u32> {
@@ -854,12 +861,7 @@ pub(crate) fn open<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         index: replayed.index,
         key_head: replayed.key_head,
         refs: replayed.refs.iter().map(|&r| r as i64).collect(),
-        open_kset: Vec::new(),
-        data_head: None,
-        last_cache_seg: 0,
-        invalidations: 0,
-        writeback_stopped: None,
-        gc_stopped: None,
+        rt: RunTime::default(),
     })
 }
 
@@ -980,12 +982,7 @@ pub(crate) fn first_activation<P: Pmem + ?Sized, H: Hooks + ?Sized>(
         dev_map,
         index: KeyIndex::default(),
         refs: vec![0; n],
-        open_kset: Vec::new(),
-        data_head: None,
-        last_cache_seg: 0,
-        invalidations: 0,
-        writeback_stopped: None,
-        gc_stopped: None,
+        rt: RunTime::default(),
     })
 }
 

@@ -58,7 +58,7 @@ impl Cache {
         pmem: &mut P,
         hooks: &mut H,
     ) -> Result<Gc, IoError> {
-        if let Some(reason) = &self.gc_stopped {
+        if let Some(reason) = &self.rt.gc_stopped {
             return Ok(Gc::Stopped {
                 reason: reason.clone(),
             });
@@ -128,7 +128,7 @@ impl Cache {
                 "key-set at {key_tail} larger than its segment's rest"
             )));
         }
-        let before = self.invalidations;
+        let before = self.rt.invalidations;
         let data_crc = self.info.data_crc();
         let mut buf = vec![];
         hooks.begin(CrashPoint::Gc);
@@ -165,12 +165,12 @@ impl Cache {
         hooks.end(CrashPoint::Gc);
         Ok(Gc::KeySet {
             pos: key_tail,
-            invalidated: (self.invalidations - before) as u32,
+            invalidated: (self.rt.invalidations - before) as u32,
         })
     }
 
     fn stop_gc(&mut self, reason: String) -> Gc {
-        self.gc_stopped = Some(reason.clone());
+        self.rt.gc_stopped = Some(reason.clone());
         Gc::Stopped { reason }
     }
 
@@ -222,7 +222,7 @@ impl Cache {
     ) -> Result<Idle, IoError> {
         use crate::cache_writeback::Writeback;
         let mut out = Idle::default();
-        let before = self.invalidations;
+        let before = self.rt.invalidations;
         loop {
             let mut moved = false;
             for s in self.writeback_all(pmem, backing, hooks)? {
@@ -255,7 +255,7 @@ impl Cache {
                 break;
             }
         }
-        out.invalidated = self.invalidations - before;
+        out.invalidated = self.rt.invalidations - before;
         Ok(out)
     }
 }

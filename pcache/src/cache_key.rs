@@ -1046,7 +1046,7 @@ impl crate::cache::Cache {
 
     /// Keys waiting in the open key-set.
     pub fn open_keys(&self) -> &[KeyOnMedia] {
-        &self.open_kset
+        &self.rt.open_kset
     }
 
     /// `cache_key_append`: adds `key` to the open key-set and closes it when
@@ -1061,10 +1061,10 @@ impl crate::cache::Cache {
         key: KeyOnMedia,
         force_close: bool,
     ) -> Result<(), AppendError> {
-        self.open_kset.push(key);
-        if self.open_kset.len() as u32 == KSET_KEYS_MAX || force_close {
+        self.rt.open_kset.push(key);
+        if self.rt.open_kset.len() as u32 == KSET_KEYS_MAX || force_close {
             if let Err(e) = self.close_kset(pmem, hooks) {
-                self.open_kset.pop();
+                self.rt.open_kset.pop();
                 return Err(e);
             }
         }
@@ -1086,16 +1086,16 @@ impl crate::cache::Cache {
         pmem: &mut P,
         hooks: &mut H,
     ) -> Result<(), AppendError> {
-        if self.open_kset.is_empty() {
+        if self.rt.open_kset.is_empty() {
             return Ok(());
         }
         let record = Kset::Keys {
-            keys: core::mem::take(&mut self.open_kset),
+            keys: core::mem::take(&mut self.rt.open_kset),
         };
         let result = self.write_record(pmem, hooks, &record);
         if let Kset::Keys { keys } = record {
             if result.is_err() {
-                self.open_kset = keys;
+                self.rt.open_kset = keys;
             }
         }
         result

@@ -112,10 +112,10 @@ impl Cache {
         len: &mut u32,
     ) -> Result<(CachePos, u64), IoError> {
         loop {
-            let Some(head) = self.data_head else {
+            let Some(head) = self.rt.data_head else {
                 let seg = self.get_cache_segment().ok_or(IoError::CacheFull)?;
                 self.seg_get(seg); // the head's reference
-                self.data_head = Some(CachePos {
+                self.rt.data_head = Some(CachePos {
                     cache_seg_id: seg,
                     seg_off: 0,
                 });
@@ -126,14 +126,14 @@ impl Cache {
             let remain = (DATA_SIZE - head.seg_off as u64) as u32;
             self.seg_get(cseg); // the key's reference
             if remain > *len {
-                self.data_head = Some(CachePos {
+                self.rt.data_head = Some(CachePos {
                     cache_seg_id: cseg,
                     seg_off: head.seg_off + *len,
                 });
             } else {
                 *len = remain;
                 self.seg_put(pmem, hooks, cseg)?; // the head leaves the segment
-                self.data_head = None;
+                self.rt.data_head = None;
             }
             return Ok((head, gen));
         }

@@ -68,7 +68,7 @@ impl Cache {
         backing: &mut B,
         hooks: &mut H,
     ) -> Result<Writeback, IoError> {
-        if let Some(reason) = &self.writeback_stopped {
+        if let Some(reason) = &self.rt.writeback_stopped {
             return Ok(Writeback::Stopped {
                 reason: reason.clone(),
             });
@@ -184,7 +184,7 @@ impl Cache {
     }
 
     fn stop_writeback(&mut self, reason: alloc::string::String) -> Writeback {
-        self.writeback_stopped = Some(reason.clone());
+        self.rt.writeback_stopped = Some(reason.clone());
         Writeback::Stopped { reason }
     }
 

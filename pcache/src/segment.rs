@@ -197,10 +197,10 @@ impl crate::cache::Cache {
     /// segment's old bytes stay until keys overwrite them.
     pub(crate) fn get_cache_segment(&mut self) -> Option<u32> {
         let n = self.segments.len() as u32;
-        let from = self.last_cache_seg.min(n);
+        let from = self.rt.last_cache_seg.min(n);
         let found = (from..n).chain(0..from).find(|&i| !self.seg_map.test(i))?;
         self.seg_map.set(found);
-        self.last_cache_seg = found;
+        self.rt.last_cache_seg = found;
         Some(found)
     }
 
@@ -255,7 +255,7 @@ impl crate::cache::Cache {
             },
         )?;
         self.seg_map.clear(cseg);
-        self.invalidations += 1;
+        self.rt.invalidations += 1;
         Ok(())
     }
 }

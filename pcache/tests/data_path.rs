@@ -3,7 +3,7 @@
 //! after a deactivation and a replay (`docs/format.md` §9.2–§9.6).
 
 mod common;
-use common::{content, opts, SIZE_512M};
+use common::{content, opts, reopen, SIZE_512M};
 
 use pcache::backing::{Backing, VecBacking};
 use pcache::cache_req::IoError;
@@ -61,13 +61,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
     ]
-}
-
-fn reopen(cache: Cache, pmem: &mut SparsePmem, mode: Mode) -> Cache {
-    pcache::deactivate(cache, pmem, &mut NoHooks).unwrap();
-    let a = start(pmem, &opts(mode), &mut NoHooks);
-    assert_eq!(a.report.outcome, Outcome::Opened, "{}", a.report);
-    a.cache.unwrap()
 }
 
 fn run_against_model(ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {

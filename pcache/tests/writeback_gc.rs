@@ -4,14 +4,14 @@
 //! reopens; the log cycles through its segments several times.
 
 mod common;
-use common::{content, opts, SIZE_512M};
+use common::{content, opts, reopen, SIZE_512M};
 
 use pcache::backing::VolatileBacking;
 use pcache::cache_gc::Gc;
 use pcache::cache_writeback::Writeback;
 use pcache::format::MB;
 use pcache::pmem::SparsePmem;
-use pcache::{start, Cache, Mode, NoHooks, Outcome};
+use pcache::{start, Mode, NoHooks};
 use proptest::prelude::*;
 
 const PMEM: u64 = SIZE_512M;
@@ -43,13 +43,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Idle),
         1 => Just(Op::Reopen),
     ]
-}
-
-fn reopen(cache: Cache, pmem: &mut SparsePmem, mode: Mode) -> Cache {
-    pcache::deactivate(cache, pmem, &mut NoHooks).unwrap();
-    let a = start(pmem, &opts(mode), &mut NoHooks);
-    assert_eq!(a.report.outcome, Outcome::Opened, "{}", a.report);
-    a.cache.unwrap()
 }
 
 /// What a run went through.

@@ -19,6 +19,15 @@ pub fn opts(mode: Mode) -> Options {
 
 pub const MODES: [Mode; 2] = [Mode::Strict, Mode::Recover];
 
+/// Deactivates `cache` (closing its open key-set) and activates the device
+/// again, which must open it (replaying its log).
+pub fn reopen(cache: pcache::Cache, pmem: &mut SparsePmem, mode: Mode) -> pcache::Cache {
+    pcache::deactivate(cache, pmem, &mut NoHooks).unwrap();
+    let a = pcache::start(pmem, &opts(mode), &mut NoHooks);
+    assert_eq!(a.report.outcome, Outcome::Opened, "{}", a.report);
+    a.cache.unwrap()
+}
+
 /// Distinct bytes for write `id` of `len` bytes (each 512-byte sector and
 /// each write differ), for tests that compare with a plain byte model.
 pub fn content(id: u32, len: usize) -> Vec<u8> {
