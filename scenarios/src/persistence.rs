@@ -88,6 +88,33 @@ pub enum Model {
     },
 }
 
+/// How `subsets` pairs a cut's pmem choices with its disk choices. Every pair
+/// while there are at most `sample` of them; above that (the cross product of
+/// two families grows as their product), each choice of one domain with the
+/// other's two ends (only what its barriers covered, everything it issued),
+/// and `sample` pairs drawn with a generator seeded by `seed` and the cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Pairs {
+    /// Every pair up to this many; above it, this many random pairs.
+    pub sample: usize,
+    /// Seed of the random pairs.
+    pub seed: u64,
+}
+
+/// The pairing used when a scenario sets none: large enough that every
+/// scenario without one tries every pair.
+pub const PAIRS_DEFAULT: Pairs = Pairs {
+    sample: 4096,
+    seed: 0,
+};
+
+impl Default for Pairs {
+    fn default() -> Self {
+        PAIRS_DEFAULT
+    }
+}
+
 /// A crash state: the cut position and the writes that are durable there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CrashState {
@@ -108,6 +135,12 @@ pub struct Enumeration {
     pub duplicates: usize,
     /// Writes dropped because they changed no byte when issued.
     pub unchanged_writes: usize,
+    /// `subsets`: (pmem choice, disk choice) pairs of all cuts, summed: the
+    /// full cross product of the two families.
+    pub pairs_full: u64,
+    /// `subsets`: the pairs tried (every pair, or the bounded sample of
+    /// [`Pairs`] at cuts where the product is larger).
+    pub pairs_tried: u64,
 }
 
 /// Errors in the inputs of an enumeration.
@@ -144,6 +177,18 @@ pub fn enumerate_windows(
     model: &Model,
     base: &dyn BaseImage,
 ) -> Result<Enumeration, EnumerateError> {
+    enumerate_paired(trace, windows, model, &PAIRS_DEFAULT, base)
+}
+
+/// As [`enumerate_windows`], with `subsets` pairing the domains' choices as
+/// `pairs` says.
+pub fn enumerate_paired(
+    trace: &Trace,
+    windows: &[(usize, usize)],
+    model: &Model,
+    pairs: &Pairs,
+    base: &dyn BaseImage,
+) -> Result<Enumeration, EnumerateError> {
     let len = trace.events().len();
     if let Some(&(start, end)) = windows.iter().find(|(s, e)| s > e || *e > len) {
         return Err(EnumerateError::BadWindow { start, end, len });
@@ -152,13 +197,20 @@ pub fn enumerate_windows(
     let mut out = Emitter::new(&writes);
     out.enumeration.unchanged_writes = writes.unchanged;
     for &(start, end) in windows {
-        window_states(&mut out, &writes, start, end, model);
+        window_states(&mut out, &writes, start, end, model, pairs);
     }
     Ok(out.enumeration)
 }
 
 /// The states `model` gives for cuts `start..=end`.
-fn window_states(out: &mut Emitter, trace: &Writes, start: usize, end: usize, model: &Model) {
+fn window_states(
+    out: &mut Emitter,
+    trace: &Writes,
+    start: usize,
+    end: usize,
+    model: &Model,
+    pairs: &Pairs,
+) {
     let events = trace.trace.events();
     let is_barrier =
         |cut: usize| matches!(events.get(cut), Some(Event::PmemFlush | Event::BlkFlush));
@@ -206,11 +258,8 @@ fn window_states(out: &mut Emitter, trace: &Writes, start: usize, end: usize, mo
                     let n = if epoch_end { *sample } else { 0 };
                     let pmem = subset_family(&pending_pmem, n, seed ^ cut as u64);
                     let disk = subset_family(&pending_disk, n, !seed ^ cut as u64);
-                    for p in &pmem {
-                        for d in &disk {
-                            out.emit_with(cut, p, d);
-                        }
-                    }
+                    let ends = [&pending_pmem[..], &pending_disk[..]];
+                    out.emit_pairs(cut, &pmem, &disk, ends, pairs);
                 }
             }
         }
@@ -470,6 +519,47 @@ impl<'a> Emitter<'a> {
         let mut disk = self.trace.durable(Domain::Disk, cut);
         disk.extend_from_slice(disk_extra);
         self.emit(CrashState { cut, pmem, disk });
+    }
+
+    /// The pairs of `pmem` and `disk` choices that `pairs` allows at `cut`;
+    /// `all` holds each domain's pending writes (its "everything issued" end).
+    fn emit_pairs(
+        &mut self,
+        cut: usize,
+        pmem: &[Vec<Write>],
+        disk: &[Vec<Write>],
+        all: [&[Write]; 2],
+        pairs: &Pairs,
+    ) {
+        let full = pmem.len() * disk.len();
+        self.enumeration.pairs_full += full as u64;
+        if full <= pairs.sample {
+            for p in pmem {
+                for d in disk {
+                    self.emit_with(cut, p, d);
+                }
+            }
+            self.enumeration.pairs_tried += full as u64;
+            return;
+        }
+        // Each domain's every choice meets the other's extremes, so neither
+        // domain's own family is thinned; only their mixtures are sampled.
+        let [pmem_all, disk_all] = all;
+        for p in pmem {
+            self.emit_with(cut, p, &[]);
+            self.emit_with(cut, p, disk_all);
+        }
+        for d in disk {
+            self.emit_with(cut, &[], d);
+            self.emit_with(cut, pmem_all, d);
+        }
+        let mut rng = SplitMix64(pairs.seed ^ (cut as u64).wrapping_mul(0x9e37_79b9));
+        for _ in 0..pairs.sample {
+            let p = &pmem[(rng.next_u64() % pmem.len() as u64) as usize];
+            let d = &disk[(rng.next_u64() % disk.len() as u64) as usize];
+            self.emit_with(cut, p, d);
+        }
+        self.enumeration.pairs_tried += (2 * (pmem.len() + disk.len()) + pairs.sample) as u64;
     }
 
     fn emit(&mut self, state: CrashState) {
@@ -782,6 +872,57 @@ mod tests {
         };
         assert!(has(0, &[0, 2]), "sectors {{0, 2}} with no store");
         assert!(has(13, &[0, 2]), "sectors {{0, 2}} with every store");
+    }
+
+    #[test]
+    fn a_large_cross_product_keeps_each_domains_family_and_samples_the_mixtures() {
+        // One cut with 4 stores and 4 sectors pending: 16 × 16 = 256 pairs.
+        let mut ev = Trace::new();
+        for i in 0..4u64 {
+            ev.push(store(i * 8, i + 1));
+        }
+        ev.push_blk_write(0, &[7u8; 4 * SECTOR]);
+        let cut = ev.len();
+        let model = Model::Subsets { sample: 0, seed: 0 };
+        let run = |pairs: Pairs| {
+            enumerate_paired(&ev, &[(cut, cut)], &model, &pairs, &Base::default()).unwrap()
+        };
+        let all = run(Pairs {
+            sample: 256,
+            seed: 0,
+        });
+        assert_eq!(
+            (all.states.len(), all.pairs_full, all.pairs_tried),
+            (256, 256, 256)
+        );
+
+        let few = run(Pairs {
+            sample: 10,
+            seed: 1,
+        });
+        assert_eq!(few.pairs_full, 256);
+        assert_eq!(few.pairs_tried, 2 * (16 + 16) + 10);
+        // The extremes: 16 pmem choices × {no sector, all 4}, 16 disk choices
+        // × {no store, all 4}, the four corners counted once: 60 states, then
+        // at most 10 sampled mixtures.
+        assert!(
+            (60..=70).contains(&few.states.len()),
+            "{}",
+            few.states.len()
+        );
+        let has = |stores: usize, sectors: usize| {
+            few.states
+                .iter()
+                .any(|s| s.pmem.len() == stores && s.disk.len() == sectors)
+        };
+        for k in 0..=4 {
+            assert!(has(k, 0) && has(k, 4) && has(0, k) && has(4, k), "{k}");
+        }
+        let again = run(Pairs {
+            sample: 10,
+            seed: 1,
+        });
+        assert_eq!(few.states, again.states, "the sample is reproducible");
     }
 
     #[test]

@@ -55,6 +55,13 @@ pub struct ObservedCounts {
     /// written before it existed).
     #[serde(default)]
     pub durability_violations: usize,
+    /// `subsets`: the (pmem, disk) pairs of the full cross product of the
+    /// domains' families at every cut, and those tried (`run.power-cut.pairs`
+    /// bounds them); 0 for other models and in older results.
+    #[serde(default)]
+    pub pairs_full: u64,
+    #[serde(default)]
+    pub pairs_tried: u64,
     pub violations: usize,
 }
 

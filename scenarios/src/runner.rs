@@ -181,7 +181,11 @@ pub fn run(
                     window,
                     model,
                     faults,
-                } => power_cut(&job, workload, window, model, faults, &dir)?,
+                    pairs,
+                } => {
+                    let pairs = pairs.unwrap_or_default();
+                    power_cut(&job, workload, window, model, faults, &pairs, &dir)?
+                }
                 Run::Images { generator } => images(&job, *generator)?,
             };
             runs.push(run);
@@ -296,6 +300,7 @@ fn power_cut(
     window: &Window,
     model: &persistence::Model,
     faults: &vmm::BlkFaults,
+    pairs: &persistence::Pairs,
     dir: &Path,
 ) -> Result<DeviceModeRun, RunnerError> {
     let Job {
@@ -343,7 +348,7 @@ fn power_cut(
         why,
     })?;
     let base = WindowBase::new(&saved);
-    let e = persistence::enumerate_windows(&saved.trace, &windows, model, &base)?;
+    let e = persistence::enumerate_paired(&saved.trace, &windows, model, pairs, &base)?;
     // The durability rule judges each state against the ops acknowledged
     // before its cut (a scenario file that loaded has valid ops).
     let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
@@ -388,6 +393,7 @@ fn power_cut(
     })?;
     let model = serde_json::json!({
         "model": model,
+        "pairs": pairs,
         "window": window,
         "cut-positions": [windows[0].0, windows[windows.len() - 1].1],
         "windows": windows.len(),
@@ -396,6 +402,8 @@ fn power_cut(
     let counts = ObservedCounts {
         duplicates: e.duplicates,
         unchanged_writes: e.unchanged_writes,
+        pairs_full: e.pairs_full,
+        pairs_tried: e.pairs_tried,
         ..Default::default()
     };
     Ok(job.finish(model, counts, t0, states))

@@ -3,7 +3,7 @@
 //! The format is documented in `scenarios/README.md`. Unknown fields are
 //! rejected, and every error names the file, the JSON path and what is wrong.
 
-use crate::persistence::Model;
+use crate::persistence::{Model, Pairs};
 use guest_cmdline::RunStep;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -111,6 +111,11 @@ pub enum Run {
         /// by default.
         #[serde(default, skip_serializing_if = "vmm::BlkFaults::is_empty")]
         faults: vmm::BlkFaults,
+        /// How `subsets` pairs a cut's pmem and disk choices (every pair up
+        /// to `sample`, then a seeded sample); `persistence::PAIRS_DEFAULT`
+        /// when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pairs: Option<Pairs>,
     },
     /// No power cut: images made by a named generator from the device.
     Images { generator: Generator },
@@ -404,6 +409,9 @@ pub const ACTIVATIONS_MAX: u32 = 255;
 /// that a run stays finite (each state is one VM boot).
 pub const SAMPLE_MAX: usize = 4096;
 
+/// Largest `run.power-cut.pairs.sample`: each pair is a recovery boot.
+pub const PAIRS_MAX: usize = 65536;
+
 /// Largest pmem or disk image a scenario may ask for (the images are sparse
 /// files, but the VM maps the pmem image whole).
 pub const DEVICE_SIZE_MAX: u64 = 64 << 30;
@@ -582,6 +590,25 @@ impl Scenario {
             if *sample > SAMPLE_MAX {
                 return Err(format!(
                     "run.power-cut.model.subsets.sample: {sample} is above the maximum of {SAMPLE_MAX}"
+                ));
+            }
+        }
+        if let Run::PowerCut {
+            model,
+            pairs: Some(pairs),
+            ..
+        } = &self.run
+        {
+            if !matches!(model, Model::Subsets { .. }) {
+                return Err(
+                    "run.power-cut.pairs: only the `subsets` model pairs the pmem and disk families"
+                        .into(),
+                );
+            }
+            if pairs.sample > PAIRS_MAX {
+                return Err(format!(
+                    "run.power-cut.pairs.sample: {} is above the maximum of {PAIRS_MAX}",
+                    pairs.sample
                 ));
             }
         }
@@ -902,6 +929,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("fail-reads"), "{e}");
+    }
+
+    #[test]
+    fn the_pairing_of_the_domains_is_read_and_a_bad_one_named() {
+        let with = |model: &str, pairs: &str| {
+            MINIMAL.replace(
+                r#""model": {"subsets": {"sample": 64, "seed": 1}}}}"#,
+                &format!(r#""model": {model}, "pairs": {pairs}}}}}"#),
+            )
+        };
+        let subsets = r#"{"subsets": {"sample": 64, "seed": 1}}"#;
+        let s = parse(&with(subsets, r#"{"sample": 100, "seed": 7}"#)).unwrap();
+        let Run::PowerCut { pairs, .. } = &s.run else {
+            panic!("{:?}", s.run);
+        };
+        assert_eq!(
+            *pairs,
+            Some(Pairs {
+                sample: 100,
+                seed: 7
+            })
+        );
+        assert_eq!(parse(&serde_json::to_string(&s).unwrap()).unwrap(), s);
+        let Run::PowerCut { pairs, .. } = &parse(MINIMAL).unwrap().run else {
+            unreachable!()
+        };
+        assert_eq!(*pairs, None, "absent: the default pairing");
+        let e = parse(&with(r#""prefix""#, r#"{"sample": 1, "seed": 0}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("run.power-cut.pairs: only the `subsets` model"),
+            "{e}"
+        );
+        let e = parse(&with(subsets, r#"{"sample": 65537, "seed": 0}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("run.power-cut.pairs.sample: 65537"), "{e}");
+        let e = parse(&with(subsets, r#"{"sample": 1}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("seed"), "{e}");
     }
 
     #[test]
