@@ -12,11 +12,13 @@
 //!   images and power-cut states against strict mode).
 //! - [`module_writes`]: the module writes data, the kernel reads it.
 //! - [`module_gc`]: the same after the module's own writeback and GC.
+//! - [`module_images`]: what those two share.
 //! - [`report`]: `result.json`, `findings.md`.
 
 pub mod cases;
 pub mod image;
 pub mod module_gc;
+pub mod module_images;
 pub mod module_writes;
 pub mod prepare;
 pub mod qemu;

@@ -21,9 +21,13 @@
 //! line may speak of an error; and our strict mode must open the image the
 //! kernel left and read the model from it over the kernel's disk.
 
-use crate::cases::{finish, io, CaseError, CaseResult, Comparison, StrictSide};
+use crate::cases::{finish, io, CaseError, CaseResult, Comparison};
 use crate::image::{read_sparse, write_sparse};
-use crate::module_writes::{first_sector_difference, mode_name, sha256, HostError};
+use crate::module_images::{
+    self as images, first_sector_difference, guest_reads, host_failed, image_file, mode_name,
+    read_disk, run_steps, sha256, sized_file, HostError, Judged, Start, Step, Steps, DEVICE, MIB,
+    SECTOR,
+};
 use crate::prepare::Kernel;
 use crate::qemu::{self, BootImage, DmStatus};
 use pcache::backing::{VecBacking, VolatileBacking};
@@ -31,13 +35,11 @@ use pcache::cache_gc::Gc;
 use pcache::cache_key::{record_keys, walk_log, CachePos};
 use pcache::cache_writeback::Writeback;
 use pcache::pmem::SparsePmem;
-use pcache::{deactivate, start, ActivationReport, Cache, Mode, NoHooks, Options};
+use pcache::{start, Cache, Mode, NoHooks};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const SECTOR: u64 = 512;
 /// The backing disk of every image.
 pub const DISK: u64 = 64 * MIB;
 /// The kernel's default, which the gc70 image keeps.
@@ -45,41 +47,6 @@ const DEFAULT_GC_PERCENT: u32 = 70;
 /// Five images, each read twice in full and waited on until the kernel's
 /// writeback (every 5 s) is done, under TCG.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// One request of the workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// `sectors` sectors at sector `lba` of write `id`'s pattern.
-    Write {
-        id: u32,
-        lba: u64,
-        sectors: u64,
-        fua: bool,
-    },
-    Flush,
-    /// A flush, then the kernel's workers until neither moves (`Cache::idle`).
-    Idle,
-    /// Deactivate and start again.
-    Reopen,
-}
-
-#[derive(Default)]
-struct Steps {
-    steps: Vec<Step>,
-    ids: u32,
-}
-
-impl Steps {
-    fn write(&mut self, off: u64, len: u64, fua: bool) {
-        self.ids += 1;
-        self.steps.push(Step::Write {
-            id: self.ids,
-            lba: off / SECTOR,
-            sectors: len / SECTOR,
-            fua,
-        });
-    }
-}
 
 /// One-sector FUA writes in phase 2: each is a 64-byte key-set of its own,
 /// and 261,952 of them fill a log segment's data area.
@@ -183,21 +150,7 @@ impl Facts {
 }
 
 /// What the host half leaves.
-#[derive(Clone, Debug)]
-pub struct GcWritten {
-    /// The image after the deactivation.
-    pub image: SparsePmem,
-    /// The backing disk as our writeback left it (durable content).
-    pub disk: Vec<u8>,
-    /// The logical content (the model).
-    pub expected: Vec<u8>,
-    /// Strict mode's activation of the image.
-    pub strict_report: ActivationReport,
-    /// Its status line, and the one of a replay in the mode that wrote it.
-    pub strict_status: String,
-    pub own_status: String,
-    pub facts: Facts,
-}
+pub type GcWritten = images::Written<Facts>;
 
 /// The disk's content before the workload: pattern id 0 (the backing's own).
 pub fn initial_disk() -> VolatileBacking {
@@ -217,152 +170,40 @@ pub fn gc_image(
     gc_percent: u32,
     steps: &[Step],
 ) -> Result<GcWritten, HostError> {
-    let opts = Options { mode, data_crc };
-    let refused = |stage, a: &pcache::Activation| HostError::Refused {
-        stage,
-        message: a.report.message.clone().unwrap_or_default(),
+    let disk = initial_disk();
+    let from = Start {
+        base: SparsePmem::new(DEVICE),
+        initial: disk.durable().to_vec(),
+        disk,
+        gc_percent: Some(gc_percent),
     };
-    let mut pmem = SparsePmem::new(512 * MIB);
-    let a = start(&mut pmem, &opts, &mut NoHooks);
-    let mut cache = a.cache.clone().ok_or_else(|| refused("first start", &a))?;
-    cache
-        .set_gc_percent(&mut pmem, &mut NoHooks, gc_percent)
-        .map_err(|e| HostError::Refused {
-            stage: "gc_percent message",
-            message: e.to_string(),
-        })?;
-    let mut disk = initial_disk();
-    let mut expected = disk.durable().to_vec();
-    let mut facts = Facts {
-        log_segments: vec![cache.key_head().cache_seg_id],
-        ..Facts::default()
-    };
-    let mut data = Vec::new();
-    for (i, step) in steps.iter().enumerate() {
-        let fail = |what: String| {
-            move |error| HostError::Io {
-                step: i,
-                what,
-                error,
-            }
+    run_steps(from, mode, data_crc, steps, |pmem, sc, trace| {
+        let mut facts = Facts {
+            invalidated: trace.invalidated,
+            log_segments: trace.log_segments.clone(),
+            open_at_deactivate: trace.open_at_deactivate,
+            ..Facts::default()
         };
-        match *step {
-            Step::Write {
-                id,
-                lba,
-                sectors,
-                fua,
-            } => {
-                let off = lba * SECTOR;
-                data.resize((sectors * SECTOR) as usize, 0);
-                workload::fill(id, off, &mut data);
-                cache
-                    .write(&mut pmem, &disk, &mut NoHooks, off, &data, fua)
-                    .map_err(fail(format!(
-                        "write {id}: {sectors} sectors at sector {lba}"
-                    )))?;
-                expected[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        for seg in sc.segments() {
+            if seg.gen > 0 {
+                facts.segs_with_gen += 1;
             }
-            Step::Flush => cache
-                .flush(&mut pmem, &mut NoHooks)
-                .map_err(fail("flush".into()))?,
-            Step::Idle => {
-                cache
-                    .flush(&mut pmem, &mut NoHooks)
-                    .map_err(fail("flush".into()))?;
-                let idle = cache
-                    .idle(&mut pmem, &mut disk, &mut NoHooks)
-                    .map_err(fail("idle".into()))?;
-                if idle.writeback != Some(Writeback::Clean)
-                    || matches!(idle.gc, Some(Gc::Stopped { .. }))
-                {
-                    return Err(HostError::ReadBack(format!(
-                        "step {i}: an idle period ended with writeback {:?}, GC {:?}",
-                        idle.writeback, idle.gc
-                    )));
-                }
-                if disk.durable() != &expected[..] {
-                    let d =
-                        first_sector_difference(disk.durable(), &expected).expect("they differ");
-                    return Err(HostError::ReadBack(format!(
-                        "step {i}: after an idle period the disk is not the model: {}",
-                        d.describe("the disk", "the model")
-                    )));
-                }
+            facts.max_gen = facts.max_gen.max(seg.gen);
+        }
+        let chain: Vec<u32> = (0..sc.seg_num()).filter_map(|c| sc.pseg(c)).collect();
+        let dirty_tail = sc.dirty_tail().pos;
+        let mut dirty = false;
+        walk_log(pmem, &chain, sc.key_tail().pos, |r| {
+            dirty |= r.pos == dirty_tail;
+            for k in record_keys(r) {
+                facts.live_keys += 1;
+                facts.live_keys_gen += u64::from(k.seg_gen.get() > 0);
+                facts.dirty_keys += u64::from(dirty);
             }
-            Step::Reopen => {
-                facts.invalidated += cache.invalidations();
-                deactivate(cache, &mut pmem, &mut NoHooks).map_err(fail("deactivate".into()))?;
-                let a = start(&mut pmem, &opts, &mut NoHooks);
-                cache = a.cache.clone().ok_or_else(|| refused("reopen", &a))?;
-            }
-        }
-        let head = cache.key_head().cache_seg_id;
-        if facts.log_segments.last() != Some(&head) {
-            facts.log_segments.push(head);
-        }
-    }
-    facts.invalidated += cache.invalidations();
-    facts.open_at_deactivate = cache.open_keys().len();
-    deactivate(cache, &mut pmem, &mut NoHooks).map_err(|error| HostError::Io {
-        step: steps.len(),
-        what: "deactivate".into(),
-        error,
-    })?;
-
-    // Our replays, on copies: the image the kernel gets is the deactivated one.
-    let replay = |mode| {
-        let mut copy = pmem.clone();
-        let a = start(&mut copy, &Options { mode, data_crc }, &mut NoHooks);
-        (copy, a)
-    };
-    let (_, strict) = replay(Mode::Strict);
-    let sc = strict
-        .cache
-        .as_ref()
-        .ok_or_else(|| refused("strict replay", &strict))?;
-    for seg in sc.segments() {
-        if seg.gen > 0 {
-            facts.segs_with_gen += 1;
-        }
-        facts.max_gen = facts.max_gen.max(seg.gen);
-    }
-    let chain: Vec<u32> = (0..sc.seg_num()).filter_map(|c| sc.pseg(c)).collect();
-    let dirty_tail = sc.dirty_tail().pos;
-    let mut dirty = false;
-    walk_log(&pmem, &chain, sc.key_tail().pos, |r| {
-        dirty |= r.pos == dirty_tail;
-        for k in record_keys(r) {
-            facts.live_keys += 1;
-            facts.live_keys_gen += u64::from(k.seg_gen.get() > 0);
-            facts.dirty_keys += u64::from(dirty);
-        }
-    });
-    (facts.key_head, facts.dirty_tail, facts.key_tail) =
-        (sc.key_head(), dirty_tail, sc.key_tail().pos);
-    let (mut copy, own) = replay(mode);
-    let mut own_cache = own.cache.clone().ok_or_else(|| refused("replay", &own))?;
-    let mut got = vec![0u8; expected.len()];
-    own_cache
-        .read(
-            &mut copy,
-            &mut VecBacking::from_vec(disk.durable().to_vec()),
-            &mut NoHooks,
-            0,
-            &mut got,
-        )
-        .map_err(|e| HostError::ReadBack(format!("the read failed: {e}")))?;
-    if let Some(d) = first_sector_difference(&got, &expected) {
-        return Err(HostError::ReadBack(d.describe("ours", "the model")));
-    }
-    Ok(GcWritten {
-        image: pmem,
-        disk: disk.durable().to_vec(),
-        expected,
-        strict_status: strict.report.status.clone().unwrap_or_default(),
-        strict_report: strict.report.clone(),
-        own_status: own.report.status.clone().unwrap_or_default(),
-        facts,
+        });
+        (facts.key_head, facts.dirty_tail, facts.key_tail) =
+            (sc.key_head(), dirty_tail, sc.key_tail().pos);
+        facts
     })
 }
 
@@ -375,17 +216,14 @@ pub fn gc_image(
 /// kernel line (other than pcache's and device-mapper's, which the boot
 /// script collects) that speaks of an error.
 fn guest_workload(span: u64) -> String {
-    let mib = span / MIB;
-    format!(
-        r#"set -e
-echo "@@OUT $NAME status $(dmsetup status pc)"
-echo "@@OUT $NAME sha256 $(dd if=$DM bs=1M count={mib} 2>/dev/null | sha256sum)"
-dd if=$DM of=$OUT bs=1M count={mib} conv=fsync 2>/dev/null
+    guest_reads(
+        span,
+        r#"
 prev=""; same=0; i=0
 while [ $i -lt 300 ]; do
   s=$(dmsetup status pc)
   set -- $s
-  if [ "${{10}}" = "${{11}}" ] && {{ [ "$8" != 0 ] || [ "${{11}}" = "${{12}}" ]; }} && [ "$s" = "$prev" ]; then
+  if [ "${10}" = "${11}" ] && { [ "$8" != 0 ] || [ "${11}" = "${12}" ]; } && [ "$s" = "$prev" ]; then
     same=$((same + 1)); [ $same -ge 2 ] && break
   else
     same=0
@@ -393,7 +231,7 @@ while [ $i -lt 300 ]; do
   prev=$s; i=$((i + 1)); sleep 1
 done
 echo "@@OUT $NAME final $i $s"
-dmesg | grep -i -v -e pcache -e device-mapper | grep -i -e error -e fail -e invalid -e crc -e corrupt -e warn -e bug -e 'call trace' | while read -r l; do echo "@@OUT $NAME kmsg $l"; done"#
+dmesg | grep -i -v -e pcache -e device-mapper | grep -i -e error -e fail -e invalid -e crc -e corrupt -e warn -e bug -e 'call trace' | while read -r l; do echo "@@OUT $NAME kmsg $l"; done"#,
     )
 }
 
@@ -482,94 +320,66 @@ fn judge(
     backing: &[u8],
     reopened: Result<Vec<u8>, String>,
 ) -> Vec<String> {
-    let mut diffs = Vec::new();
-    let output = |key: &str| {
-        kernel
-            .outputs
-            .iter()
-            .find_map(|o| o.strip_prefix(key)?.strip_prefix(' '))
+    let mut j = match Judged::new(kernel) {
+        Ok(j) => j,
+        Err(refused) => return refused,
     };
-    if !kernel.activated {
-        diffs.push(format!(
-            "the kernel refused the image: {}",
-            kernel.error.as_deref().unwrap_or("(no message)")
-        ));
-        return diffs;
-    }
-    if kernel.workload_ok != Some(true) {
-        diffs.push("the guest's reads did not finish (workload rc ≠ 0)".into());
-    }
     for m in kernel.messages.iter().filter(|m| alarming(m)) {
-        diffs.push(format!("kernel message: {m}"));
+        j.diffs.push(format!("kernel message: {m}"));
     }
     for m in kernel
         .outputs
         .iter()
         .filter_map(|o| o.strip_prefix("kmsg "))
     {
-        diffs.push(format!("kernel message: {m}"));
+        j.diffs.push(format!("kernel message: {m}"));
     }
-    match output("status").and_then(DmStatus::parse) {
-        None => diffs.push("no `dmsetup status` before the reads".into()),
+    match j.output("status").and_then(DmStatus::parse) {
+        None => j
+            .diffs
+            .push("no `dmsetup status` before the reads".into()),
         Some(k) => match predict(&k) {
             Ok(ours) if ours == k.line() => {}
-            Ok(ours) => diffs.push(format!(
+            Ok(ours) => j.diffs.push(format!(
                 "status before the reads: the kernel `{}`, ours at its tails `{ours}` (our replay `{}`)",
                 k.line(),
                 w.strict_status
             )),
-            Err(why) => diffs.push(format!(
+            Err(why) => j.diffs.push(format!(
                 "status before the reads: the kernel `{}`, ours `{}`: {why}",
                 k.line(),
                 w.strict_status
             )),
         },
     }
-    match output("sha256").and_then(|s| s.split_whitespace().next()) {
-        Some(sha) if sha == expected_sha => {}
-        Some(sha) => diffs.push(format!(
-            "sha256 of the kernel's first read {sha}, of the model {expected_sha}"
-        )),
-        None => diffs.push("no sha256 from the guest".into()),
-    }
-    if let Some(d) = first_sector_difference(dump, &w.expected) {
-        diffs.push(format!(
-            "content (the kernel's second read): {}",
-            d.describe("the kernel read", "the model holds")
-        ));
-    }
+    j.reads(expected_sha, dump, &w.expected);
     // `final <polls> <status>`: writeback reached key_head, so the disk holds
     // every key we wrote.
-    let last = output("final").and_then(|f| DmStatus::parse(f.split_once(' ')?.1));
+    let last = j
+        .output("final")
+        .and_then(|f| DmStatus::parse(f.split_once(' ')?.1));
     match last {
-        Some(f) if f.dirty_tail == f.key_head => {
-            if let Some(d) = first_sector_difference(backing, &w.expected) {
-                diffs.push(format!(
-                    "backing disk after the kernel's writeback (dirty_tail {}:{}): {}",
-                    f.dirty_tail.0,
-                    f.dirty_tail.1,
-                    d.describe("the disk holds", "the model holds")
-                ));
-            }
-        }
-        Some(f) => diffs.push(format!(
+        Some(f) if f.dirty_tail == f.key_head => j.written_back(f.dirty_tail, backing, &w.expected),
+        Some(f) => j.diffs.push(format!(
             "the kernel's writeback did not reach key_head within the wait: `{}`",
             f.line()
         )),
-        None => diffs.push("no final status from the guest".into()),
+        None => j.diffs.push("no final status from the guest".into()),
     }
     match reopened {
         Ok(got) => {
             if let Some(d) = first_sector_difference(&got, &w.expected) {
-                diffs.push(format!(
+                j.diffs.push(format!(
                     "our strict mode on the image the kernel left: {}",
                     d.describe("ours read", "the model holds")
                 ));
             }
         }
-        Err(e) => diffs.push(format!("our strict mode on the image the kernel left: {e}")),
+        Err(e) => j
+            .diffs
+            .push(format!("our strict mode on the image the kernel left: {e}")),
     }
-    diffs
+    j.diffs
 }
 
 /// Our strict mode opens the image the kernel left (in memory) and reads
@@ -691,24 +501,13 @@ pub fn module_gc(kernel: &Kernel, work: &Path) -> CaseResult {
                 let mut w = match w {
                     Ok(w) => w,
                     Err(e) => {
-                        out.push(Comparison {
-                            image: v.name.clone(),
-                            about,
-                            // The blank device's first activation.
-                            strict: StrictSide::of(&pcache::activate(
-                                &mut SparsePmem::new(512 * MIB),
-                                &crate::cases::strict(v.data_crc),
-                                &mut NoHooks,
-                            )),
-                            kernel: Default::default(),
-                            first_difference: Some(format!("host half: {e}")),
-                            agree: false,
-                        });
+                        // The blank device's first activation.
+                        let blank = SparsePmem::new(DEVICE);
+                        out.push(host_failed(&v.name, about, &blank, v.data_crc, &e));
                         continue;
                     }
                 };
-                // Every file ends in .img, so `--keep` decides for all of them.
-                let file = |what: &str| dir.join(format!("{}{what}.img", v.name));
+                let file = |what: &str| image_file(&dir, &v.name, what);
                 let (path, ours, backing, dump) =
                     (file(""), file(".ours"), file(".backing"), file(".out"));
                 for p in [&path, &ours] {
@@ -716,9 +515,7 @@ pub fn module_gc(kernel: &Kernel, work: &Path) -> CaseResult {
                 }
                 std::fs::write(&backing, &w.disk)
                     .map_err(io(format!("writing {}", backing.display())))?;
-                std::fs::File::create(&dump)
-                    .and_then(|f| f.set_len(DISK))
-                    .map_err(io(format!("creating {}", dump.display())))?;
+                sized_file(&dump, DISK)?;
                 w.image = SparsePmem::new(0);
                 w.disk = Vec::new();
                 asked.push(Asked {
@@ -740,47 +537,32 @@ pub fn module_gc(kernel: &Kernel, work: &Path) -> CaseResult {
         let mut boots = Vec::new();
         if !asked.is_empty() {
             let images: Vec<BootImage> = asked.iter().map(|a| a.img.clone()).collect();
-            // Every image brings its own backing disk; the boot's shared one is idle.
-            let shared = dir.join("shared.disk");
-            std::fs::File::create(&shared)
-                .and_then(|f| f.set_len(MIB))
-                .map_err(io("creating the shared disk"))?;
-            let boot = qemu::boot(kernel, &images, &shared, &dir, BOOT_TIMEOUT)?;
-            let _ = std::fs::remove_file(&shared);
+            let boot = images::boot(kernel, &images, &dir, BOOT_TIMEOUT)?;
             boots.push(boot.seconds);
             for (a, verdict) in asked.iter().zip(boot.verdicts) {
-                let read = |p: &Option<PathBuf>| -> Result<Vec<u8>, CaseError> {
-                    let p = p.as_ref().expect("set above");
-                    std::fs::read(p).map_err(io(format!("reading {}", p.display())))
-                };
                 let expected_sha = sha256(&a.w.expected)?;
                 let ours =
                     read_sparse(&a.ours).map_err(io(format!("reading {}", a.ours.display())))?;
-                let backing = read(&a.img.backing)?;
+                let backing = read_disk(&a.img.backing)?;
                 let reopened = reopen_kernels(&a.img.path, &backing, a.v.data_crc);
                 let diffs = judge(
                     &a.w,
                     &verdict,
                     |k| predict(&ours, a.v.data_crc, k),
                     &expected_sha,
-                    &read(&a.img.out)?,
+                    &read_disk(&a.img.out)?,
                     &backing,
                     reopened,
                 );
-                out.push(Comparison {
-                    image: a.v.name.clone(),
-                    about: format!(
-                        "{}; our replay's status `{}` (strict), `{}` ({}'s own); model sha256 {expected_sha}",
-                        a.about,
-                        a.w.strict_status,
-                        a.w.own_status,
-                        mode_name(a.v.mode)
-                    ),
-                    strict: StrictSide::of(&a.w.strict_report),
-                    agree: verdict.done && diffs.is_empty(),
-                    kernel: verdict,
-                    first_difference: (!diffs.is_empty()).then(|| diffs.join("; ")),
-                });
+                out.push(images::compared(
+                    &a.v.name,
+                    &a.about,
+                    mode_name(a.v.mode),
+                    &a.w,
+                    &expected_sha,
+                    verdict,
+                    diffs,
+                ));
             }
         }
         Ok((out, boots))

@@ -10,63 +10,30 @@
 //! model (sha256 of the first read, and the bytes of a second read dumped to
 //! an output disk, so that a difference can be named sector by sector).
 
-use crate::cases::{
-    finish, io, kernel_writes_content, strict, CaseError, CaseResult, Comparison, StrictSide,
-};
+use crate::cases::{finish, io, kernel_writes_content, CaseError, CaseResult, Comparison};
 use crate::image::{read_zst, write_sparse};
+use crate::module_images::{
+    self as images, guest_reads, host_failed, image_file, mode_name, read_disk, run_steps, sha256,
+    sized_file, Judged, Start, Step, Steps, DEVICE, MIB, SECTOR,
+};
 use crate::prepare::Kernel;
 use crate::qemu::{self, BootImage, DmStatus};
-use pcache::backing::VecBacking;
+use pcache::backing::VolatileBacking;
 use pcache::cache_key::walk_log;
-use pcache::cache_req::IoError;
 use pcache::pmem::SparsePmem;
-use pcache::{activate, deactivate, start, ActivationReport, Mode, NoHooks, Options};
-use std::io::Write as _;
+use pcache::Mode;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+pub use crate::module_images::HostError;
+
 const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const SECTOR: u64 = 512;
 /// The fresh images' backing disk.
 pub const FRESH_DISK: u64 = 16 * MIB;
 /// The fixture's backing disk (its README: 64 MiB of zeros).
 pub const FIXTURE_DISK: u64 = 64 * MIB;
 /// Six images, each read twice in full under TCG.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// One request of a workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// `sectors` sectors at sector `lba` of write `id`'s pattern
-    /// (`workload::pattern`: each sector names its write and its own LBA).
-    Write {
-        id: u32,
-        lba: u64,
-        sectors: u64,
-        fua: bool,
-    },
-    Flush,
-}
-
-#[derive(Default)]
-struct Steps {
-    steps: Vec<Step>,
-    ids: u32,
-}
-
-impl Steps {
-    fn write(&mut self, off: u64, len: u64, fua: bool) {
-        self.ids += 1;
-        self.steps.push(Step::Write {
-            id: self.ids,
-            lba: off / SECTOR,
-            sectors: len / SECTOR,
-            fua,
-        });
-    }
-}
 
 /// The workload on a blank cache over [`FRESH_DISK`].
 pub fn fresh_workload() -> Vec<Step> {
@@ -132,44 +99,10 @@ pub fn appended_workload() -> Vec<Step> {
     s.steps
 }
 
-/// Why the host half failed (a bug in the module or in the model, found
-/// before any boot).
-#[derive(Debug, thiserror::Error)]
-pub enum HostError {
-    #[error("the module refused the image at its {stage}: {message}")]
-    Refused {
-        stage: &'static str,
-        message: String,
-    },
-    #[error("step {step} ({what}) failed: {error}")]
-    Io {
-        step: usize,
-        what: String,
-        error: IoError,
-    },
-    #[error("our own read-back differs from the model: {0}")]
-    ReadBack(String),
-}
-
-/// What the host half leaves.
-#[derive(Clone, Debug)]
-pub struct Written {
-    /// The image after the deactivation.
-    pub image: SparsePmem,
-    /// The logical content the workload leaves (the model).
-    pub expected: Vec<u8>,
-    /// Strict mode's activation of the image: the kernel's rules.
-    pub strict_report: ActivationReport,
-    /// `dmsetup status` fields as strict mode's replay of the image gives them.
-    pub strict_status: String,
-    /// The same from a replay in the mode that wrote the image.
-    pub own_status: String,
-    /// Every record position from key_tail to key_head (inclusive): where the
-    /// kernel's writeback may have left dirty_tail.
-    pub records: Vec<(u32, u32)>,
-    /// Keys in the open key-set when the workload ended (closed by deactivate).
-    pub open_at_deactivate: usize,
-}
+/// What the host half leaves; its facts are every record position from
+/// key_tail to key_head (inclusive): where the kernel's writeback may have
+/// left dirty_tail.
+pub type Written = images::Written<Vec<(u32, u32)>>;
 
 /// Runs `steps` through the module on `base` (a blank image or one with a
 /// log) over a zeroed backing disk of `initial.len()` bytes whose logical
@@ -182,190 +115,22 @@ pub fn write_image(
     data_crc: bool,
     steps: &[Step],
 ) -> Result<Written, HostError> {
-    let opts = Options { mode, data_crc };
-    let refused = |stage, a: &pcache::Activation| HostError::Refused {
-        stage,
-        message: a.report.message.clone().unwrap_or_default(),
+    let from = Start {
+        base,
+        disk: VolatileBacking::new(initial.len() as u64 / SECTOR, |_, _| {}),
+        initial,
+        gc_percent: None,
     };
-    let mut pmem = base;
-    let a = start(&mut pmem, &opts, &mut NoHooks);
-    let mut cache = a.cache.clone().ok_or_else(|| refused("first start", &a))?;
-    let disk_sectors = initial.len() as u64 / SECTOR;
-    let disk = VecBacking::new(disk_sectors);
-    let mut expected = initial;
-    let mut data = Vec::new();
-    for (i, step) in steps.iter().enumerate() {
-        match *step {
-            Step::Write {
-                id,
-                lba,
-                sectors,
-                fua,
-            } => {
-                let off = lba * SECTOR;
-                data.resize((sectors * SECTOR) as usize, 0);
-                workload::fill(id, off, &mut data);
-                cache
-                    .write(&mut pmem, &disk, &mut NoHooks, off, &data, fua)
-                    .map_err(|error| HostError::Io {
-                        step: i,
-                        what: format!("write {id}: {sectors} sectors at sector {lba}"),
-                        error,
-                    })?;
-                expected[off as usize..off as usize + data.len()].copy_from_slice(&data);
-            }
-            Step::Flush => cache
-                .flush(&mut pmem, &mut NoHooks)
-                .map_err(|error| HostError::Io {
-                    step: i,
-                    what: "flush".into(),
-                    error,
-                })?,
-        }
-    }
-    let open_at_deactivate = cache.open_keys().len();
-    deactivate(cache, &mut pmem, &mut NoHooks).map_err(|error| HostError::Io {
-        step: steps.len(),
-        what: "deactivate".into(),
-        error,
-    })?;
-
-    // Our replays, on copies: the image the kernel gets is the deactivated one.
-    let replay = |mode| {
-        let mut copy = pmem.clone();
-        let a = start(&mut copy, &Options { mode, data_crc }, &mut NoHooks);
-        (copy, a)
-    };
-    let (_, strict) = replay(Mode::Strict);
-    let strict_cache = strict
-        .cache
-        .as_ref()
-        .ok_or_else(|| refused("strict replay", &strict))?;
-    let chain: Vec<u32> = (0..strict_cache.seg_num())
-        .filter_map(|c| strict_cache.pseg(c))
-        .collect();
-    let mut records = Vec::new();
-    walk_log(&pmem, &chain, strict_cache.key_tail().pos, |r| {
-        records.push((r.pos.cache_seg_id, r.pos.seg_off))
-    });
-    let head = strict_cache.key_head();
-    records.push((head.cache_seg_id, head.seg_off));
-    let (mut copy, own) = replay(mode);
-    let mut own_cache = own.cache.clone().ok_or_else(|| refused("replay", &own))?;
-    let mut got = vec![0u8; expected.len()];
-    own_cache
-        .read(
-            &mut copy,
-            &mut VecBacking::new(disk_sectors),
-            &mut NoHooks,
-            0,
-            &mut got,
-        )
-        .map_err(|e| HostError::ReadBack(format!("the read failed: {e}")))?;
-    if let Some(d) = first_sector_difference(&got, &expected) {
-        return Err(HostError::ReadBack(d.describe("ours", "the model")));
-    }
-    Ok(Written {
-        image: pmem,
-        expected,
-        strict_status: strict.report.status.clone().unwrap_or_default(),
-        strict_report: strict.report.clone(),
-        own_status: own.report.status.clone().unwrap_or_default(),
-        records,
-        open_at_deactivate,
+    run_steps(from, mode, data_crc, steps, |pmem, sc, _| {
+        let chain: Vec<u32> = (0..sc.seg_num()).filter_map(|c| sc.pseg(c)).collect();
+        let mut records = Vec::new();
+        walk_log(pmem, &chain, sc.key_tail().pos, |r| {
+            records.push((r.pos.cache_seg_id, r.pos.seg_off))
+        });
+        let head = sc.key_head();
+        records.push((head.cache_seg_id, head.seg_off));
+        records
     })
-}
-
-/// The first sector where two equally long contents differ.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SectorDifference {
-    pub sector: u64,
-    pub a: String,
-    pub b: String,
-}
-
-impl SectorDifference {
-    pub(crate) fn describe(&self, a: &str, b: &str) -> String {
-        format!(
-            "first differing sector {} (byte {:#x}): {a} {}, {b} {}",
-            self.sector,
-            self.sector * SECTOR,
-            self.a,
-            self.b
-        )
-    }
-}
-
-pub fn first_sector_difference(a: &[u8], b: &[u8]) -> Option<SectorDifference> {
-    let i = a
-        .chunks(SECTOR as usize)
-        .zip(b.chunks(SECTOR as usize))
-        .position(|(x, y)| x != y)?;
-    let at = i * SECTOR as usize;
-    let end = (at + SECTOR as usize).min(a.len()).min(b.len());
-    Some(SectorDifference {
-        sector: i as u64,
-        a: describe_sector(i as u64, &a[at..end]),
-        b: describe_sector(i as u64, &b[at..end]),
-    })
-}
-
-/// A sector in words: a uniform fill (the fixture's letters, zeros), a
-/// pattern sector's write and LBA, or its first bytes.
-fn describe_sector(lba: u64, s: &[u8]) -> String {
-    if s.iter().all(|&b| b == s[0]) {
-        return format!("{} × {:#04x}", s.len(), s[0]);
-    }
-    if let Ok(full) = <&[u8; 512]>::try_from(s) {
-        match workload::classify(lba, full) {
-            workload::Tag::Write(id) => return format!("write {id}'s sector {lba}"),
-            workload::Tag::Backing => return format!("pattern id 0 at sector {lba}"),
-            workload::Tag::Garbage => {}
-        }
-        if full[..8] == workload::pattern::MAGIC {
-            let id = u32::from_le_bytes(full[8..12].try_into().expect("4 bytes"));
-            let at = u64::from_le_bytes(full[16..24].try_into().expect("8 bytes"));
-            return format!(
-                "a pattern sector naming write {id} and sector {at} (torn or misplaced)"
-            );
-        }
-    }
-    let head: Vec<String> = s.iter().take(32).map(|b| format!("{b:02x}")).collect();
-    format!("bytes {}…", head.join(""))
-}
-
-/// sha256 of `data` (coreutils' `sha256sum`, as the guest's busybox).
-pub(crate) fn sha256(data: &[u8]) -> Result<String, CaseError> {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(io("running sha256sum"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(data)
-        .map_err(io("writing to sha256sum"))?;
-    let out = child.wait_with_output().map_err(io("sha256sum"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .next()
-        .map(str::to_string)
-        .ok_or_else(|| CaseError::Setup("sha256sum printed nothing".into()))
-}
-
-/// The guest's part: the status before anything is read (a read fills
-/// misses and so moves key_head), the sha256 of a full read, then a second
-/// read dumped to the output disk.
-fn guest_workload(span: u64) -> String {
-    let mib = span / MIB;
-    format!(
-        r#"set -e
-echo "@@OUT $NAME status $(dmsetup status pc)"
-echo "@@OUT $NAME sha256 $(dd if=$DM bs=1M count={mib} 2>/dev/null | sha256sum)"
-dd if=$DM of=$OUT bs=1M count={mib} conv=fsync 2>/dev/null"#
-    )
 }
 
 /// One image of the case: which workload on which base, in which mode, and
@@ -389,7 +154,7 @@ fn variants(fixture: &Path) -> Result<Vec<Variant>, CaseError> {
                 if data_crc { "-data-crc" } else { "" }
             );
             let steps = fresh_workload();
-            let base = SparsePmem::new(512 * MIB);
+            let base = SparsePmem::new(DEVICE);
             let written = write_image(
                 base.clone(),
                 vec![0; FRESH_DISK as usize],
@@ -433,13 +198,6 @@ fn variants(fixture: &Path) -> Result<Vec<Variant>, CaseError> {
     Ok(out)
 }
 
-pub(crate) fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Strict => "strict",
-        Mode::Recover => "recover",
-    }
-}
-
 /// What the kernel did with one image, against the host's prediction; the
 /// differences found, as sentences.
 fn judge(
@@ -449,27 +207,15 @@ fn judge(
     dump: &[u8],
     backing: &[u8],
 ) -> Vec<String> {
-    let mut diffs = Vec::new();
-    let output = |key: &str| {
-        kernel
-            .outputs
-            .iter()
-            .find_map(|o| o.strip_prefix(key)?.strip_prefix(' '))
+    let mut j = match Judged::new(kernel) {
+        Ok(j) => j,
+        Err(refused) => return refused,
     };
-    if !kernel.activated {
-        diffs.push(format!(
-            "the kernel refused the image: {}",
-            kernel.error.as_deref().unwrap_or("(no message)")
-        ));
-        return diffs;
-    }
-    if kernel.workload_ok != Some(true) {
-        diffs.push("the guest's reads did not finish (workload rc ≠ 0)".into());
-    }
     // Status: everything ours predicts, except that the kernel's writeback
     // (started at activation) may already have moved dirty_tail along the log.
-    match output("status").and_then(DmStatus::parse) {
-        None => diffs.push("no `dmsetup status` before the reads".into()),
+    let first = j.output("status").and_then(DmStatus::parse);
+    match &first {
+        None => j.diffs.push("no `dmsetup status` before the reads".into()),
         Some(k) => {
             let ours: Vec<&str> = w.strict_status.split_whitespace().collect();
             let theirs = k.line();
@@ -481,10 +227,10 @@ fn judge(
                     .enumerate()
                     .any(|(i, (a, b))| i != 7 && a != b);
             let ours_dt = ours.get(7).and_then(|p| parse_pos(p));
-            let from = ours_dt.and_then(|d| w.records.iter().position(|r| *r == d));
-            let dt_ok = from.is_some_and(|f| w.records[f..].contains(&k.dirty_tail));
+            let from = ours_dt.and_then(|d| w.facts.iter().position(|r| *r == d));
+            let dt_ok = from.is_some_and(|f| w.facts[f..].contains(&k.dirty_tail));
             if differ || !dt_ok {
-                diffs.push(format!(
+                j.diffs.push(format!(
                     "status: the kernel `{}`, ours `{}`{}",
                     k.line(),
                     w.strict_status,
@@ -497,34 +243,14 @@ fn judge(
             }
         }
     }
-    match output("sha256").and_then(|s| s.split_whitespace().next()) {
-        Some(sha) if sha == expected_sha => {}
-        Some(sha) => diffs.push(format!(
-            "sha256 of the kernel's first read {sha}, of the model {expected_sha}"
-        )),
-        None => diffs.push("no sha256 from the guest".into()),
-    }
-    if let Some(d) = first_sector_difference(dump, &w.expected) {
-        diffs.push(format!(
-            "content (the kernel's second read): {}",
-            d.describe("the kernel read", "the model holds")
-        ));
-    }
+    j.reads(expected_sha, dump, &w.expected);
     // Writeback: once dirty_tail has passed the key_head the kernel found
     // (the reads after it only add CLEAN keys, which writeback skips), every
     // key we wrote is on the backing disk, so it must hold the model too.
-    let first = output("status").and_then(DmStatus::parse);
     if let Some(dt) = written_back(first.as_ref(), kernel.status.as_ref()) {
-        if let Some(d) = first_sector_difference(backing, &w.expected) {
-            diffs.push(format!(
-                "backing disk after the kernel's writeback (dirty_tail {}:{}): {}",
-                dt.0,
-                dt.1,
-                d.describe("the disk holds", "the model holds")
-            ));
-        }
+        j.written_back(dt, backing, &w.expected);
     }
-    diffs
+    j.diffs
 }
 
 /// The dirty_tail showing that writeback passed everything the activation
@@ -561,28 +287,19 @@ pub fn module_writes(kernel: &Kernel, work: &Path, fixture: &Path) -> CaseResult
             let w = match &v.written {
                 Ok(w) => w,
                 Err(e) => {
-                    let mut copy = v.base.clone();
-                    out.push(Comparison {
-                        image: v.name.clone(),
-                        about: v.about.clone(),
-                        strict: StrictSide::of(&activate(
-                            &mut copy,
-                            &strict(v.data_crc),
-                            &mut NoHooks,
-                        )),
-                        kernel: Default::default(),
-                        first_difference: Some(format!("host half: {e}")),
-                        agree: false,
-                    });
+                    out.push(host_failed(
+                        &v.name,
+                        v.about.clone(),
+                        &v.base,
+                        v.data_crc,
+                        e,
+                    ));
                     continue;
                 }
             };
-            // Every file ends in .img, so `--keep` decides for all of them.
             let file = |what: &str, len: u64| -> Result<std::path::PathBuf, CaseError> {
-                let p = dir.join(format!("{}{what}.img", v.name));
-                std::fs::File::create(&p)
-                    .and_then(|f| f.set_len(len))
-                    .map_err(io(format!("creating {}", p.display())))?;
+                let p = image_file(&dir, &v.name, what);
+                sized_file(&p, len)?;
                 Ok(p)
             };
             let path = file("", 0)?;
@@ -595,7 +312,7 @@ pub fn module_writes(kernel: &Kernel, work: &Path, fixture: &Path) -> CaseResult
                     name: v.name.clone(),
                     path,
                     data_crc: v.data_crc,
-                    workload: Some(guest_workload(span)),
+                    workload: Some(guest_reads(span, "")),
                     backing: Some(file(".backing", span)?),
                     out: Some(file(".out", span)?),
                 },
@@ -604,41 +321,26 @@ pub fn module_writes(kernel: &Kernel, work: &Path, fixture: &Path) -> CaseResult
         let images: Vec<BootImage> = asked.iter().map(|(_, _, i)| i.clone()).collect();
         let mut boots = Vec::new();
         if !images.is_empty() {
-            // Every image brings its own backing disk; the boot's shared one is idle.
-            let shared = dir.join("shared.disk");
-            std::fs::File::create(&shared)
-                .and_then(|f| f.set_len(MIB))
-                .map_err(io("creating the shared disk"))?;
-            let boot = qemu::boot(kernel, &images, &shared, &dir, BOOT_TIMEOUT)?;
-            let _ = std::fs::remove_file(&shared);
+            let boot = images::boot(kernel, &images, &dir, BOOT_TIMEOUT)?;
             boots.push(boot.seconds);
             for ((v, w, img), verdict) in asked.iter().zip(boot.verdicts) {
-                let read = |p: &Option<std::path::PathBuf>| -> Result<Vec<u8>, CaseError> {
-                    let p = p.as_ref().expect("set above");
-                    std::fs::read(p).map_err(io(format!("reading {}", p.display())))
-                };
                 let expected_sha = sha256(&w.expected)?;
                 let diffs = judge(
                     w,
                     &verdict,
                     &expected_sha,
-                    &read(&img.out)?,
-                    &read(&img.backing)?,
+                    &read_disk(&img.out)?,
+                    &read_disk(&img.backing)?,
                 );
-                out.push(Comparison {
-                    image: v.name.clone(),
-                    about: format!(
-                        "{}; our replay's status `{}` (strict), `{}` ({}'s own); model sha256 {expected_sha}",
-                        v.about,
-                        w.strict_status,
-                        w.own_status,
-                        v.name
-                    ),
-                    strict: StrictSide::of(&w.strict_report),
-                    agree: verdict.done && diffs.is_empty(),
-                    kernel: verdict,
-                    first_difference: (!diffs.is_empty()).then(|| diffs.join("; ")),
-                });
+                out.push(images::compared(
+                    &v.name,
+                    &v.about,
+                    &v.name,
+                    w,
+                    &expected_sha,
+                    verdict,
+                    diffs,
+                ));
             }
         }
         Ok((out, boots))
@@ -696,7 +398,7 @@ mod tests {
         let same = &w.expected;
         assert!(judge(&w, &ok, &sha, same, same).is_empty());
         // Writeback may have moved dirty_tail to a later record, not elsewhere.
-        let later = format!("{}:{}", w.records[1].0, w.records[1].1);
+        let later = format!("{}:{}", w.facts[1].0, w.facts[1].1);
         assert!(judge(&w, &faithful(&w, &sha, &later), &sha, same, same).is_empty());
         let d = judge(&w, &faithful(&w, &sha, "0:8"), &sha, same, same);
         assert!(

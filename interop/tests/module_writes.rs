@@ -4,9 +4,9 @@
 //! blank device and on the kernel-written fixture.
 
 use interop::cases::kernel_writes_content;
+use interop::module_images::{first_sector_difference, Step};
 use interop::module_writes::{
-    appended_workload, first_sector_difference, fresh_workload, write_image, Step, FIXTURE_DISK,
-    FRESH_DISK,
+    appended_workload, fresh_workload, write_image, FIXTURE_DISK, FRESH_DISK,
 };
 use pcache::pmem::SparsePmem;
 use pcache::Mode;
@@ -21,7 +21,7 @@ fn writes(steps: &[Step]) -> Vec<(u64, u64, bool)> {
             Step::Write {
                 lba, sectors, fua, ..
             } => Some((lba * 512, sectors * 512, fua)),
-            Step::Flush => None,
+            _ => None,
         })
         .collect()
 }
@@ -82,7 +82,7 @@ fn the_module_reads_back_its_own_writes_in_every_variant() {
             );
             // key_head is the last record boundary.
             assert_eq!(
-                w.records.last().map(|(c, o)| format!("{c}:{o}")).as_deref(),
+                w.facts.last().map(|(c, o)| format!("{c}:{o}")).as_deref(),
                 Some(f[6])
             );
             // The model holds every write's last version, and the gaps stay zero.
@@ -114,8 +114,8 @@ fn appended_writes_over_the_kernels_log_read_back_in_both_modes() {
         .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
         assert_eq!(w.strict_status, w.own_status, "{mode:?}");
         // The kernel's log comes first: our records start where it did.
-        assert_eq!(w.records.first(), Some(&(0, 0)));
-        assert!(w.records.len() > 4 + 2);
+        assert_eq!(w.facts.first(), Some(&(0, 0)));
+        assert!(w.facts.len() > 4 + 2);
         // Kernel content the workload did not touch is still there.
         assert_eq!(w.expected[2 * 4096], b'C');
         assert_eq!(w.expected[2 * MIB as usize], 0);
