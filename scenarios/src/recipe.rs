@@ -193,7 +193,7 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
         };
         done.map_err(|e| fail(format!("op {k} ({op:?}): {e}")))?;
     }
-    pcache::deactivate(cache, &mut mem, &mut NoHooks)
+    pcache::deactivate(cache, &mut mem, &mut backing, &mut NoHooks)
         .map_err(|e| fail(format!("deactivation: {e}")))?;
     // Reads through the cache never happen here, but keep the disk's writes
     // (none today) durable like the pmem's.
