@@ -354,7 +354,10 @@ fn power_cut(
     let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
     let prefill_ops = device.judged_prefill_ops().map_err(&fail)?;
     let recovery_ops = guest_cmdline::ops_of_steps(&job.scenario.recovery).map_err(&fail)?;
-    let (ops, before) = crate::durability::judged_ops(&prefill_ops, &workload_ops, &recovery_ops);
+    // The judged ops depend on the cut only through the workload ops done
+    // before it; most states share one list.
+    let full =
+        crate::durability::judged_ops(&prefill_ops, &workload_ops, &recovery_ops, usize::MAX);
     let done = crate::durability::ops_done_before(&saved.trace);
     let judge = !crate::spec::verify_ranges(&job.scenario.recovery).is_empty();
 
@@ -377,8 +380,15 @@ fn power_cut(
         st.cut = Some(state.cut);
         st.applied = applied;
         if judge {
-            let acked = before + done[state.cut.min(done.len() - 1)];
-            st.durability = Some(crate::durability::judge(&st.reports, &ops, acked));
+            let n = done[state.cut.min(done.len() - 1)];
+            st.durability = Some(if n >= workload_ops.len() || recovery_ops.is_empty() {
+                let acked = full.1 - (workload_ops.len() - n.min(workload_ops.len()));
+                crate::durability::judge(&st.reports, &full.0, acked)
+            } else {
+                let (ops, acked) =
+                    crate::durability::judged_ops(&prefill_ops, &workload_ops, &recovery_ops, n);
+                crate::durability::judge(&st.reports, &ops, acked)
+            });
         }
         if let Some(e) = expect {
             st.check(e);
