@@ -448,7 +448,8 @@ fn timeline(h: &mut String, i: usize, run: &DeviceModeRun) -> String {
     let _ = write!(
         h,
         "<h3>Timeline</h3><p class=\"meta\">trace of {} events, {} markers; cut positions {lo}..{hi}{}; \
-         {} column(s) of {} position(s) each. Hover a column or band for its details.</p>\n",
+         {} column(s) of {} position(s) each. A cut at position p has issued the events before p: \
+         its column is drawn under event p. Hover a column or band for its details.</p>\n",
         t.events,
         t.markers.len(),
         if t.windows.len() > 1 {

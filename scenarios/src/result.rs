@@ -54,7 +54,7 @@ pub struct Timeline {
     pub events: usize,
     /// Every marker of the trace, in trace order.
     pub markers: Vec<TimelineMarker>,
-    /// The ranges `[from, to)` of cut positions the window allows.
+    /// The ranges `from..=to` of cut positions the window allows.
     pub windows: Vec<(usize, usize)>,
 }
 
@@ -487,6 +487,47 @@ mod tests {
             "{:?}",
             r.violations
         );
+    }
+
+    #[test]
+    fn a_timeline_names_the_markers_of_its_trace_and_is_optional_in_json() {
+        use protocol::markers::{crash_point_begin, crash_point_end, op_done};
+        let mut t = vmm::Trace::new();
+        t.push(vmm::Event::Marker {
+            id: crash_point_begin(8),
+        });
+        t.push_pmem_store(64, &[1; 8]);
+        t.push(vmm::Event::PmemFlush);
+        t.push(vmm::Event::Marker {
+            id: crash_point_end(8),
+        });
+        t.push(vmm::Event::Marker { id: op_done(3) });
+        t.push(vmm::Event::Marker { id: 0x77 });
+        let tl = Timeline::of_trace(&t, &[(0, 4)]);
+        assert_eq!(tl.events, 6);
+        assert_eq!(tl.windows, vec![(0, 4)]);
+        let names: Vec<(usize, &str)> = tl
+            .markers
+            .iter()
+            .map(|m| (m.pos, m.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [(0, "C8-begin"), (3, "C8-end"), (4, "op3-done"), (5, "0x77")]
+        );
+
+        // Absent fields stay absent, and older results (without them) load.
+        let mut r = run(vec![state("formatted", true, false)]);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("timeline").is_none(), "{json}");
+        assert!(json["states"][0].get("minimized").is_none(), "{json}");
+        let back: DeviceModeRun = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+        r.timeline = Some(tl);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["timeline"]["markers"][2]["name"], "op3-done");
+        assert_eq!(json["timeline"]["windows"][0], serde_json::json!([0, 4]));
+        assert_eq!(serde_json::from_value::<DeviceModeRun>(json).unwrap(), r);
     }
 
     #[test]
