@@ -169,19 +169,19 @@ pub fn render(result: &RunResult, run_dir: &str) -> String {
         .iter()
         .map(|r| r.states.iter().filter(|s| !s.violations.is_empty()).count())
         .sum();
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <title>{} {verdict}: pcache scenario report</title><style>{CSS}</style></head><body><main>\n",
+         <title>{} {verdict}: pcache scenario report</title><style>{CSS}</style></head><body><main>",
         esc(&result.scenario)
     );
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<h1>Scenario <code id=\"scenario\">{}</code> <span class=\"badge {class}\" id=\"verdict\">{verdict}</span></h1>\
          <p class=\"meta\">started {} · {:.1} s · {} device/mode run(s) · <span id=\"total-states\">{states}</span> states · \
-         <span id=\"total-violating\">{violating}</span> violating · results in <code>{}</code></p>\n",
+         <span id=\"total-violating\">{violating}</span> violating · results in <code>{}</code></p>",
         esc(&result.scenario),
         esc(&result.started),
         result.elapsed_seconds,
@@ -206,7 +206,7 @@ fn summary(h: &mut String, result: &RunResult) {
     );
     for (i, run) in result.runs.iter().enumerate() {
         let c = &run.counts;
-        let _ = write!(
+        let _ = writeln!(
             h,
             "<tr data-run=\"{i}\"><td><a href=\"#run-{i}\">{}</a></td><td>{}</td>\
              <td class=\"n\" data-count=\"states\">{}</td><td>{}</td>\
@@ -215,7 +215,7 @@ fn summary(h: &mut String, result: &RunResult) {
              <td class=\"n\" data-count=\"older-cache-back\">{}</td>\
              <td class=\"n\" data-count=\"pairs\">{} / {}</td>\
              <td class=\"n\" data-count=\"duplicates\">{}</td>\
-             <td class=\"n\" data-count=\"violations\">{}</td><td class=\"n\">{:.0}</td></tr>\n",
+             <td class=\"n\" data-count=\"violations\">{}</td><td class=\"n\">{:.0}</td></tr>",
             esc(&run.device),
             esc(&run.mode.to_string()),
             c.states,
@@ -265,9 +265,9 @@ fn legend(h: &mut String, result: &RunResult) {
             esc(o)
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<span class=\"chip\"><span style=\"color:{VIOLATION_COLOUR}\">▲</span> a violating state (links to it)</span></p>\n"
+        "<span class=\"chip\"><span style=\"color:{VIOLATION_COLOUR}\">▲</span> a violating state (links to it)</span></p>"
     );
 }
 
@@ -277,16 +277,16 @@ fn run_section(h: &mut String, i: usize, run: &DeviceModeRun, run_dir: &str) {
     } else {
         ("fail", "failed")
     };
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<section class=\"run\" id=\"run-{i}\"><h2>{} / {} <span class=\"badge {class}\">{verdict}</span></h2>\n",
+        "<section class=\"run\" id=\"run-{i}\"><h2>{} / {} <span class=\"badge {class}\">{verdict}</span></h2>",
         esc(&run.device),
         esc(&run.mode.to_string())
     );
     let model = serde_json::to_string(&run.model).unwrap_or_default();
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<p class=\"meta\">{} states, {} violating · recovery boots {:.2} s · model <code>{}</code></p>\n",
+        "<p class=\"meta\">{} states, {} violating · recovery boots {:.2} s · model <code>{}</code></p>",
         run.states.len(),
         run.states
             .iter()
@@ -445,11 +445,11 @@ fn timeline(h: &mut String, i: usize, run: &DeviceModeRun) -> String {
         }
     }
 
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<h3>Timeline</h3><p class=\"meta\">trace of {} events, {} markers; cut positions {lo}..{hi}{}; \
          {} column(s) of {} position(s) each. A cut at position p has issued the events before p: \
-         its column is drawn under event p. Hover a column or band for its details.</p>\n",
+         its column is drawn under event p. Hover a column or band for its details.</p>",
         t.events,
         t.markers.len(),
         if t.windows.len() > 1 {
@@ -700,10 +700,10 @@ fn overview(h: &mut String, t: &Timeline, lo: usize, hi: usize) {
             b.to
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<rect x=\"{:.1}\" y=\"3\" width=\"{:.1}\" height=\"20\" fill=\"none\" stroke=\"#c08a00\" stroke-width=\"2\"><title>the cut positions {lo}..{hi}, drawn below</title></rect>\
-         <text x=\"{LEFT}\" y=\"32\">0</text><text x=\"{:.1}\" y=\"32\">{}</text></svg>\n",
+         <text x=\"{LEFT}\" y=\"32\">0</text><text x=\"{:.1}\" y=\"32\">{}</text></svg>",
         LEFT + lo as f64 * scale,
         ((hi - lo) as f64 * scale).max(2.0),
         LEFT + PLOT - 30.0,
@@ -742,10 +742,10 @@ fn cut_table(
     let rows: Vec<usize> = (0..columns.len())
         .filter(|&b| columns[b].states > 0)
         .collect();
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<details{}><summary>Cut points: {} state(s) at {} {}</summary>\
-         <table id=\"cuts-{i}\"><tr><th>positions</th><th>markers there</th><th>states</th><th>outcomes</th><th>violating</th></tr>\n",
+         <table id=\"cuts-{i}\"><tr><th>positions</th><th>markers there</th><th>states</th><th>outcomes</th><th>violating</th></tr>",
         if rows.len() <= OPEN_ROWS { " open" } else { "" },
         run.states.iter().filter(|s| s.cut.is_some()).count(),
         rows.len(),
@@ -781,9 +781,9 @@ fn cut_table(
             .map(|&k| format!("<a href=\"#st-{i}-{k}\">{}</a>", esc(&run.states[k].id)))
             .collect();
         let more = c.violating.len().saturating_sub(3);
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<tr><td>{}</td><td><code>{}</code></td><td class=\"n\">{}</td><td>{}</td><td>{}{}</td></tr>\n",
+            "<tr><td>{}</td><td><code>{}</code></td><td class=\"n\">{}</td><td>{}</td><td>{}{}</td></tr>",
             if a == z {
                 a.to_string()
             } else {
@@ -807,10 +807,10 @@ fn marker_table(h: &mut String, in_span: &[&crate::result::TimelineMarker], tota
     if in_span.is_empty() {
         return;
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<details><summary>Markers at the cut positions: {} (of {total} in the trace)</summary>\
-         <table><tr><th>position</th><th>marker</th><th>what</th></tr>\n",
+         <table><tr><th>position</th><th>marker</th><th>what</th></tr>",
         in_span.len()
     );
     for m in in_span.iter().take(MAX_MARKER_ROWS) {
@@ -844,9 +844,9 @@ fn marker_table(h: &mut String, in_span: &[&crate::result::TimelineMarker], tota
 
 /// Runs without cut points (image sets): one row per state.
 fn state_table(h: &mut String, i: usize, run: &DeviceModeRun) {
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<details{}><summary>States: {}</summary><table id=\"states-{i}\"><tr><th>state</th><th>outcome</th><th>usable</th><th>verdict</th></tr>\n",
+        "<details{}><summary>States: {}</summary><table id=\"states-{i}\"><tr><th>state</th><th>outcome</th><th>usable</th><th>verdict</th></tr>",
         if run.states.len() <= OPEN_ROWS { " open" } else { "" },
         run.states.len()
     );
@@ -918,7 +918,7 @@ fn violating_states(h: &mut String, i: usize, run: &DeviceModeRun, run_dir: &str
         h.push_str("<p class=\"muted\">No state violates its expectation.</p>\n");
         return;
     }
-    let _ = write!(h, "<h3>Violating states: {}</h3>\n", bad.len());
+    let _ = writeln!(h, "<h3>Violating states: {}</h3>", bad.len());
     for &k in bad.iter().take(MAX_DETAILED) {
         state_entry(h, i, k, run, run_dir);
     }
@@ -928,9 +928,9 @@ fn violating_states(h: &mut String, i: usize, run: &DeviceModeRun, run_dir: &str
             .take(MAX_LISTED)
             .map(|&k| format!("<code>{}</code>", esc(&run.states[k].id)))
             .collect();
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<p>{} more violating states (result.json has them all): {}{}</p>\n",
+            "<p>{} more violating states (result.json has them all): {}{}</p>",
             bad.len() - MAX_DETAILED,
             rest.join(" "),
             if bad.len() - MAX_DETAILED > MAX_LISTED {
@@ -944,10 +944,10 @@ fn violating_states(h: &mut String, i: usize, run: &DeviceModeRun, run_dir: &str
 
 fn state_entry(h: &mut String, i: usize, k: usize, run: &DeviceModeRun, run_dir: &str) {
     let s = &run.states[k];
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<article class=\"state\" id=\"st-{i}-{k}\"><h3><code class=\"state-id\">{}</code> \
-         <span class=\"chip\"><span class=\"sw\" style=\"background:{}\"></span>{}</span> {}</h3>\n",
+         <span class=\"chip\"><span class=\"sw\" style=\"background:{}\"></span>{}</span> {}</h3>",
         esc(&s.id),
         outcome_colour(&s.outcome),
         esc(&s.detailed_outcome()),
@@ -957,9 +957,9 @@ fn state_entry(h: &mut String, i: usize, k: usize, run: &DeviceModeRun, run_dir:
         let where_ = around(run.timeline.as_ref(), cut)
             .map(|w| format!(": {}", esc(&w)))
             .unwrap_or_default();
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<p>Cut at trace position {cut}{where_}; {} write(s) applied.</p>\n",
+            "<p>Cut at trace position {cut}{where_}; {} write(s) applied.</p>",
             s.applied.len()
         );
     }
@@ -969,15 +969,15 @@ fn state_entry(h: &mut String, i: usize, k: usize, run: &DeviceModeRun, run_dir:
     }
     h.push_str("</ul>\n");
     if let Some(r) = &s.reason {
-        let _ = write!(h, "<p>Refusal: <code>{}</code></p>\n", esc(r));
+        let _ = writeln!(h, "<p>Refusal: <code>{}</code></p>", esc(r));
     }
     if let Some(f) = &s.failure {
-        let _ = write!(h, "<p>Recovery boot failure: <code>{}</code></p>\n", esc(f));
+        let _ = writeln!(h, "<p>Recovery boot failure: <code>{}</code></p>", esc(f));
     }
     if let Some(d) = &s.durability {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<p>Durability: {} op(s) acknowledged before the cut; {}.</p>\n",
+            "<p>Durability: {} op(s) acknowledged before the cut; {}.</p>",
             d.acked,
             if d.checked {
                 format!("{} finding(s)", d.violations.len())
@@ -988,9 +988,9 @@ fn state_entry(h: &mut String, i: usize, k: usize, run: &DeviceModeRun, run_dir:
     }
     match reproduce_command(run_dir, s) {
         Some(cmd) => {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<p>Reproduce:</p><pre class=\"cmd\"><code class=\"reproduce\">{}</code></pre>\n",
+                "<p>Reproduce:</p><pre class=\"cmd\"><code class=\"reproduce\">{}</code></pre>",
                 esc(&cmd)
             );
         }
@@ -1043,9 +1043,9 @@ fn state_entry(h: &mut String, i: usize, k: usize, run: &DeviceModeRun, run_dir:
         } else {
             ""
         };
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<details><summary>Guest reports</summary><pre><code>{}{cut}</code></pre></details>\n",
+            "<details><summary>Guest reports</summary><pre><code>{}{cut}</code></pre></details>",
             esc(&shown)
         );
     }
