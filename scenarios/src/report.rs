@@ -532,24 +532,52 @@ fn timeline(h: &mut String, i: usize, run: &DeviceModeRun) -> String {
     ] {
         let _ = write!(h, "<text x=\"4\" y=\"{y}\">{label}</text>");
     }
-    // Crash-point sequences as bands.
+    // Crash-point sequences as bands; bands that start in the same pixel of
+    // a row are drawn as one (a trace of thousands of sequences stays small).
+    let mut groups: BTreeMap<(usize, i64), Vec<&Band>> = BTreeMap::new();
     for (b, row) in bands.iter().zip(&band_rows) {
-        let x0 = x(b.from.max(lo));
-        let x1 = x_end(b.to.min(hi)).max(x0 + 2.0);
+        groups
+            .entry((*row, x(b.from.max(lo)) as i64))
+            .or_default()
+            .push(b);
+    }
+    for ((row, _), group) in &groups {
+        let x0 = x(group[0].from.max(lo));
+        let x1 = group
+            .iter()
+            .map(|b| x_end(b.to.min(hi)))
+            .fold(x0 + 2.0, f64::max);
         let y = seq_top + 18.0 * *row as f64 + 1.0;
-        let hue = (b.n * 47) % 360;
-        let title = format!(
-            "C{} ({}): C{}-begin at {}, {}",
-            b.n,
-            sequence_name(b.n),
-            b.n,
-            b.from,
-            if b.closed {
-                format!("C{}-end at {}", b.n, b.to)
-            } else {
-                "no end marker before the trace ends".into()
+        let first = group[0];
+        let hue = (first.n * 47) % 360;
+        let title = match group.as_slice() {
+            [b] => format!(
+                "C{} ({}): C{}-begin at {}, {}",
+                b.n,
+                sequence_name(b.n),
+                b.n,
+                b.from,
+                if b.closed {
+                    format!("C{}-end at {}", b.n, b.to)
+                } else {
+                    "no end marker before the trace ends".into()
+                }
+            ),
+            _ => {
+                let mut per: BTreeMap<u32, usize> = BTreeMap::new();
+                for b in group {
+                    *per.entry(b.n).or_default() += 1;
+                }
+                let words: Vec<String> = per.iter().map(|(n, k)| format!("C{n} ×{k}")).collect();
+                format!(
+                    "{} sequences from {} to {}: {}",
+                    group.len(),
+                    first.from,
+                    group.iter().map(|b| b.to).max().unwrap_or(first.to),
+                    words.join(", ")
+                )
             }
-        );
+        };
         let _ = write!(
             h,
             "<g class=\"seq\"><title>{}</title><rect x=\"{x0:.1}\" y=\"{y}\" width=\"{:.1}\" height=\"15\" rx=\"2\" \
@@ -557,30 +585,46 @@ fn timeline(h: &mut String, i: usize, run: &DeviceModeRun) -> String {
             esc(&title),
             x1 - x0
         );
-        if x1 - x0 >= 22.0 {
+        if x1 - x0 >= 22.0 && group.len() == 1 {
             let _ = write!(
                 h,
                 "<text x=\"{:.1}\" y=\"{}\">C{}</text>",
                 x0 + 3.0,
                 y + 11.5,
-                b.n
+                first.n
             );
         }
         h.push_str("</g>");
     }
-    // Other markers (op done, raw ids) as ticks; labels when there is room.
-    let ticks: Vec<&&crate::result::TimelineMarker> = in_span
-        .iter()
-        .filter(|m| crash_point(&m.name).is_none())
-        .collect();
-    let mut last_label = f64::MIN;
-    for m in &ticks {
+    // Other markers (op done, raw ids) as ticks, one per pixel; labels when
+    // there is room.
+    let mut ticks: BTreeMap<i64, Vec<&crate::result::TimelineMarker>> = BTreeMap::new();
+    for m in in_span.iter().filter(|m| crash_point(&m.name).is_none()) {
         let mx = (x(m.pos) + x_end(m.pos)) / 2.0;
+        ticks.entry(mx as i64).or_default().push(m);
+    }
+    let mut last_label = f64::MIN;
+    for group in ticks.values() {
+        let m = group[0];
+        let mx = (x(m.pos) + x_end(m.pos)) / 2.0;
+        let title = match group.as_slice() {
+            [one] => format!("{} at {}", one.name, one.pos),
+            _ => {
+                let names: Vec<&str> = group.iter().take(4).map(|m| m.name.as_str()).collect();
+                format!(
+                    "{} markers at {}..{}: {}{}",
+                    group.len(),
+                    m.pos,
+                    group[group.len() - 1].pos,
+                    names.join(" "),
+                    if group.len() > 4 { " …" } else { "" }
+                )
+            }
+        };
         let _ = write!(
             h,
-            "<g class=\"mark\"><title>{} at {}</title><line x1=\"{mx:.1}\" x2=\"{mx:.1}\" y1=\"{mark_top}\" y2=\"{}\" stroke=\"#555\"/>",
-            esc(&m.name),
-            m.pos,
+            "<g class=\"mark\"><title>{}</title><line x1=\"{mx:.1}\" x2=\"{mx:.1}\" y1=\"{mark_top}\" y2=\"{}\" stroke=\"#555\"/>",
+            esc(&title),
             mark_top + 8.0
         );
         if mx - last_label > 44.0 && mx < LEFT + PLOT - 40.0 {
@@ -688,12 +732,17 @@ fn overview(h: &mut String, t: &Timeline, lo: usize, hi: usize) {
         LEFT + PLOT + 8.0,
         LEFT + PLOT + 8.0
     );
+    // One rectangle per pixel at most: the first sequence starting there.
+    let mut drawn = std::collections::BTreeSet::new();
     for b in bands(t) {
+        let x0 = LEFT + b.from as f64 * scale;
+        if !drawn.insert(x0 as i64) {
+            continue;
+        }
         let hue = (b.n * 47) % 360;
         let _ = write!(
             h,
-            "<rect x=\"{:.1}\" y=\"6\" width=\"{:.1}\" height=\"14\" fill=\"hsl({hue},60%,72%)\"><title>C{} at {}..{}</title></rect>",
-            LEFT + b.from as f64 * scale,
+            "<rect x=\"{x0:.1}\" y=\"6\" width=\"{:.1}\" height=\"14\" fill=\"hsl({hue},60%,72%)\"><title>C{} at {}..{}</title></rect>",
             ((b.to - b.from) as f64 * scale).max(1.0),
             b.n,
             b.from,
@@ -758,10 +807,11 @@ fn cut_table(
     for b in rows {
         let c = &columns[b];
         let (a, z) = bins.range(b);
-        let names: Vec<&str> = t
-            .markers
+        // The markers are in trace order.
+        let first = t.markers.partition_point(|m| m.pos < a);
+        let names: Vec<&str> = t.markers[first..]
             .iter()
-            .filter(|m| m.pos >= a && m.pos <= z)
+            .take_while(|m| m.pos <= z)
             .map(|m| m.name.as_str())
             .collect();
         let markers = if names.len() > 4 {
@@ -1105,6 +1155,61 @@ mod tests {
         );
         s.saved = None;
         assert_eq!(reproduce_command("results/s/r", &s), None);
+    }
+
+    #[test]
+    fn a_trace_of_many_sequences_draws_at_most_one_band_and_tick_per_pixel() {
+        let markers = (0..20_000)
+            .flat_map(|k| {
+                [
+                    crate::result::TimelineMarker {
+                        pos: k * 3,
+                        name: "C10-begin".into(),
+                    },
+                    crate::result::TimelineMarker {
+                        pos: k * 3 + 1,
+                        name: "C10-end".into(),
+                    },
+                    crate::result::TimelineMarker {
+                        pos: k * 3 + 2,
+                        name: format!("op{k}-done"),
+                    },
+                ]
+            })
+            .collect();
+        let run: DeviceModeRun = serde_json::from_value(serde_json::json!({
+            "device": "d", "mode": "recover", "model": null, "counts": {
+                "states": 0, "duplicates": 0, "unchanged-writes": 0, "outcomes": {},
+                "unusable": 0, "older-cache-back": 0, "violations": 0
+            },
+            "recovery-seconds": 1.0, "states": [], "violations": []
+        }))
+        .unwrap();
+        let run = DeviceModeRun {
+            timeline: Some(Timeline {
+                events: 60_000,
+                markers,
+                windows: vec![(0, 60_000)],
+            }),
+            ..run
+        };
+        let result = RunResult {
+            schema_version: 1,
+            scenario: "many".into(),
+            started: String::new(),
+            elapsed_seconds: 0.0,
+            runs: vec![run],
+            passed: true,
+        };
+        let html = render(&result, "results/many/r");
+        let seqs = html.matches("<g class=\"seq\">").count();
+        let ticks = html.matches("<g class=\"mark\">").count();
+        assert!(seqs > 500 && seqs <= PLOT as usize + 1, "{seqs} bands");
+        assert!(ticks > 500 && ticks <= PLOT as usize + 1, "{ticks} ticks");
+        assert!(html.contains("C10 ×"), "grouped bands say how many");
+        // The markers table is capped too.
+        assert!(html.contains("… and 59800 more markers"));
+        assert!(html.len() < 1_000_000, "{} bytes", html.len());
     }
 
     #[test]
