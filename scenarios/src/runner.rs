@@ -245,6 +245,7 @@ impl Job<'_> {
             recovery_seconds: t0.elapsed().as_secs_f64(),
             states,
             violations: vec![],
+            timeline: None,
         };
         run.finish(self.expect);
         run
@@ -416,7 +417,9 @@ fn power_cut(
         pairs_tried: e.pairs_tried,
         ..Default::default()
     };
-    Ok(job.finish(model, counts, t0, states))
+    let mut run = job.finish(model, counts, t0, states);
+    run.timeline = Some(crate::result::Timeline::of_trace(&saved.trace, &windows));
+    Ok(run)
 }
 
 /// A scenario without a power cut: recovery on each generated variant of the
@@ -613,6 +616,7 @@ fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult 
         violations: vec![],
         saved: None,
         durability: None,
+        minimized: None,
     };
     if let Some(f) = &rec.failure {
         st.violations
@@ -941,6 +945,7 @@ mod tests {
                 violations: vec![],
                 saved: None,
                 durability: None,
+                minimized: None,
             })
         });
         let err = r.unwrap_err();

@@ -8,6 +8,7 @@ mod export;
 mod guest;
 mod image;
 mod interop;
+mod report;
 mod reproduce;
 mod ring0_scan;
 mod scenario;
@@ -37,6 +38,8 @@ enum Command {
     BuildGuest(guest::BuildGuestArgs),
     /// Run a power-cut scenario (scenarios/NAME.json); --list, --all.
     Scenario(scenario::ScenarioArgs),
+    /// (Re)write a run's report page (report.html) from its result.json.
+    Report(report::ReportArgs),
     /// Replay recovery on a saved crash state or on a user's image (never modified).
     Reproduce(reproduce::ReproduceArgs),
     /// Benchmark the VMM and guest: boots, traced store, message, RSS, pcache start and recovery boots.
@@ -58,6 +61,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::bench(args),
         Command::Scenario(args) => scenario::scenario(args),
         Command::Reproduce(args) => reproduce::reproduce(args),
+        Command::Report(args) => report::report(args),
         Command::BuildGuest(args) => guest::build(args).map(|path| {
             println!("guest kernel: {}", path.display());
         }),
