@@ -4,6 +4,7 @@
 //!
 //! - [`spec`]: scenario files (format in `scenarios/README.md`).
 //! - [`durability`]: the read-back of a state judged by the durability rule.
+//! - [`explore`]: `cargo xtask explore`'s scenario: a whole trace, its own expectations.
 //! - [`generate`]: image variants for scenarios without a power cut.
 //! - [`guest`]: the guest's command lines and step results.
 //! - [`persistence`]: persistence models that turn a traced window into crash states.
@@ -12,6 +13,7 @@
 //! - [`result`]: the result file of a run and the checks of expectations.
 
 pub mod durability;
+pub mod explore;
 pub mod generate;
 pub mod guest;
 pub mod persistence;

@@ -21,8 +21,78 @@ pub struct RunResult {
     pub elapsed_seconds: f64,
     /// One entry per (device, mode).
     pub runs: Vec<DeviceModeRun>,
-    /// True when no state violated its expectation and every pinned count held.
+    /// True when no state violated its expectation and every pinned count held
+    /// (always false in a partial result).
     pub passed: bool,
+    /// The run was interrupted (Ctrl-C): `runs` hold the states done until
+    /// then, and pinned counts were not checked. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+    /// This result is one shard of a run (`--shard K/N`); pinned counts were
+    /// not checked (`cargo xtask merge-results` does). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardInfo>,
+    /// What the run was asked to do (the effective scenario and the command's
+    /// options), recorded by `explore` and by sharded runs: shards are only
+    /// merged with equal ones. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+}
+
+/// `--shard K/N`: the states whose index `i` (after deduplication, in the
+/// enumeration's stable order) has `i % N == K - 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Shard {
+    /// K, from 1.
+    pub index: usize,
+    /// N.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Whether state `i` (0-based, of every state of a device and mode) is this shard's.
+    pub fn picks(&self, i: usize) -> bool {
+        i % self.count == self.index - 1
+    }
+
+    /// How many of `total` states this shard runs.
+    pub fn share(&self, total: usize) -> usize {
+        (0..total).filter(|&i| self.picks(i)).count()
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let bad = || format!("`{s}` is not a shard K/N (1 <= K <= N, e.g. 2/4)");
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (usize, usize) = (
+            k.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// What a shard's result records of its shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ShardInfo {
+    pub index: usize,
+    pub count: usize,
+    /// Per entry of `runs`, the states of that device and mode in all shards
+    /// (every shard enumerates them all, then runs its share).
+    pub states_total: Vec<usize>,
 }
 
 /// The states of one device in one mode.
@@ -101,6 +171,34 @@ pub struct StateResult {
     /// `verify` steps (absent otherwise, and in results written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durability: Option<Durability>,
+    /// For a violating state that `explore` minimized: the smallest set of its
+    /// pending applied writes that still violates (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimized: Option<Minimized>,
+}
+
+/// The outcome of delta debugging over a violating state's pending applied
+/// writes (the writes covered by a barrier stay applied in every candidate).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Minimized {
+    /// The writes kept, in trace order.
+    pub writes: Vec<MinimizedWrite>,
+    /// Recovery boots spent on the candidates.
+    pub boots: usize,
+    /// How many applied writes minimization started from (the state's
+    /// applied writes pending at its cut).
+    pub from: usize,
+}
+
+/// One write of a minimized set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MinimizedWrite {
+    /// The write, exactly as in the state's `applied`.
+    pub write: AppliedWrite,
+    /// Where it is in the trace: the crash-point markers around it and its
+    /// index among that section's writes, e.g.
+    /// `C8-begin (key-set append) … store 3 of 8 … C8-end; op 2`.
+    pub context: String,
 }
 
 /// What the durability rule made of a state's read-back.
@@ -266,6 +364,211 @@ impl DeviceModeRun {
     }
 }
 
+/// Why shards cannot be merged.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MergeError {
+    #[error("no result to merge")]
+    Nothing,
+    #[error("{0}: not a shard (it was run without --shard)")]
+    NotAShard(String),
+    #[error("{0}: an interrupted (partial) shard cannot be merged; run it again")]
+    Partial(String),
+    #[error("{what} differs between {a} and {b}: shards of different runs cannot be merged")]
+    Differs { what: String, a: String, b: String },
+    #[error("shard {index}/{count} is given twice ({a} and {b})")]
+    Duplicate {
+        index: usize,
+        count: usize,
+        a: String,
+        b: String,
+    },
+    #[error("shard(s) {missing} of {count} missing")]
+    Missing { missing: String, count: usize },
+    #[error("{file}: {what}")]
+    Inconsistent { file: String, what: String },
+}
+
+/// Joins the results of every shard `1/N..N/N` of one run into the result of
+/// the whole run: the states of each device and mode in their unsharded
+/// order, counted and checked against the pinned counts of the expectation
+/// the shards recorded (`config.scenario.expect`). Each entry is `(name,
+/// result)`; the name (a file) is only used in errors.
+pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, MergeError> {
+    let first = shards.first().ok_or(MergeError::Nothing)?;
+    let (name0, r0) = (first.0.clone(), &first.1);
+    let info0 = r0
+        .shard
+        .clone()
+        .ok_or_else(|| MergeError::NotAShard(name0.clone()))?;
+    let count = info0.count;
+    let mut by_index: Vec<Option<(String, RunResult)>> = vec![None; count];
+    for (name, r) in &shards {
+        let info = r
+            .shard
+            .as_ref()
+            .ok_or_else(|| MergeError::NotAShard(name.clone()))?;
+        if r.partial {
+            return Err(MergeError::Partial(name.clone()));
+        }
+        let differs = |what: &str| MergeError::Differs {
+            what: what.into(),
+            a: name0.clone(),
+            b: name.clone(),
+        };
+        if r.scenario != r0.scenario {
+            return Err(differs("the scenario"));
+        }
+        if info.count != count {
+            return Err(differs("the shard count N"));
+        }
+        if r.config != r0.config {
+            return Err(differs("the configuration (scenario, model, window, options)"));
+        }
+        if info.states_total != info0.states_total {
+            return Err(differs("the number of crash states"));
+        }
+        let runs = |r: &RunResult| -> Vec<(String, Mode)> {
+            r.runs.iter().map(|x| (x.device.clone(), x.mode)).collect()
+        };
+        if runs(r) != runs(r0) || r.runs.len() != info.states_total.len() {
+            return Err(differs("the devices and modes"));
+        }
+        let slot = by_index
+            .get_mut(info.index.wrapping_sub(1))
+            .ok_or_else(|| MergeError::Inconsistent {
+                file: name.clone(),
+                what: format!("shard {}/{count} is out of range", info.index),
+            })?;
+        if let Some((a, _)) = slot {
+            return Err(MergeError::Duplicate {
+                index: info.index,
+                count,
+                a: a.clone(),
+                b: name.clone(),
+            });
+        }
+        *slot = Some((name.clone(), r.clone()));
+    }
+    let missing: Vec<String> = by_index
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_none())
+        .map(|(k, _)| format!("{}/{count}", k + 1))
+        .collect();
+    if !missing.is_empty() {
+        return Err(MergeError::Missing {
+            missing: missing.join(", "),
+            count,
+        });
+    }
+    let shards: Vec<(String, RunResult)> = by_index.into_iter().flatten().collect();
+    let expect: Vec<Expectation> = r0
+        .config
+        .as_ref()
+        .and_then(|c| c.get("scenario"))
+        .and_then(|s| s.get("expect"))
+        .map(|e| serde_json::from_value(e.clone()))
+        .transpose()
+        .map_err(|e| MergeError::Inconsistent {
+            file: name0.clone(),
+            what: format!("config.scenario.expect does not read: {e}"),
+        })?
+        .unwrap_or_default();
+
+    let mut runs = Vec::new();
+    for (r, &total) in info0.states_total.iter().enumerate() {
+        let head = &shards[0].1.runs[r];
+        let mut states = Vec::with_capacity(total);
+        let mut next = vec![0usize; count];
+        for i in 0..total {
+            let k = i % count;
+            let (file, shard) = &shards[k];
+            let st = shard.runs[r].states.get(next[k]).ok_or_else(|| {
+                MergeError::Inconsistent {
+                    file: file.clone(),
+                    what: format!(
+                        "{}/{}: holds {} states, its share of {total} is more",
+                        head.device,
+                        head.mode,
+                        shard.runs[r].states.len()
+                    ),
+                }
+            })?;
+            next[k] += 1;
+            states.push(st.clone());
+        }
+        for (k, (file, shard)) in shards.iter().enumerate() {
+            let run = &shard.runs[r];
+            if run.states.len() != next[k] {
+                return Err(MergeError::Inconsistent {
+                    file: file.clone(),
+                    what: format!(
+                        "{}/{}: holds {} states, its share of {total} is {}",
+                        run.device,
+                        run.mode,
+                        run.states.len(),
+                        next[k]
+                    ),
+                });
+            }
+            // What the enumeration counted is the same in every shard.
+            let c = &run.counts;
+            let h = &head.counts;
+            if (c.duplicates, c.unchanged_writes, c.pairs_full, c.pairs_tried)
+                != (h.duplicates, h.unchanged_writes, h.pairs_full, h.pairs_tried)
+                || run.model != head.model
+            {
+                return Err(MergeError::Differs {
+                    what: format!("{}/{}: the enumeration", run.device, run.mode),
+                    a: shards[0].0.clone(),
+                    b: file.clone(),
+                });
+            }
+        }
+        let mut run = DeviceModeRun {
+            device: head.device.clone(),
+            mode: head.mode,
+            model: head.model.clone(),
+            counts: ObservedCounts {
+                duplicates: head.counts.duplicates,
+                unchanged_writes: head.counts.unchanged_writes,
+                pairs_full: head.counts.pairs_full,
+                pairs_tried: head.counts.pairs_tried,
+                ..Default::default()
+            },
+            // The shards' boots added up: states per second stays per machine.
+            recovery_seconds: shards.iter().map(|(_, s)| s.runs[r].recovery_seconds).sum(),
+            states,
+            violations: vec![],
+        };
+        run.finish(
+            expect
+                .iter()
+                .find(|e| e.device == run.device && e.mode == run.mode),
+        );
+        runs.push(run);
+    }
+    let passed = runs.iter().all(DeviceModeRun::passed);
+    Ok(RunResult {
+        schema_version: SCHEMA_VERSION,
+        scenario: r0.scenario.clone(),
+        started: shards
+            .iter()
+            .map(|(_, s)| s.started.clone())
+            .min()
+            .unwrap_or_default(),
+        elapsed_seconds: shards
+            .iter()
+            .map(|(_, s)| s.elapsed_seconds)
+            .fold(0.0, f64::max),
+        runs,
+        passed,
+        partial: false,
+        shard: None,
+        config: r0.config.clone(),
+    })
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder,
 /// synced, then renamed, so an interrupted run never leaves half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -304,6 +607,7 @@ mod tests {
             violations: vec![],
             saved: None,
             durability: None,
+            minimized: None,
         }
     }
 

@@ -4,18 +4,18 @@
 
 use crate::generate;
 use crate::guest::{self, Recovery};
-use crate::persistence::{self, BaseImage, CrashState, Event, Trace};
+use crate::persistence::{self, BaseImage, CrashState, Event, Trace, Write};
 use crate::recipe::{self, PreparedDevice};
 use crate::result::{
-    write_atomic, AppliedWrite, DeviceModeRun, ObservedCounts, RunResult, StateResult,
-    SCHEMA_VERSION,
+    write_atomic, AppliedWrite, DeviceModeRun, Minimized, MinimizedWrite, ObservedCounts,
+    RunResult, Shard, ShardInfo, StateResult, SCHEMA_VERSION,
 };
 use crate::spec::{Device, Expectation, Generator, Mode, Run, Scenario, Window};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmm::{SavedWindow, VmConfig};
@@ -42,6 +42,32 @@ pub trait Progress: Sync {
     fn begin(&self, label: &str, states: usize);
     fn state_done(&self);
     fn end(&self);
+    /// A state just checked violates its expectation (called before its
+    /// `state_done`).
+    fn violation_found(&self) {}
+}
+
+/// How a run goes besides its scenario: `explore`'s minimization, shards,
+/// Ctrl-C. The default is a plain `cargo xtask scenario` run.
+#[derive(Debug, Default)]
+pub struct RunOptions<'a> {
+    /// Run only this shard's states; pinned counts are not checked.
+    pub shard: Option<Shard>,
+    /// Minimize up to this many violating states per device and mode.
+    pub minimize: usize,
+    /// Most recovery boots one state's minimization may spend.
+    pub minimize_boots: usize,
+    /// Set (by a Ctrl-C handler) to stop: no state is started after it, the
+    /// states done are kept and the result is marked partial.
+    pub cancel: Option<&'a AtomicBool>,
+    /// Recorded in the result as `config` (what shards must agree on).
+    pub config: Option<serde_json::Value>,
+}
+
+impl RunOptions<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 /// A progress sink that shows nothing.
@@ -154,11 +180,26 @@ pub fn run(
     cfg: &RunnerConfig,
     progress: &dyn Progress,
 ) -> Result<RunResult, RunnerError> {
+    run_with(name, scenario, cfg, progress, &RunOptions::default())
+}
+
+/// As [`run`], with the options of `explore`, shards and Ctrl-C.
+pub fn run_with(
+    name: &str,
+    scenario: &Scenario,
+    cfg: &RunnerConfig,
+    progress: &dyn Progress,
+    opts: &RunOptions,
+) -> Result<RunResult, RunnerError> {
     let t0 = Instant::now();
     let started = now_rfc3339();
     let mut runs = Vec::new();
-    for device in &scenario.devices {
+    let mut totals = Vec::new();
+    'all: for device in &scenario.devices {
         for &mode in &scenario.modes {
+            if opts.cancelled() {
+                break 'all;
+            }
             let expect = scenario
                 .expect
                 .iter()
@@ -174,8 +215,9 @@ pub fn run(
                 prepared: &prepared,
                 cfg,
                 progress,
+                opts,
             };
-            let run = match &scenario.run {
+            let (run, total) = match &scenario.run {
                 Run::PowerCut {
                     workload,
                     window,
@@ -189,9 +231,11 @@ pub fn run(
                 Run::Images { generator } => images(&job, *generator)?,
             };
             runs.push(run);
+            totals.push(total);
         }
     }
-    let passed = runs.iter().all(DeviceModeRun::passed);
+    let partial = opts.cancelled();
+    let passed = !partial && runs.iter().all(DeviceModeRun::passed);
     let result = RunResult {
         schema_version: SCHEMA_VERSION,
         scenario: name.into(),
@@ -199,6 +243,13 @@ pub fn run(
         elapsed_seconds: t0.elapsed().as_secs_f64(),
         runs,
         passed,
+        partial,
+        shard: opts.shard.map(|s| ShardInfo {
+            index: s.index,
+            count: s.count,
+            states_total: totals,
+        }),
+        config: opts.config.clone(),
     };
     let path = cfg.out_dir.join("result.json");
     let json = serde_json::to_vec_pretty(&result).expect("results serialize");
@@ -216,6 +267,7 @@ struct Job<'a> {
     prepared: &'a PreparedDevice,
     cfg: &'a RunnerConfig,
     progress: &'a dyn Progress,
+    opts: &'a RunOptions<'a>,
 }
 
 impl Job<'_> {
@@ -228,8 +280,16 @@ impl Job<'_> {
         guest::cmdline(&self.scenario.recovery, self.mode, false)
     }
 
+    /// The indices of the `total` states this run checks (its shard's).
+    fn picked(&self, total: usize) -> Vec<usize> {
+        (0..total)
+            .filter(|&i| self.opts.shard.is_none_or(|s| s.picks(i)))
+            .collect()
+    }
+
     /// The run of this device and mode, counted and checked against the
-    /// pinned counts; `t0` is when its recovery boots started.
+    /// pinned counts (not in a shard or an interrupted run: they cannot know
+    /// the totals); `t0` is when its recovery boots started.
     fn finish(
         &self,
         model: serde_json::Value,
@@ -237,6 +297,15 @@ impl Job<'_> {
         t0: Instant,
         states: Vec<StateResult>,
     ) -> DeviceModeRun {
+        let unpinned = self.expect.map(|e| Expectation {
+            counts: None,
+            ..e.clone()
+        });
+        let expect = if self.opts.shard.is_some() || self.opts.cancelled() {
+            unpinned.as_ref()
+        } else {
+            self.expect
+        };
         let mut run = DeviceModeRun {
             device: self.device.name.clone(),
             mode: self.mode,
@@ -246,7 +315,7 @@ impl Job<'_> {
             states,
             violations: vec![],
         };
-        run.finish(self.expect);
+        run.finish(expect);
         run
     }
 
@@ -294,6 +363,91 @@ impl Job<'_> {
     }
 }
 
+/// What checking one crash state of a power-cut run needs.
+struct CutCheck<'a> {
+    job: &'a Job<'a>,
+    saved: &'a SavedWindow,
+    line: String,
+    /// The ops the durability rule judges, and how many were acknowledged
+    /// before the workload (`None`: recovery has no `verify` step).
+    judged: Option<(Vec<workload::Op>, usize)>,
+    done: Vec<usize>,
+}
+
+impl CutCheck<'_> {
+    /// Boots recovery on the window's base plus exactly `writes` at `cut`,
+    /// and checks the state's expectation; `images` keeps the crash images
+    /// for a violating state's save.
+    fn check(
+        &self,
+        id: &str,
+        cut: usize,
+        writes: &[Write],
+    ) -> Result<(StateResult, Vec<Write>), RunnerError> {
+        let job = self.job;
+        let images = self.saved.build(cut as u64, writes)?;
+        let applied_refs = images.applied.clone();
+        let mut st = recover(
+            images.pmem,
+            images.disk,
+            id,
+            &self.line,
+            job.prepared.older_seq,
+            job.cfg,
+        )?;
+        st.cut = Some(cut);
+        st.applied = applied(&self.saved.trace, &applied_refs);
+        if let Some((ops, before)) = &self.judged {
+            let acked = before + self.done[cut.min(self.done.len() - 1)];
+            st.durability = Some(crate::durability::judge(&st.reports, ops, acked));
+        }
+        if let Some(e) = job.expect {
+            st.check(e);
+        }
+        Ok((st, applied_refs))
+    }
+
+    /// Delta debugging (ddmin) over the state's applied writes pending at its
+    /// cut: the smallest set of them that, with every write a barrier covered,
+    /// still violates. `None` when cancelled.
+    fn minimize(&self, st: &StateResult, applied: &[Write]) -> Result<Option<Minimized>, RunnerError> {
+        let cut = st.cut.expect("a power-cut state has a cut");
+        let events = self.saved.trace.events();
+        let pending: std::collections::HashSet<usize> =
+            persist::pending_all(events, cut).into_iter().collect();
+        let (universe, fixed): (Vec<Write>, Vec<Write>) = applied
+            .iter()
+            .partition(|w| pending.contains(&(w.event as usize)));
+        let boots = std::cell::Cell::new(0usize);
+        let mut violates = |keep: &[Write]| -> Result<Option<bool>, RunnerError> {
+            if self.job.opts.cancelled() {
+                return Ok(None);
+            }
+            boots.set(boots.get() + 1);
+            let mut writes = fixed.clone();
+            writes.extend_from_slice(keep);
+            let (cand, _) = self.check(&st.id, cut, &writes)?;
+            Ok(Some(!cand.violations.is_empty()))
+        };
+        let budget = self.job.opts.minimize_boots.max(1);
+        let Some(kept) = ddmin(&universe, budget, &mut violates)? else {
+            return Ok(None);
+        };
+        let writes = kept
+            .iter()
+            .map(|w| MinimizedWrite {
+                write: applied_one(&self.saved.trace, *w).expect("a write event"),
+                context: write_context(&self.saved.trace, *w),
+            })
+            .collect();
+        Ok(Some(Minimized {
+            writes,
+            boots: boots.get(),
+            from: universe.len(),
+        }))
+    }
+}
+
 fn power_cut(
     job: &Job,
     workload: &str,
@@ -302,13 +456,13 @@ fn power_cut(
     faults: &vmm::BlkFaults,
     pairs: &persistence::Pairs,
     dir: &Path,
-) -> Result<DeviceModeRun, RunnerError> {
+) -> Result<(DeviceModeRun, usize), RunnerError> {
     let Job {
         device,
         mode,
-        expect,
         prepared,
         cfg,
+        opts,
         ..
     } = *job;
     let fail = |why: String| RunnerError::Workload {
@@ -351,38 +505,36 @@ fn power_cut(
     let e = persistence::enumerate_paired(&saved.trace, &windows, model, pairs, &base)?;
     // The durability rule judges each state against the ops acknowledged
     // before its cut (a scenario file that loaded has valid ops).
-    let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
-    let prefill_ops = device.judged_prefill_ops().map_err(&fail)?;
-    let recovery_ops = guest_cmdline::ops_of_steps(&job.scenario.recovery).map_err(&fail)?;
-    let (ops, before) = crate::durability::judged_ops(&prefill_ops, &workload_ops, &recovery_ops);
-    let done = crate::durability::ops_done_before(&saved.trace);
     let judge = !crate::spec::verify_ranges(&job.scenario.recovery).is_empty();
+    let judged = if judge {
+        let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
+        let prefill_ops = device.judged_prefill_ops().map_err(&fail)?;
+        let recovery_ops = guest_cmdline::ops_of_steps(&job.scenario.recovery).map_err(&fail)?;
+        Some(crate::durability::judged_ops(
+            &prefill_ops,
+            &workload_ops,
+            &recovery_ops,
+        ))
+    } else {
+        None
+    };
+    let checker = CutCheck {
+        job,
+        saved: &saved,
+        line: job.recovery_line(),
+        judged,
+        done: crate::durability::ops_done_before(&saved.trace),
+    };
 
     // Recovery boots, in parallel.
-    let line = job.recovery_line();
     let t0 = Instant::now();
-    let states = parallel_states(&job.label(), e.states.len(), cfg.jobs, job.progress, |i| {
+    let picked = job.picked(e.states.len());
+    let mut states = parallel_states(&job.label(), &picked, cfg.jobs, job.progress, opts.cancel, |i| {
         let state = &e.states[i];
         let id = format!("{}-{}-{:04}", device.name, mode, i);
-        let images = build_images(&saved, state)?;
-        let applied = applied(&saved.trace, &images.applied);
-        let mut st = recover(
-            images.pmem,
-            images.disk,
-            &id,
-            &line,
-            prepared.older_seq,
-            cfg,
-        )?;
-        st.cut = Some(state.cut);
-        st.applied = applied;
-        if judge {
-            let acked = before + done[state.cut.min(done.len() - 1)];
-            st.durability = Some(crate::durability::judge(&st.reports, &ops, acked));
-        }
-        if let Some(e) = expect {
-            st.check(e);
-        }
+        let mut writes = state.pmem.clone();
+        writes.extend_from_slice(&state.disk);
+        let (mut st, _) = checker.check(&id, state.cut, &writes)?;
         if !st.violations.is_empty() {
             // Built again: recovery ran on the first copy-on-write views and may
             // have written them.
@@ -391,6 +543,30 @@ fn power_cut(
         }
         Ok(st)
     })?;
+    let recovery_seconds = t0.elapsed();
+
+    // The first violating states, minimized (each by boots of its own).
+    if opts.minimize > 0 && !opts.cancelled() {
+        let chosen: Vec<usize> = (0..states.len())
+            .filter(|&k| !states[k].violations.is_empty())
+            .take(opts.minimize)
+            .collect();
+        // No state is missing (not cancelled): `states[k]` is `picked[k]`'s.
+        let label = format!("{} minimize", job.label());
+        let results = parallel_map(&label, &chosen, cfg.jobs, job.progress, None, |k| {
+            let state = &e.states[picked[k]];
+            let mut writes = state.pmem.clone();
+            writes.extend_from_slice(&state.disk);
+            // The applied writes, as `SavedWindow::build` orders them.
+            writes.sort_unstable();
+            writes.dedup();
+            checker.minimize(&states[k], &writes)
+        })?;
+        for (k, m) in chosen.into_iter().zip(results) {
+            states[k].minimized = m.flatten();
+        }
+    }
+
     let model = serde_json::json!({
         "model": model,
         "pairs": pairs,
@@ -406,16 +582,20 @@ fn power_cut(
         pairs_tried: e.pairs_tried,
         ..Default::default()
     };
-    Ok(job.finish(model, counts, t0, states))
+    // Minimization's boots are not the states' own.
+    let mut run = job.finish(model, counts, t0, states);
+    run.recovery_seconds = recovery_seconds.as_secs_f64();
+    Ok((run, e.states.len()))
 }
 
 /// A scenario without a power cut: recovery on each generated variant of the
 /// device's image.
-fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError> {
+fn images(job: &Job, generator: Generator) -> Result<(DeviceModeRun, usize), RunnerError> {
     let Job {
         expect,
         prepared,
         cfg,
+        opts,
         ..
     } = *job;
     let io = |error| RunnerError::Io {
@@ -444,7 +624,8 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
     };
     let line = job.recovery_line();
     let t0 = Instant::now();
-    let states = parallel_states(&job.label(), variants.len(), cfg.jobs, job.progress, |i| {
+    let picked = job.picked(variants.len());
+    let states = parallel_states(&job.label(), &picked, cfg.jobs, job.progress, opts.cancel, |i| {
         let v = &variants[i];
         let images = open(v)?;
         let mut st = recover(
@@ -479,7 +660,8 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
         Ok(st)
     })?;
     let model = serde_json::json!({ "generator": generator });
-    Ok(job.finish(model, ObservedCounts::default(), t0, states))
+    let total = variants.len();
+    Ok((job.finish(model, ObservedCounts::default(), t0, states), total))
 }
 
 /// Every image `expect.per-image` names must be one the generator makes.
@@ -494,29 +676,56 @@ fn check_image_names(e: &Expectation, variants: &[generate::Variant]) -> Result<
     }
 }
 
-/// Runs `check(i)` for `0..n` on `jobs` threads; the first error stops the rest.
+/// Runs `check(i)` for each `i` of `items` on `jobs` threads; the first error
+/// stops the rest, and so does `cancel` (the states done are returned, in
+/// the order of `items`).
 fn parallel_states(
     label: &str,
-    n: usize,
+    items: &[usize],
     jobs: usize,
     progress: &dyn Progress,
+    cancel: Option<&AtomicBool>,
     check: impl Fn(usize) -> Result<StateResult, RunnerError> + Sync,
 ) -> Result<Vec<StateResult>, RunnerError> {
+    let done = parallel_map(label, items, jobs, progress, cancel, |i| {
+        let st = check(i)?;
+        if !st.violations.is_empty() {
+            progress.violation_found();
+        }
+        Ok(st)
+    })?;
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// Runs `f(i)` for each `i` of `items` on `jobs` threads, with a progress
+/// step per item; the first error stops the rest, and so does `cancel`
+/// (items not started are `None`). A panic in `f` is an error naming the item.
+fn parallel_map<T: Send>(
+    label: &str,
+    items: &[usize],
+    jobs: usize,
+    progress: &dyn Progress,
+    cancel: Option<&AtomicBool>,
+    f: impl Fn(usize) -> Result<T, RunnerError> + Sync,
+) -> Result<Vec<Option<T>>, RunnerError> {
+    let n = items.len();
     progress.begin(label, n);
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<StateResult>>> = Mutex::new(vec![None; n]);
+    let results: Mutex<Vec<Option<T>>> = Mutex::new((0..n).map(|_| None).collect());
     let first_error: Mutex<Option<RunnerError>> = Mutex::new(None);
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     std::thread::scope(|s| {
         for _ in 0..jobs.max(1) {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n || first_error.lock().unwrap().is_some() {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= n || first_error.lock().unwrap().is_some() || cancelled() {
                     break;
                 }
+                let i = items[k];
                 // A panic in the harness while checking one state ends the
                 // run with an error naming the state, not a crash of the
                 // whole command (which would lose every other result).
-                let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(i)))
+                let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i)))
                     .unwrap_or_else(|p| {
                         let why = p
                             .downcast_ref::<&str>()
@@ -530,7 +739,7 @@ fn parallel_states(
                         })
                     });
                 match checked {
-                    Ok(st) => results.lock().unwrap()[i] = Some(st),
+                    Ok(st) => results.lock().unwrap()[k] = Some(st),
                     Err(err) => {
                         first_error.lock().unwrap().get_or_insert(err);
                     }
@@ -543,12 +752,7 @@ fn parallel_states(
     if let Some(err) = first_error.into_inner().unwrap() {
         return Err(err);
     }
-    Ok(results
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .flatten()
-        .collect())
+    Ok(results.into_inner().unwrap())
 }
 
 /// The crash images of a state: the window's base plus its durable writes.
@@ -603,6 +807,7 @@ fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult 
         violations: vec![],
         saved: None,
         durability: None,
+        minimized: None,
     };
     if let Some(f) = &rec.failure {
         st.violations
@@ -613,22 +818,202 @@ fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult 
 
 /// The applied writes as the result file lists them.
 fn applied(trace: &Trace, writes: &[vmm::WriteRef]) -> Vec<AppliedWrite> {
-    writes
+    writes.iter().filter_map(|w| applied_one(trace, *w)).collect()
+}
+
+/// One applied write as the result file lists it (`None`: not a write event).
+fn applied_one(trace: &Trace, w: vmm::WriteRef) -> Option<AppliedWrite> {
+    match trace.get(w.event)? {
+        Event::PmemStore { offset, len, value } => Some(AppliedWrite::Pmem {
+            event: w.event as usize,
+            offset: *offset,
+            len: *len,
+            value: format!("{value:#018x}"),
+        }),
+        Event::BlkWrite { sector, .. } => Some(AppliedWrite::Disk {
+            event: w.event as usize,
+            sector: sector + w.part as u64,
+        }),
+        _ => None,
+    }
+}
+
+/// What a crash point's sequence writes (`docs/format.md` §10.3).
+fn crash_point_name(n: u32) -> &'static str {
+    match n {
+        1 => "zeroing cache_info and cache_ctrl",
+        2 => "superblock",
+        3 => "segment format",
+        4 => "cache_info update",
+        5 => "tail update",
+        6 => "seg_info update",
+        7 => "segment generation",
+        8 => "key-set append",
+        9 => "log segment switch",
+        10 => "data write",
+        11 => "writeback",
+        12 => "GC",
+        _ => "unknown",
+    }
+}
+
+/// Where a write is in the trace, for people: the innermost crash-point
+/// section around it (`C<n>-begin` … `C<n>-end`), its index among that
+/// section's writes of its kind (stores, or disk sectors), and the workload
+/// op it belongs to (ops counted by their op-done markers), e.g.
+/// `C8-begin (key-set append) … store 3 of 8 … C8-end; op 2`.
+pub fn write_context(trace: &Trace, w: vmm::WriteRef) -> String {
+    use protocol::markers::{decode_crash_point, decode_op_done};
+    let events = trace.events();
+    let at = w.event as usize;
+    let is_disk = matches!(events.get(at), Some(Event::BlkWrite { .. }));
+    let op = events[..at.min(events.len())]
         .iter()
-        .filter_map(|w| match trace.get(w.event)? {
-            Event::PmemStore { offset, len, value } => Some(AppliedWrite::Pmem {
-                event: w.event as usize,
-                offset: *offset,
-                len: *len,
-                value: format!("{value:#018x}"),
-            }),
-            Event::BlkWrite { sector, .. } => Some(AppliedWrite::Disk {
-                event: w.event as usize,
-                sector: sector + w.part as u64,
-            }),
-            _ => None,
-        })
-        .collect()
+        .filter(|e| matches!(e, Event::Marker { id } if decode_op_done(*id).is_some()))
+        .count();
+    // The innermost open section at `at`: walk back, skipping sections that
+    // closed before it (nesting: C3 holds a C7 and a C6).
+    let mut closed: Vec<u32> = Vec::new();
+    let mut begin = None;
+    for (i, e) in events[..at.min(events.len())].iter().enumerate().rev() {
+        if let Event::Marker { id } = e {
+            match decode_crash_point(*id) {
+                Some((n, true)) => closed.push(n),
+                Some((n, false)) => {
+                    if closed.last() == Some(&n) {
+                        closed.pop();
+                    } else {
+                        begin = Some((i, n));
+                        break;
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    let Some((b, n)) = begin else {
+        return format!("outside any crash point; op {op}");
+    };
+    // Its end: the first C<n>-end after `b` at the same depth.
+    let mut depth = 0usize;
+    let mut end = None;
+    for (i, e) in events.iter().enumerate().skip(b + 1) {
+        if let Event::Marker { id } = e {
+            match decode_crash_point(*id) {
+                Some((m, false)) if m == n => depth += 1,
+                Some((m, true)) if m == n => {
+                    if depth == 0 {
+                        end = Some(i);
+                        break;
+                    }
+                    depth -= 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    // Units of the section of the write's kind: stores, or sectors.
+    let unit = |e: &Event| -> u64 {
+        match e {
+            Event::PmemStore { .. } if !is_disk => 1,
+            Event::BlkWrite { len, .. } if is_disk => u64::from(*len) / persistence::SECTOR as u64,
+            _ => 0,
+        }
+    };
+    let stop = end.unwrap_or(events.len());
+    let index: u64 = events[b + 1..at].iter().map(unit).sum::<u64>() + u64::from(w.part) + 1;
+    let total: u64 = events[b + 1..stop].iter().map(unit).sum();
+    let what = if is_disk { "sector" } else { "store" };
+    let tail = match end {
+        Some(_) => format!("C{n}-end"),
+        None => "(no C{n}-end: the trace ends first)".replace("{n}", &n.to_string()),
+    };
+    format!(
+        "C{n}-begin ({}) … {what} {index} of {total} … {tail}; op {op}",
+        crash_point_name(n)
+    )
+}
+
+/// Delta debugging (Zeller's ddmin) for a 1-minimal subset of `items` that
+/// still `violates`: no single item of the result can be dropped. The empty
+/// set is tried first (a state that violates with none of them pending).
+/// `violates` returns `None` to stop (cancelled): then so does this. At most
+/// `budget` calls are made; past it the smallest violating set found so far
+/// is returned. Results are cached, so no subset is tried twice.
+pub fn ddmin<T: Copy + Ord, E>(
+    items: &[T],
+    budget: usize,
+    violates: &mut dyn FnMut(&[T]) -> Result<Option<bool>, E>,
+) -> Result<Option<Vec<T>>, E> {
+    let mut cache: std::collections::BTreeMap<Vec<T>, bool> = Default::default();
+    let mut calls = 0usize;
+    let cancelled = std::cell::Cell::new(false);
+    // `Ok(None)`: stop (out of budget, or cancelled).
+    let mut test = |c: &[T]| -> Result<Option<bool>, E> {
+        if let Some(&v) = cache.get(c) {
+            return Ok(Some(v));
+        }
+        if calls >= budget {
+            return Ok(None);
+        }
+        calls += 1;
+        let v = violates(c)?;
+        match v {
+            Some(v) => {
+                cache.insert(c.to_vec(), v);
+            }
+            None => cancelled.set(true),
+        }
+        Ok(v)
+    };
+    let mut c: Vec<T> = items.to_vec();
+    if test(&[])? == Some(true) {
+        return Ok(Some(vec![]));
+    }
+    let mut n = 2usize;
+    'outer: while c.len() >= 2 {
+        let n_eff = n.min(c.len());
+        let chunks: Vec<Vec<T>> = (0..n_eff)
+            .map(|k| c[k * c.len() / n_eff..(k + 1) * c.len() / n_eff].to_vec())
+            .collect();
+        // Reduce to a subset.
+        for chunk in &chunks {
+            match test(chunk)? {
+                Some(true) => {
+                    c = chunk.clone();
+                    n = 2;
+                    continue 'outer;
+                }
+                Some(false) => {}
+                None => break 'outer,
+            }
+        }
+        // Reduce to a complement (with two chunks, the complements are the chunks).
+        if n_eff > 2 {
+            for k in 0..n_eff {
+                let rest: Vec<T> = chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != k)
+                    .flat_map(|(_, ch)| ch.iter().copied())
+                    .collect();
+                match test(&rest)? {
+                    Some(true) => {
+                        c = rest;
+                        n = (n_eff - 1).max(2);
+                        continue 'outer;
+                    }
+                    Some(false) => {}
+                    None => break 'outer,
+                }
+            }
+        }
+        if n_eff >= c.len() {
+            break;
+        }
+        n = (2 * n_eff).min(c.len());
+    }
+    Ok(if cancelled.get() { None } else { Some(c) })
 }
 
 /// Boots recovery on a pair of image files (copy-on-write views: the files are
@@ -912,7 +1297,7 @@ mod tests {
 
     #[test]
     fn a_harness_panic_in_one_state_is_an_error_not_a_crash() {
-        let r = parallel_states("blank/strict", 6, 2, &Quiet, |i| {
+        let r = parallel_states("blank/strict", &[0, 1, 2, 3, 4, 5], 2, &Quiet, None, |i| {
             if i == 3 {
                 panic!("boom at {i}");
             }
@@ -931,6 +1316,7 @@ mod tests {
                 violations: vec![],
                 saved: None,
                 durability: None,
+                minimized: None,
             })
         });
         let err = r.unwrap_err();

@@ -85,7 +85,7 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
-    let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
+    let kernel = guest::build(guest::BuildGuestArgs { debug: false, feature: None })?;
     vmm::vm::check_kvm()?;
     let jobs = args
         .jobs
