@@ -62,6 +62,9 @@ pub struct RunOptions<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// Recorded in the result as `config` (what shards must agree on).
     pub config: Option<serde_json::Value>,
+    /// Save the images of at most this many violating states per device and
+    /// mode (`None`: all; explore's thousands would fill the disk).
+    pub save_limit: Option<usize>,
 }
 
 impl RunOptions<'_> {
@@ -216,6 +219,7 @@ pub fn run_with(
                 cfg,
                 progress,
                 opts,
+                saved: AtomicUsize::new(0),
             };
             let (run, total) = match &scenario.run {
                 Run::PowerCut {
@@ -268,6 +272,8 @@ struct Job<'a> {
     cfg: &'a RunnerConfig,
     progress: &'a dyn Progress,
     opts: &'a RunOptions<'a>,
+    /// Violating states saved so far.
+    saved: AtomicUsize,
 }
 
 impl Job<'_> {
@@ -278,6 +284,12 @@ impl Job<'_> {
     /// The guest command line of every recovery boot.
     fn recovery_line(&self) -> String {
         guest::cmdline(&self.scenario.recovery, self.mode, false)
+    }
+
+    /// Whether one more violating state may be saved (`RunOptions::save_limit`).
+    fn may_save(&self) -> bool {
+        let n = self.saved.fetch_add(1, Ordering::Relaxed);
+        self.opts.save_limit.is_none_or(|max| n < max)
     }
 
     /// The indices of the `total` states this run checks (its shard's).
@@ -376,14 +388,8 @@ struct CutCheck<'a> {
 
 impl CutCheck<'_> {
     /// Boots recovery on the window's base plus exactly `writes` at `cut`,
-    /// and checks the state's expectation; `images` keeps the crash images
-    /// for a violating state's save.
-    fn check(
-        &self,
-        id: &str,
-        cut: usize,
-        writes: &[Write],
-    ) -> Result<(StateResult, Vec<Write>), RunnerError> {
+    /// and checks the state's expectation.
+    fn check(&self, id: &str, cut: usize, writes: &[Write]) -> Result<StateResult, RunnerError> {
         let job = self.job;
         let images = self.saved.build(cut as u64, writes)?;
         let applied_refs = images.applied.clone();
@@ -404,7 +410,7 @@ impl CutCheck<'_> {
         if let Some(e) = job.expect {
             st.check(e);
         }
-        Ok((st, applied_refs))
+        Ok(st)
     }
 
     /// Delta debugging (ddmin) over the state's applied writes pending at its
@@ -426,7 +432,7 @@ impl CutCheck<'_> {
             boots.set(boots.get() + 1);
             let mut writes = fixed.clone();
             writes.extend_from_slice(keep);
-            let (cand, _) = self.check(&st.id, cut, &writes)?;
+            let cand = self.check(&st.id, cut, &writes)?;
             Ok(Some(!cand.violations.is_empty()))
         };
         let budget = self.job.opts.minimize_boots.max(1);
@@ -534,8 +540,8 @@ fn power_cut(
         let id = format!("{}-{}-{:04}", device.name, mode, i);
         let mut writes = state.pmem.clone();
         writes.extend_from_slice(&state.disk);
-        let (mut st, _) = checker.check(&id, state.cut, &writes)?;
-        if !st.violations.is_empty() {
+        let mut st = checker.check(&id, state.cut, &writes)?;
+        if !st.violations.is_empty() && job.may_save() {
             // Built again: recovery ran on the first copy-on-write views and may
             // have written them.
             let images = build_images(&saved, state)?;
@@ -654,7 +660,7 @@ fn images(job: &Job, generator: Generator) -> Result<(DeviceModeRun, usize), Run
                 }
             }
         }
-        if !st.violations.is_empty() {
+        if !st.violations.is_empty() && job.may_save() {
             job.save_state(open(v)?, &mut st)?;
         }
         Ok(st)

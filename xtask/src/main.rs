@@ -4,10 +4,12 @@
 //! line and dispatches.
 
 mod bench;
+mod explore;
 mod export;
 mod guest;
 mod image;
 mod interop;
+mod merge;
 mod reproduce;
 mod ring0_scan;
 mod scenario;
@@ -37,6 +39,10 @@ enum Command {
     BuildGuest(guest::BuildGuestArgs),
     /// Run a power-cut scenario (scenarios/NAME.json); --list, --all.
     Scenario(scenario::ScenarioArgs),
+    /// Every crash state of a workload (a scenario's or given), in parallel, violations minimized.
+    Explore(Box<explore::ExploreArgs>),
+    /// Join the results of the shards of a run (`--shard K/N`) into one, checking pinned counts.
+    MergeResults(merge::MergeArgs),
     /// Replay recovery on a saved crash state or on a user's image (never modified).
     Reproduce(reproduce::ReproduceArgs),
     /// Benchmark the VMM and guest: boots, traced store, message, RSS, pcache start and recovery boots.
@@ -57,6 +63,8 @@ fn main() -> Result<()> {
         Command::Test(args) => test::test_all(args),
         Command::Bench(args) => bench::bench(args),
         Command::Scenario(args) => scenario::scenario(args),
+        Command::Explore(args) => explore::explore(*args),
+        Command::MergeResults(args) => merge::merge(args),
         Command::Reproduce(args) => reproduce::reproduce(args),
         Command::BuildGuest(args) => guest::build(args).map(|path| {
             println!("guest kernel: {}", path.display());
