@@ -62,11 +62,9 @@ pub fn scenario(name: &str, base: Option<&Scenario>, x: &Explore) -> Result<Scen
             faults.clone(),
             *pairs,
         ),
-        Some(Run::Images { .. }) => {
-            return Err(format!(
-                "scenario `{name}` has no workload (an image set): explore needs a power-cut scenario"
-            ))
-        }
+        Some(Run::Images { .. }) => return Err(format!(
+            "scenario `{name}` has no workload (an image set): explore needs a power-cut scenario"
+        )),
         None => (None, None, Default::default(), None),
     };
     let workload = x
@@ -90,10 +88,7 @@ pub fn scenario(name: &str, base: Option<&Scenario>, x: &Explore) -> Result<Scen
         for want in &x.devices {
             if !devices.iter().any(|d| &d.name == want) {
                 let known: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
-                return Err(format!(
-                    "no device `{want}` (known: {})",
-                    known.join(", ")
-                ));
+                return Err(format!("no device `{want}` (known: {})", known.join(", ")));
             }
         }
         devices.retain(|d| x.devices.contains(&d.name));
@@ -249,9 +244,15 @@ mod tests {
             parse_model(r#"{"subsets": {"sample": 2, "seed": 1}}"#),
             Ok(Model::Subsets { sample: 2, seed: 1 })
         );
-        assert!(parse_model("prefix:3").unwrap_err().contains("takes no sample"));
-        assert!(parse_model("subsets:x").unwrap_err().contains("`x` is not a number"));
-        assert!(parse_model("all").unwrap_err().contains("unknown model `all`"));
+        assert!(parse_model("prefix:3")
+            .unwrap_err()
+            .contains("takes no sample"));
+        assert!(parse_model("subsets:x")
+            .unwrap_err()
+            .contains("`x` is not a number"));
+        assert!(parse_model("all")
+            .unwrap_err()
+            .contains("unknown model `all`"));
 
         assert_eq!(parse_window("everything"), Ok(Window::Everything));
         assert_eq!(
@@ -329,12 +330,8 @@ mod tests {
         };
         let err = scenario("explore", None, &x).unwrap_err();
         assert!(err.contains("no verify step reads bytes 0..512"), "{err}");
-        let err = scenario(
-            "corrupt-sb",
-            Some(&load("corrupt-sb")),
-            &Explore::default(),
-        )
-        .unwrap_err();
+        let err =
+            scenario("corrupt-sb", Some(&load("corrupt-sb")), &Explore::default()).unwrap_err();
         assert!(err.contains("needs a power-cut scenario"), "{err}");
     }
 }

@@ -422,7 +422,9 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
             return Err(differs("the shard count N"));
         }
         if r.config != r0.config {
-            return Err(differs("the configuration (scenario, model, window, options)"));
+            return Err(differs(
+                "the configuration (scenario, model, window, options)",
+            ));
         }
         if info.states_total != info0.states_total {
             return Err(differs("the number of crash states"));
@@ -483,8 +485,10 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
         for i in 0..total {
             let k = i % count;
             let (file, shard) = &shards[k];
-            let st = shard.runs[r].states.get(next[k]).ok_or_else(|| {
-                MergeError::Inconsistent {
+            let st = shard.runs[r]
+                .states
+                .get(next[k])
+                .ok_or_else(|| MergeError::Inconsistent {
                     file: file.clone(),
                     what: format!(
                         "{}/{}: holds {} states, its share of {total} is more",
@@ -492,8 +496,7 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
                         head.mode,
                         shard.runs[r].states.len()
                     ),
-                }
-            })?;
+                })?;
             next[k] += 1;
             states.push(st.clone());
         }
@@ -514,9 +517,17 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
             // What the enumeration counted is the same in every shard.
             let c = &run.counts;
             let h = &head.counts;
-            if (c.duplicates, c.unchanged_writes, c.pairs_full, c.pairs_tried)
-                != (h.duplicates, h.unchanged_writes, h.pairs_full, h.pairs_tried)
-                || run.model != head.model
+            if (
+                c.duplicates,
+                c.unchanged_writes,
+                c.pairs_full,
+                c.pairs_tried,
+            ) != (
+                h.duplicates,
+                h.unchanged_writes,
+                h.pairs_full,
+                h.pairs_tried,
+            ) || run.model != head.model
             {
                 return Err(MergeError::Differs {
                     what: format!("{}/{}: the enumeration", run.device, run.mode),
@@ -704,6 +715,171 @@ mod tests {
             "{:?}",
             r.violations
         );
+    }
+
+    #[test]
+    fn shards_parse_and_pick_every_state_once() {
+        assert_eq!("2/4".parse::<Shard>(), Ok(Shard { index: 2, count: 4 }));
+        for bad in ["0/4", "5/4", "1", "a/b", "1/0"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        let shards: Vec<Shard> = (1..=3).map(|k| Shard { index: k, count: 3 }).collect();
+        for i in 0..10 {
+            assert_eq!(shards.iter().filter(|s| s.picks(i)).count(), 1);
+        }
+        assert_eq!(
+            shards.iter().map(|s| s.share(10)).collect::<Vec<_>>(),
+            [4, 3, 3]
+        );
+    }
+
+    /// A run of `n` states (every third refused), its result as the runner
+    /// writes it, and the same run cut into `count` shards.
+    fn whole_and_shards(n: usize, count: usize) -> (RunResult, Vec<(String, RunResult)>) {
+        let states: Vec<StateResult> = (0..n)
+            .map(|i| {
+                let mut s = if i % 3 == 0 {
+                    state("refused", false, false)
+                } else {
+                    state("formatted", true, false)
+                };
+                s.id = format!("blank-recover-{i:04}");
+                s.cut = Some(i);
+                s.check(&expectation());
+                s
+            })
+            .collect();
+        let mut e = expectation();
+        e.allowed = vec![];
+        e.all_usable = false;
+        e.counts = Some(Counts {
+            states: n,
+            outcomes: [
+                (Outcome::Refused, n.div_ceil(3)),
+                (Outcome::Formatted, n - n.div_ceil(3)),
+            ]
+            .into(),
+            unusable: n.div_ceil(3),
+            older_cache_back: 0,
+            durability_violations: 0,
+        });
+        let scenario = serde_json::json!({ "expect": [e.clone()] });
+        let config = Some(serde_json::json!({ "command": "scenario", "scenario": scenario }));
+        let result = |states: Vec<StateResult>, shard: Option<ShardInfo>| {
+            let mut r = run(states);
+            r.finish(if shard.is_some() { None } else { Some(&e) });
+            RunResult {
+                schema_version: SCHEMA_VERSION,
+                scenario: "x".into(),
+                started: "2026-12-06T00:00:00Z".into(),
+                elapsed_seconds: 1.0,
+                passed: r.passed(),
+                runs: vec![r],
+                partial: false,
+                shard,
+                config: config.clone(),
+            }
+        };
+        let whole = result(states.clone(), None);
+        let shards = (1..=count)
+            .map(|k| {
+                let sh = Shard { index: k, count };
+                let mine = states
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| sh.picks(*i))
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                let info = ShardInfo {
+                    index: k,
+                    count,
+                    states_total: vec![n],
+                };
+                (format!("shard{k}.json"), result(mine, Some(info)))
+            })
+            .collect();
+        (whole, shards)
+    }
+
+    #[test]
+    fn shards_merged_equal_the_whole_run() {
+        let (whole, mut shards) = whole_and_shards(10, 3);
+        // The refused states violate `allowed` in every shard alike.
+        assert!(!whole.passed);
+        shards.swap(0, 2);
+        let merged = merge_shards(shards).unwrap();
+        assert_eq!(merged.runs, whole.runs);
+        assert_eq!(merged.passed, whole.passed);
+        assert_eq!(merged.config, whole.config);
+        assert!(merged.shard.is_none() && !merged.partial);
+    }
+
+    #[test]
+    fn merging_checks_the_pinned_counts_the_shards_could_not() {
+        // One state more than pinned: no shard can tell, the merge does.
+        let (_, mut shards) = whole_and_shards(7, 2);
+        let pinned = |r: &mut RunResult, n: usize| {
+            let c = r.config.as_mut().unwrap();
+            c["scenario"]["expect"][0]["counts"]["states"] = n.into();
+        };
+        for (_, r) in &mut shards {
+            pinned(r, 6);
+        }
+        let merged = merge_shards(shards).unwrap();
+        assert!(
+            merged.runs[0]
+                .violations
+                .iter()
+                .any(|v| v == "pinned count `states`: expected 6, got 7"),
+            "{:?}",
+            merged.runs[0].violations
+        );
+    }
+
+    #[test]
+    fn merging_refuses_missing_duplicate_and_foreign_shards() {
+        let (whole, shards) = whole_and_shards(10, 3);
+        let err = |s: Vec<(String, RunResult)>| merge_shards(s).unwrap_err().to_string();
+        assert_eq!(
+            err(vec![shards[0].clone()]),
+            "shard(s) 2/3, 3/3 of 3 missing"
+        );
+        assert_eq!(
+            err(vec![
+                shards[0].clone(),
+                shards[1].clone(),
+                shards[1].clone()
+            ]),
+            "shard 2/3 is given twice (shard2.json and shard2.json)"
+        );
+        assert_eq!(
+            err(vec![("whole.json".into(), whole)]),
+            "whole.json: not a shard (it was run without --shard)"
+        );
+        let mut other = shards.clone();
+        other[2].1.config = Some(serde_json::json!({ "command": "explore" }));
+        assert!(err(other).starts_with(
+            "the configuration (scenario, model, window, options) differs between shard1.json and shard3.json"
+        ));
+        let mut other = shards.clone();
+        other[1].1.scenario = "y".into();
+        assert!(err(other).starts_with("the scenario differs"));
+        let mut other = shards.clone();
+        other[1].1.partial = true;
+        assert_eq!(
+            err(other),
+            "shard2.json: an interrupted (partial) shard cannot be merged; run it again"
+        );
+        let mut other = shards.clone();
+        other[1].1.runs[0].states.pop();
+        assert_eq!(
+            err(other),
+            "shard2.json: blank/recover: holds 2 states, its share of 10 is more"
+        );
+        let (_, four) = whole_and_shards(10, 4);
+        let mut mixed = shards;
+        mixed[2] = four[2].clone();
+        assert!(err(mixed).starts_with("the shard count N differs"));
     }
 
     #[test]

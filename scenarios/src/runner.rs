@@ -416,7 +416,11 @@ impl CutCheck<'_> {
     /// Delta debugging (ddmin) over the state's applied writes pending at its
     /// cut: the smallest set of them that, with every write a barrier covered,
     /// still violates. `None` when cancelled.
-    fn minimize(&self, st: &StateResult, applied: &[Write]) -> Result<Option<Minimized>, RunnerError> {
+    fn minimize(
+        &self,
+        st: &StateResult,
+        applied: &[Write],
+    ) -> Result<Option<Minimized>, RunnerError> {
         let cut = st.cut.expect("a power-cut state has a cut");
         let events = self.saved.trace.events();
         let pending: std::collections::HashSet<usize> =
@@ -425,7 +429,7 @@ impl CutCheck<'_> {
             .iter()
             .partition(|w| pending.contains(&(w.event as usize)));
         let boots = std::cell::Cell::new(0usize);
-        let mut violates = |keep: &[Write]| -> Result<Option<bool>, RunnerError> {
+        let violates = |keep: &[Write]| -> Result<Option<bool>, RunnerError> {
             if self.job.opts.cancelled() {
                 return Ok(None);
             }
@@ -436,7 +440,7 @@ impl CutCheck<'_> {
             Ok(Some(!cand.violations.is_empty()))
         };
         let budget = self.job.opts.minimize_boots.max(1);
-        let Some(kept) = ddmin(&universe, budget, &mut violates)? else {
+        let Some(kept) = ddmin(&universe, budget, violates)? else {
             return Ok(None);
         };
         let writes = kept
@@ -535,20 +539,27 @@ fn power_cut(
     // Recovery boots, in parallel.
     let t0 = Instant::now();
     let picked = job.picked(e.states.len());
-    let mut states = parallel_states(&job.label(), &picked, cfg.jobs, job.progress, opts.cancel, |i| {
-        let state = &e.states[i];
-        let id = format!("{}-{}-{:04}", device.name, mode, i);
-        let mut writes = state.pmem.clone();
-        writes.extend_from_slice(&state.disk);
-        let mut st = checker.check(&id, state.cut, &writes)?;
-        if !st.violations.is_empty() && job.may_save() {
-            // Built again: recovery ran on the first copy-on-write views and may
-            // have written them.
-            let images = build_images(&saved, state)?;
-            job.save_state(images, &mut st)?;
-        }
-        Ok(st)
-    })?;
+    let mut states = parallel_states(
+        &job.label(),
+        &picked,
+        cfg.jobs,
+        job.progress,
+        opts.cancel,
+        |i| {
+            let state = &e.states[i];
+            let id = format!("{}-{}-{:04}", device.name, mode, i);
+            let mut writes = state.pmem.clone();
+            writes.extend_from_slice(&state.disk);
+            let mut st = checker.check(&id, state.cut, &writes)?;
+            if !st.violations.is_empty() && job.may_save() {
+                // Built again: recovery ran on the first copy-on-write views and may
+                // have written them.
+                let images = build_images(&saved, state)?;
+                job.save_state(images, &mut st)?;
+            }
+            Ok(st)
+        },
+    )?;
     let recovery_seconds = t0.elapsed();
 
     // The first violating states, minimized (each by boots of its own).
@@ -631,43 +642,53 @@ fn images(job: &Job, generator: Generator) -> Result<(DeviceModeRun, usize), Run
     let line = job.recovery_line();
     let t0 = Instant::now();
     let picked = job.picked(variants.len());
-    let states = parallel_states(&job.label(), &picked, cfg.jobs, job.progress, opts.cancel, |i| {
-        let v = &variants[i];
-        let images = open(v)?;
-        let mut st = recover(
-            images.pmem,
-            images.disk,
-            &v.name,
-            &line,
-            prepared.older_seq,
-            cfg,
-        )?;
-        st.applied = v
-            .patches
-            .iter()
-            .map(|(offset, bytes)| AppliedWrite::Patch {
-                offset: *offset,
-                bytes: bytes.iter().map(|b| format!("{b:02x}")).collect(),
-            })
-            .collect();
-        if let Some(e) = expect {
-            st.check(e);
-            if let Some(want) = e.per_image.get(&v.name) {
-                let got = st.detailed_outcome();
-                if want.to_string() != got {
-                    st.violations
-                        .push(format!("expected `{want}`, got `{got}`"));
+    let states = parallel_states(
+        &job.label(),
+        &picked,
+        cfg.jobs,
+        job.progress,
+        opts.cancel,
+        |i| {
+            let v = &variants[i];
+            let images = open(v)?;
+            let mut st = recover(
+                images.pmem,
+                images.disk,
+                &v.name,
+                &line,
+                prepared.older_seq,
+                cfg,
+            )?;
+            st.applied = v
+                .patches
+                .iter()
+                .map(|(offset, bytes)| AppliedWrite::Patch {
+                    offset: *offset,
+                    bytes: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+                })
+                .collect();
+            if let Some(e) = expect {
+                st.check(e);
+                if let Some(want) = e.per_image.get(&v.name) {
+                    let got = st.detailed_outcome();
+                    if want.to_string() != got {
+                        st.violations
+                            .push(format!("expected `{want}`, got `{got}`"));
+                    }
                 }
             }
-        }
-        if !st.violations.is_empty() && job.may_save() {
-            job.save_state(open(v)?, &mut st)?;
-        }
-        Ok(st)
-    })?;
+            if !st.violations.is_empty() && job.may_save() {
+                job.save_state(open(v)?, &mut st)?;
+            }
+            Ok(st)
+        },
+    )?;
     let model = serde_json::json!({ "generator": generator });
     let total = variants.len();
-    Ok((job.finish(model, ObservedCounts::default(), t0, states), total))
+    Ok((
+        job.finish(model, ObservedCounts::default(), t0, states),
+        total,
+    ))
 }
 
 /// Every image `expect.per-image` names must be one the generator makes.
@@ -824,7 +845,10 @@ fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult 
 
 /// The applied writes as the result file lists them.
 fn applied(trace: &Trace, writes: &[vmm::WriteRef]) -> Vec<AppliedWrite> {
-    writes.iter().filter_map(|w| applied_one(trace, *w)).collect()
+    writes
+        .iter()
+        .filter_map(|w| applied_one(trace, *w))
+        .collect()
 }
 
 /// One applied write as the result file lists it (`None`: not a write event).
@@ -949,7 +973,7 @@ pub fn write_context(trace: &Trace, w: vmm::WriteRef) -> String {
 pub fn ddmin<T: Copy + Ord, E>(
     items: &[T],
     budget: usize,
-    violates: &mut dyn FnMut(&[T]) -> Result<Option<bool>, E>,
+    mut violates: impl FnMut(&[T]) -> Result<Option<bool>, E>,
 ) -> Result<Option<Vec<T>>, E> {
     let mut cache: std::collections::BTreeMap<Vec<T>, bool> = Default::default();
     let mut calls = 0usize;
@@ -1362,6 +1386,115 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "expect.per-image names `magik/new-crc`, which the generator does not make (it makes: magic/new-crc, crc/stale-crc)"
+        );
+    }
+
+    /// ddmin on a predicate, counting calls: the result and the calls.
+    fn dd(items: &[u32], budget: usize, bad: impl Fn(&[u32]) -> bool) -> (Option<Vec<u32>>, usize) {
+        let mut calls = 0;
+        let r = ddmin::<u32, ()>(items, budget, |c: &[u32]| {
+            calls += 1;
+            Ok(Some(bad(c)))
+        })
+        .unwrap();
+        (r, calls)
+    }
+
+    #[test]
+    fn ddmin_finds_a_one_minimal_violating_set() {
+        let items: Vec<u32> = (0..64).collect();
+        // Two writes together violate (a key's two words without the data).
+        let (r, calls) = dd(&items, 1000, |c| c.contains(&5) && c.contains(&40));
+        assert_eq!(r, Some(vec![5, 40]));
+        assert!(calls < 64, "{calls} calls");
+        // Any one of a set violates: a single write.
+        let (r, _) = dd(&items, 1000, |c| c.iter().any(|x| (10..20).contains(x)));
+        assert_eq!(r.map(|v| v.len()), Some(1));
+        // Four of them together, as a key-set record's words.
+        let need = [3u32, 17, 18, 60];
+        let (r, _) = dd(&items, 1000, |c| need.iter().all(|n| c.contains(n)));
+        assert_eq!(r, Some(need.to_vec()));
+        // The state violates with none of its pending writes: the empty set,
+        // after one call.
+        assert_eq!(dd(&items, 1000, |_| true), (Some(vec![]), 1));
+        // Out of budget: the smallest violating set found so far (with 3
+        // calls: the empty set and both halves fail to violate, so all 64).
+        let both = |c: &[u32]| c.contains(&5) && c.contains(&40);
+        assert_eq!(dd(&items, 3, both), (Some(items.clone()), 3));
+        let (r, calls) = dd(&items, 9, both);
+        let r = r.unwrap();
+        assert_eq!(calls, 9);
+        assert!(both(&r) && r.len() < 64, "{r:?}");
+    }
+
+    #[test]
+    fn ddmin_stops_when_cancelled() {
+        let items: Vec<u32> = (0..16).collect();
+        let mut calls = 0;
+        let r = ddmin::<u32, ()>(&items, 100, |c: &[u32]| {
+            calls += 1;
+            Ok((calls < 3).then(|| c.contains(&7)))
+        })
+        .unwrap();
+        assert_eq!((r, calls), (None, 3));
+    }
+
+    #[test]
+    fn a_writes_context_names_its_innermost_section_its_index_and_op() {
+        use protocol::markers::{crash_point_begin as b, crash_point_end as e, op_done};
+        let store = |offset: u64| Event::PmemStore {
+            offset,
+            len: 8,
+            value: 1,
+        };
+        let mut t = Trace::new();
+        for ev in [
+            store(0),                         // 0: outside
+            Event::Marker { id: op_done(0) }, // 1
+            Event::Marker { id: b(3) },       // 2
+            store(8),                         // 3: C3 store 1
+            Event::Marker { id: b(7) },       // 4
+            store(16),                        // 5: C7 store 1 of 2
+            store(24),                        // 6: C7 store 2 of 2
+            Event::Marker { id: e(7) },       // 7
+            store(32),                        // 8: C3 store 4 of 4
+            Event::PmemFlush,                 // 9
+            Event::Marker { id: e(3) },       // 10
+            Event::Marker { id: b(11) },      // 11
+            Event::BlkWrite {
+                sector: 4,
+                len: 1024,
+                data: 0,
+            }, // 12: sectors 1, 2 of 3
+            Event::BlkWrite {
+                sector: 9,
+                len: 512,
+                data: 0,
+            }, // 13: sector 3 of 3
+        ] {
+            t.push(ev);
+        }
+        let at = |event: u64, part: u32| write_context(&t, Write { event, part });
+        assert_eq!(at(0, 0), "outside any crash point; op 0");
+        assert_eq!(
+            at(3, 0),
+            "C3-begin (segment format) … store 1 of 4 … C3-end; op 1"
+        );
+        assert_eq!(
+            at(6, 0),
+            "C7-begin (segment generation) … store 2 of 2 … C7-end; op 1"
+        );
+        assert_eq!(
+            at(8, 0),
+            "C3-begin (segment format) … store 4 of 4 … C3-end; op 1"
+        );
+        assert_eq!(
+            at(12, 1),
+            "C11-begin (writeback) … sector 2 of 3 … (no C11-end: the trace ends first); op 1"
+        );
+        assert_eq!(
+            at(13, 0),
+            "C11-begin (writeback) … sector 3 of 3 … (no C11-end: the trace ends first); op 1"
         );
     }
 

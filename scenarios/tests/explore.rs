@@ -97,7 +97,10 @@ fn explore_catches_a_module_without_the_data_fence_and_minimizes_to_the_key() {
     );
     // The first violating state is minimized: what is left is the key-set's
     // record alone, with not one word of the data it points at.
-    let m = bad[0].minimized.as_ref().expect("the first one is minimized");
+    let m = bad[0]
+        .minimized
+        .as_ref()
+        .expect("the first one is minimized");
     let all = bad[0].applied.len();
     assert!(m.from <= all && m.from > 64, "from {} of {all}", m.from);
     assert!(!m.writes.is_empty() && m.writes.len() < 11, "{m:#?}");
@@ -177,7 +180,10 @@ fn shards_merged_equal_one_unsharded_run() {
         };
         assert_eq!(ids(m), ids(w));
         let verdicts = |r: &scenarios::result::DeviceModeRun| -> Vec<_> {
-            r.states.iter().map(|s| (s.verdict, s.cut, s.applied.clone())).collect()
+            r.states
+                .iter()
+                .map(|s| (s.verdict, s.cut, s.applied.clone()))
+                .collect()
         };
         assert_eq!(verdicts(m), verdicts(w));
     }

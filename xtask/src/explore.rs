@@ -128,8 +128,9 @@ pub fn explore(args: ExploreArgs) -> Result<()> {
         .clone()
         .or_else(|| args.scenario.clone())
         .unwrap_or_else(|| "explore".into());
+    let what = args.scenario.as_deref().unwrap_or(&name);
     let scenario =
-        explore::scenario(&name, base.as_ref(), &x).map_err(|e| anyhow!("explore: {e}"))?;
+        explore::scenario(what, base.as_ref(), &x).map_err(|e| anyhow!("explore: {e}"))?;
 
     let kernel = guest::build(guest::BuildGuestArgs {
         debug: false,
@@ -159,7 +160,8 @@ pub fn explore(args: ExploreArgs) -> Result<()> {
         &workspace_root().join("results").join(&name),
         &run_stamp(args.shard),
     )?;
-    let work_dir = std::env::temp_dir().join(format!("pcache-explore-{}-{name}", std::process::id()));
+    let work_dir =
+        std::env::temp_dir().join(format!("pcache-explore-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work_dir);
     let cfg = RunnerConfig {
         kernel,

@@ -91,7 +91,10 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
-    let kernel = guest::build(guest::BuildGuestArgs { debug: false, feature: None })?;
+    let kernel = guest::build(guest::BuildGuestArgs {
+        debug: false,
+        feature: None,
+    })?;
     vmm::vm::check_kvm()?;
     let jobs = args
         .jobs
@@ -117,9 +120,9 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         let opts = RunOptions {
             shard: args.shard,
             // What the other shards must agree on to be merged.
-            config: args.shard.map(|_| {
-                serde_json::json!({ "command": "scenario", "scenario": scenario })
-            }),
+            config: args
+                .shard
+                .map(|_| serde_json::json!({ "command": "scenario", "scenario": scenario })),
             ..Default::default()
         };
         let outcome = runner::run_with(name, scenario, &cfg, &Bar::default(), &opts);
@@ -271,7 +274,11 @@ pub(crate) fn print_table(r: &RunResult) {
         });
         // An explore can find thousands: the first ones, and how many more.
         const LISTED: usize = 20;
-        let bad = run.states.iter().filter(|s| !s.violations.is_empty()).count();
+        let bad = run
+            .states
+            .iter()
+            .filter(|s| !s.violations.is_empty())
+            .count();
         if bad > LISTED {
             println!(
                 "  {bad} violating states, the first {LISTED} (and every minimized one) below; result.json lists them all"

@@ -52,7 +52,10 @@ pub fn test_all(args: TestArgs) -> Result<()> {
     run(cargo().args(["build", "--package", "pcache", "--no-default-features"]))?;
 
     step("guest kernel");
-    let kernel = guest::build(guest::BuildGuestArgs { debug: false, feature: None })?;
+    let kernel = guest::build(guest::BuildGuestArgs {
+        debug: false,
+        feature: None,
+    })?;
     eprintln!("guest kernel built at {}", kernel.display());
     // The deliberately broken module `explore`'s KVM test must catch.
     for f in guest::TEST_FEATURES {
