@@ -62,9 +62,11 @@ pub fn scenario(name: &str, base: Option<&Scenario>, x: &Explore) -> Result<Scen
             faults.clone(),
             *pairs,
         ),
-        Some(Run::Images { .. }) => return Err(format!(
+        Some(Run::Images { .. }) => {
+            return Err(format!(
             "scenario `{name}` has no workload (an image set): explore needs a power-cut scenario"
-        )),
+        ))
+        }
         None => (None, None, Default::default(), None),
     };
     let workload = x
