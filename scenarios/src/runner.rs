@@ -563,7 +563,8 @@ fn power_cut(
     let recovery_seconds = t0.elapsed();
 
     // The first violating states, minimized (each by boots of its own).
-    if opts.minimize > 0 && !opts.cancelled() {
+    let violating = states.iter().filter(|s| !s.violations.is_empty()).count();
+    if opts.minimize > 0 && violating > 0 && !opts.cancelled() {
         let chosen: Vec<usize> = (0..states.len())
             .filter(|&k| !states[k].violations.is_empty())
             .take(opts.minimize)
