@@ -103,6 +103,16 @@ pub fn scenario(name: &str, base: Option<&Scenario>, x: &Explore) -> Result<Scen
         vec![Mode::Strict, Mode::Recover]
     };
     let judged = !crate::spec::verify_ranges(&recovery).is_empty();
+    // A state is usable when a second `start` (after a `stop`) opens it: a
+    // recovery without one would make every state "not usable".
+    let starts = guest_cmdline::run_steps(&recovery)
+        .filter(|s| matches!(s, Ok((_, guest_cmdline::RunStep::Start(_)))))
+        .count();
+    if starts < 2 && !x.allow_unusable {
+        return Err(format!(
+            "recovery `{recovery}`: explore checks that every state stays usable, which needs a `stop;start` after the first `start` (or --allow-unusable)"
+        ));
+    }
     let mut expect = Vec::new();
     for d in &devices {
         for &mode in &modes {
@@ -312,7 +322,7 @@ mod tests {
         let base = load("crash-mid-data-write");
         let x = Explore {
             workload: Some("start;write:0:512:1:fua".into()),
-            recovery: Some("start;verify:0:4096".into()),
+            recovery: Some("start;verify:0:4096;stop;start".into()),
             ..Default::default()
         };
         let err = scenario("explore", None, &x).unwrap_err();
@@ -327,11 +337,22 @@ mod tests {
         // A recovery that does not read where the workload wrote is refused,
         // as in a scenario file.
         let x = Explore {
-            recovery: Some("start;verify:8192:512".into()),
+            recovery: Some("start;verify:8192:512;stop;start".into()),
             ..x
         };
         let err = scenario("explore", None, &x).unwrap_err();
         assert!(err.contains("no verify step reads bytes 0..512"), "{err}");
+        let x = Explore {
+            recovery: Some("start;verify:0:4096".into()),
+            ..x
+        };
+        let err = scenario("explore", None, &x).unwrap_err();
+        assert!(err.contains("needs a `stop;start`"), "{err}");
+        let x = Explore {
+            allow_unusable: true,
+            ..x
+        };
+        assert!(scenario("explore", None, &x).is_ok());
         let err =
             scenario("corrupt-sb", Some(&load("corrupt-sb")), &Explore::default()).unwrap_err();
         assert!(err.contains("needs a power-cut scenario"), "{err}");

@@ -8,6 +8,7 @@ use scenarios::result::{merge_shards, AppliedWrite, RunResult, Shard};
 use scenarios::runner::{self, Quiet, RunOptions, RunnerConfig};
 use scenarios::spec::{Mode, Scenario, Window};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 fn root() -> &'static Path {
@@ -187,6 +188,62 @@ fn shards_merged_equal_one_unsharded_run() {
         };
         assert_eq!(verdicts(m), verdicts(w));
     }
+    std::fs::remove_dir_all(tmp).unwrap();
+}
+
+/// Sets the cancel flag (as Ctrl-C does) once `after` states are done.
+struct CancelAfter<'a> {
+    flag: &'a AtomicBool,
+    done: AtomicUsize,
+    after: usize,
+}
+
+impl runner::Progress for CancelAfter<'_> {
+    fn begin(&self, _: &str, _: usize) {}
+    fn state_done(&self) {
+        if self.done.fetch_add(1, Ordering::SeqCst) + 1 >= self.after {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+    }
+    fn end(&self) {}
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn an_interrupted_run_writes_a_valid_partial_result() {
+    // crash-mid-sb-write's blank device (8 states per mode, pinned), cut
+    // short after 3 states of the first mode.
+    let mut s = load("crash-mid-sb-write");
+    s.devices.retain(|d| d.name == "blank");
+    s.expect.retain(|e| e.device == "blank");
+    let flag = AtomicBool::new(false);
+    let progress = CancelAfter {
+        flag: &flag,
+        done: AtomicUsize::new(0),
+        after: 3,
+    };
+    let (cfg, tmp) = config_for("cancel");
+    let opts = RunOptions {
+        cancel: Some(&flag),
+        ..Default::default()
+    };
+    let r = runner::run_with("crash-mid-sb-write", &s, &cfg, &progress, &opts).unwrap();
+    assert!(r.partial && !r.passed);
+    // The first mode only, with the states done (those in flight finish:
+    // at most one per job more).
+    assert_eq!(r.runs.len(), 1);
+    let n = r.runs[0].states.len();
+    assert!((3..=3 + cfg.jobs).contains(&n) && n < 8, "{n} states");
+    // Pinned counts (8 states) are not checked in a partial run.
+    assert!(
+        r.runs[0].violations.is_empty(),
+        "{:?}",
+        r.runs[0].violations
+    );
+    let text = std::fs::read_to_string(cfg.out_dir.join("result.json")).unwrap();
+    let written: RunResult = serde_json::from_str(&text).unwrap();
+    assert_eq!(written, r);
+    assert!(text.contains("\"partial\": true"), "{text}");
     std::fs::remove_dir_all(tmp).unwrap();
 }
 
