@@ -9,16 +9,18 @@
 
 use crate::guest;
 use crate::scenario::{
-    new_run_dir, point_latest, print_table, run_stamp, Bar, JOBS_MAX, STATE_TIMEOUT_MAX,
+    junit, new_run_dir, point_latest, print_table, run_stamp, Bar, RunError, JOBS_MAX,
+    STATE_TIMEOUT_MAX,
 };
 use crate::util::workspace_root;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::builder::RangedU64ValueParser;
 use clap::Args;
 use scenarios::explore::{self, Explore};
-use scenarios::result::Shard;
+use scenarios::result::{write_atomic, Shard};
 use scenarios::runner::{self, RunOptions, RunnerConfig};
 use scenarios::spec::{Device, DiskContent, Mode, Recipe, Scenario, Size};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -92,6 +94,9 @@ pub struct ExploreArgs {
     /// Run only shard K of N (see `cargo xtask scenario --shard`).
     #[arg(long, value_name = "K/N")]
     pub shard: Option<Shard>,
+    /// Also write JUnit XML to this file (a case per state).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
     /// The name of the results folder (results/NAME/...); default the
     /// scenario's, or `explore`.
     #[arg(long)]
@@ -201,6 +206,14 @@ pub fn explore(args: ExploreArgs) -> Result<()> {
     }
     print_table(&result);
     println!("result: {}", out_dir.join("result.json").display());
+    if let Some(path) = &args.junit {
+        let none: [RunError; 0] = [];
+        write_atomic(
+            path,
+            junit(std::slice::from_ref(&result), &none)?.as_bytes(),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
     if result.partial {
         bail!("interrupted: the result holds the states done so far (partial)");
     }
