@@ -134,10 +134,11 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
                 .active
                 .take()
                 .ok_or_else(|| Failure::Step("no cache is active".into()))?;
-            let dev = devices.pmem().map_err(Failure::Device)?;
+            let (dev, blk) = devices.pmem_and_blk().map_err(Failure::Device)?;
             let mut pmem = GuestPmem::new(dev);
-            // The kernel ignores a failed close; the result says so.
-            match pcache::deactivate(cache, &mut pmem, &mut s.hooks) {
+            let mut backing = GuestBacking(blk);
+            // The kernel ignores a failed close or disk flush; the result says so.
+            match pcache::deactivate(cache, &mut pmem, &mut backing, &mut s.hooks) {
                 Ok(()) => result(r#"{"step":"stop"}"#),
                 Err(e) => result(&alloc::format!(
                     r#"{{"step":"stop","error":{}}}"#,

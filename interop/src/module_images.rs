@@ -215,7 +215,8 @@ pub(crate) fn run_steps<F>(
             }
             Step::Reopen => {
                 trace.invalidated += cache.invalidations();
-                deactivate(cache, &mut pmem, &mut NoHooks).map_err(fail("deactivate".into()))?;
+                deactivate(cache, &mut pmem, &mut disk, &mut NoHooks)
+                    .map_err(fail("deactivate".into()))?;
                 let a = start(&mut pmem, &opts, &mut NoHooks);
                 cache = a.cache.clone().ok_or_else(|| refused("reopen", &a))?;
             }
@@ -227,7 +228,7 @@ pub(crate) fn run_steps<F>(
     }
     trace.invalidated += cache.invalidations();
     trace.open_at_deactivate = cache.open_keys().len();
-    deactivate(cache, &mut pmem, &mut NoHooks).map_err(|error| HostError::Io {
+    deactivate(cache, &mut pmem, &mut disk, &mut NoHooks).map_err(|error| HostError::Io {
         step: steps.len(),
         what: "deactivate".into(),
         error,

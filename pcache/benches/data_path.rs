@@ -78,7 +78,7 @@ fn bench(c: &mut Criterion) {
 
     // Activations: an empty log, and one of 10,000 keys (79 key-sets).
     let (mut empty, cache) = fresh();
-    pcache::deactivate(cache, &mut empty, &mut NoHooks).unwrap();
+    pcache::deactivate(cache, &mut empty, &mut disk_rw, &mut NoHooks).unwrap();
     let (mut full, mut cache) = fresh();
     for k in 0..10_000u64 {
         cache
@@ -92,7 +92,7 @@ fn bench(c: &mut Criterion) {
             )
             .unwrap();
     }
-    pcache::deactivate(cache, &mut full, &mut NoHooks).unwrap();
+    pcache::deactivate(cache, &mut full, &mut disk_rw, &mut NoHooks).unwrap();
     for (name, dev) in [
         ("open-empty-log", &mut empty),
         ("open-10000-keys", &mut full),

@@ -66,6 +66,7 @@
 
 use alloc::boxed::Box;
 
+use crate::backing::Backing;
 use crate::cache::{first_activation, load_existing, open, read_cache_info, read_tail, Cache};
 use crate::cache_dev::{
     classify_sb, max_seg_num, read_sb, write_sb, zero_meta, SbState, Superblock,
@@ -124,17 +125,23 @@ pub fn activate<P: Pmem + ?Sized, H: Hooks + ?Sized>(
     start(pmem, opts, hooks).report
 }
 
-/// Deactivates a cache (`docs/format.md` §9.9): closes the open key-set and
-/// writes nothing else (no cache_info, no tail); dirty data stays in the
-/// cache for the next activation to replay. The kernel ignores a failed
-/// close, which silently drops the keys of writes no flush covered; the
-/// error is returned here so a caller can say so.
-pub fn deactivate<P: Pmem + ?Sized, H: Hooks + ?Sized>(
+/// Deactivates a cache (`docs/format.md` §9.9) as the kernel does: closes the
+/// open key-set (step 4), then flushes the backing device (step 7, where the
+/// kernel stops writeback). It writes nothing else (no cache_info, no tail);
+/// dirty data stays in the cache for the next activation to replay. The
+/// kernel ignores both results: a failed close silently drops the keys of
+/// writes no flush covered, and a failed flush leaves the disk's writes
+/// volatile. Here the first error is returned (the flush is still issued
+/// after a failed close) so a caller can say so.
+pub fn deactivate<P: Pmem + ?Sized, B: Backing + ?Sized, H: Hooks + ?Sized>(
     mut cache: Cache,
     pmem: &mut P,
+    backing: &mut B,
     hooks: &mut H,
 ) -> Result<(), crate::cache_req::IoError> {
-    cache.flush(pmem, hooks)
+    let closed = cache.flush(pmem, hooks);
+    let flushed = backing.flush().map_err(crate::cache_req::IoError::from);
+    closed.and(flushed)
 }
 
 type Run = Result<(Outcome, Cache), Refusal>;

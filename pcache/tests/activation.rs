@@ -154,7 +154,13 @@ fn deactivate_without_open_keys_writes_nothing() {
     let mut rec = RecordingPmem::new(formatted(SIZE_512M, Mode::Recover));
     let a = start(&mut rec, &opts(Mode::Recover), &mut NoHooks);
     let n = rec.events().len();
-    pcache::deactivate(a.cache.unwrap(), &mut rec, &mut NoHooks).unwrap();
+    pcache::deactivate(
+        a.cache.unwrap(),
+        &mut rec,
+        &mut pcache::backing::ZeroBacking { sectors: 0 },
+        &mut NoHooks,
+    )
+    .unwrap();
     assert_eq!(rec.events().len(), n);
 }
 

@@ -228,7 +228,7 @@ fn a_write_fences_its_data_before_its_key_set_and_fua_closes_it() {
 #[test]
 fn a_full_log_segment_switches_with_a_last_record() {
     let (mut pmem, mut cache) = fresh_cache();
-    let disk = VecBacking::new(DISK / 512);
+    let mut disk = VecBacking::new(DISK / 512);
     // One-key FUA writes of 512 bytes: 64 bytes of log each.
     let per_seg = (DATA_SIZE - 24) / 64;
     let mut i = 0u64;
@@ -254,7 +254,7 @@ fn a_full_log_segment_switches_with_a_last_record() {
     );
     let status_before = cache.status_line(0);
     let a = {
-        pcache::deactivate(cache, &mut pmem, &mut NoHooks).unwrap();
+        pcache::deactivate(cache, &mut pmem, &mut disk, &mut NoHooks).unwrap();
         start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
     };
     assert_eq!(a.report.outcome, Outcome::Opened);
@@ -329,13 +329,13 @@ fn bad_requests_are_errors_not_writes() {
 fn the_inspector_tells_current_overridden_and_partly_overridden_keys_and_the_status() {
     use pcache::inspect::{inspect, InspectOptions, KeyState};
     let (mut pmem, mut cache) = fresh_cache();
-    let disk = VecBacking::new(DISK / 512);
+    let mut disk = VecBacking::new(DISK / 512);
     for (off, len) in [(0u64, 8192usize), (0, 8192), (4096, 8192), (65536, 4096)] {
         cache
             .write(&mut pmem, &disk, &mut NoHooks, off, &content(1, len), false)
             .unwrap();
     }
-    pcache::deactivate(cache, &mut pmem, &mut NoHooks).unwrap();
+    pcache::deactivate(cache, &mut pmem, &mut disk, &mut NoHooks).unwrap();
     let rep = inspect(&pmem, &InspectOptions::default()).unwrap();
     let states: Vec<KeyState> = rep
         .log_records()

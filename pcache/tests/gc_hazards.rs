@@ -47,7 +47,7 @@ fn full_first_segment(mode: Mode) -> (SparsePmem, VecBacking, Vec<Op>) {
         .writeback_all(&mut pmem, &mut disk, &mut NoHooks)
         .unwrap();
     assert_eq!(wb.len(), 33, "32 key-sets written back, then clean");
-    pcache::deactivate(cache, &mut pmem, &mut NoHooks).unwrap();
+    pcache::deactivate(cache, &mut pmem, &mut disk, &mut NoHooks).unwrap();
     (pmem, disk, ops)
 }
 
@@ -141,7 +141,7 @@ fn a_torn_first_tail_update_after_an_activation_falls_back_two_steps_in_strict_o
                 .unwrap();
             ends.push(cache.dirty_tail().pos);
         }
-        pcache::deactivate(cache, &mut pmem, &mut NoHooks).unwrap();
+        pcache::deactivate(cache, &mut pmem, &mut disk, &mut NoHooks).unwrap();
         // A new activation, then one more key-set written back; power fails
         // with only the first word of that dirty_tail write persisted (the
         // record is torn: its CRC fails).

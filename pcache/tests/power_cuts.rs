@@ -265,7 +265,7 @@ fn older_cache_with_a_log() -> SparsePmem {
         data_crc: false,
     };
     let mut cache = start(&mut p, &opts, &mut NoHooks).cache.unwrap();
-    let disk = original_disk();
+    let mut disk = original_disk();
     for (i, off) in [0u64, 4096, 8192].into_iter().enumerate() {
         let mut data = vec![0u8; 4096];
         fill(500 + i as u32, off, &mut data);
@@ -273,7 +273,7 @@ fn older_cache_with_a_log() -> SparsePmem {
             .write(&mut p, &disk, &mut NoHooks, off, &data, true)
             .unwrap();
     }
-    pcache::deactivate(cache, &mut p, &mut NoHooks).unwrap();
+    pcache::deactivate(cache, &mut p, &mut disk, &mut NoHooks).unwrap();
     // The user asks for a re-format: the superblock's magic is zeroed.
     p.write_bytes(pcache::format::SB_OFF + 8, &[0; 8]).unwrap();
     p

@@ -235,7 +235,7 @@ fn gc_waits_for_gc_percent_and_never_passes_dirty_tail() {
     assert!(cache.set_gc_percent(&mut pmem, &mut NoHooks, 91).is_err());
     // gc_percent persists in cache_info.
     let a = {
-        pcache::deactivate(cache, &mut pmem, &mut NoHooks).unwrap();
+        pcache::deactivate(cache, &mut pmem, &mut backing, &mut NoHooks).unwrap();
         start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
     };
     assert_eq!(a.cache.unwrap().info().gc_percent(), 0);
@@ -287,5 +287,63 @@ fn a_failed_backing_flush_stops_dirty_tail_in_recover_but_not_in_strict() {
                 assert_eq!(backing.pending_sectors(), 0);
             }
         }
+    }
+}
+
+/// Deactivation flushes the backing disk as the kernel's does (`docs/format.md` §9.9 step 7):
+/// strict writeback past a failed flush leaves the disk's writes volatile, and
+/// a deactivation whose flush completes makes them durable; a failed one is
+/// returned, after the key-set close was still done.
+#[test]
+fn deactivation_flushes_the_backing_disk() {
+    for flush_fails in [false, true] {
+        let mut pmem = SparsePmem::new(PMEM);
+        let mut backing = disk();
+        let mut cache = start(&mut pmem, &opts(Mode::Strict), &mut NoHooks)
+            .cache
+            .unwrap();
+        cache
+            .write(
+                &mut pmem,
+                &backing,
+                &mut NoHooks,
+                0,
+                &content(1, 4096),
+                true,
+            )
+            .unwrap();
+        backing.fail_flushes = true;
+        let wb = cache
+            .writeback_step(&mut pmem, &mut backing, &mut NoHooks)
+            .unwrap();
+        assert!(matches!(wb, Writeback::FlushFailed { advanced: true, .. }));
+        // A write left open in the log: the close must still happen.
+        cache
+            .write(
+                &mut pmem,
+                &backing,
+                &mut NoHooks,
+                8192,
+                &content(2, 4096),
+                false,
+            )
+            .unwrap();
+        assert!(backing.pending_sectors() > 0);
+        backing.fail_flushes = flush_fails;
+        let r = pcache::deactivate(cache, &mut pmem, &mut backing, &mut NoHooks);
+        assert_eq!(r.is_err(), flush_fails, "{r:?}");
+        assert_eq!(backing.pending_sectors() == 0, !flush_fails);
+        if !flush_fails {
+            assert_eq!(&backing.durable()[..4096], &content(1, 4096)[..]);
+        }
+        // The open key-set was closed either way: the next activation reads it.
+        let mut cache = start(&mut pmem, &opts(Mode::Strict), &mut NoHooks)
+            .cache
+            .unwrap();
+        let mut buf = vec![0; 4096];
+        cache
+            .read(&mut pmem, &mut backing, &mut NoHooks, 8192, &mut buf)
+            .unwrap();
+        assert_eq!(buf, content(2, 4096));
     }
 }

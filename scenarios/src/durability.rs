@@ -6,19 +6,29 @@ use crate::result::Durability;
 use serde::Deserialize as _;
 use workload::{Op, TagRun, Violation};
 
-/// The ops a state is judged against: the prefill's, a flush for the
-/// deactivation that ends it (it closes the open key-set), the workload's,
-/// then the recovery's own (only when the workload has none: a scenario file
-/// that loaded obeys that, so every workload op before them is acknowledged).
-pub fn judged_ops(prefill: &[Op], workload: &[Op], recovery: &[Op]) -> (Vec<Op>, usize) {
+/// The ops a state is judged against, with how many of them are
+/// acknowledged: the prefill's, a flush for the deactivation that ends it
+/// (it closes the open key-set), the `done` workload ops acknowledged before
+/// the cut, the recovery's own ops, then the workload ops still in flight at
+/// the cut (their writes may or may not have persisted, and no recovery
+/// flush covers them; a scenario file that loaded keeps the workload's and
+/// the recovery's writes on different sectors, so this order is exact).
+pub fn judged_ops(
+    prefill: &[Op],
+    workload: &[Op],
+    recovery: &[Op],
+    done: usize,
+) -> (Vec<Op>, usize) {
+    let done = done.min(workload.len());
     let mut ops = prefill.to_vec();
     if !ops.is_empty() {
         ops.push(Op::Flush);
     }
-    let before = ops.len();
-    ops.extend_from_slice(workload);
+    ops.extend_from_slice(&workload[..done]);
+    let acked = ops.len();
     ops.extend_from_slice(recovery);
-    (ops, before)
+    ops.extend_from_slice(&workload[done..]);
+    (ops, acked)
 }
 
 /// `done[c]`: the op-done markers among the trace's first `c` events (the
@@ -151,7 +161,7 @@ mod tests {
     #[test]
     fn the_recoverys_own_writes_count_from_the_step_that_made_them() {
         // A prefill write, its flush, then a FUA write made by the recovery.
-        let (ops, before) = judged_ops(&[w(0, 512, 1, false)], &[], &[w(4096, 512, 9, true)]);
+        let (ops, before) = judged_ops(&[w(0, 512, 1, false)], &[], &[w(4096, 512, 9, true)], 0);
         assert_eq!(before, 2);
         let before_write = verify(&[(0, 1, 1), (8, 1, 0)]);
         let wrote = serde_json::json!({"step": "write", "ops_done": 1});
@@ -203,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_prefill_is_acknowledged_and_flushed_before_the_workload() {
-        let (ops, before) = judged_ops(&[w(0, 512, 1, false)], &[w(0, 512, 2, false)], &[]);
+        let (ops, before) = judged_ops(&[w(0, 512, 1, false)], &[w(0, 512, 2, false)], &[], 0);
         assert_eq!(before, 2);
         assert_eq!(ops[1], Op::Flush);
         // No workload op acknowledged: the prefill's write must show.
@@ -215,8 +225,34 @@ mod tests {
         assert!(judge(&[verify(&[(0, 1, 2)])], &ops, before)
             .violations
             .is_empty());
-        assert_eq!(judged_ops(&[], &[Op::Flush], &[]).1, 0);
+        assert_eq!(judged_ops(&[], &[Op::Flush], &[], 0).1, 0);
         let _ = Tag::Backing;
+    }
+
+    #[test]
+    fn a_workload_write_in_flight_stays_optional_through_the_recoverys_flushes() {
+        // Workload: write 2 (FUA) in flight at the cut. Recovery: write 9
+        // (FUA) elsewhere, which flushes, then a verify of both.
+        let wl = [w(0, 512, 2, true)];
+        let rec = [w(4096, 512, 9, true)];
+        let (ops, acked) = judged_ops(&[w(0, 512, 1, false)], &wl, &rec, 0);
+        assert_eq!((acked, ops[2], ops[3]), (2, rec[0], wl[0]));
+        let wrote = serde_json::json!({"step": "write", "ops_done": 1});
+        for sector0 in [1, 2] {
+            let d = judge(
+                &[wrote.clone(), verify(&[(0, 1, sector0), (8, 1, 9)])],
+                &ops,
+                acked,
+            );
+            assert!(d.violations.is_empty(), "write {sector0}: {d:?}");
+        }
+        // Acknowledged before the cut, it must read back.
+        let (ops, acked) = judged_ops(&[w(0, 512, 1, false)], &wl, &rec, 1);
+        let d = judge(&[wrote, verify(&[(0, 1, 1), (8, 1, 9)])], &ops, acked);
+        assert_eq!(
+            d.violations,
+            ["sectors 0..1: write 2 was a FUA write but reads write 1"]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`recipe`]: the device images a scenario starts from.
 //! - [`runner`]: runs a scenario: workload, crash states, recovery boots, verdicts.
 //! - [`result`]: the result file of a run and the checks of expectations.
+//! - [`report`]: the run's report page (`report.html`), from its result.
 
 pub mod durability;
 pub mod explore;
@@ -18,6 +19,7 @@ pub mod generate;
 pub mod guest;
 pub mod persistence;
 pub mod recipe;
+pub mod report;
 pub mod result;
 pub mod runner;
 pub mod spec;

@@ -1,7 +1,7 @@
 //! Device recipes: the images a scenario starts from, made on the host with the
 //! same pcache code the guest runs.
 
-use crate::spec::{Device, DiskContent, Mode, Recipe};
+use crate::spec::{Device, DiskContent, Mode, PrefillStep, Recipe};
 use pcache::backing::FileBacking;
 use pcache::pmem::{FilePmem, SPARSE_PAGE};
 use pcache::{activate, NoHooks, Options, Outcome, Pmem, SparsePmem};
@@ -160,8 +160,8 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
         device: device.name.clone(),
         why,
     };
-    let ops = device.prefill_ops().map_err(fail)?;
-    if ops.is_empty() {
+    let steps = device.prefill_steps().map_err(fail)?;
+    if steps.is_empty() {
         return Ok(());
     }
     let file = FilePmem::open(pmem).map_err(io(pmem))?;
@@ -170,7 +170,7 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
     let mut backing = FileBacking::open(disk).map_err(io(disk))?;
     let opts = Options {
         mode,
-        data_crc: false,
+        data_crc: device.data_crc,
     };
     let act = pcache::start(&mut mem, &opts, &mut NoHooks);
     let mut cache = act.cache.ok_or_else(|| {
@@ -181,19 +181,31 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
         ))
     })?;
     let mut data = Vec::new();
-    for (k, op) in ops.iter().enumerate() {
-        let done = match *op {
-            Op::Write { off, len, id, fua } => {
+    for (k, step) in steps.iter().enumerate() {
+        let done = match *step {
+            PrefillStep::Op(Op::Write { off, len, id, fua }) => {
                 data.resize(len as usize, 0);
                 workload::fill(id, off, &mut data);
                 cache.write(&mut mem, &backing, &mut NoHooks, off, &data, fua)
             }
-            Op::Flush => cache.flush(&mut mem, &mut NoHooks),
-            Op::CloseKsets => cache.close_kset(&mut mem, &mut NoHooks).map_err(Into::into),
+            PrefillStep::Op(Op::Flush) => cache.flush(&mut mem, &mut NoHooks),
+            PrefillStep::Op(Op::CloseKsets) => {
+                cache.close_kset(&mut mem, &mut NoHooks).map_err(Into::into)
+            }
+            PrefillStep::Writeback => cache
+                .writeback_all(&mut mem, &mut backing, &mut NoHooks)
+                .map(drop),
+            PrefillStep::Gc => cache.gc_all(&mut mem, &mut NoHooks).map(drop),
+            PrefillStep::Idle => cache.idle(&mut mem, &mut backing, &mut NoHooks).map(drop),
+            PrefillStep::GcPercent(p) => {
+                let set = cache.set_gc_percent(&mut mem, &mut NoHooks, u32::from(p));
+                set.map_err(|e| fail(format!("step {k} ({step:?}): {e}")))?;
+                Ok(())
+            }
         };
-        done.map_err(|e| fail(format!("op {k} ({op:?}): {e}")))?;
+        done.map_err(|e| fail(format!("step {k} ({step:?}): {e}")))?;
     }
-    pcache::deactivate(cache, &mut mem, &mut NoHooks)
+    pcache::deactivate(cache, &mut mem, &mut backing, &mut NoHooks)
         .map_err(|e| fail(format!("deactivation: {e}")))?;
     // Reads through the cache never happen here, but keep the disk's writes
     // (none today) durable like the pmem's.
@@ -212,7 +224,7 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
 fn activate_times(device: &Device, mode: Mode, path: &Path, n: u32) -> Result<u8, RecipeError> {
     let opts = Options {
         mode,
-        data_crc: false,
+        data_crc: device.data_crc,
     };
     let mut dev = FilePmem::open(path).map_err(io(path))?;
     let mut seq = 0;
@@ -251,6 +263,7 @@ mod tests {
             disk: DiskContent::Zeros,
             prefill: None,
             prefill_repeat: 1,
+            data_crc: false,
         }
     }
 

@@ -109,6 +109,66 @@ pub struct DeviceModeRun {
     pub states: Vec<StateResult>,
     /// Failed pinned counts and other run-level violations.
     pub violations: Vec<String>,
+    /// The traced workload's trace as the report page draws it (power-cut
+    /// runs; absent for image sets and in older results).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Timeline>,
+}
+
+/// The shape of a traced workload run: its length, its markers and the
+/// windows of cut positions the scenario allows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Timeline {
+    /// Events in the trace (cut positions run `0..=events`).
+    pub events: usize,
+    /// Every marker of the trace, in trace order.
+    pub markers: Vec<TimelineMarker>,
+    /// The ranges `from..=to` of cut positions the window allows.
+    pub windows: Vec<(usize, usize)>,
+}
+
+/// A marker at trace position `pos` (the marker event's index).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TimelineMarker {
+    pub pos: usize,
+    /// `C<n>-begin` / `C<n>-end` (docs/format.md §10), `op<k>-done`, or `0x<id>`.
+    pub name: String,
+}
+
+impl Timeline {
+    /// The timeline of `trace` with the cut ranges `windows`.
+    pub fn of_trace(trace: &vmm::Trace, windows: &[(usize, usize)]) -> Timeline {
+        let markers = trace
+            .events()
+            .iter()
+            .enumerate()
+            .filter_map(|(pos, e)| match e {
+                vmm::Event::Marker { id } => Some(TimelineMarker {
+                    pos,
+                    name: marker_name(*id),
+                }),
+                _ => None,
+            })
+            .collect();
+        Timeline {
+            events: trace.len(),
+            markers,
+            windows: windows.to_vec(),
+        }
+    }
+}
+
+/// A marker id in words: `C8-begin`, `op3-done`, or `0x<id>`.
+pub fn marker_name(id: u32) -> String {
+    use protocol::markers::{decode_crash_point, decode_op_done};
+    match (decode_crash_point(id), decode_op_done(id)) {
+        (Some((n, false)), _) => format!("C{n}-begin"),
+        (Some((n, true)), _) => format!("C{n}-end"),
+        (None, Some(k)) => format!("op{k}-done"),
+        (None, None) => format!("0x{id:x}"),
+    }
 }
 
 /// Counts observed in a run.
@@ -180,6 +240,7 @@ pub struct StateResult {
 /// The outcome of delta debugging over a violating state's pending applied
 /// writes (the writes covered by a barrier stay applied in every candidate).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Minimized {
     /// The writes kept, in trace order.
     pub writes: Vec<MinimizedWrite>,
@@ -192,6 +253,7 @@ pub struct Minimized {
 
 /// One write of a minimized set.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct MinimizedWrite {
     /// The write, exactly as in the state's `applied`.
     pub write: AppliedWrite,
@@ -528,6 +590,7 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
                 h.pairs_full,
                 h.pairs_tried,
             ) || run.model != head.model
+                || run.timeline != head.timeline
             {
                 return Err(MergeError::Differs {
                     what: format!("{}/{}: the enumeration", run.device, run.mode),
@@ -551,6 +614,7 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
             recovery_seconds: shards.iter().map(|(_, s)| s.runs[r].recovery_seconds).sum(),
             states,
             violations: vec![],
+            timeline: head.timeline.clone(),
         };
         run.finish(
             expect
@@ -655,6 +719,7 @@ mod tests {
             recovery_seconds: 0.0,
             states,
             violations: vec![],
+            timeline: None,
         }
     }
 
@@ -880,6 +945,47 @@ mod tests {
         let mut mixed = shards;
         mixed[2] = four[2].clone();
         assert!(err(mixed).starts_with("the shard count N differs"));
+    }
+
+    #[test]
+    fn a_timeline_names_the_markers_of_its_trace_and_is_optional_in_json() {
+        use protocol::markers::{crash_point_begin, crash_point_end, op_done};
+        let mut t = vmm::Trace::new();
+        t.push(vmm::Event::Marker {
+            id: crash_point_begin(8),
+        });
+        t.push_pmem_store(64, &[1; 8]);
+        t.push(vmm::Event::PmemFlush);
+        t.push(vmm::Event::Marker {
+            id: crash_point_end(8),
+        });
+        t.push(vmm::Event::Marker { id: op_done(3) });
+        t.push(vmm::Event::Marker { id: 0x77 });
+        let tl = Timeline::of_trace(&t, &[(0, 4)]);
+        assert_eq!(tl.events, 6);
+        assert_eq!(tl.windows, vec![(0, 4)]);
+        let names: Vec<(usize, &str)> = tl
+            .markers
+            .iter()
+            .map(|m| (m.pos, m.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [(0, "C8-begin"), (3, "C8-end"), (4, "op3-done"), (5, "0x77")]
+        );
+
+        // Absent fields stay absent, and older results (without them) load.
+        let mut r = run(vec![state("formatted", true, false)]);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("timeline").is_none(), "{json}");
+        assert!(json["states"][0].get("minimized").is_none(), "{json}");
+        let back: DeviceModeRun = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+        r.timeline = Some(tl);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["timeline"]["markers"][2]["name"], "op3-done");
+        assert_eq!(json["timeline"]["windows"][0], serde_json::json!([0, 4]));
+        assert_eq!(serde_json::from_value::<DeviceModeRun>(json).unwrap(), r);
     }
 
     #[test]

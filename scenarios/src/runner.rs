@@ -326,6 +326,7 @@ impl Job<'_> {
             recovery_seconds: t0.elapsed().as_secs_f64(),
             states,
             violations: vec![],
+            timeline: None,
         };
         run.finish(expect);
         run
@@ -380,10 +381,19 @@ struct CutCheck<'a> {
     job: &'a Job<'a>,
     saved: &'a SavedWindow,
     line: String,
-    /// The ops the durability rule judges, and how many were acknowledged
-    /// before the workload (`None`: recovery has no `verify` step).
-    judged: Option<(Vec<workload::Op>, usize)>,
+    /// What the durability rule judges (`None`: recovery has no `verify` step).
+    judged: Option<Judged>,
+    /// Workload ops done before each trace position.
     done: Vec<usize>,
+}
+
+/// The ops of a power-cut run the durability rule judges a state against.
+struct Judged {
+    prefill: Vec<workload::Op>,
+    workload: Vec<workload::Op>,
+    recovery: Vec<workload::Op>,
+    /// `durability::judged_ops` with every workload op done.
+    full: (Vec<workload::Op>, usize),
 }
 
 impl CutCheck<'_> {
@@ -403,9 +413,17 @@ impl CutCheck<'_> {
         )?;
         st.cut = Some(cut);
         st.applied = applied(&self.saved.trace, &applied_refs);
-        if let Some((ops, before)) = &self.judged {
-            let acked = before + self.done[cut.min(self.done.len() - 1)];
-            st.durability = Some(crate::durability::judge(&st.reports, ops, acked));
+        if let Some(j) = &self.judged {
+            let n = self.done[cut.min(self.done.len() - 1)];
+            let w = j.workload.len();
+            st.durability = Some(if n >= w || j.recovery.is_empty() {
+                let acked = j.full.1 - (w - n.min(w));
+                crate::durability::judge(&st.reports, &j.full.0, acked)
+            } else {
+                let (ops, acked) =
+                    crate::durability::judged_ops(&j.prefill, &j.workload, &j.recovery, n);
+                crate::durability::judge(&st.reports, &ops, acked)
+            });
         }
         if let Some(e) = job.expect {
             st.check(e);
@@ -517,14 +535,18 @@ fn power_cut(
     // before its cut (a scenario file that loaded has valid ops).
     let judge = !crate::spec::verify_ranges(&job.scenario.recovery).is_empty();
     let judged = if judge {
-        let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
-        let prefill_ops = device.judged_prefill_ops().map_err(&fail)?;
-        let recovery_ops = guest_cmdline::ops_of_steps(&job.scenario.recovery).map_err(&fail)?;
-        Some(crate::durability::judged_ops(
-            &prefill_ops,
-            &workload_ops,
-            &recovery_ops,
-        ))
+        let workload = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
+        let prefill = device.judged_prefill_ops().map_err(&fail)?;
+        let recovery = guest_cmdline::ops_of_steps(&job.scenario.recovery).map_err(&fail)?;
+        // The judged ops depend on the cut only through the workload ops done
+        // before it; most states share one list.
+        let full = crate::durability::judged_ops(&prefill, &workload, &recovery, usize::MAX);
+        Some(Judged {
+            prefill,
+            workload,
+            recovery,
+            full,
+        })
     } else {
         None
     };
@@ -603,6 +625,7 @@ fn power_cut(
     // Minimization's boots are not the states' own.
     let mut run = job.finish(model, counts, t0, states);
     run.recovery_seconds = recovery_seconds.as_secs_f64();
+    run.timeline = Some(crate::result::Timeline::of_trace(&saved.trace, &windows));
     Ok((run, e.states.len()))
 }
 

@@ -47,15 +47,56 @@ pub struct Device {
     /// What the backing disk holds before the workload runs.
     #[serde(default)]
     pub disk: DiskContent,
-    /// Data ops (guest steps `write`, `flush`, `close-ksets`, `gen`) run on
-    /// the host with pcache after the recipe, in the run's mode, then a
+    /// Data ops (guest steps `write`, `flush`, `close-ksets`, `gen`) and the
+    /// background work (`writeback`, `gc`, `idle`, `gc-percent:N`) run on the
+    /// host with pcache after the recipe, in the run's mode, then a
     /// deactivation: a cheap way to bring a cache to a given state.
+    /// Either one step string (repeated `prefill-repeat` times) or a list
+    /// of phases, each `{"steps": "...", "repeat": n}`, run in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prefill: Option<String>,
+    pub prefill: Option<Prefill>,
     /// How many times the prefill's ops run in a row (default 1): tens of
     /// thousands of small writes do not fit in a step string.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub prefill_repeat: u32,
+    /// The cache is formatted (and prefilled) with `DATA_CRC` (default
+    /// false); the workload's and recovery's `start` steps must then say
+    /// `data_crc=true` (checked at load).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_crc: bool,
+}
+
+/// A device's prefill: one step string, or phases run in order (a cache
+/// brought to a given layout needs different counts of different writes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prefill {
+    Steps(String),
+    Phases(Vec<PrefillPhase>),
+}
+
+/// One phase of a prefill: its steps, run `repeat` times in a row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PrefillPhase {
+    pub steps: String,
+    #[serde(default = "one")]
+    pub repeat: u32,
+}
+
+/// One step of a prefill as the host runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillStep {
+    /// A data op (judged by the durability rule like the workload's).
+    Op(Op),
+    /// Writeback until nothing is left (the guest's `writeback`).
+    Writeback,
+    /// GC until it stops (the guest's `gc`).
+    Gc,
+    /// Both until neither moves (the guest's `idle`).
+    Idle,
+    /// The `gc_percent` message.
+    GcPercent(u8),
 }
 
 fn one() -> u32 {
@@ -633,14 +674,42 @@ impl Scenario {
         let verifies = verify_ranges(&self.recovery);
         let recovery_ops =
             guest_cmdline::ops_of_steps(&self.recovery).map_err(|e| format!("recovery: {e}"))?;
-        if !recovery_ops.is_empty() && !workload_ops.is_empty() {
-            // A workload op in flight at the cut could not be told from a
-            // recovery op that followed it: judge one or the other.
-            return Err(
-                "recovery: data steps in the recovery need a workload without data steps".into(),
-            );
+        // A workload write in flight at the cut is judged as issued after the
+        // recovery's ops (`durability::judged_ops`), which is exact only when
+        // the two never write the same sector.
+        let w = workload::oracle::touched_ranges(&workload_ops);
+        let r = workload::oracle::touched_ranges(&recovery_ops);
+        if let Some(((wo, wl), (ro, rl))) = w
+            .iter()
+            .flat_map(|a| r.iter().map(move |b| (*a, *b)))
+            .find(|((wo, wl), (ro, rl))| wo < &(ro + rl) && ro < &(wo + wl))
+        {
+            return Err(format!(
+                "recovery: its writes ({ro:#x}+{rl:#x}) overlap the workload's ({wo:#x}+{wl:#x}); a workload write in flight at the cut could not be told from them"
+            ));
         }
+        let workload_steps = match &self.run {
+            Run::PowerCut { workload, .. } => workload.as_str(),
+            Run::Images { .. } => "",
+        };
         for (i, d) in self.devices.iter().enumerate() {
+            if d.data_crc {
+                for (field, steps) in [
+                    ("run.power-cut.workload", workload_steps),
+                    ("recovery", self.recovery.as_str()),
+                ] {
+                    let plain = guest_cmdline::run_steps(steps).find_map(|s| match s {
+                        Ok((text, RunStep::Start(o))) if !o.data_crc => Some(text),
+                        _ => None,
+                    });
+                    if let Some(text) = plain {
+                        return Err(format!(
+                            "{field}: `{text}` on device `{}`, formatted with data-crc: say `data_crc=true` (the kernel refuses a mismatch)",
+                            d.name
+                        ));
+                    }
+                }
+            }
             let disk = d.disk_size.0;
             let prefill = d.prefill_ops().map_err(|e| format!("devices[{i}].{e}"))?;
             if d.prefill.is_some()
@@ -747,41 +816,96 @@ impl Device {
     /// The ops of the prefill, repeated `prefill-repeat` times (empty without
     /// one); an error names the field (`prefill: ...`).
     pub fn prefill_ops(&self) -> Result<Vec<Op>, String> {
-        let Some(steps) = &self.prefill else {
-            if self.prefill_repeat != 1 {
-                return Err("prefill-repeat: only with a `prefill`".into());
+        Ok(self
+            .prefill_steps()?
+            .into_iter()
+            .filter_map(|s| match s {
+                PrefillStep::Op(op) => Some(op),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The steps of the prefill, repeated `prefill-repeat` times (empty
+    /// without one); an error names the field (`prefill: ...`).
+    pub fn prefill_steps(&self) -> Result<Vec<PrefillStep>, String> {
+        // (steps, repeat, the field named in errors, the repeat's field)
+        let phases: Vec<(&str, u32, String, String)> = match &self.prefill {
+            None if self.prefill_repeat != 1 => {
+                return Err("prefill-repeat: only with a `prefill`".into())
             }
-            return Ok(Vec::new());
+            None => return Ok(Vec::new()),
+            Some(Prefill::Steps(steps)) => {
+                vec![(
+                    steps.as_str(),
+                    self.prefill_repeat,
+                    "prefill".into(),
+                    "prefill-repeat:".into(),
+                )]
+            }
+            Some(Prefill::Phases(_)) if self.prefill_repeat != 1 => {
+                return Err(
+                    "prefill-repeat: only with a step string (phases have their own `repeat`)"
+                        .into(),
+                )
+            }
+            Some(Prefill::Phases(phases)) => phases
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let field = format!("prefill[{i}]");
+                    (
+                        p.steps.as_str(),
+                        p.repeat,
+                        field.clone(),
+                        field + ": repeat",
+                    )
+                })
+                .collect(),
         };
-        if !(1..=PREFILL_REPEAT_MAX).contains(&self.prefill_repeat) {
-            return Err(format!(
-                "prefill-repeat: {} is not in 1..={PREFILL_REPEAT_MAX}",
-                self.prefill_repeat
-            ));
+        if phases.is_empty() {
+            return Err("prefill: no phases".into());
         }
-        let mut once = Vec::new();
-        for step in guest_cmdline::run_steps(steps) {
-            let (text, step) = step.map_err(|e| format!("prefill: {e}"))?;
-            if !matches!(
-                step,
-                RunStep::Write { .. } | RunStep::Flush | RunStep::CloseKsets | RunStep::Generate(_)
-            ) {
+        let mut all = Vec::new();
+        for (steps, repeat, field, repeat_field) in phases {
+            if !(1..=PREFILL_REPEAT_MAX).contains(&repeat) {
                 return Err(format!(
-                    "prefill: `{text}` is not a data op (a prefill runs write, flush, close-ksets and gen on the host, between the recipe's activation and a deactivation)"
+                    "{repeat_field} {repeat} is not in 1..={PREFILL_REPEAT_MAX}"
                 ));
             }
-            once.extend(step.ops());
+            let mut once = Vec::new();
+            for step in guest_cmdline::run_steps(steps) {
+                let (text, step) = step.map_err(|e| format!("{field}: {e}"))?;
+                match step {
+                    RunStep::Write { .. }
+                    | RunStep::Flush
+                    | RunStep::CloseKsets
+                    | RunStep::Generate(_) => {
+                        once.extend(step.ops().into_iter().map(PrefillStep::Op))
+                    }
+                    RunStep::Writeback => once.push(PrefillStep::Writeback),
+                    RunStep::Gc => once.push(PrefillStep::Gc),
+                    RunStep::Idle => once.push(PrefillStep::Idle),
+                    RunStep::GcPercent(p) => once.push(PrefillStep::GcPercent(p)),
+                    _ => {
+                        return Err(format!(
+                            "{field}: `{text}` cannot run in a prefill (it runs write, flush, close-ksets, gen, writeback, gc, idle and gc-percent on the host, between the recipe's activation and a deactivation)"
+                        ))
+                    }
+                }
+            }
+            if once.is_empty() {
+                return Err(format!("{field}: no steps"));
+            }
+            let n = all.len() + once.len() * repeat as usize;
+            if n > PREFILL_OPS_MAX {
+                return Err(format!(
+                    "{field}: {n} steps with its repeat is above the prefill's maximum of {PREFILL_OPS_MAX}"
+                ));
+            }
+            all.extend(once.repeat(repeat as usize));
         }
-        if once.is_empty() {
-            return Err("prefill: no steps".into());
-        }
-        let n = once.len() * self.prefill_repeat as usize;
-        if n > PREFILL_OPS_MAX {
-            return Err(format!(
-                "prefill: {n} ops with its repeat is above the maximum of {PREFILL_OPS_MAX}"
-            ));
-        }
-        Ok(once.repeat(self.prefill_repeat as usize))
+        Ok(all)
     }
 }
 
@@ -876,7 +1000,7 @@ mod tests {
     }
 
     #[test]
-    fn recovery_data_steps_need_a_workload_without_them() {
+    fn recovery_writes_must_not_overlap_the_workloads() {
         let text = MINIMAL
             .replace(
                 r#""name": "blank", "pmem-size": "512M", "disk-size": "64M", "recipe": "blank""#,
@@ -884,7 +1008,7 @@ mod tests {
             )
             .replace(
                 r#""recovery": "start;stop;start""#,
-                r#""recovery": "start;write:0:512:7:fua;verify:0:512""#,
+                r#""recovery": "start;write:0:1024:7:fua;verify:0:1024""#,
             );
         assert!(parse(&text).is_ok(), "{:?}", parse(&text));
         let e = parse(&text.replace(
@@ -893,7 +1017,21 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("need a workload without data steps"), "{e}");
+        assert!(
+            e.contains("recovery: its writes (0x0+0x400) overlap the workload's (0x200+0x200)"),
+            "{e}"
+        );
+        // Side by side they are fine.
+        let side = text
+            .replace(
+                "write:0:1024:7:fua;verify:0:1024",
+                "write:0:512:7:fua;verify:0:1024",
+            )
+            .replace(
+                r#""workload": "start""#,
+                r#""workload": "start;write:512:512:1""#,
+            );
+        assert!(parse(&side).is_ok(), "{:?}", parse(&side));
     }
 
     #[test]
@@ -1335,7 +1473,7 @@ mod tests {
     fn prefills_are_data_ops_on_a_formatted_cache_with_their_own_ids() {
         let err = data_error("write:0:4096:1;flush", "write:0:4096:1;stop");
         assert!(
-            err.contains("devices[0].prefill: `stop` is not a data op"),
+            err.contains("devices[0].prefill: `stop` cannot run in a prefill"),
             "{err}"
         );
         let err = data_error("write:0:4096:1;flush", "write:0:4096:2;flush");
@@ -1365,6 +1503,72 @@ mod tests {
             err.contains("devices[0].prefill-repeat: only with a `prefill`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_prefill_in_phases_runs_them_in_order_and_names_a_bad_one() {
+        let phases = r#"[{"steps": "gc-percent:0;write:0:4096:1", "repeat": 2}, {"steps": "idle;write:0:512:4:fua"}]"#;
+        let text = data_scenario().replace("\"write:0:4096:1;flush\"", phases);
+        let sc = parse(&text).unwrap();
+        let steps = sc.devices[0].prefill_steps().unwrap();
+        let write = |len, id, fua| {
+            PrefillStep::Op(Op::Write {
+                off: 0,
+                len,
+                id,
+                fua,
+            })
+        };
+        assert_eq!(
+            steps,
+            [
+                PrefillStep::GcPercent(0),
+                write(4096, 1, false),
+                PrefillStep::GcPercent(0),
+                write(4096, 1, false),
+                PrefillStep::Idle,
+                write(512, 4, true),
+            ]
+        );
+        assert_eq!(sc.devices[0].prefill_ops().unwrap().len(), 3);
+        let err = parse(&text.replace("\"repeat\": 2", "\"repeat\": 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("devices[0].prefill[0]: repeat 0 is not in"),
+            "{err}"
+        );
+        let err = parse(&text.replace("idle;", "stop;"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("devices[0].prefill[1]: `stop` cannot run"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_data_crc_device_needs_data_crc_starts() {
+        let text = data_scenario().replace(
+            "\"disk\": \"pattern\"",
+            "\"disk\": \"pattern\", \"data-crc\": true",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("run.power-cut.workload: `start` on device `blank`, formatted with data-crc: say `data_crc=true`"),
+            "{err}"
+        );
+        let text = text.replace(
+            "\"workload\": \"start;",
+            "\"workload\": \"start:data_crc=true;",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("recovery: `start` on device"), "{err}");
+        let text = text
+            .replace("\"start;verify", "\"start:data_crc=true;verify")
+            .replace(";stop;start\"", ";stop;start:data_crc=true\"");
+        let sc = parse(&text).unwrap();
+        assert!(sc.devices[0].data_crc);
     }
 
     #[test]

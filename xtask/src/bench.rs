@@ -327,7 +327,7 @@ fn data_path_boots(env: &Env, runs: usize, dir: &Path) -> Result<()> {
     std::fs::copy(&env.formatted, &keys)?;
     {
         let mut pmem = pcache::pmem::FilePmem::open(&keys)?;
-        let backing = pcache::backing::VecBacking::new(64 << 11);
+        let mut backing = pcache::backing::VecBacking::new(64 << 11);
         let opts = pcache::Options {
             mode: pcache::Mode::Recover,
             data_crc: false,
@@ -348,7 +348,7 @@ fn data_path_boots(env: &Env, runs: usize, dir: &Path) -> Result<()> {
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        pcache::deactivate(cache, &mut pmem, &mut pcache::NoHooks)
+        pcache::deactivate(cache, &mut pmem, &mut backing, &mut pcache::NoHooks)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let mut samples: Vec<(Vec<f64>, u64)> = vec![(vec![], 0); cases.len() + 1];

@@ -9,8 +9,8 @@
 
 use crate::guest;
 use crate::scenario::{
-    junit, new_run_dir, point_latest, print_table, run_stamp, Bar, RunError, JOBS_MAX,
-    STATE_TIMEOUT_MAX,
+    junit, new_run_dir, point_latest, print_table, run_stamp, write_report, Bar, RunError,
+    JOBS_MAX, STATE_TIMEOUT_MAX,
 };
 use crate::util::workspace_root;
 use anyhow::{anyhow, bail, Context, Result};
@@ -19,7 +19,7 @@ use clap::Args;
 use scenarios::explore::{self, Explore};
 use scenarios::result::{write_atomic, Shard};
 use scenarios::runner::{self, RunOptions, RunnerConfig};
-use scenarios::spec::{Device, DiskContent, Mode, Recipe, Scenario, Size};
+use scenarios::spec::{Device, DiskContent, Mode, Prefill, Recipe, Scenario, Size};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -206,6 +206,8 @@ pub fn explore(args: ExploreArgs) -> Result<()> {
     }
     print_table(&result);
     println!("result: {}", out_dir.join("result.json").display());
+    let page = write_report(&out_dir, &result)?;
+    println!("report: {}", page.display());
     if let Some(path) = &args.junit {
         let none: [RunError; 0] = [];
         write_atomic(
@@ -246,8 +248,9 @@ fn options(args: &ExploreArgs) -> Result<Explore> {
             } else {
                 DiskContent::Pattern
             },
-            prefill: args.prefill.clone(),
+            prefill: args.prefill.clone().map(Prefill::Steps),
             prefill_repeat: 1,
+            data_crc: false,
         }),
     };
     if device.is_some() && !args.devices.is_empty() {

@@ -10,6 +10,7 @@ mod guest;
 mod image;
 mod interop;
 mod merge;
+mod report;
 mod reproduce;
 mod ring0_scan;
 mod scenario;
@@ -43,6 +44,8 @@ enum Command {
     Explore(Box<explore::ExploreArgs>),
     /// Join the results of the shards of a run (`--shard K/N`) into one, checking pinned counts.
     MergeResults(merge::MergeArgs),
+    /// (Re)write a run's report page (report.html) from its result.json.
+    Report(report::ReportArgs),
     /// Replay recovery on a saved crash state or on a user's image (never modified).
     Reproduce(reproduce::ReproduceArgs),
     /// Benchmark the VMM and guest: boots, traced store, message, RSS, pcache start and recovery boots.
@@ -66,6 +69,7 @@ fn main() -> Result<()> {
         Command::Explore(args) => explore::explore(*args),
         Command::MergeResults(args) => merge::merge(args),
         Command::Reproduce(args) => reproduce::reproduce(args),
+        Command::Report(args) => report::report(args),
         Command::BuildGuest(args) => guest::build(args).map(|path| {
             println!("guest kernel: {}", path.display());
         }),

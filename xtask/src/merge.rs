@@ -1,6 +1,6 @@
 //! `cargo xtask merge-results`: joins the shards of a run into one result.
 
-use crate::scenario::{junit, new_run_dir, point_latest, print_table, RunError};
+use crate::scenario::{junit, new_run_dir, point_latest, print_table, write_report, RunError};
 use crate::util::workspace_root;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -68,6 +68,8 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     }
     print_table(&merged);
     println!("result: {}", path.display());
+    let page = write_report(&out_dir, &merged)?;
+    println!("report: {}", page.display());
     if !merged.passed {
         bail!("{}: the merged run failed", merged.scenario);
     }

@@ -135,6 +135,8 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
                 }
                 print_table(&result);
                 println!("result: {}", out_dir.join("result.json").display());
+                let page = write_report(&out_dir, &result)?;
+                println!("report: {}", page.display());
                 results.push(result);
             }
             // A scenario that could not run stops neither the others nor the
@@ -210,6 +212,15 @@ pub(crate) fn new_run_dir(parent: &Path, stamp: &str) -> Result<PathBuf> {
         }
     }
     unreachable!("some suffix is free")
+}
+
+/// Writes the run's report page beside its result.json; the reproduce
+/// commands on it name the run's folder from the workspace root.
+pub(crate) fn write_report(out_dir: &Path, result: &RunResult) -> Result<PathBuf> {
+    let root = workspace_root();
+    let shown = out_dir.strip_prefix(&root).unwrap_or(out_dir);
+    scenarios::report::write(out_dir, result, &shown.display().to_string())
+        .with_context(|| format!("writing the report page in {}", out_dir.display()))
 }
 
 /// Points `results/NAME/latest` at this run (a relative link, replaced atomically).
@@ -495,6 +506,7 @@ mod tests {
                 state("blank-strict-0001", vec!["not usable".into()]),
             ],
             violations: vec!["pinned count `states`: expected 8, got 2".into()],
+            timeline: None,
         };
         let result = RunResult {
             schema_version: 1,

@@ -5,6 +5,10 @@
 //! them (with `--include-ignored`) when `/dev/kvm` opens read-write, and says how
 //! many ran. With `REQUIRE_KVM=1` a host without usable KVM is a failure.
 //! Every `#[ignore]`d test in the workspace is, by convention, a KVM test.
+//!
+//! The report page's test (`scenarios/tests/report_page.rs`) needs headless
+//! Chromium and is not ignored: a host without it fails that test, and this
+//! command says so before it builds anything.
 
 use crate::guest;
 use crate::util::{cargo, locked, output, run, workspace_root};
@@ -20,6 +24,14 @@ pub struct TestArgs {
 
 pub fn test_all(args: TestArgs) -> Result<()> {
     let guest_dir = workspace_root().join("guest-images");
+    let browser = find_chromium().ok_or_else(|| {
+        anyhow::anyhow!(
+            "headless Chromium not found, which the report page's test needs: \
+             install Debian's `chromium` package (apt-get install chromium), \
+             or set CHROMIUM to a Chromium binary"
+        )
+    })?;
+    eprintln!("report page test: Chromium at {}", browser.display());
     if !args.no_lint {
         step("format");
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -97,6 +109,18 @@ pub fn test_all(args: TestArgs) -> Result<()> {
 
 fn step(name: &str) {
     eprintln!("\n==> {name}");
+}
+
+/// `$CHROMIUM`, else `chromium` or `chromium-browser` on the PATH (as the
+/// report page's test looks for it).
+fn find_chromium() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("CHROMIUM") {
+        return Some(p.into());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| ["chromium", "chromium-browser"].map(|n| dir.join(n)))
+        .find(|p| p.is_file())
 }
 
 /// `Ok` when `/dev/kvm` opens read-write, else why not.

@@ -53,6 +53,7 @@ fn shard(dir: &Path, k: usize, pinned: usize) -> PathBuf {
             recovery_seconds: 0.5,
             states,
             violations: vec![],
+            timeline: None,
         }],
         passed: true,
         partial: false,
@@ -123,6 +124,7 @@ fn merge_results_joins_shards_and_checks_the_pins() {
     assert_eq!(merged.runs[0].counts.unusable, 1);
     assert!(merged.passed && merged.shard.is_none());
     assert_eq!(merged.runs[0].recovery_seconds, 1.0);
+    assert!(out.join("report.html").exists(), "the merged run's page");
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(xml.contains(r#"tests="5""#), "{xml}");
 

@@ -22,7 +22,13 @@ pub const MODES: [Mode; 2] = [Mode::Strict, Mode::Recover];
 /// Deactivates `cache` (closing its open key-set) and activates the device
 /// again, which must open it (replaying its log).
 pub fn reopen(cache: pcache::Cache, pmem: &mut SparsePmem, mode: Mode) -> pcache::Cache {
-    pcache::deactivate(cache, pmem, &mut NoHooks).unwrap();
+    pcache::deactivate(
+        cache,
+        pmem,
+        &mut pcache::backing::ZeroBacking { sectors: 0 },
+        &mut NoHooks,
+    )
+    .unwrap();
     let a = pcache::start(pmem, &opts(mode), &mut NoHooks);
     assert_eq!(a.report.outcome, Outcome::Opened, "{}", a.report);
     a.cache.unwrap()
