@@ -290,7 +290,7 @@ fn a_failed_backing_flush_stops_dirty_tail_in_recover_but_not_in_strict() {
     }
 }
 
-/// Deactivation flushes the backing disk as the kernel's does (§9.9 step 7):
+/// Deactivation flushes the backing disk as the kernel's does (`docs/format.md` §9.9 step 7):
 /// strict writeback past a failed flush leaves the disk's writes volatile, and
 /// a deactivation whose flush completes makes them durable; a failed one is
 /// returned, after the key-set close was still done.

@@ -4,6 +4,7 @@
 //!
 //! - [`spec`]: scenario files (format in `scenarios/README.md`).
 //! - [`durability`]: the read-back of a state judged by the durability rule.
+//! - [`explore`]: `cargo xtask explore`'s scenario: a whole trace, its own expectations.
 //! - [`generate`]: image variants for scenarios without a power cut.
 //! - [`guest`]: the guest's command lines and step results.
 //! - [`persistence`]: persistence models that turn a traced window into crash states.
@@ -13,6 +14,7 @@
 //! - [`report`]: the run's report page (`report.html`), from its result.
 
 pub mod durability;
+pub mod explore;
 pub mod generate;
 pub mod guest;
 pub mod persistence;

@@ -1200,6 +1200,9 @@ mod tests {
             elapsed_seconds: 0.0,
             runs: vec![run],
             passed: true,
+            partial: false,
+            shard: None,
+            config: None,
         };
         let html = render(&result, "results/many/r");
         let seqs = html.matches("<g class=\"seq\">").count();

@@ -21,8 +21,78 @@ pub struct RunResult {
     pub elapsed_seconds: f64,
     /// One entry per (device, mode).
     pub runs: Vec<DeviceModeRun>,
-    /// True when no state violated its expectation and every pinned count held.
+    /// True when no state violated its expectation and every pinned count held
+    /// (always false in a partial result).
     pub passed: bool,
+    /// The run was interrupted (Ctrl-C): `runs` hold the states done until
+    /// then, and pinned counts were not checked. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+    /// This result is one shard of a run (`--shard K/N`); pinned counts were
+    /// not checked (`cargo xtask merge-results` does). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardInfo>,
+    /// What the run was asked to do (the effective scenario and the command's
+    /// options), recorded by `explore` and by sharded runs: shards are only
+    /// merged with equal ones. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+}
+
+/// `--shard K/N`: the states whose index `i` (after deduplication, in the
+/// enumeration's stable order) has `i % N == K - 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Shard {
+    /// K, from 1.
+    pub index: usize,
+    /// N.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Whether state `i` (0-based, of every state of a device and mode) is this shard's.
+    pub fn picks(&self, i: usize) -> bool {
+        i % self.count == self.index - 1
+    }
+
+    /// How many of `total` states this shard runs.
+    pub fn share(&self, total: usize) -> usize {
+        (0..total).filter(|&i| self.picks(i)).count()
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let bad = || format!("`{s}` is not a shard K/N (1 <= K <= N, e.g. 2/4)");
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (usize, usize) = (
+            k.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// What a shard's result records of its shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ShardInfo {
+    pub index: usize,
+    pub count: usize,
+    /// Per entry of `runs`, the states of that device and mode in all shards
+    /// (every shard enumerates them all, then runs its share).
+    pub states_total: Vec<usize>,
 }
 
 /// The states of one device in one mode.
@@ -161,21 +231,23 @@ pub struct StateResult {
     /// `verify` steps (absent otherwise, and in results written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durability: Option<Durability>,
-    /// The smallest set of the applied writes that still violates, when the
-    /// state was minimized (absent otherwise).
+    /// For a violating state that `explore` minimized: the smallest set of its
+    /// pending applied writes that still violates (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimized: Option<Minimized>,
 }
 
-/// A violating state's minimized write set.
+/// The outcome of delta debugging over a violating state's pending applied
+/// writes (the writes covered by a barrier stay applied in every candidate).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Minimized {
-    /// The writes that matter, each with the crash-point markers around it.
+    /// The writes kept, in trace order.
     pub writes: Vec<MinimizedWrite>,
-    /// Recovery boots the minimization took.
+    /// Recovery boots spent on the candidates.
     pub boots: usize,
-    /// How many applied writes it started from.
+    /// How many applied writes minimization started from (the state's
+    /// applied writes pending at its cut).
     pub from: usize,
 }
 
@@ -183,8 +255,11 @@ pub struct Minimized {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct MinimizedWrite {
+    /// The write, exactly as in the state's `applied`.
     pub write: AppliedWrite,
-    /// Where it is in words, e.g. `inside C8 (key-set append), word 3 of 4`.
+    /// Where it is in the trace: the crash-point markers around it and its
+    /// index among that section's writes, e.g.
+    /// `C8-begin (key-set append) … store 3 of 8 … C8-end; op 2`.
     pub context: String,
 }
 
@@ -351,6 +426,224 @@ impl DeviceModeRun {
     }
 }
 
+/// Why shards cannot be merged.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MergeError {
+    #[error("no result to merge")]
+    Nothing,
+    #[error("{0}: not a shard (it was run without --shard)")]
+    NotAShard(String),
+    #[error("{0}: an interrupted (partial) shard cannot be merged; run it again")]
+    Partial(String),
+    #[error("{what} differs between {a} and {b}: shards of different runs cannot be merged")]
+    Differs { what: String, a: String, b: String },
+    #[error("shard {index}/{count} is given twice ({a} and {b})")]
+    Duplicate {
+        index: usize,
+        count: usize,
+        a: String,
+        b: String,
+    },
+    #[error("shard(s) {missing} of {count} missing")]
+    Missing { missing: String, count: usize },
+    #[error("{file}: {what}")]
+    Inconsistent { file: String, what: String },
+}
+
+/// Joins the results of every shard `1/N..N/N` of one run into the result of
+/// the whole run: the states of each device and mode in their unsharded
+/// order, counted and checked against the pinned counts of the expectation
+/// the shards recorded (`config.scenario.expect`). Each entry is `(name,
+/// result)`; the name (a file) is only used in errors.
+pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, MergeError> {
+    let first = shards.first().ok_or(MergeError::Nothing)?;
+    let (name0, r0) = (first.0.clone(), &first.1);
+    let info0 = r0
+        .shard
+        .clone()
+        .ok_or_else(|| MergeError::NotAShard(name0.clone()))?;
+    let count = info0.count;
+    let mut by_index: Vec<Option<(String, RunResult)>> = vec![None; count];
+    for (name, r) in &shards {
+        let info = r
+            .shard
+            .as_ref()
+            .ok_or_else(|| MergeError::NotAShard(name.clone()))?;
+        if r.partial {
+            return Err(MergeError::Partial(name.clone()));
+        }
+        let differs = |what: &str| MergeError::Differs {
+            what: what.into(),
+            a: name0.clone(),
+            b: name.clone(),
+        };
+        if r.scenario != r0.scenario {
+            return Err(differs("the scenario"));
+        }
+        if info.count != count {
+            return Err(differs("the shard count N"));
+        }
+        if r.config != r0.config {
+            return Err(differs(
+                "the configuration (scenario, model, window, options)",
+            ));
+        }
+        if info.states_total != info0.states_total {
+            return Err(differs("the number of crash states"));
+        }
+        let runs = |r: &RunResult| -> Vec<(String, Mode)> {
+            r.runs.iter().map(|x| (x.device.clone(), x.mode)).collect()
+        };
+        if runs(r) != runs(r0) || r.runs.len() != info.states_total.len() {
+            return Err(differs("the devices and modes"));
+        }
+        let slot = by_index
+            .get_mut(info.index.wrapping_sub(1))
+            .ok_or_else(|| MergeError::Inconsistent {
+                file: name.clone(),
+                what: format!("shard {}/{count} is out of range", info.index),
+            })?;
+        if let Some((a, _)) = slot {
+            return Err(MergeError::Duplicate {
+                index: info.index,
+                count,
+                a: a.clone(),
+                b: name.clone(),
+            });
+        }
+        *slot = Some((name.clone(), r.clone()));
+    }
+    let missing: Vec<String> = by_index
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_none())
+        .map(|(k, _)| format!("{}/{count}", k + 1))
+        .collect();
+    if !missing.is_empty() {
+        return Err(MergeError::Missing {
+            missing: missing.join(", "),
+            count,
+        });
+    }
+    let shards: Vec<(String, RunResult)> = by_index.into_iter().flatten().collect();
+    let expect: Vec<Expectation> = r0
+        .config
+        .as_ref()
+        .and_then(|c| c.get("scenario"))
+        .and_then(|s| s.get("expect"))
+        .map(|e| serde_json::from_value(e.clone()))
+        .transpose()
+        .map_err(|e| MergeError::Inconsistent {
+            file: name0.clone(),
+            what: format!("config.scenario.expect does not read: {e}"),
+        })?
+        .unwrap_or_default();
+
+    let mut runs = Vec::new();
+    for (r, &total) in info0.states_total.iter().enumerate() {
+        let head = &shards[0].1.runs[r];
+        let mut states = Vec::with_capacity(total);
+        let mut next = vec![0usize; count];
+        for i in 0..total {
+            let k = i % count;
+            let (file, shard) = &shards[k];
+            let st = shard.runs[r]
+                .states
+                .get(next[k])
+                .ok_or_else(|| MergeError::Inconsistent {
+                    file: file.clone(),
+                    what: format!(
+                        "{}/{}: holds {} states, its share of {total} is more",
+                        head.device,
+                        head.mode,
+                        shard.runs[r].states.len()
+                    ),
+                })?;
+            next[k] += 1;
+            states.push(st.clone());
+        }
+        for (k, (file, shard)) in shards.iter().enumerate() {
+            let run = &shard.runs[r];
+            if run.states.len() != next[k] {
+                return Err(MergeError::Inconsistent {
+                    file: file.clone(),
+                    what: format!(
+                        "{}/{}: holds {} states, its share of {total} is {}",
+                        run.device,
+                        run.mode,
+                        run.states.len(),
+                        next[k]
+                    ),
+                });
+            }
+            // What the enumeration counted is the same in every shard.
+            let c = &run.counts;
+            let h = &head.counts;
+            if (
+                c.duplicates,
+                c.unchanged_writes,
+                c.pairs_full,
+                c.pairs_tried,
+            ) != (
+                h.duplicates,
+                h.unchanged_writes,
+                h.pairs_full,
+                h.pairs_tried,
+            ) || run.model != head.model
+                || run.timeline != head.timeline
+            {
+                return Err(MergeError::Differs {
+                    what: format!("{}/{}: the enumeration", run.device, run.mode),
+                    a: shards[0].0.clone(),
+                    b: file.clone(),
+                });
+            }
+        }
+        let mut run = DeviceModeRun {
+            device: head.device.clone(),
+            mode: head.mode,
+            model: head.model.clone(),
+            counts: ObservedCounts {
+                duplicates: head.counts.duplicates,
+                unchanged_writes: head.counts.unchanged_writes,
+                pairs_full: head.counts.pairs_full,
+                pairs_tried: head.counts.pairs_tried,
+                ..Default::default()
+            },
+            // The shards' boots added up: states per second stays per machine.
+            recovery_seconds: shards.iter().map(|(_, s)| s.runs[r].recovery_seconds).sum(),
+            states,
+            violations: vec![],
+            timeline: head.timeline.clone(),
+        };
+        run.finish(
+            expect
+                .iter()
+                .find(|e| e.device == run.device && e.mode == run.mode),
+        );
+        runs.push(run);
+    }
+    let passed = runs.iter().all(DeviceModeRun::passed);
+    Ok(RunResult {
+        schema_version: SCHEMA_VERSION,
+        scenario: r0.scenario.clone(),
+        started: shards
+            .iter()
+            .map(|(_, s)| s.started.clone())
+            .min()
+            .unwrap_or_default(),
+        elapsed_seconds: shards
+            .iter()
+            .map(|(_, s)| s.elapsed_seconds)
+            .fold(0.0, f64::max),
+        runs,
+        passed,
+        partial: false,
+        shard: None,
+        config: r0.config.clone(),
+    })
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder,
 /// synced, then renamed, so an interrupted run never leaves half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -487,6 +780,171 @@ mod tests {
             "{:?}",
             r.violations
         );
+    }
+
+    #[test]
+    fn shards_parse_and_pick_every_state_once() {
+        assert_eq!("2/4".parse::<Shard>(), Ok(Shard { index: 2, count: 4 }));
+        for bad in ["0/4", "5/4", "1", "a/b", "1/0"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        let shards: Vec<Shard> = (1..=3).map(|k| Shard { index: k, count: 3 }).collect();
+        for i in 0..10 {
+            assert_eq!(shards.iter().filter(|s| s.picks(i)).count(), 1);
+        }
+        assert_eq!(
+            shards.iter().map(|s| s.share(10)).collect::<Vec<_>>(),
+            [4, 3, 3]
+        );
+    }
+
+    /// A run of `n` states (every third refused), its result as the runner
+    /// writes it, and the same run cut into `count` shards.
+    fn whole_and_shards(n: usize, count: usize) -> (RunResult, Vec<(String, RunResult)>) {
+        let states: Vec<StateResult> = (0..n)
+            .map(|i| {
+                let mut s = if i % 3 == 0 {
+                    state("refused", false, false)
+                } else {
+                    state("formatted", true, false)
+                };
+                s.id = format!("blank-recover-{i:04}");
+                s.cut = Some(i);
+                s.check(&expectation());
+                s
+            })
+            .collect();
+        let mut e = expectation();
+        e.allowed = vec![];
+        e.all_usable = false;
+        e.counts = Some(Counts {
+            states: n,
+            outcomes: [
+                (Outcome::Refused, n.div_ceil(3)),
+                (Outcome::Formatted, n - n.div_ceil(3)),
+            ]
+            .into(),
+            unusable: n.div_ceil(3),
+            older_cache_back: 0,
+            durability_violations: 0,
+        });
+        let scenario = serde_json::json!({ "expect": [e.clone()] });
+        let config = Some(serde_json::json!({ "command": "scenario", "scenario": scenario }));
+        let result = |states: Vec<StateResult>, shard: Option<ShardInfo>| {
+            let mut r = run(states);
+            r.finish(if shard.is_some() { None } else { Some(&e) });
+            RunResult {
+                schema_version: SCHEMA_VERSION,
+                scenario: "x".into(),
+                started: "2026-12-06T00:00:00Z".into(),
+                elapsed_seconds: 1.0,
+                passed: r.passed(),
+                runs: vec![r],
+                partial: false,
+                shard,
+                config: config.clone(),
+            }
+        };
+        let whole = result(states.clone(), None);
+        let shards = (1..=count)
+            .map(|k| {
+                let sh = Shard { index: k, count };
+                let mine = states
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| sh.picks(*i))
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                let info = ShardInfo {
+                    index: k,
+                    count,
+                    states_total: vec![n],
+                };
+                (format!("shard{k}.json"), result(mine, Some(info)))
+            })
+            .collect();
+        (whole, shards)
+    }
+
+    #[test]
+    fn shards_merged_equal_the_whole_run() {
+        let (whole, mut shards) = whole_and_shards(10, 3);
+        // The refused states violate `allowed` in every shard alike.
+        assert!(!whole.passed);
+        shards.swap(0, 2);
+        let merged = merge_shards(shards).unwrap();
+        assert_eq!(merged.runs, whole.runs);
+        assert_eq!(merged.passed, whole.passed);
+        assert_eq!(merged.config, whole.config);
+        assert!(merged.shard.is_none() && !merged.partial);
+    }
+
+    #[test]
+    fn merging_checks_the_pinned_counts_the_shards_could_not() {
+        // One state more than pinned: no shard can tell, the merge does.
+        let (_, mut shards) = whole_and_shards(7, 2);
+        let pinned = |r: &mut RunResult, n: usize| {
+            let c = r.config.as_mut().unwrap();
+            c["scenario"]["expect"][0]["counts"]["states"] = n.into();
+        };
+        for (_, r) in &mut shards {
+            pinned(r, 6);
+        }
+        let merged = merge_shards(shards).unwrap();
+        assert!(
+            merged.runs[0]
+                .violations
+                .iter()
+                .any(|v| v == "pinned count `states`: expected 6, got 7"),
+            "{:?}",
+            merged.runs[0].violations
+        );
+    }
+
+    #[test]
+    fn merging_refuses_missing_duplicate_and_foreign_shards() {
+        let (whole, shards) = whole_and_shards(10, 3);
+        let err = |s: Vec<(String, RunResult)>| merge_shards(s).unwrap_err().to_string();
+        assert_eq!(
+            err(vec![shards[0].clone()]),
+            "shard(s) 2/3, 3/3 of 3 missing"
+        );
+        assert_eq!(
+            err(vec![
+                shards[0].clone(),
+                shards[1].clone(),
+                shards[1].clone()
+            ]),
+            "shard 2/3 is given twice (shard2.json and shard2.json)"
+        );
+        assert_eq!(
+            err(vec![("whole.json".into(), whole)]),
+            "whole.json: not a shard (it was run without --shard)"
+        );
+        let mut other = shards.clone();
+        other[2].1.config = Some(serde_json::json!({ "command": "explore" }));
+        assert!(err(other).starts_with(
+            "the configuration (scenario, model, window, options) differs between shard1.json and shard3.json"
+        ));
+        let mut other = shards.clone();
+        other[1].1.scenario = "y".into();
+        assert!(err(other).starts_with("the scenario differs"));
+        let mut other = shards.clone();
+        other[1].1.partial = true;
+        assert_eq!(
+            err(other),
+            "shard2.json: an interrupted (partial) shard cannot be merged; run it again"
+        );
+        let mut other = shards.clone();
+        other[1].1.runs[0].states.pop();
+        assert_eq!(
+            err(other),
+            "shard2.json: blank/recover: holds 2 states, its share of 10 is more"
+        );
+        let (_, four) = whole_and_shards(10, 4);
+        let mut mixed = shards;
+        mixed[2] = four[2].clone();
+        assert!(err(mixed).starts_with("the shard count N differs"));
     }
 
     #[test]

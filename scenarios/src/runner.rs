@@ -4,18 +4,18 @@
 
 use crate::generate;
 use crate::guest::{self, Recovery};
-use crate::persistence::{self, BaseImage, CrashState, Event, Trace};
+use crate::persistence::{self, BaseImage, CrashState, Event, Trace, Write};
 use crate::recipe::{self, PreparedDevice};
 use crate::result::{
-    write_atomic, AppliedWrite, DeviceModeRun, ObservedCounts, RunResult, StateResult,
-    SCHEMA_VERSION,
+    write_atomic, AppliedWrite, DeviceModeRun, Minimized, MinimizedWrite, ObservedCounts,
+    RunResult, Shard, ShardInfo, StateResult, SCHEMA_VERSION,
 };
 use crate::spec::{Device, Expectation, Generator, Mode, Run, Scenario, Window};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmm::{SavedWindow, VmConfig};
@@ -42,6 +42,35 @@ pub trait Progress: Sync {
     fn begin(&self, label: &str, states: usize);
     fn state_done(&self);
     fn end(&self);
+    /// A state just checked violates its expectation (called before its
+    /// `state_done`).
+    fn violation_found(&self) {}
+}
+
+/// How a run goes besides its scenario: `explore`'s minimization, shards,
+/// Ctrl-C. The default is a plain `cargo xtask scenario` run.
+#[derive(Debug, Default)]
+pub struct RunOptions<'a> {
+    /// Run only this shard's states; pinned counts are not checked.
+    pub shard: Option<Shard>,
+    /// Minimize up to this many violating states per device and mode.
+    pub minimize: usize,
+    /// Most recovery boots one state's minimization may spend.
+    pub minimize_boots: usize,
+    /// Set (by a Ctrl-C handler) to stop: no state is started after it, the
+    /// states done are kept and the result is marked partial.
+    pub cancel: Option<&'a AtomicBool>,
+    /// Recorded in the result as `config` (what shards must agree on).
+    pub config: Option<serde_json::Value>,
+    /// Save the images of at most this many violating states per device and
+    /// mode (`None`: all; explore's thousands would fill the disk).
+    pub save_limit: Option<usize>,
+}
+
+impl RunOptions<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 /// A progress sink that shows nothing.
@@ -154,11 +183,26 @@ pub fn run(
     cfg: &RunnerConfig,
     progress: &dyn Progress,
 ) -> Result<RunResult, RunnerError> {
+    run_with(name, scenario, cfg, progress, &RunOptions::default())
+}
+
+/// As [`run`], with the options of `explore`, shards and Ctrl-C.
+pub fn run_with(
+    name: &str,
+    scenario: &Scenario,
+    cfg: &RunnerConfig,
+    progress: &dyn Progress,
+    opts: &RunOptions,
+) -> Result<RunResult, RunnerError> {
     let t0 = Instant::now();
     let started = now_rfc3339();
     let mut runs = Vec::new();
-    for device in &scenario.devices {
+    let mut totals = Vec::new();
+    'all: for device in &scenario.devices {
         for &mode in &scenario.modes {
+            if opts.cancelled() {
+                break 'all;
+            }
             let expect = scenario
                 .expect
                 .iter()
@@ -174,8 +218,10 @@ pub fn run(
                 prepared: &prepared,
                 cfg,
                 progress,
+                opts,
+                saved: AtomicUsize::new(0),
             };
-            let run = match &scenario.run {
+            let (run, total) = match &scenario.run {
                 Run::PowerCut {
                     workload,
                     window,
@@ -189,9 +235,11 @@ pub fn run(
                 Run::Images { generator } => images(&job, *generator)?,
             };
             runs.push(run);
+            totals.push(total);
         }
     }
-    let passed = runs.iter().all(DeviceModeRun::passed);
+    let partial = opts.cancelled();
+    let passed = !partial && runs.iter().all(DeviceModeRun::passed);
     let result = RunResult {
         schema_version: SCHEMA_VERSION,
         scenario: name.into(),
@@ -199,6 +247,13 @@ pub fn run(
         elapsed_seconds: t0.elapsed().as_secs_f64(),
         runs,
         passed,
+        partial,
+        shard: opts.shard.map(|s| ShardInfo {
+            index: s.index,
+            count: s.count,
+            states_total: totals,
+        }),
+        config: opts.config.clone(),
     };
     let path = cfg.out_dir.join("result.json");
     let json = serde_json::to_vec_pretty(&result).expect("results serialize");
@@ -216,6 +271,9 @@ struct Job<'a> {
     prepared: &'a PreparedDevice,
     cfg: &'a RunnerConfig,
     progress: &'a dyn Progress,
+    opts: &'a RunOptions<'a>,
+    /// Violating states saved so far.
+    saved: AtomicUsize,
 }
 
 impl Job<'_> {
@@ -228,8 +286,22 @@ impl Job<'_> {
         guest::cmdline(&self.scenario.recovery, self.mode, false)
     }
 
+    /// Whether one more violating state may be saved (`RunOptions::save_limit`).
+    fn may_save(&self) -> bool {
+        let n = self.saved.fetch_add(1, Ordering::Relaxed);
+        self.opts.save_limit.is_none_or(|max| n < max)
+    }
+
+    /// The indices of the `total` states this run checks (its shard's).
+    fn picked(&self, total: usize) -> Vec<usize> {
+        (0..total)
+            .filter(|&i| self.opts.shard.is_none_or(|s| s.picks(i)))
+            .collect()
+    }
+
     /// The run of this device and mode, counted and checked against the
-    /// pinned counts; `t0` is when its recovery boots started.
+    /// pinned counts (not in a shard or an interrupted run: they cannot know
+    /// the totals); `t0` is when its recovery boots started.
     fn finish(
         &self,
         model: serde_json::Value,
@@ -237,6 +309,15 @@ impl Job<'_> {
         t0: Instant,
         states: Vec<StateResult>,
     ) -> DeviceModeRun {
+        let unpinned = self.expect.map(|e| Expectation {
+            counts: None,
+            ..e.clone()
+        });
+        let expect = if self.opts.shard.is_some() || self.opts.cancelled() {
+            unpinned.as_ref()
+        } else {
+            self.expect
+        };
         let mut run = DeviceModeRun {
             device: self.device.name.clone(),
             mode: self.mode,
@@ -247,7 +328,7 @@ impl Job<'_> {
             violations: vec![],
             timeline: None,
         };
-        run.finish(self.expect);
+        run.finish(expect);
         run
     }
 
@@ -295,6 +376,106 @@ impl Job<'_> {
     }
 }
 
+/// What checking one crash state of a power-cut run needs.
+struct CutCheck<'a> {
+    job: &'a Job<'a>,
+    saved: &'a SavedWindow,
+    line: String,
+    /// What the durability rule judges (`None`: recovery has no `verify` step).
+    judged: Option<Judged>,
+    /// Workload ops done before each trace position.
+    done: Vec<usize>,
+}
+
+/// The ops of a power-cut run the durability rule judges a state against.
+struct Judged {
+    prefill: Vec<workload::Op>,
+    workload: Vec<workload::Op>,
+    recovery: Vec<workload::Op>,
+    /// `durability::judged_ops` with every workload op done.
+    full: (Vec<workload::Op>, usize),
+}
+
+impl CutCheck<'_> {
+    /// Boots recovery on the window's base plus exactly `writes` at `cut`,
+    /// and checks the state's expectation.
+    fn check(&self, id: &str, cut: usize, writes: &[Write]) -> Result<StateResult, RunnerError> {
+        let job = self.job;
+        let images = self.saved.build(cut as u64, writes)?;
+        let applied_refs = images.applied.clone();
+        let mut st = recover(
+            images.pmem,
+            images.disk,
+            id,
+            &self.line,
+            job.prepared.older_seq,
+            job.cfg,
+        )?;
+        st.cut = Some(cut);
+        st.applied = applied(&self.saved.trace, &applied_refs);
+        if let Some(j) = &self.judged {
+            let n = self.done[cut.min(self.done.len() - 1)];
+            let w = j.workload.len();
+            st.durability = Some(if n >= w || j.recovery.is_empty() {
+                let acked = j.full.1 - (w - n.min(w));
+                crate::durability::judge(&st.reports, &j.full.0, acked)
+            } else {
+                let (ops, acked) =
+                    crate::durability::judged_ops(&j.prefill, &j.workload, &j.recovery, n);
+                crate::durability::judge(&st.reports, &ops, acked)
+            });
+        }
+        if let Some(e) = job.expect {
+            st.check(e);
+        }
+        Ok(st)
+    }
+
+    /// Delta debugging (ddmin) over the state's applied writes pending at its
+    /// cut: the smallest set of them that, with every write a barrier covered,
+    /// still violates. `None` when cancelled.
+    fn minimize(
+        &self,
+        st: &StateResult,
+        applied: &[Write],
+    ) -> Result<Option<Minimized>, RunnerError> {
+        let cut = st.cut.expect("a power-cut state has a cut");
+        let events = self.saved.trace.events();
+        let pending: std::collections::HashSet<usize> =
+            persist::pending_all(events, cut).into_iter().collect();
+        let (universe, fixed): (Vec<Write>, Vec<Write>) = applied
+            .iter()
+            .partition(|w| pending.contains(&(w.event as usize)));
+        let boots = std::cell::Cell::new(0usize);
+        let violates = |keep: &[Write]| -> Result<Option<bool>, RunnerError> {
+            if self.job.opts.cancelled() {
+                return Ok(None);
+            }
+            boots.set(boots.get() + 1);
+            let mut writes = fixed.clone();
+            writes.extend_from_slice(keep);
+            let cand = self.check(&st.id, cut, &writes)?;
+            Ok(Some(!cand.violations.is_empty()))
+        };
+        let budget = self.job.opts.minimize_boots.max(1);
+        let Some(kept) = ddmin(&universe, budget, violates)? else {
+            return Ok(None);
+        };
+        let writes = kept
+            .iter()
+            .map(|w| MinimizedWrite {
+                write: applied_one(&self.saved.trace, *w).expect("a write event"),
+                context: write_context(&self.saved.trace, *w),
+            })
+            .collect();
+        Ok(Some(Minimized {
+            writes,
+            boots: boots.get(),
+            from: universe.len(),
+        }))
+    }
+}
+
 fn power_cut(
     job: &Job,
     workload: &str,
@@ -303,13 +484,13 @@ fn power_cut(
     faults: &vmm::BlkFaults,
     pairs: &persistence::Pairs,
     dir: &Path,
-) -> Result<DeviceModeRun, RunnerError> {
+) -> Result<(DeviceModeRun, usize), RunnerError> {
     let Job {
         device,
         mode,
-        expect,
         prepared,
         cfg,
+        opts,
         ..
     } = *job;
     let fail = |why: String| RunnerError::Workload {
@@ -352,56 +533,80 @@ fn power_cut(
     let e = persistence::enumerate_paired(&saved.trace, &windows, model, pairs, &base)?;
     // The durability rule judges each state against the ops acknowledged
     // before its cut (a scenario file that loaded has valid ops).
-    let workload_ops = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
-    let prefill_ops = device.judged_prefill_ops().map_err(&fail)?;
-    let recovery_ops = guest_cmdline::ops_of_steps(&job.scenario.recovery).map_err(&fail)?;
-    // The judged ops depend on the cut only through the workload ops done
-    // before it; most states share one list.
-    let full =
-        crate::durability::judged_ops(&prefill_ops, &workload_ops, &recovery_ops, usize::MAX);
-    let done = crate::durability::ops_done_before(&saved.trace);
     let judge = !crate::spec::verify_ranges(&job.scenario.recovery).is_empty();
+    let judged = if judge {
+        let workload = guest_cmdline::ops_of_steps(workload).map_err(&fail)?;
+        let prefill = device.judged_prefill_ops().map_err(&fail)?;
+        let recovery = guest_cmdline::ops_of_steps(&job.scenario.recovery).map_err(&fail)?;
+        // The judged ops depend on the cut only through the workload ops done
+        // before it; most states share one list.
+        let full = crate::durability::judged_ops(&prefill, &workload, &recovery, usize::MAX);
+        Some(Judged {
+            prefill,
+            workload,
+            recovery,
+            full,
+        })
+    } else {
+        None
+    };
+    let checker = CutCheck {
+        job,
+        saved: &saved,
+        line: job.recovery_line(),
+        judged,
+        done: crate::durability::ops_done_before(&saved.trace),
+    };
 
     // Recovery boots, in parallel.
-    let line = job.recovery_line();
     let t0 = Instant::now();
-    let states = parallel_states(&job.label(), e.states.len(), cfg.jobs, job.progress, |i| {
-        let state = &e.states[i];
-        let id = format!("{}-{}-{:04}", device.name, mode, i);
-        let images = build_images(&saved, state)?;
-        let applied = applied(&saved.trace, &images.applied);
-        let mut st = recover(
-            images.pmem,
-            images.disk,
-            &id,
-            &line,
-            prepared.older_seq,
-            cfg,
-        )?;
-        st.cut = Some(state.cut);
-        st.applied = applied;
-        if judge {
-            let n = done[state.cut.min(done.len() - 1)];
-            st.durability = Some(if n >= workload_ops.len() || recovery_ops.is_empty() {
-                let acked = full.1 - (workload_ops.len() - n.min(workload_ops.len()));
-                crate::durability::judge(&st.reports, &full.0, acked)
-            } else {
-                let (ops, acked) =
-                    crate::durability::judged_ops(&prefill_ops, &workload_ops, &recovery_ops, n);
-                crate::durability::judge(&st.reports, &ops, acked)
-            });
+    let picked = job.picked(e.states.len());
+    let mut states = parallel_states(
+        &job.label(),
+        &picked,
+        cfg.jobs,
+        job.progress,
+        opts.cancel,
+        |i| {
+            let state = &e.states[i];
+            let id = format!("{}-{}-{:04}", device.name, mode, i);
+            let mut writes = state.pmem.clone();
+            writes.extend_from_slice(&state.disk);
+            let mut st = checker.check(&id, state.cut, &writes)?;
+            if !st.violations.is_empty() && job.may_save() {
+                // Built again: recovery ran on the first copy-on-write views and may
+                // have written them.
+                let images = build_images(&saved, state)?;
+                job.save_state(images, &mut st)?;
+            }
+            Ok(st)
+        },
+    )?;
+    let recovery_seconds = t0.elapsed();
+
+    // The first violating states, minimized (each by boots of its own).
+    let violating = states.iter().filter(|s| !s.violations.is_empty()).count();
+    if opts.minimize > 0 && violating > 0 && !opts.cancelled() {
+        let chosen: Vec<usize> = (0..states.len())
+            .filter(|&k| !states[k].violations.is_empty())
+            .take(opts.minimize)
+            .collect();
+        // No state is missing (not cancelled): `states[k]` is `picked[k]`'s.
+        let label = format!("{} minimize", job.label());
+        let results = parallel_map(&label, &chosen, cfg.jobs, job.progress, None, |k| {
+            let state = &e.states[picked[k]];
+            let mut writes = state.pmem.clone();
+            writes.extend_from_slice(&state.disk);
+            // The applied writes, as `SavedWindow::build` orders them.
+            writes.sort_unstable();
+            writes.dedup();
+            checker.minimize(&states[k], &writes)
+        })?;
+        for (k, m) in chosen.into_iter().zip(results) {
+            states[k].minimized = m.flatten();
         }
-        if let Some(e) = expect {
-            st.check(e);
-        }
-        if !st.violations.is_empty() {
-            // Built again: recovery ran on the first copy-on-write views and may
-            // have written them.
-            let images = build_images(&saved, state)?;
-            job.save_state(images, &mut st)?;
-        }
-        Ok(st)
-    })?;
+    }
+
     let model = serde_json::json!({
         "model": model,
         "pairs": pairs,
@@ -417,18 +622,21 @@ fn power_cut(
         pairs_tried: e.pairs_tried,
         ..Default::default()
     };
+    // Minimization's boots are not the states' own.
     let mut run = job.finish(model, counts, t0, states);
+    run.recovery_seconds = recovery_seconds.as_secs_f64();
     run.timeline = Some(crate::result::Timeline::of_trace(&saved.trace, &windows));
-    Ok(run)
+    Ok((run, e.states.len()))
 }
 
 /// A scenario without a power cut: recovery on each generated variant of the
 /// device's image.
-fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError> {
+fn images(job: &Job, generator: Generator) -> Result<(DeviceModeRun, usize), RunnerError> {
     let Job {
         expect,
         prepared,
         cfg,
+        opts,
         ..
     } = *job;
     let io = |error| RunnerError::Io {
@@ -457,42 +665,54 @@ fn images(job: &Job, generator: Generator) -> Result<DeviceModeRun, RunnerError>
     };
     let line = job.recovery_line();
     let t0 = Instant::now();
-    let states = parallel_states(&job.label(), variants.len(), cfg.jobs, job.progress, |i| {
-        let v = &variants[i];
-        let images = open(v)?;
-        let mut st = recover(
-            images.pmem,
-            images.disk,
-            &v.name,
-            &line,
-            prepared.older_seq,
-            cfg,
-        )?;
-        st.applied = v
-            .patches
-            .iter()
-            .map(|(offset, bytes)| AppliedWrite::Patch {
-                offset: *offset,
-                bytes: bytes.iter().map(|b| format!("{b:02x}")).collect(),
-            })
-            .collect();
-        if let Some(e) = expect {
-            st.check(e);
-            if let Some(want) = e.per_image.get(&v.name) {
-                let got = st.detailed_outcome();
-                if want.to_string() != got {
-                    st.violations
-                        .push(format!("expected `{want}`, got `{got}`"));
+    let picked = job.picked(variants.len());
+    let states = parallel_states(
+        &job.label(),
+        &picked,
+        cfg.jobs,
+        job.progress,
+        opts.cancel,
+        |i| {
+            let v = &variants[i];
+            let images = open(v)?;
+            let mut st = recover(
+                images.pmem,
+                images.disk,
+                &v.name,
+                &line,
+                prepared.older_seq,
+                cfg,
+            )?;
+            st.applied = v
+                .patches
+                .iter()
+                .map(|(offset, bytes)| AppliedWrite::Patch {
+                    offset: *offset,
+                    bytes: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+                })
+                .collect();
+            if let Some(e) = expect {
+                st.check(e);
+                if let Some(want) = e.per_image.get(&v.name) {
+                    let got = st.detailed_outcome();
+                    if want.to_string() != got {
+                        st.violations
+                            .push(format!("expected `{want}`, got `{got}`"));
+                    }
                 }
             }
-        }
-        if !st.violations.is_empty() {
-            job.save_state(open(v)?, &mut st)?;
-        }
-        Ok(st)
-    })?;
+            if !st.violations.is_empty() && job.may_save() {
+                job.save_state(open(v)?, &mut st)?;
+            }
+            Ok(st)
+        },
+    )?;
     let model = serde_json::json!({ "generator": generator });
-    Ok(job.finish(model, ObservedCounts::default(), t0, states))
+    let total = variants.len();
+    Ok((
+        job.finish(model, ObservedCounts::default(), t0, states),
+        total,
+    ))
 }
 
 /// Every image `expect.per-image` names must be one the generator makes.
@@ -507,29 +727,56 @@ fn check_image_names(e: &Expectation, variants: &[generate::Variant]) -> Result<
     }
 }
 
-/// Runs `check(i)` for `0..n` on `jobs` threads; the first error stops the rest.
+/// Runs `check(i)` for each `i` of `items` on `jobs` threads; the first error
+/// stops the rest, and so does `cancel` (the states done are returned, in
+/// the order of `items`).
 fn parallel_states(
     label: &str,
-    n: usize,
+    items: &[usize],
     jobs: usize,
     progress: &dyn Progress,
+    cancel: Option<&AtomicBool>,
     check: impl Fn(usize) -> Result<StateResult, RunnerError> + Sync,
 ) -> Result<Vec<StateResult>, RunnerError> {
+    let done = parallel_map(label, items, jobs, progress, cancel, |i| {
+        let st = check(i)?;
+        if !st.violations.is_empty() {
+            progress.violation_found();
+        }
+        Ok(st)
+    })?;
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// Runs `f(i)` for each `i` of `items` on `jobs` threads, with a progress
+/// step per item; the first error stops the rest, and so does `cancel`
+/// (items not started are `None`). A panic in `f` is an error naming the item.
+fn parallel_map<T: Send>(
+    label: &str,
+    items: &[usize],
+    jobs: usize,
+    progress: &dyn Progress,
+    cancel: Option<&AtomicBool>,
+    f: impl Fn(usize) -> Result<T, RunnerError> + Sync,
+) -> Result<Vec<Option<T>>, RunnerError> {
+    let n = items.len();
     progress.begin(label, n);
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<StateResult>>> = Mutex::new(vec![None; n]);
+    let results: Mutex<Vec<Option<T>>> = Mutex::new((0..n).map(|_| None).collect());
     let first_error: Mutex<Option<RunnerError>> = Mutex::new(None);
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     std::thread::scope(|s| {
         for _ in 0..jobs.max(1) {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n || first_error.lock().unwrap().is_some() {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= n || first_error.lock().unwrap().is_some() || cancelled() {
                     break;
                 }
+                let i = items[k];
                 // A panic in the harness while checking one state ends the
                 // run with an error naming the state, not a crash of the
                 // whole command (which would lose every other result).
-                let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(i)))
+                let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i)))
                     .unwrap_or_else(|p| {
                         let why = p
                             .downcast_ref::<&str>()
@@ -543,7 +790,7 @@ fn parallel_states(
                         })
                     });
                 match checked {
-                    Ok(st) => results.lock().unwrap()[i] = Some(st),
+                    Ok(st) => results.lock().unwrap()[k] = Some(st),
                     Err(err) => {
                         first_error.lock().unwrap().get_or_insert(err);
                     }
@@ -556,12 +803,7 @@ fn parallel_states(
     if let Some(err) = first_error.into_inner().unwrap() {
         return Err(err);
     }
-    Ok(results
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .flatten()
-        .collect())
+    Ok(results.into_inner().unwrap())
 }
 
 /// The crash images of a state: the window's base plus its durable writes.
@@ -629,20 +871,203 @@ fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult 
 fn applied(trace: &Trace, writes: &[vmm::WriteRef]) -> Vec<AppliedWrite> {
     writes
         .iter()
-        .filter_map(|w| match trace.get(w.event)? {
-            Event::PmemStore { offset, len, value } => Some(AppliedWrite::Pmem {
-                event: w.event as usize,
-                offset: *offset,
-                len: *len,
-                value: format!("{value:#018x}"),
-            }),
-            Event::BlkWrite { sector, .. } => Some(AppliedWrite::Disk {
-                event: w.event as usize,
-                sector: sector + w.part as u64,
-            }),
-            _ => None,
-        })
+        .filter_map(|w| applied_one(trace, *w))
         .collect()
+}
+
+/// One applied write as the result file lists it (`None`: not a write event).
+fn applied_one(trace: &Trace, w: vmm::WriteRef) -> Option<AppliedWrite> {
+    match trace.get(w.event)? {
+        Event::PmemStore { offset, len, value } => Some(AppliedWrite::Pmem {
+            event: w.event as usize,
+            offset: *offset,
+            len: *len,
+            value: format!("{value:#018x}"),
+        }),
+        Event::BlkWrite { sector, .. } => Some(AppliedWrite::Disk {
+            event: w.event as usize,
+            sector: sector + w.part as u64,
+        }),
+        _ => None,
+    }
+}
+
+/// What a crash point's sequence writes (`docs/format.md` §10.3).
+fn crash_point_name(n: u32) -> &'static str {
+    match n {
+        1 => "zeroing cache_info and cache_ctrl",
+        2 => "superblock",
+        3 => "segment format",
+        4 => "cache_info update",
+        5 => "tail update",
+        6 => "seg_info update",
+        7 => "segment generation",
+        8 => "key-set append",
+        9 => "log segment switch",
+        10 => "data write",
+        11 => "writeback",
+        12 => "GC",
+        _ => "unknown",
+    }
+}
+
+/// Where a write is in the trace, for people: the innermost crash-point
+/// section around it (`C<n>-begin` … `C<n>-end`), its index among that
+/// section's writes of its kind (stores, or disk sectors), and the workload
+/// op it belongs to (ops counted by their op-done markers), e.g.
+/// `C8-begin (key-set append) … store 3 of 8 … C8-end; op 2`.
+pub fn write_context(trace: &Trace, w: vmm::WriteRef) -> String {
+    use protocol::markers::{decode_crash_point, decode_op_done};
+    let events = trace.events();
+    let at = w.event as usize;
+    let is_disk = matches!(events.get(at), Some(Event::BlkWrite { .. }));
+    let op = events[..at.min(events.len())]
+        .iter()
+        .filter(|e| matches!(e, Event::Marker { id } if decode_op_done(*id).is_some()))
+        .count();
+    // The innermost open section at `at`: walk back, skipping sections that
+    // closed before it (nesting: C3 holds a C7 and a C6).
+    let mut closed: Vec<u32> = Vec::new();
+    let mut begin = None;
+    for (i, e) in events[..at.min(events.len())].iter().enumerate().rev() {
+        if let Event::Marker { id } = e {
+            match decode_crash_point(*id) {
+                Some((n, true)) => closed.push(n),
+                Some((n, false)) => {
+                    if closed.last() == Some(&n) {
+                        closed.pop();
+                    } else {
+                        begin = Some((i, n));
+                        break;
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    let Some((b, n)) = begin else {
+        return format!("outside any crash point; op {op}");
+    };
+    // Its end: the first C<n>-end after `b` at the same depth.
+    let mut depth = 0usize;
+    let mut end = None;
+    for (i, e) in events.iter().enumerate().skip(b + 1) {
+        if let Event::Marker { id } = e {
+            match decode_crash_point(*id) {
+                Some((m, false)) if m == n => depth += 1,
+                Some((m, true)) if m == n => {
+                    if depth == 0 {
+                        end = Some(i);
+                        break;
+                    }
+                    depth -= 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    // Units of the section of the write's kind: stores, or sectors.
+    let unit = |e: &Event| -> u64 {
+        match e {
+            Event::PmemStore { .. } if !is_disk => 1,
+            Event::BlkWrite { len, .. } if is_disk => u64::from(*len) / persistence::SECTOR as u64,
+            _ => 0,
+        }
+    };
+    let stop = end.unwrap_or(events.len());
+    let index: u64 = events[b + 1..at].iter().map(unit).sum::<u64>() + u64::from(w.part) + 1;
+    let total: u64 = events[b + 1..stop].iter().map(unit).sum();
+    let what = if is_disk { "sector" } else { "store" };
+    let tail = match end {
+        Some(_) => format!("C{n}-end"),
+        None => "(no C{n}-end: the trace ends first)".replace("{n}", &n.to_string()),
+    };
+    format!(
+        "C{n}-begin ({}) … {what} {index} of {total} … {tail}; op {op}",
+        crash_point_name(n)
+    )
+}
+
+/// Delta debugging (Zeller's ddmin) for a 1-minimal subset of `items` that
+/// still `violates`: no single item of the result can be dropped. The empty
+/// set is tried first (a state that violates with none of them pending).
+/// `violates` returns `None` to stop (cancelled): then so does this. At most
+/// `budget` calls are made; past it the smallest violating set found so far
+/// is returned. Results are cached, so no subset is tried twice.
+pub fn ddmin<T: Copy + Ord, E>(
+    items: &[T],
+    budget: usize,
+    mut violates: impl FnMut(&[T]) -> Result<Option<bool>, E>,
+) -> Result<Option<Vec<T>>, E> {
+    let mut cache: std::collections::BTreeMap<Vec<T>, bool> = Default::default();
+    let mut calls = 0usize;
+    let cancelled = std::cell::Cell::new(false);
+    // `Ok(None)`: stop (out of budget, or cancelled).
+    let mut test = |c: &[T]| -> Result<Option<bool>, E> {
+        if let Some(&v) = cache.get(c) {
+            return Ok(Some(v));
+        }
+        if calls >= budget {
+            return Ok(None);
+        }
+        calls += 1;
+        let v = violates(c)?;
+        match v {
+            Some(v) => {
+                cache.insert(c.to_vec(), v);
+            }
+            None => cancelled.set(true),
+        }
+        Ok(v)
+    };
+    let mut c: Vec<T> = items.to_vec();
+    if test(&[])? == Some(true) {
+        return Ok(Some(vec![]));
+    }
+    let mut n = 2usize;
+    'outer: while c.len() >= 2 {
+        let n_eff = n.min(c.len());
+        let chunks: Vec<Vec<T>> = (0..n_eff)
+            .map(|k| c[k * c.len() / n_eff..(k + 1) * c.len() / n_eff].to_vec())
+            .collect();
+        // Reduce to a subset.
+        for chunk in &chunks {
+            match test(chunk)? {
+                Some(true) => {
+                    c = chunk.clone();
+                    n = 2;
+                    continue 'outer;
+                }
+                Some(false) => {}
+                None => break 'outer,
+            }
+        }
+        // Reduce to a complement (with two chunks, the complements are the chunks).
+        if n_eff > 2 {
+            for k in 0..n_eff {
+                let rest: Vec<T> = chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != k)
+                    .flat_map(|(_, ch)| ch.iter().copied())
+                    .collect();
+                match test(&rest)? {
+                    Some(true) => {
+                        c = rest;
+                        n = (n_eff - 1).max(2);
+                        continue 'outer;
+                    }
+                    Some(false) => {}
+                    None => break 'outer,
+                }
+            }
+        }
+        if n_eff >= c.len() {
+            break;
+        }
+        n = (2 * n_eff).min(c.len());
+    }
+    Ok(if cancelled.get() { None } else { Some(c) })
 }
 
 /// Boots recovery on a pair of image files (copy-on-write views: the files are
@@ -926,7 +1351,7 @@ mod tests {
 
     #[test]
     fn a_harness_panic_in_one_state_is_an_error_not_a_crash() {
-        let r = parallel_states("blank/strict", 6, 2, &Quiet, |i| {
+        let r = parallel_states("blank/strict", &[0, 1, 2, 3, 4, 5], 2, &Quiet, None, |i| {
             if i == 3 {
                 panic!("boom at {i}");
             }
@@ -985,6 +1410,115 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "expect.per-image names `magik/new-crc`, which the generator does not make (it makes: magic/new-crc, crc/stale-crc)"
+        );
+    }
+
+    /// ddmin on a predicate, counting calls: the result and the calls.
+    fn dd(items: &[u32], budget: usize, bad: impl Fn(&[u32]) -> bool) -> (Option<Vec<u32>>, usize) {
+        let mut calls = 0;
+        let r = ddmin::<u32, ()>(items, budget, |c: &[u32]| {
+            calls += 1;
+            Ok(Some(bad(c)))
+        })
+        .unwrap();
+        (r, calls)
+    }
+
+    #[test]
+    fn ddmin_finds_a_one_minimal_violating_set() {
+        let items: Vec<u32> = (0..64).collect();
+        // Two writes together violate (a key's two words without the data).
+        let (r, calls) = dd(&items, 1000, |c| c.contains(&5) && c.contains(&40));
+        assert_eq!(r, Some(vec![5, 40]));
+        assert!(calls < 64, "{calls} calls");
+        // Any one of a set violates: a single write.
+        let (r, _) = dd(&items, 1000, |c| c.iter().any(|x| (10..20).contains(x)));
+        assert_eq!(r.map(|v| v.len()), Some(1));
+        // Four of them together, as a key-set record's words.
+        let need = [3u32, 17, 18, 60];
+        let (r, _) = dd(&items, 1000, |c| need.iter().all(|n| c.contains(n)));
+        assert_eq!(r, Some(need.to_vec()));
+        // The state violates with none of its pending writes: the empty set,
+        // after one call.
+        assert_eq!(dd(&items, 1000, |_| true), (Some(vec![]), 1));
+        // Out of budget: the smallest violating set found so far (with 3
+        // calls: the empty set and both halves fail to violate, so all 64).
+        let both = |c: &[u32]| c.contains(&5) && c.contains(&40);
+        assert_eq!(dd(&items, 3, both), (Some(items.clone()), 3));
+        let (r, calls) = dd(&items, 9, both);
+        let r = r.unwrap();
+        assert_eq!(calls, 9);
+        assert!(both(&r) && r.len() < 64, "{r:?}");
+    }
+
+    #[test]
+    fn ddmin_stops_when_cancelled() {
+        let items: Vec<u32> = (0..16).collect();
+        let mut calls = 0;
+        let r = ddmin::<u32, ()>(&items, 100, |c: &[u32]| {
+            calls += 1;
+            Ok((calls < 3).then(|| c.contains(&7)))
+        })
+        .unwrap();
+        assert_eq!((r, calls), (None, 3));
+    }
+
+    #[test]
+    fn a_writes_context_names_its_innermost_section_its_index_and_op() {
+        use protocol::markers::{crash_point_begin as b, crash_point_end as e, op_done};
+        let store = |offset: u64| Event::PmemStore {
+            offset,
+            len: 8,
+            value: 1,
+        };
+        let mut t = Trace::new();
+        for ev in [
+            store(0),                         // 0: outside
+            Event::Marker { id: op_done(0) }, // 1
+            Event::Marker { id: b(3) },       // 2
+            store(8),                         // 3: C3 store 1
+            Event::Marker { id: b(7) },       // 4
+            store(16),                        // 5: C7 store 1 of 2
+            store(24),                        // 6: C7 store 2 of 2
+            Event::Marker { id: e(7) },       // 7
+            store(32),                        // 8: C3 store 4 of 4
+            Event::PmemFlush,                 // 9
+            Event::Marker { id: e(3) },       // 10
+            Event::Marker { id: b(11) },      // 11
+            Event::BlkWrite {
+                sector: 4,
+                len: 1024,
+                data: 0,
+            }, // 12: sectors 1, 2 of 3
+            Event::BlkWrite {
+                sector: 9,
+                len: 512,
+                data: 0,
+            }, // 13: sector 3 of 3
+        ] {
+            t.push(ev);
+        }
+        let at = |event: u64, part: u32| write_context(&t, Write { event, part });
+        assert_eq!(at(0, 0), "outside any crash point; op 0");
+        assert_eq!(
+            at(3, 0),
+            "C3-begin (segment format) … store 1 of 4 … C3-end; op 1"
+        );
+        assert_eq!(
+            at(6, 0),
+            "C7-begin (segment generation) … store 2 of 2 … C7-end; op 1"
+        );
+        assert_eq!(
+            at(8, 0),
+            "C3-begin (segment format) … store 4 of 4 … C3-end; op 1"
+        );
+        assert_eq!(
+            at(12, 1),
+            "C11-begin (writeback) … sector 2 of 3 … (no C11-end: the trace ends first); op 1"
+        );
+        assert_eq!(
+            at(13, 0),
+            "C11-begin (writeback) … sector 3 of 3 … (no C11-end: the trace ends first); op 1"
         );
     }
 

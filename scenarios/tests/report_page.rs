@@ -185,6 +185,9 @@ fn fixture() -> RunResult {
         elapsed_seconds: 4.2,
         runs: vec![small_run(), large_run()],
         passed: false,
+        partial: false,
+        shard: None,
+        config: None,
     }
 }
 

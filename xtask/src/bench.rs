@@ -33,7 +33,10 @@ pub struct BenchArgs {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
+    let kernel = guest::build(guest::BuildGuestArgs {
+        debug: false,
+        feature: None,
+    })?;
     if !args.pcache_only {
         run(locked(cargo().arg("bench"))
             .args(["--package", "vmm", "--bench", "vm"])

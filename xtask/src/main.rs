@@ -4,10 +4,12 @@
 //! line and dispatches.
 
 mod bench;
+mod explore;
 mod export;
 mod guest;
 mod image;
 mod interop;
+mod merge;
 mod report;
 mod reproduce;
 mod ring0_scan;
@@ -38,6 +40,10 @@ enum Command {
     BuildGuest(guest::BuildGuestArgs),
     /// Run a power-cut scenario (scenarios/NAME.json); --list, --all.
     Scenario(scenario::ScenarioArgs),
+    /// Every crash state of a workload (a scenario's or given), in parallel, violations minimized.
+    Explore(Box<explore::ExploreArgs>),
+    /// Join the results of the shards of a run (`--shard K/N`) into one, checking pinned counts.
+    MergeResults(merge::MergeArgs),
     /// (Re)write a run's report page (report.html) from its result.json.
     Report(report::ReportArgs),
     /// Replay recovery on a saved crash state or on a user's image (never modified).
@@ -60,6 +66,8 @@ fn main() -> Result<()> {
         Command::Test(args) => test::test_all(args),
         Command::Bench(args) => bench::bench(args),
         Command::Scenario(args) => scenario::scenario(args),
+        Command::Explore(args) => explore::explore(*args),
+        Command::MergeResults(args) => merge::merge(args),
         Command::Reproduce(args) => reproduce::reproduce(args),
         Command::Report(args) => report::report(args),
         Command::BuildGuest(args) => guest::build(args).map(|path| {
@@ -102,8 +110,49 @@ mod tests {
             panic!("not a scenario command");
         };
         assert_eq!((a.jobs, a.state_timeout), (Some(2), 10));
+        let Command::Scenario(a) = parse(&["scenario", "x", "--shard", "2/3"]).unwrap().command
+        else {
+            panic!("not a scenario command");
+        };
+        assert_eq!(a.shard.map(|s| s.to_string()), Some("2/3".into()));
+        let err = parse(&["scenario", "x", "--shard", "4/3"]).err().unwrap();
+        assert!(err.contains("not a shard K/N"), "{err}");
         let err = parse(&["bench", "--runs", "0"]).err().unwrap();
         assert!(err.contains("--runs") && err.contains("3..=1000"), "{err}");
         assert!(parse(&["bench", "--runs", "1001"]).is_err());
+    }
+
+    #[test]
+    fn explore_and_merge_results_parse() {
+        let Command::Explore(a) = parse(&[
+            "explore",
+            "--scenario",
+            "crash-mid-data-write",
+            "--model",
+            "subsets:8:1",
+            "--window",
+            "C8-begin..C8-end",
+            "--mode",
+            "strict",
+            "--strict-fails",
+            "--shard",
+            "1/2",
+            "--guest-feature",
+            "test-drop-data-fence",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not explore");
+        };
+        assert_eq!(a.modes, ["strict"]);
+        assert!(a.strict_fails && a.minimize == 10 && a.save == 10);
+        assert!(parse(&["explore", "--guest-feature", "no-such-feature"]).is_err());
+        assert!(parse(&["explore", "--mode", "lenient"]).is_err());
+        // The device flags need --recipe.
+        assert!(parse(&["explore", "--disk-size", "8M"]).is_err());
+        assert!(parse(&["explore", "--recipe", "formatted", "--disk-size", "8M"]).is_ok());
+        assert!(parse(&["merge-results"]).is_err());
+        assert!(parse(&["merge-results", "a", "b", "--junit", "j.xml"]).is_ok());
     }
 }

@@ -48,7 +48,10 @@ pub fn reproduce(args: ReproduceArgs) -> Result<()> {
     for p in [&args.pmem, &args.disk].into_iter().flatten() {
         open_image_file(p, false).with_context(|| format!("cannot open {}", p.display()))?;
     }
-    let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
+    let kernel = guest::build(guest::BuildGuestArgs {
+        debug: false,
+        feature: None,
+    })?;
     let timeout = Duration::from_secs(args.timeout);
     if let Some(dir) = &args.state {
         let (meta, rec) = replay_saved(&kernel, dir, timeout, true).with_context(|| {

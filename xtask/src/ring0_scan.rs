@@ -331,8 +331,11 @@ mod tests {
     /// here that the scan saw its whole ring-0 code and nothing was rejected.
     #[test]
     fn the_built_guest_passes_the_scan() {
-        let path = crate::guest::build(crate::guest::BuildGuestArgs { debug: false })
-            .expect("guest build (with its ring-0 scan) failed");
+        let path = crate::guest::build(crate::guest::BuildGuestArgs {
+            debug: false,
+            feature: None,
+        })
+        .expect("guest build (with its ring-0 scan) failed");
         let (summary, findings) = scan_elf(&std::fs::read(path).unwrap()).unwrap();
         assert!(findings.is_empty(), "{findings:?}");
         // 32 exception stubs (2-3 instructions each) plus entry and handler code.

@@ -6,10 +6,11 @@ use anyhow::{bail, Context, Result};
 use clap::builder::RangedU64ValueParser;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use scenarios::result::{write_atomic, RunResult};
-use scenarios::runner::{self, Progress, RunnerConfig};
+use scenarios::result::{write_atomic, RunResult, Shard};
+use scenarios::runner::{self, Progress, RunOptions, RunnerConfig};
 use scenarios::spec::{self, Scenario};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,13 +36,18 @@ pub struct ScenarioArgs {
     /// state would time out).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=STATE_TIMEOUT_MAX))]
     pub state_timeout: u64,
+    /// Run only shard K of N: the states whose index i (after
+    /// deduplication, in stable order) has i % N = K - 1; pinned counts are
+    /// checked when `cargo xtask merge-results` joins the N shards.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
 }
 
 /// Most recovery boots at once.
-const JOBS_MAX: u64 = 256;
+pub(crate) const JOBS_MAX: u64 = 256;
 /// Longest time budget of one recovery boot, in seconds (an hour: a state
 /// that needs more is a hang).
-const STATE_TIMEOUT_MAX: u64 = 3600;
+pub(crate) const STATE_TIMEOUT_MAX: u64 = 3600;
 
 fn scenarios_dir() -> PathBuf {
     workspace_root().join("scenarios")
@@ -85,7 +91,10 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
-    let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
+    let kernel = guest::build(guest::BuildGuestArgs {
+        debug: false,
+        feature: None,
+    })?;
     vmm::vm::check_kvm()?;
     let jobs = args
         .jobs
@@ -94,7 +103,7 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
     let mut results = Vec::new();
     let mut errors = Vec::new();
     for (name, scenario) in &loaded {
-        let stamp = runner::now_rfc3339().replace(':', "");
+        let stamp = run_stamp(args.shard);
         let out_dir = new_run_dir(&workspace_root().join("results").join(name), &stamp)?;
         let work_dir =
             std::env::temp_dir().join(format!("pcache-scenario-{}-{name}", std::process::id()));
@@ -108,11 +117,22 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
             workload_timeout: Duration::from_secs(120),
         };
         println!("scenario {name}: {}", scenario.description);
-        let outcome = runner::run(name, scenario, &cfg, &Bar::default());
+        let opts = RunOptions {
+            shard: args.shard,
+            // What the other shards must agree on to be merged.
+            config: args
+                .shard
+                .map(|_| serde_json::json!({ "command": "scenario", "scenario": scenario })),
+            ..Default::default()
+        };
+        let outcome = runner::run_with(name, scenario, &cfg, &Bar::default(), &opts);
         let _ = std::fs::remove_dir_all(&work_dir);
         match outcome {
             Ok(result) => {
-                point_latest(&out_dir)?;
+                // A shard is not a whole run: `latest` stays on the last one.
+                if args.shard.is_none() {
+                    point_latest(&out_dir)?;
+                }
                 print_table(&result);
                 println!("result: {}", out_dir.join("result.json").display());
                 let page = write_report(&out_dir, &result)?;
@@ -160,9 +180,18 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
 }
 
 /// A scenario that could not be run (as opposed to one whose states failed).
-struct RunError {
-    scenario: String,
-    message: String,
+pub(crate) struct RunError {
+    pub scenario: String,
+    pub message: String,
+}
+
+/// The name of a run's folder: the UTC time, and the shard for one.
+pub(crate) fn run_stamp(shard: Option<Shard>) -> String {
+    let stamp = runner::now_rfc3339().replace(':', "");
+    match shard {
+        Some(s) => format!("{stamp}-shard{}of{}", s.index, s.count),
+        None => stamp,
+    }
 }
 
 /// Creates this run's folder `parent/<stamp>`; a run started in the same second
@@ -205,7 +234,7 @@ pub(crate) fn point_latest(out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn print_table(r: &RunResult) {
+pub(crate) fn print_table(r: &RunResult) {
     println!(
         "{:<14} {:<8} {:>7} {:<48} {:>9} {:>10} {:>9}",
         "device", "mode", "states", "outcomes", "unusable", "violations", "states/s"
@@ -254,24 +283,72 @@ fn print_table(r: &RunResult) {
                 .as_ref()
                 .is_some_and(|d| !d.violations.is_empty())
         });
+        // An explore can find thousands: the first ones, and how many more.
+        const LISTED: usize = 20;
+        let bad = run
+            .states
+            .iter()
+            .filter(|s| !s.violations.is_empty())
+            .count();
+        if bad > LISTED {
+            println!(
+                "  {bad} violating states, the first {LISTED} (and every minimized one) below; result.json lists them all"
+            );
+        }
+        let mut listed = 0;
         for s in run.states.iter().filter(|s| !s.violations.is_empty()) {
+            if listed >= LISTED && s.minimized.is_none() {
+                continue;
+            }
+            listed += 1;
             println!("  {} ({}): {}", s.id, s.outcome, s.violations.join("; "));
             if let Some(saved) = &s.saved {
                 println!("    replay: cargo xtask reproduce {saved}");
             }
+            if let Some(m) = &s.minimized {
+                println!(
+                    "    minimized: {} of its {} pending writes still violate ({} boots):",
+                    m.writes.len(),
+                    m.from,
+                    m.boots
+                );
+                for w in &m.writes {
+                    println!("      {}: {}", describe_write(&w.write), w.context);
+                }
+            }
         }
     }
-    println!(
-        "{} in {:.1} s: {}",
-        r.scenario,
-        r.elapsed_seconds,
-        if r.passed { "PASSED" } else { "FAILED" }
-    );
+    let what = match (&r.shard, r.partial) {
+        (_, true) => "PARTIAL (interrupted; pinned counts not checked)".to_string(),
+        (Some(s), _) => format!(
+            "shard {}/{} {} (pinned counts are checked by merge-results)",
+            s.index,
+            s.count,
+            if r.passed { "passed" } else { "FAILED" }
+        ),
+        (None, _) => (if r.passed { "PASSED" } else { "FAILED" }).to_string(),
+    };
+    println!("{} in {:.1} s: {what}", r.scenario, r.elapsed_seconds);
+}
+
+/// A write of a result in a few words.
+fn describe_write(w: &scenarios::result::AppliedWrite) -> String {
+    use scenarios::result::AppliedWrite;
+    match w {
+        AppliedWrite::Pmem {
+            event,
+            offset,
+            len,
+            value,
+        } => format!("event {event}: pmem {offset:#x} ({len} bytes) = {value}"),
+        AppliedWrite::Disk { event, sector } => format!("event {event}: disk sector {sector}"),
+        AppliedWrite::Patch { offset, bytes } => format!("patch at {offset:#x}: {bytes}"),
+    }
 }
 
 /// JUnit XML: one suite per scenario, one test case per (device, mode, state);
 /// a scenario that could not run is one case in error.
-fn junit(results: &[RunResult], errors: &[RunError]) -> Result<String> {
+pub(crate) fn junit(results: &[RunResult], errors: &[RunError]) -> Result<String> {
     use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
     let mut report = Report::new("pcache-scenarios");
     for e in errors {
@@ -310,24 +387,43 @@ fn junit(results: &[RunResult], errors: &[RunError]) -> Result<String> {
     Ok(report.to_string()?)
 }
 
-/// An indicatif bar per device and mode.
+/// An indicatif bar per device and mode: states done, states per second,
+/// violations so far (of the whole run), time left.
 #[derive(Default)]
-struct Bar(Mutex<Option<ProgressBar>>);
+pub(crate) struct Bar(Mutex<Option<ProgressBar>>, AtomicUsize);
+
+impl Bar {
+    fn message(&self) -> String {
+        match self.1.load(Ordering::Relaxed) {
+            1 => "1 violation".into(),
+            n => format!("{n} violations"),
+        }
+    }
+}
 
 impl Progress for Bar {
     fn begin(&self, label: &str, states: usize) {
         let bar = ProgressBar::new(states as u64);
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>22} [{bar:40}] {pos}/{len} states {per_sec}")
-                .expect("a valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>22} [{bar:30}] {pos}/{len} states {per_sec} {msg} {eta} left",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
+        bar.set_message(self.message());
         *self.0.lock().unwrap() = Some(bar);
     }
     fn state_done(&self) {
         if let Some(b) = &*self.0.lock().unwrap() {
             b.inc(1);
+        }
+    }
+    fn violation_found(&self) {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = &*self.0.lock().unwrap() {
+            b.set_message(self.message());
         }
     }
     fn end(&self) {
@@ -419,6 +515,9 @@ mod tests {
             elapsed_seconds: 1.0,
             runs: vec![run],
             passed: false,
+            partial: false,
+            shard: None,
+            config: None,
         };
         let xml = junit(
             &[result],

@@ -64,8 +64,20 @@ pub fn test_all(args: TestArgs) -> Result<()> {
     run(cargo().args(["build", "--package", "pcache", "--no-default-features"]))?;
 
     step("guest kernel");
-    let kernel = guest::build(guest::BuildGuestArgs { debug: false })?;
+    let kernel = guest::build(guest::BuildGuestArgs {
+        debug: false,
+        feature: None,
+    })?;
     eprintln!("guest kernel built at {}", kernel.display());
+    // The deliberately broken module `explore`'s KVM test must catch.
+    for f in guest::TEST_FEATURES {
+        step(&format!("guest kernel with the test feature {f}"));
+        let k = guest::build(guest::BuildGuestArgs {
+            debug: false,
+            feature: Some(f.to_string()),
+        })?;
+        eprintln!("built at {}", k.display());
+    }
 
     let kvm = probe_kvm();
     let require_kvm = std::env::var("REQUIRE_KVM").is_ok_and(|v| v == "1");
