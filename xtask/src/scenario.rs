@@ -35,6 +35,11 @@ pub struct ScenarioArgs {
     /// state would time out).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=STATE_TIMEOUT_MAX))]
     pub state_timeout: u64,
+    /// Boot a fresh VM for every crash state (the reference path) instead of
+    /// resetting one fork-server VM per worker to its snapshot (same
+    /// results, several times slower).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 /// Most recovery boots at once.
@@ -106,6 +111,11 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
             jobs,
             state_timeout: Duration::from_secs(args.state_timeout),
             workload_timeout: Duration::from_secs(120),
+            recovery_vms: if args.fresh {
+                runner::RecoveryVms::Fresh
+            } else {
+                runner::RecoveryVms::ForkServer
+            },
         };
         println!("scenario {name}: {}", scenario.description);
         let outcome = runner::run(name, scenario, &cfg, &Bar::default());
