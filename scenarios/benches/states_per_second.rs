@@ -13,7 +13,8 @@
 //! found the same outcomes.
 //!
 //! `BENCH_SCENARIOS=a,b` picks the scenarios (default: crash-mid-sb-write,
-//! crash-mid-format, crash-mid-kset-append, crash-mid-data-write).
+//! crash-mid-format, crash-mid-kset-append, crash-mid-data-write);
+//! `BENCH_WAYS=fork,fresh` the ways.
 
 use scenarios::runner::{self, Quiet, RecoveryVms, RunnerConfig};
 use scenarios::spec::Scenario;
@@ -40,12 +41,18 @@ fn main() {
         ("fork+flush", RecoveryVms::ForkServerFlushFences),
         ("fresh", RecoveryVms::Fresh),
     ];
+    // `BENCH_WAYS=fork` runs only some ways (for profiling one).
+    let only = std::env::var("BENCH_WAYS").ok();
+    let ways: Vec<_> = ways
+        .into_iter()
+        .filter(|(w, _)| only.as_ref().is_none_or(|o| o.split(',').any(|x| x == *w)))
+        .collect();
     for name in names.split(',') {
         let scenario = Scenario::load(&root.join("scenarios").join(format!("{name}.json")))
             .expect("scenario file");
         let mut outcomes = Vec::new();
         let mut line = format!("{name:24}");
-        for (way, vms) in ways {
+        for &(way, vms) in &ways {
             let tmp = std::env::temp_dir().join(format!("scn-bench-{name}-{}", std::process::id()));
             let cfg = RunnerConfig {
                 kernel: kernel.clone(),
@@ -61,13 +68,19 @@ fn main() {
             let states: usize = r.runs.iter().map(|r| r.states.len()).sum();
             let secs: f64 = r.runs.iter().map(|r| r.recovery_seconds).sum();
             for run in &r.runs {
+                let saved = run.states.iter().filter(|s| s.saved.is_some()).count();
                 println!(
-                    "  {name:24} {way:10} {:12} {:8} {:5} states in {:7.3} s: {:6.0} states/s",
+                    "  {name:24} {way:10} {:12} {:8} {:5} states in {:7.3} s: {:6.0} states/s{}",
                     run.device,
                     run.mode.to_string(),
                     run.states.len(),
                     run.recovery_seconds,
-                    run.states_per_second()
+                    run.states_per_second(),
+                    if saved > 0 {
+                        format!(" ({saved} violating states saved)")
+                    } else {
+                        String::new()
+                    }
                 );
             }
             line.push_str(&format!("  {way}: {:6.0} states/s", states as f64 / secs));

@@ -602,6 +602,8 @@ fn recover(
 ) -> Result<StateResult, RunnerError> {
     let mut fork = vmm::ForkConfig::new(&cfg.kernel, cmdline);
     fork.timeout = cfg.state_timeout;
+    // The runner reads the guest's reports, never the images a run leaves.
+    fork.pmem_writes_back = false;
     let out = match cfg.recovery_vms {
         RecoveryVms::Fresh => vmm::run(fork.fresh(pmem, disk))?,
         RecoveryVms::ForkServer => {

@@ -42,14 +42,16 @@
 //! **Isolation.** Nothing of one state reaches the next: RAM is restored as
 //! above, the vCPU's registers are set again, the devices are new (new
 //! transports, the state's own disk and pmem region; the previous state's
-//! region is no longer in any slot). A state that does not end with a clean
-//! exit (exit code 0) — an exception, a panic, a timeout, a shutdown, an
-//! internal error, or any failure exit — ends the server: the next state
-//! boots a new one. Such a state is reported exactly as a fresh VM reports
-//! it. The tests in `tests/fork.rs` check all of this.
+//! region's pages are no longer in the window). A state that ends in an
+//! exception, a panic, a timeout, a shutdown, an internal error or any other
+//! stop than the guest's own exit from ring 3 ends the server: the next
+//! state boots a new one (see [`reusable_after`]). Such a state is reported
+//! exactly as a fresh VM reports it. The tests in `tests/fork.rs` check all
+//! of this.
 //!
-//! Only untraced runs: a state that turns tracing on is traced like in a
-//! fresh VM, but the server is not reused after it.
+//! Only untraced runs: the guest's trace markers are refused (a protocol
+//! error) in a fork-server run, and the pmem region must be copy-on-write
+//! (a write-through one goes to a fresh VM).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -88,6 +90,12 @@ pub struct ForkConfig {
     pub mem_mib: u64,
     /// Time budget of one run (and of the boot to the snapshot point).
     pub timeout: Duration,
+    /// Copy the run's pmem writes back into the region it was given, so that
+    /// [`RunOutcome::pmem`] holds the image as the run left it, as a fresh
+    /// VM's does (default). Callers that drop the region (the scenario
+    /// runner) switch it off: each copied page is a copy-on-write fault in
+    /// the region, with a TLB shootdown that interrupts the other workers.
+    pub pmem_writes_back: bool,
 }
 
 impl ForkConfig {
@@ -98,6 +106,7 @@ impl ForkConfig {
             cmdline: cmdline.into(),
             mem_mib: layout::RAM_DEFAULT_MIB,
             timeout: Duration::from_secs(10),
+            pmem_writes_back: true,
         }
     }
 
@@ -356,15 +365,18 @@ impl PmemWindow {
         Ok(())
     }
 
-    /// After a run: notes every page the run made private, and gives
-    /// `region` the run's writes (so that the run's outcome holds the image
-    /// as the run left it, as a fresh VM's does).
-    fn unload(&mut self, region: &PmemRegion) -> Result<(), VmError> {
+    /// After a run: notes every page the run made private and, with
+    /// `write_back`, gives `region` the run's writes (so that the run's
+    /// outcome holds the image as the run left it, as a fresh VM's does).
+    fn unload(&mut self, region: &PmemRegion, write_back: bool) -> Result<(), VmError> {
         let file = self.base.as_ref().expect("loaded before").1.clone();
         for n in scan(self.addr, self.size, Scan::Private)? {
             if !self.private.contains_key(&n) {
                 self.private.insert(n, Self::base_page(&file, n)?);
             }
+        }
+        if !write_back {
+            return Ok(());
         }
         let mut theirs = vec![0u8; PAGE_SIZE as usize];
         for &n in self.private.keys() {
@@ -933,6 +945,21 @@ fn unwrap_images(
     Ok((pmem, disk))
 }
 
+/// Whether the server may serve another state after a run that ended so.
+///
+/// A run that exits through the exit port from ring 3 (success, or a failed
+/// step, a bad command, a device error: `channel::exit` in the guest) left
+/// nothing the restore does not put back: RAM, registers and devices are all
+/// restored or new. An exception ends in the guest's ring-0 handler, a panic
+/// may come from anywhere (a corrupted heap), a timeout stops the guest
+/// anywhere: after those the server is not trusted and a new one is booted
+/// (costs one boot, and such states are rare).
+fn reusable_after(outcome: &Outcome) -> bool {
+    use protocol::ExitCode;
+    matches!(outcome, Outcome::Exited { code }
+        if ![ExitCode::Exception as u32, ExitCode::Panic as u32].contains(code))
+}
+
 /// Runs the restored guest on one state's images. Returns the run and
 /// whether the server may serve another state.
 fn run_state(
@@ -983,7 +1010,7 @@ fn run_state(
         ..
     } = dev;
     drop((bus, dev_pmem, dev_disk));
-    b.window.unload(&pmem)?;
+    b.window.unload(&pmem, config.pmem_writes_back)?;
     let (windows, blk_faults, traced) = {
         let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
         let traced = t.on || !t.windows.is_empty();
@@ -997,7 +1024,7 @@ fn run_state(
         )
     };
     drop(tracer);
-    let reusable = outcome == Outcome::Exited { code: 0 } && !traced;
+    let reusable = reusable_after(&outcome) && !traced;
     let (pmem, disk) = unwrap_images(pmem, disk)?;
     stats.total_ns = start.elapsed().as_nanos() as u64;
     Ok((
