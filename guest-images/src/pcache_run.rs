@@ -233,7 +233,9 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
             // In 1 MiB pieces: the heap need not hold the whole range.
             const PIECE: u64 = 1 << 20;
             let mut runs: Vec<workload::TagRun> = Vec::new();
-            let mut buf = alloc::vec![0u8; PIECE as usize];
+            // No bigger than the range: a zeroed buffer is RAM the VMM's
+            // fork-server puts back after every recovery boot.
+            let mut buf = alloc::vec![0u8; PIECE.min(len as u64) as usize];
             let end = off + len as u64;
             let mut at = off;
             while at < end {
