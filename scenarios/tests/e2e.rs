@@ -110,7 +110,10 @@ fn the_fork_server_and_fresh_vms_find_the_same_results() {
         .iter()
         .map(|r| r.counts.durability_violations)
         .sum();
-    assert_eq!(pinned, 1, "crash-mid-kset-append pins one durability violation");
+    assert_eq!(
+        pinned, 1,
+        "crash-mid-kset-append pins one durability violation"
+    );
     let (fork, fresh) = (comparable(fork, &fork_tmp), comparable(fresh, &fresh_tmp));
     for (a, b) in fork.0.iter().zip(&fresh.0) {
         for (x, y) in a.states.iter().zip(&b.states) {

@@ -300,18 +300,6 @@ impl PmemWindow {
         }
     }
 
-    /// The window's page `n`.
-    fn page(&self, n: u64) -> &mut [u8] {
-        // SAFETY: a page inside the window's mapping, which lives as long as
-        // `self`; the vCPU is stopped whenever the server calls this.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.addr.add((n * PAGE_SIZE) as usize),
-                PAGE_SIZE as usize,
-            )
-        }
-    }
-
     /// The base file's contents of page `n`.
     fn base_page(file: &File, n: u64) -> Result<Box<[u8]>, VmError> {
         let mut buf = vec![0u8; PAGE_SIZE as usize].into_boxed_slice();
@@ -348,18 +336,20 @@ impl PmemWindow {
             self.private.clear();
         }
         for (&n, base) in &self.private {
-            let now = self.page(n);
+            // SAFETY: a page of this window, between runs.
+            let now = unsafe { window_page(self.addr, n) };
             if *now != **base {
                 now.copy_from_slice(base);
             }
         }
         let file = self.base.as_ref().expect("set above").1.clone();
         for n in region.written_pages() {
-            if !self.private.contains_key(&n) {
-                self.private.insert(n, Self::base_page(&file, n)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.private.entry(n) {
+                e.insert(Self::base_page(&file, n)?);
             }
             region
-                .read(n * PAGE_SIZE, self.page(n))
+                // SAFETY: as above.
+                .read(n * PAGE_SIZE, unsafe { window_page(self.addr, n) })
                 .map_err(window_err)?;
         }
         Ok(())
@@ -371,8 +361,8 @@ impl PmemWindow {
     fn unload(&mut self, region: &PmemRegion, write_back: bool) -> Result<(), VmError> {
         let file = self.base.as_ref().expect("loaded before").1.clone();
         for n in scan(self.addr, self.size, Scan::Private)? {
-            if !self.private.contains_key(&n) {
-                self.private.insert(n, Self::base_page(&file, n)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.private.entry(n) {
+                e.insert(Self::base_page(&file, n)?);
             }
         }
         if !write_back {
@@ -383,12 +373,26 @@ impl PmemWindow {
             region
                 .read(n * PAGE_SIZE, &mut theirs)
                 .map_err(window_err)?;
-            let ours = self.page(n);
+            // SAFETY: as above.
+            let ours = unsafe { window_page(self.addr, n) };
             if theirs != *ours {
                 region.write(n * PAGE_SIZE, ours).map_err(window_err)?;
             }
         }
         Ok(())
+    }
+}
+
+/// Page `n` of the window at `addr`.
+///
+/// # Safety
+/// `addr` is a live window's mapping and `n` one of its pages; the vCPU is
+/// stopped (the server calls this between runs only) and nothing else holds
+/// a reference to that page.
+unsafe fn window_page<'a>(addr: *mut u8, n: u64) -> &'a mut [u8] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        std::slice::from_raw_parts_mut(addr.add((n * PAGE_SIZE) as usize), PAGE_SIZE as usize)
     }
 }
 
@@ -720,7 +724,7 @@ impl ForkServer {
             bus_writes: writes,
         };
         b.vcpu = Some(vcpu);
-        let ram = ram_slice(&b.ram);
+        let ram = ram_slice(&mut b.ram);
         for page in present_pages(ram)? {
             let at = (page * PAGE_SIZE) as usize;
             b.snap
@@ -756,7 +760,7 @@ fn complete_exit(vcpu: &mut VcpuFd) -> Result<(), VmError> {
 }
 
 /// Guest RAM as the VMM's bytes.
-fn ram_slice(ram: &GuestMemoryMmap) -> &mut [u8] {
+fn ram_slice(ram: &mut GuestMemoryMmap) -> &mut [u8] {
     let r = ram.iter().next().expect("guest RAM is one region");
     // SAFETY: the region's whole mapping, alive as long as `ram`. The vCPU is
     // not running (the fork-server only calls this between runs), and the
@@ -815,7 +819,7 @@ fn restore(b: &mut Booted) -> Result<Option<u64>, VmError> {
         complete_exit(vcpu)?;
         b.ran = false;
     }
-    let ram = ram_slice(&b.ram);
+    let ram = ram_slice(&mut b.ram);
     let page = |n: u64| {
         let at = (n * PAGE_SIZE) as usize;
         at..at + PAGE_SIZE as usize

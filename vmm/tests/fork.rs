@@ -43,7 +43,9 @@ fn open(p: &(std::path::PathBuf, std::path::PathBuf)) -> (PmemRegion, DiskImage)
 /// What must be equal between a fresh run and a fork-server run: the
 /// outcome (registers only for a clean exit: they differ by timing), and
 /// every message's kind and payload.
-fn essence(r: &RunOutcome) -> (String, Option<u32>, Vec<(u32, Vec<u8>)>, Vec<String>) {
+type Essence = (String, Option<u32>, Vec<(u32, Vec<u8>)>, Vec<String>);
+
+fn essence(r: &RunOutcome) -> Essence {
     (
         r.outcome.name().to_string(),
         r.outcome.exit_code(),
