@@ -49,9 +49,9 @@
 //! exactly as a fresh VM reports it. The tests in `tests/fork.rs` check all
 //! of this.
 //!
-//! Only untraced runs: the guest's trace markers are refused (a protocol
-//! error) in a fork-server run, and the pmem region must be copy-on-write
-//! (a write-through one goes to a fresh VM).
+//! Only untraced runs: a command line with a `trace:` or `marker:` step, or
+//! a write-through pmem region, goes to a fresh VM (and a trace marker in a
+//! fork-server run anyway is refused, a protocol error).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -568,8 +568,12 @@ impl ForkServer {
         let start = Instant::now();
         let sizes = (pmem.size(), disk.size());
         // A write-through image must see the guest's stores in its file: the
-        // window is a private view (and the fresh path is the reference).
-        if self.no_snapshot == Some(sizes) || pmem.mode() != crate::memory::ImageMode::CopyOnWrite {
+        // window is a private view (and the fresh path is the reference). A
+        // command line that may turn tracing on needs the fresh path too.
+        if self.no_snapshot == Some(sizes)
+            || pmem.mode() != crate::memory::ImageMode::CopyOnWrite
+            || may_trace(&self.config.cmdline)
+        {
             self.stats.fresh_runs += 1;
             return crate::vm::run(self.config.fresh(pmem, disk));
         }
@@ -734,6 +738,13 @@ impl ForkServer {
         b.snap.page_tables = page_table_pages(ram, b.snap.sregs.cr3);
         Ok(Some(b))
     }
+}
+
+/// Whether a command line may ask for tracing: a `trace:` step, or a marker
+/// step whose id could be a trace marker (ids are decimal or hex: only the
+/// absence of `marker:` rules that out).
+fn may_trace(cmdline: &str) -> bool {
+    cmdline.contains("trace:") || cmdline.contains("marker:")
 }
 
 /// Offset of the QueueNotify register in a virtio-mmio window.
