@@ -1058,3 +1058,51 @@ fn run_state(
         reusable,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_that_may_trace_are_told_apart() {
+        assert!(!may_trace(
+            "pcache.run=start:mode=strict;stop;start:mode=strict pcache.markers=off"
+        ));
+        assert!(may_trace("pcache.run=start;trace:on;stop"));
+        assert!(may_trace("harness.test=marker:0x80000001"));
+        assert!(!may_trace("harness.test=mark;disk-fault:0"));
+    }
+
+    #[test]
+    fn page_tables_compare_without_accessed_and_dirty_bits() {
+        let snap = [0x1003u64, 0, 0x20_0083].map(u64::to_le_bytes).concat();
+        let ad = [0x1063u64, 0, 0x20_00e3].map(u64::to_le_bytes).concat();
+        assert!(same_page_table(&ad, &snap));
+        let writable_flipped = [0x1001u64, 0, 0x20_0083].map(u64::to_le_bytes).concat();
+        assert!(!same_page_table(&writable_flipped, &snap));
+        let remapped = [0x2003u64, 0, 0x20_0083].map(u64::to_le_bytes).concat();
+        assert!(!same_page_table(&remapped, &snap));
+    }
+
+    #[test]
+    fn page_table_walk_finds_every_table_page_and_no_mapped_page() {
+        // RAM of 8 pages: PML4 at page 1 -> PDPT at 2 -> PD at 3 -> PT at 4;
+        // the PD also maps a 2 MiB page (PS), the PT a 4 KiB page 6, and one
+        // PDPT entry points outside RAM.
+        let mut ram = vec![0u8; 8 * PAGE_SIZE as usize];
+        let mut set = |page: u64, i: usize, v: u64| {
+            let at = (page * PAGE_SIZE) as usize + i * 8;
+            ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        set(1, 0, 0x2000 | 3);
+        set(2, 0, 0x3000 | 3);
+        set(2, 1, 0x10_0000_0000 | 3);
+        set(3, 0, 0x4000 | 3);
+        set(3, 1, 0x20_0000 | 0x83);
+        set(4, 0, 0x6000 | 3);
+        set(4, 1, 0x7000); // not present
+        let mut found = page_table_pages(&ram, 0x1000);
+        found.sort_unstable();
+        assert_eq!(found, vec![1, 2, 3, 4]);
+    }
+}

@@ -298,3 +298,35 @@ fn a_run_that_crashes_or_hangs_does_not_affect_the_next() {
     // One boot, plus one after each crash or hang (each is followed by a clean run).
     assert_eq!(server.stats().boots, boots, "{:?}", server.stats());
 }
+
+/// What the server does not take on goes to a fresh VM, with the fresh
+/// VM's result: a write-through image (its file must see the stores) and a
+/// command line that may trace.
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn write_through_images_and_traced_command_lines_run_in_fresh_vms() {
+    let dir = TempDir::new().unwrap();
+    let p = images(dir.as_path(), "wt", 0);
+    let cfg = ForkConfig::new(guest_kernel(), "harness.test=pmem-store:0x40:7");
+    let mut server = ForkServer::new(cfg);
+    let pmem = PmemRegion::open(&p.0, ImageMode::WriteThrough).unwrap();
+    let disk = DiskImage::open(&p.1, ImageMode::CopyOnWrite).unwrap();
+    let r = server.run(pmem, disk).unwrap();
+    assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", describe(&r));
+    let mut b = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&p.0).unwrap(), &mut b, 0x40)
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(b), 7, "the store reached the file");
+    assert_eq!((server.stats().fresh_runs, server.stats().boots), (1, 0));
+
+    let traced = ForkConfig::new(
+        guest_kernel(),
+        "harness.test=marker:0x80000001;pmem-store:0x48:9;marker:0x80000002",
+    );
+    let mut server = ForkServer::new(traced);
+    let r = fork(&mut server, &p);
+    assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", describe(&r));
+    assert_eq!(r.windows.len(), 1, "traced as in a fresh VM");
+    assert_eq!(r.windows[0].trace.len(), 1);
+    assert_eq!((server.stats().fresh_runs, server.stats().boots), (1, 0));
+}
