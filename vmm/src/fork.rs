@@ -142,6 +142,10 @@ pub struct ForkStats {
     pub restored_pages: u64,
     /// Restores that found the guest's page tables changed (a new boot instead).
     pub page_table_rebuilds: u64,
+    /// Time in boots to the snapshot point, in ns.
+    pub boot_ns: u64,
+    /// Time putting RAM and the vCPU back to the snapshot, in ns.
+    pub restore_ns: u64,
 }
 
 /// A recovery VM reused across crash states (see the module documentation).
@@ -603,7 +607,9 @@ impl ForkServer {
             }
         }
         let b = self.vm.as_mut().expect("booted above");
+        let t = Instant::now();
         let restored = restore(b)?;
+        self.stats.restore_ns += t.elapsed().as_nanos() as u64;
         let restored = match restored {
             Some(n) => n,
             None => {
@@ -611,8 +617,8 @@ impl ForkServer {
                 // were not read by the failed attempt).
                 self.stats.page_table_rebuilds += 1;
                 self.vm = None;
-                let b = self.boot(&pmem, &disk)?.ok_or(VmError::StillShared(
-                    "the fork-server (its second boot did not reach the snapshot point)",
+                let b = self.boot(&pmem, &disk)?.ok_or(VmError::Fork(
+                    "a second boot did not reach the snapshot point",
                 ))?;
                 let b = self.vm.insert(b);
                 restore(b)?.unwrap_or(0)
@@ -635,7 +641,18 @@ impl ForkServer {
         pmem: &Arc<PmemRegion>,
         disk: &Arc<Mutex<DiskImage>>,
     ) -> Result<Option<Booted>, VmError> {
+        let t = Instant::now();
+        let b = self.boot_once(pmem, disk);
         self.stats.boots += 1;
+        self.stats.boot_ns += t.elapsed().as_nanos() as u64;
+        b
+    }
+
+    fn boot_once(
+        &mut self,
+        pmem: &Arc<PmemRegion>,
+        disk: &Arc<Mutex<DiskImage>>,
+    ) -> Result<Option<Booted>, VmError> {
         let cfg = &self.config;
         let host = host()?;
         if !cfg.kernel.exists() {
@@ -764,9 +781,7 @@ fn complete_exit(vcpu: &mut VcpuFd) -> Result<(), VmError> {
         }),
         // KVM returns EINTR before entering the guest; an exit here would
         // mean the guest ran, which the snapshot must not include.
-        Ok(()) => Err(VmError::StillShared(
-            "the vCPU (it ran while completing an exit)",
-        )),
+        Ok(()) => Err(VmError::Fork("the vCPU ran while completing an exit")),
     }
 }
 

@@ -59,6 +59,8 @@ pub enum VmError {
     Faults(#[from] FaultError),
     #[error("{0} is still shared at the end of the run (a VMM bug)")]
     StillShared(&'static str),
+    #[error("fork-server: {0}")]
+    Fork(&'static str),
 }
 
 pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {

@@ -148,6 +148,45 @@ fn timings() {
     let pages = format!("harness.test={}", pages.join(";"));
     let same = format!("harness.test={}", same.join(";"));
     let far = format!("harness.test={}", far.join(";"));
+    let formatted = images(dir.as_path(), "formatted", 0);
+    let mut c = vmm::VmConfig::new(
+        guest_kernel(),
+        "pcache.run=start:mode=strict pcache.markers=off",
+        &formatted.0,
+        &formatted.1,
+    )
+    .unwrap();
+    c.pmem = PmemRegion::open(&formatted.0, ImageMode::WriteThrough).unwrap();
+    assert_eq!(vmm::run(c).unwrap().outcome.exit_code(), Some(0));
+    for (line, image) in [
+        ("pcache.run=start:mode=strict;stop;start:mode=strict pcache.markers=off pcache.fences=cpu", &formatted),
+        ("pcache.run=start:mode=strict;verify:0:0x4000;stop;start:mode=strict pcache.markers=off pcache.fences=cpu", &formatted),
+    ] {
+        let cfg = ForkConfig::new(guest_kernel(), line);
+        let mut server = ForkServer::new(cfg.clone());
+        let n = 50;
+        let mut stats = vec![];
+        for _ in 0..n {
+            let r = fork(&mut server, image);
+            assert_eq!(r.outcome.exit_code(), Some(0), "{}", describe(&r));
+            stats.push((r.stats.setup_ns, r.stats.stop_ns, r.stats.total_ns));
+        }
+        let med = |f: fn(&(u64, u64, u64)) -> u64| {
+            let mut v: Vec<u64> = stats.iter().map(f).collect();
+            v.sort_unstable();
+            v[v.len() / 2] / 1000
+        };
+        let s = server.stats();
+        println!(
+            "{line} (formatted image)\n  median µs: setup {} (restore {} avg), run {}, after the run {}, total {}; boot to snapshot {} µs",
+            med(|s| s.0),
+            s.restore_ns / s.runs / 1000,
+            med(|s| s.1 - s.0),
+            med(|s| s.2 - s.1),
+            med(|s| s.2),
+            s.boot_ns / s.boots / 1000,
+        );
+    }
     for line in [
         pages.as_str(),
         same.as_str(),
