@@ -176,9 +176,14 @@ fn timings() {
             v.sort_unstable();
             v[v.len() / 2] / 1000
         };
+        let mut fresh_ns: Vec<u64> = (0..n)
+            .map(|_| fresh(&cfg, image).stats.total_ns)
+            .collect();
+        fresh_ns.sort_unstable();
         let s = server.stats();
         println!(
-            "{line} (formatted image)\n  median µs: setup {} (restore {} avg), run {}, after the run {}, total {}; boot to snapshot {} µs",
+            "{line} (formatted image)\n  fresh VM median total {} µs\n  fork-server median µs: setup {} (restore {} avg), run {}, after the run {}, total {}; boot to snapshot {} µs",
+            fresh_ns[fresh_ns.len() / 2] / 1000,
             med(|s| s.0),
             s.restore_ns / s.runs / 1000,
             med(|s| s.1 - s.0),
