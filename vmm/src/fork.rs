@@ -1078,6 +1078,69 @@ fn run_state(
 mod tests {
     use super::*;
 
+    /// `PAGEMAP_SCAN` and the `/proc/self/pagemap` fallback agree: present
+    /// pages of anonymous memory, written pages of a private file view.
+    #[test]
+    fn both_page_scans_find_the_same_pages() {
+        let size = 64 * PAGE_SIZE as usize;
+        // SAFETY: a new anonymous mapping, unmapped below.
+        let anon = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(anon, libc::MAP_FAILED);
+        let anon = anon.cast::<u8>();
+        for page in [0usize, 3, 4, 63] {
+            // SAFETY: inside the mapping.
+            unsafe { anon.add(page * PAGE_SIZE as usize).write_volatile(1) };
+        }
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let scanned = scan(anon, size, Scan::Present).unwrap();
+        assert_eq!(scanned, vec![0, 3, 4, 63]);
+        assert_eq!(
+            scan_pagemap(&pagemap, anon, size, Scan::Present).unwrap(),
+            scanned
+        );
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(anon.cast(), size) };
+
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        f.as_file().write_all_at(&[7u8; 8192], 0).unwrap();
+        f.as_file().set_len(size as u64).unwrap();
+        // SAFETY: a new private view of the file, unmapped below.
+        let view = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(f.as_file()),
+                0,
+            )
+        }
+        .cast::<u8>();
+        // SAFETY: inside the view: page 0 read (the file's page), 1 and 9 written.
+        unsafe {
+            assert_eq!(view.read_volatile(), 7);
+            view.add(PAGE_SIZE as usize).write_volatile(1);
+            view.add(9 * PAGE_SIZE as usize).write_volatile(1);
+        }
+        let scanned = scan(view, size, Scan::Private).unwrap();
+        assert_eq!(scanned, vec![1, 9]);
+        assert_eq!(
+            scan_pagemap(&pagemap, view, size, Scan::Private).unwrap(),
+            scanned
+        );
+        // SAFETY: the view made above.
+        unsafe { libc::munmap(view.cast(), size) };
+    }
+
     #[test]
     fn command_lines_that_may_trace_are_told_apart() {
         assert!(!may_trace(
