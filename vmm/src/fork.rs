@@ -606,7 +606,31 @@ impl ForkServer {
                 }
             }
         }
-        let b = self.vm.as_mut().expect("booted above");
+        let r = self.restore_and_run(pmem, disk, start);
+        // A VMM error half-way (a failed ioctl, an unreadable page) leaves the
+        // server in a state the next restore may not cover: drop it.
+        match r {
+            Ok((out, true)) => Ok(out),
+            Ok((out, false)) => {
+                self.vm = None;
+                Ok(out)
+            }
+            Err(e) => {
+                self.vm = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts the booted server back to its snapshot and runs it on these
+    /// images; the run, and whether the server may serve another.
+    fn restore_and_run(
+        &mut self,
+        pmem: Arc<PmemRegion>,
+        disk: Arc<Mutex<DiskImage>>,
+        start: Instant,
+    ) -> Result<(RunOutcome, bool), VmError> {
+        let b = self.vm.as_mut().expect("booted before");
         let t = Instant::now();
         let restored = restore(b)?;
         self.stats.restore_ns += t.elapsed().as_nanos() as u64;
@@ -627,11 +651,7 @@ impl ForkServer {
         self.stats.restored_pages += restored;
         self.stats.runs += 1;
         let b = self.vm.as_mut().expect("booted above");
-        let (out, reusable) = run_state(b, &self.config, pmem, disk, start)?;
-        if !reusable {
-            self.vm = None;
-        }
-        Ok(out)
+        run_state(b, &self.config, pmem, disk, start)
     }
 
     /// Boots a VM on these images up to the guest's snapshot point; `None`
