@@ -6,7 +6,8 @@
 //!   persistence models count 8-byte words); `zero_range` stores only the words
 //!   that are not already zero; `flush` only checks its range (the region is
 //!   write-back RAM to the guest; durability is the device's FLUSH); `fence`
-//!   is one virtio-pmem FLUSH, skipped when nothing was stored since the last.
+//!   is one virtio-pmem FLUSH, skipped when nothing was stored since the last,
+//!   or a plain CPU fence with `pcache.fences=cpu` (see [`set_cpu_fences`]).
 //! * `GuestBacking` (`backing.rs`): `pcache::backing::Backing` over
 //!   virtio-blk (part 2 of the module uses it; part 1 never does).
 //! * [`MarkerHooks`]: `pcache::Hooks` writing `crash_point_begin/end(n)` to the
@@ -15,10 +16,29 @@
 use crate::channel;
 use crate::virtio::pmem::{Pmem as PmemDevice, PmemError as DeviceError};
 use alloc::format;
+use core::sync::atomic::{AtomicBool, Ordering};
 use pcache::pmem::check_bounds;
 use pcache::{CrashPoint, Hooks, Pmem, PmemError};
 use protocol::markers::{crash_point_begin, crash_point_end};
 use protocol::ExitCode;
+
+/// Whether fences are plain CPU fences (`pcache.fences=cpu`).
+static CPU_FENCES: AtomicBool = AtomicBool::new(false);
+
+/// Makes every later `fence` a CPU fence (`true`) or a virtio-pmem FLUSH.
+///
+/// Why a CPU fence is sound where it is used (untraced recovery boots): a
+/// FLUSH is a VM exit so that the VMM can put a `PmemFlush` event in the
+/// trace, where it orders which stores a power cut may lose. An untraced run
+/// has no trace and no cut inside it: the host never asks what was durable
+/// at any point of it, only what the guest reported at the end, and a FLUSH
+/// of a copy-on-write image changes nothing on the host (`PmemRegion::flush`).
+/// So the only ordering left to keep is the guest's own, which the CPU fence
+/// keeps. A run that is cut (the workload of every scenario, and the traced
+/// recovery of `crash-during-recovery`) never sets this flag.
+pub fn set_cpu_fences(on: bool) {
+    CPU_FENCES.store(on, Ordering::Relaxed);
+}
 
 /// `pcache::Pmem` over the virtio-pmem region.
 pub struct GuestPmem<'a> {
@@ -104,6 +124,10 @@ impl Pmem for GuestPmem<'_> {
     }
 
     fn fence(&mut self) -> Result<(), PmemError> {
+        if CPU_FENCES.load(Ordering::Relaxed) {
+            core::sync::atomic::fence(Ordering::SeqCst);
+            return Ok(());
+        }
         // The driver knows whether anything was stored since its last FLUSH
         // (by this module or by a `harness.test` step).
         if !self.dev.dirty() {

@@ -26,7 +26,9 @@ mod virtio;
 use bootparams::BootParams;
 use channel::{exit, fatal};
 use core::fmt::Display;
-use protocol::{ExitCode, MessageKind, CMDLINE_CONSOLE_FLAG};
+use protocol::{
+    ExitCode, MessageKind, CMDLINE_CONSOLE_FLAG, CMDLINE_SNAPSHOT_FLAG, MARKER_SNAPSHOT,
+};
 
 /// Ring 3's Rust entry, called by `ring3_entry` (boot.rs) with the zero page address.
 extern "C" fn kernel_main(zero_page: u64) -> ! {
@@ -39,6 +41,15 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
     // Every step of both keys is parsed before the first one runs.
     let steps = steps::parse(cmdline);
     let plan = pcache_run::parse(cmdline);
+    pcache_run::parse_fences(cmdline);
+    if guest_cmdline::flag(cmdline, CMDLINE_SNAPSHOT_FLAG) {
+        // The VMM's fork-server snapshots here and resumes once per crash
+        // state with that state's images: start both drivers now (their
+        // exits are paid once, not per state), then say where we are.
+        // Nothing after this point has read a device's data yet.
+        or_exit(devices.pmem_and_blk(), ExitCode::DeviceError);
+        channel::marker(MARKER_SNAPSHOT);
+    }
     steps::run(&steps, &mut devices);
     pcache_run::run(&plan, &mut devices);
     exit(ExitCode::Success)

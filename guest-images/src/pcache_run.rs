@@ -20,7 +20,8 @@ use guest_cmdline::{Fault, RunStep, StartMode, StartOptions};
 use pcache::cache_req::IoError;
 use pcache::{ActivationReport, Cache, Mode, Options};
 use protocol::{
-    ExitCode, MessageKind, CMDLINE_MARKERS_KEY, CMDLINE_RUN_KEY, MARKER_TRACE_OFF, MARKER_TRACE_ON,
+    ExitCode, MessageKind, CMDLINE_FENCES_KEY, CMDLINE_MARKERS_KEY, CMDLINE_RUN_KEY,
+    MARKER_TRACE_OFF, MARKER_TRACE_ON,
 };
 use workload::Op;
 
@@ -34,6 +35,25 @@ pub const FAULT_GP_ADDRESS: u64 = 0x8000_0000_0000_0000;
 pub struct Plan<'a> {
     steps: Vec<(&'a str, RunStep)>,
     markers: bool,
+}
+
+/// Parses `pcache.fences` (at most once, `flush` or `cpu`) and switches the
+/// fences accordingly (see `backends::set_cpu_fences`), or exits with
+/// `BadCommand`.
+pub fn parse_fences(cmdline: &str) {
+    let mut values = guest_cmdline::values(cmdline, CMDLINE_FENCES_KEY);
+    let Some(v) = values.next() else { return };
+    if values.next().is_some() {
+        bad_command(format_args!("{CMDLINE_FENCES_KEY}= given more than once"));
+    }
+    let cpu = match v {
+        "flush" => false,
+        "cpu" => true,
+        _ => bad_command(format_args!(
+            "{CMDLINE_FENCES_KEY}=`{v}`: expected `flush` or `cpu`"
+        )),
+    };
+    crate::backends::set_cpu_fences(cpu);
 }
 
 /// Parses `pcache.run` (at most once) and `pcache.markers` (at most once,
@@ -213,7 +233,9 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
             // In 1 MiB pieces: the heap need not hold the whole range.
             const PIECE: u64 = 1 << 20;
             let mut runs: Vec<workload::TagRun> = Vec::new();
-            let mut buf = alloc::vec![0u8; PIECE as usize];
+            // No bigger than the range: a zeroed buffer is RAM the VMM's
+            // fork-server puts back after every recovery boot.
+            let mut buf = alloc::vec![0u8; PIECE.min(len as u64) as usize];
             let end = off + len as u64;
             let mut at = off;
             while at < end {

@@ -72,6 +72,62 @@ fn failed(e: impl Display) -> Failure {
     Failure::Step(alloc::format!("{e}"))
 }
 
+/// `mark`'s word in `.bss`.
+static MARK: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// `mark`'s RAM word outside the image and below any heap use (96 MiB:
+/// the default RAM is 128 MiB).
+const MARK_RAM: u64 = 0x600_0000;
+const MARK_PMEM: u64 = 0x1000;
+const MARK_SECTOR: u64 = 1;
+const MARK_VALUE: u64 = 0x6d61_726b;
+
+/// Checks that no earlier run left its mark (RAM, pmem, disk), then leaves one.
+fn mark(devices: &mut Devices) -> Result<(), Failure> {
+    use core::sync::atomic::Ordering;
+    let seen = |what: &str, v: u64| {
+        Failure::Step(alloc::format!(
+            "mark: {what} holds {v:#x}, left by an earlier run"
+        ))
+    };
+    let v = MARK.load(Ordering::Relaxed);
+    if v != 0 {
+        return Err(seen("the .bss word", v));
+    }
+    let ram = MARK_RAM as *mut u64;
+    // SAFETY: identity-mapped RAM that nothing else uses (see MARK_RAM).
+    let v = unsafe { ram.read_volatile() };
+    if v != 0 {
+        return Err(seen("the RAM word", v));
+    }
+    let pmem = devices.pmem().map_err(Failure::Device)?;
+    // SAFETY: inside the mapped region (the device checked its size >= 512 MiB).
+    let v = unsafe {
+        pmem.base()
+            .add(MARK_PMEM as usize)
+            .cast::<u64>()
+            .read_volatile()
+    };
+    if v != 0 {
+        return Err(seen("the pmem word", v));
+    }
+    let blk = devices.blk().map_err(Failure::Device)?;
+    let mut buf = [0u8; SECTOR];
+    blk.read_sectors(MARK_SECTOR, &mut buf).map_err(failed)?;
+    if let Some(&b) = buf.iter().find(|&&b| b != 0) {
+        return Err(seen("the disk sector", b.into()));
+    }
+    MARK.store(MARK_VALUE, Ordering::Relaxed);
+    // SAFETY: as above.
+    unsafe { ram.write_volatile(MARK_VALUE) };
+    blk.write_sectors(MARK_SECTOR, &[0x6d; SECTOR])
+        .map_err(failed)?;
+    blk.flush().map_err(failed)?;
+    let pmem = devices.pmem().map_err(Failure::Device)?;
+    pmem.store_u64(MARK_PMEM, MARK_VALUE).map_err(failed)?;
+    pmem.flush().map_err(failed)?;
+    Ok(())
+}
+
 fn run_one(step: &Step<'_>, devices: &mut Devices) -> Result<(), Failure> {
     match *step {
         Step::Console(text) => console::line(text),
@@ -107,6 +163,30 @@ fn run_one(step: &Step<'_>, devices: &mut Devices) -> Result<(), Failure> {
         Step::Spin => loop {
             core::hint::spin_loop();
         },
+        Step::Mark => mark(devices)?,
+        Step::DiskFault { sector } => {
+            let blk = devices.blk().map_err(Failure::Device)?;
+            let mut buf = [0u8; SECTOR];
+            blk.read_sectors(sector, &mut buf).map_err(failed)?;
+            match buf[0] {
+                0 => {}
+                1 => {
+                    // SAFETY: deliberately unmapped: the fault is the point.
+                    let _ = unsafe {
+                        core::ptr::read_volatile(crate::pcache_run::FAULT_PF_ADDRESS as *const u8)
+                    };
+                }
+                2 => loop {
+                    core::hint::spin_loop();
+                },
+                3 => panic!("disk-fault: sector {sector} asks for a panic"),
+                b => {
+                    return Err(Failure::Step(alloc::format!(
+                        "disk-fault: unknown byte {b}"
+                    )))
+                }
+            }
+        }
         Step::Touch(addr) => {
             // SAFETY: deliberately unchecked: an unmapped address must fault and be reported.
             let _ = unsafe { core::ptr::read_volatile(addr as *const u8) };

@@ -113,6 +113,17 @@ pub const CMDLINE_RUN_KEY: &str = "pcache.run";
 /// Kernel command-line key switching the pcache module's crash-point markers
 /// (`pcache.markers=on|off`, default on; recovery boots use `off`).
 pub const CMDLINE_MARKERS_KEY: &str = "pcache.markers";
+/// Kernel command-line key choosing what the pcache module's fences are
+/// (`pcache.fences=flush|cpu`, default `flush`): `flush` makes every fence a
+/// virtio-pmem FLUSH (one VM exit, and a `PmemFlush` trace event); `cpu`
+/// makes it a plain CPU fence with no exit. `cpu` is only for untraced runs
+/// (recovery boots): nothing there records or cuts at a fence.
+pub const CMDLINE_FENCES_KEY: &str = "pcache.fences";
+/// Kernel command-line flag of the VMM's fork-server (`vmm::fork`): the guest
+/// starts both virtio drivers before its steps, then writes
+/// [`MARKER_SNAPSHOT`] and waits for nothing (the VMM snapshots it there and
+/// resumes the snapshot once per crash state).
+pub const CMDLINE_SNAPSHOT_FLAG: &str = "harness.snapshot";
 /// Kernel command-line key holding device-level test steps (`harness.test=...`).
 pub const CMDLINE_TEST_KEY: &str = "harness.test";
 /// Kernel command-line flag asking the guest to echo its messages on COM1 too.
@@ -257,6 +268,10 @@ pub const MARKER_TRACE_OFF: u32 = 0x8000_0002;
 /// that the VMM can time "VMM start to first ring-3 instruction" (a time
 /// stamp in the run's marker list; not a trace event).
 pub const MARKER_RING3_ENTERED: u32 = 0x8000_0003;
+/// Control marker: with [`CMDLINE_SNAPSHOT_FLAG`], the guest has started its
+/// drivers and reads no device before its steps: the VMM's fork-server
+/// snapshots it here (registers, RAM, device registers).
+pub const MARKER_SNAPSHOT: u32 = 0x8000_0004;
 /// Marker ids with this bit set are control markers, not trace events.
 pub const MARKER_CONTROL_BIT: u32 = 0x8000_0000;
 
@@ -383,6 +398,7 @@ mod tests {
             MARKER_TRACE_ON,
             MARKER_TRACE_OFF,
             MARKER_RING3_ENTERED,
+            MARKER_SNAPSHOT,
             crash_point_begin(1),
             crash_point_end(12),
             0,

@@ -35,6 +35,26 @@ pub struct RunnerConfig {
     pub state_timeout: Duration,
     /// Time budget of the traced workload run.
     pub workload_timeout: Duration,
+    /// How the (untraced) recovery boots run.
+    pub recovery_vms: RecoveryVms,
+}
+
+/// How recovery boots run. Every choice gives the same results; they differ
+/// in speed only (`cargo xtask bench` measures them side by side).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RecoveryVms {
+    /// One `vmm::ForkServer` per worker thread, booted once to the guest's
+    /// snapshot point and reset for each state; the guest's pmem fences are
+    /// plain CPU fences (`pcache.fences=cpu`: a recovery boot is never cut,
+    /// see the guest's `backends::set_cpu_fences`).
+    #[default]
+    ForkServer,
+    /// The fork-server with every fence a virtio-pmem FLUSH exit, as in a
+    /// fresh VM (to measure what the fences cost).
+    ForkServerFlushFences,
+    /// A fresh VM per state, with the recovery command line as it is
+    /// (`--fresh`: the reference path).
+    Fresh,
 }
 
 /// Progress callbacks (the command line draws a progress bar with them).
@@ -822,20 +842,40 @@ fn recover(
     older_seq: Option<u8>,
     cfg: &RunnerConfig,
 ) -> Result<StateResult, RunnerError> {
-    let vm = VmConfig {
-        kernel: cfg.kernel.clone(),
-        cmdline: cmdline.to_string(),
-        mem_mib: protocol::layout::RAM_DEFAULT_MIB,
-        pmem,
-        disk,
-        trace: false,
-        timeout: cfg.state_timeout,
-        console: Default::default(),
-        interrupts: false,
-        blk_faults: Default::default(),
+    let mut fork = vmm::ForkConfig::new(&cfg.kernel, cmdline);
+    fork.timeout = cfg.state_timeout;
+    // The runner reads the guest's reports, never the images a run leaves.
+    fork.pmem_writes_back = false;
+    let out = match cfg.recovery_vms {
+        RecoveryVms::Fresh => vmm::run(fork.fresh(pmem, disk))?,
+        RecoveryVms::ForkServer => {
+            fork.cmdline = format!("{cmdline} {}=cpu", protocol::CMDLINE_FENCES_KEY);
+            fork_run(fork, pmem, disk)?
+        }
+        RecoveryVms::ForkServerFlushFences => fork_run(fork, pmem, disk)?,
     };
-    let out = vmm::run(vm)?;
     Ok(state_result(id, &Recovery::from_run(&out), older_seq))
+}
+
+thread_local! {
+    /// This worker thread's fork-server (see [`RecoveryVms::ForkServer`]).
+    static FORK_SERVER: RefCell<Option<vmm::ForkServer>> = const { RefCell::new(None) };
+}
+
+/// One run on this thread's fork-server, made anew when the configuration
+/// changes (another device, mode or scenario).
+fn fork_run(
+    config: vmm::ForkConfig,
+    pmem: vmm::PmemRegion,
+    disk: vmm::DiskImage,
+) -> Result<vmm::RunOutcome, vmm::VmError> {
+    FORK_SERVER.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.as_ref().is_none_or(|f| *f.config() != config) {
+            *s = Some(vmm::ForkServer::new(config));
+        }
+        s.as_mut().expect("set above").run(pmem, disk)
+    })
 }
 
 /// What a recovery boot made of a state (before its expectation is checked).

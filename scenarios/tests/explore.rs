@@ -39,6 +39,7 @@ fn config(tag: &str, kernel: PathBuf) -> (RunnerConfig, PathBuf) {
         jobs: 2,
         state_timeout: Duration::from_secs(20),
         workload_timeout: Duration::from_secs(120),
+        recovery_vms: Default::default(),
     };
     (cfg, tmp)
 }

@@ -37,6 +37,7 @@ pub mod crash;
 pub mod devices;
 pub mod disk;
 pub mod faults;
+pub mod fork;
 pub mod image_file;
 pub mod memory;
 pub mod trace;
@@ -47,6 +48,7 @@ pub mod watchdog;
 pub use crash::{CrashImages, SavedWindow, TraceWindow, WriteRef};
 pub use disk::DiskImage;
 pub use faults::{BlkFaults, BlkRequest, FaultError, FaultWhen, InjectedFault};
+pub use fork::{ForkConfig, ForkServer, ForkStats};
 pub use memory::{ImageMode, PmemRegion};
 pub use trace::{Event, Trace};
 pub use vm::{

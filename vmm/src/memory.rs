@@ -98,6 +98,9 @@ pub struct PmemRegion {
     mode: ImageMode,
     file: Arc<File>,
     path: PathBuf,
+    /// Pages the VMM wrote through [`PmemRegion::write`] (a crash image's
+    /// applied writes): the fork-server copies only these into its window.
+    written: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl std::fmt::Debug for PmemRegion {
@@ -175,6 +178,7 @@ impl PmemRegion {
             mode,
             file,
             path: path.to_path_buf(),
+            written: Default::default(),
         })
     }
 
@@ -188,6 +192,12 @@ impl PmemRegion {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The pages written through [`PmemRegion::write`] so far (numbers).
+    pub(crate) fn written_pages(&self) -> Vec<u64> {
+        let w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        w.iter().copied().collect()
     }
 
     /// The image file (opened read-only in copy-on-write mode).
@@ -211,6 +221,10 @@ impl PmemRegion {
     /// Copies `data` into the region at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len())?;
+        if !data.is_empty() {
+            let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            w.extend(offset / PAGE_SIZE..=(offset + data.len() as u64 - 1) / PAGE_SIZE);
+        }
         self.map
             .get_slice(offset as usize, data.len())
             .map_err(io::Error::other)?

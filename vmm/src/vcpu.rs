@@ -43,7 +43,7 @@ pub struct Registers {
 }
 
 impl Registers {
-    fn read(vcpu: &VcpuFd) -> Self {
+    pub(crate) fn read(vcpu: &VcpuFd) -> Self {
         let mut r = Registers::default();
         if let Ok(g) = vcpu.get_regs() {
             r.rip = g.rip;
@@ -88,6 +88,24 @@ pub(crate) struct Devices {
     pub(crate) markers: Vec<MarkerRecord>,
     pub(crate) protocol_errors: Vec<String>,
     pub(crate) stats: RunStats,
+    /// Stop the run at [`protocol::MARKER_SNAPSHOT`] (the fork-server's boot);
+    /// otherwise that marker is recorded like any control marker.
+    pub(crate) stop_at_snapshot: bool,
+    /// A fork-server run: the pmem region's pages are in the server's window,
+    /// not at the region's own address, so tracing (which reads the region
+    /// and registers its address as the slot) is refused.
+    pub(crate) fork_run: bool,
+}
+
+/// How the run loop ended.
+#[derive(Debug)]
+pub(crate) enum LoopEnd {
+    /// The run is over.
+    Stopped(Outcome),
+    /// The guest reached [`protocol::MARKER_SNAPSHOT`] and
+    /// [`Devices::stop_at_snapshot`] is set: the vCPU is at that marker's
+    /// `out`, which is not completed yet.
+    Snapshot,
 }
 
 /// What the run loop does after an exit was handled.
@@ -100,6 +118,8 @@ pub(crate) enum Action {
     SetTraced(bool),
     /// The run is over.
     Stop(Stop),
+    /// The fork-server's snapshot point (see [`LoopEnd::Snapshot`]).
+    Snapshot,
 }
 
 /// Why the run stopped (the loop adds the registers: see [`Stop::outcome`]).
@@ -191,6 +211,11 @@ impl Devices {
             self.protocol_error("trace-on marker while tracing is already on".into());
             return Ok(Action::Continue);
         }
+        if self.fork_run {
+            drop(t);
+            self.protocol_error("trace-on refused: fork-server runs are untraced".to_string());
+            return Ok(Action::Continue);
+        }
         if self.pmem.mode() != ImageMode::CopyOnWrite {
             drop(t);
             self.protocol_error("trace-on refused: tracing needs copy-on-write images".to_string());
@@ -226,6 +251,7 @@ impl Devices {
         let action = match id {
             protocol::MARKER_TRACE_ON => self.trace_on()?,
             protocol::MARKER_TRACE_OFF => self.trace_off(),
+            protocol::MARKER_SNAPSHOT if self.stop_at_snapshot => Action::Snapshot,
             _ => Action::Continue,
         };
         let trace_pos = if id & protocol::MARKER_CONTROL_BIT == 0 {
@@ -362,12 +388,12 @@ pub(crate) fn run_loop(
     vm: &VmFd,
     dev: &mut Devices,
     wd: &Watchdog,
-) -> Result<Outcome, VmError> {
+) -> Result<LoopEnd, VmError> {
     loop {
         if wd.expired() {
-            return Ok(Outcome::Timeout {
+            return Ok(LoopEnd::Stopped(Outcome::Timeout {
                 regs: Registers::read(vcpu),
-            });
+            }));
         }
         if dev
             .tracer
@@ -375,9 +401,9 @@ pub(crate) fn run_loop(
             .unwrap_or_else(|e| e.into_inner())
             .overflow
         {
-            return Ok(Outcome::TraceLimit {
+            return Ok(LoopEnd::Stopped(Outcome::TraceLimit {
                 regs: Registers::read(vcpu),
-            });
+            }));
         }
         let exit = match vcpu.run() {
             Ok(e) => e,
@@ -395,7 +421,8 @@ pub(crate) fn run_loop(
         match handle_exit(exit, dev)? {
             Action::Continue => {}
             Action::SetTraced(traced) => dev.pmem.register(vm, traced, true)?,
-            Action::Stop(stop) => return Ok(stop.outcome(vcpu)),
+            Action::Stop(stop) => return Ok(LoopEnd::Stopped(stop.outcome(vcpu))),
+            Action::Snapshot => return Ok(LoopEnd::Snapshot),
         }
     }
 }
@@ -474,6 +501,8 @@ mod tests {
                 markers: Vec::new(),
                 protocol_errors: Vec::new(),
                 stats: RunStats::default(),
+                stop_at_snapshot: false,
+                fork_run: false,
             },
             _files: (p, d),
         }

@@ -59,9 +59,11 @@ pub enum VmError {
     Faults(#[from] FaultError),
     #[error("{0} is still shared at the end of the run (a VMM bug)")]
     StillShared(&'static str),
+    #[error("fork-server: {0}")]
+    Fork(&'static str),
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
@@ -341,9 +343,9 @@ impl RunOutcome {
 
 /// The KVM handle and supported CPUID, opened once per process (both cost
 /// more than the rest of a VM's setup).
-struct Host {
-    kvm: Kvm,
-    cpuid: CpuId,
+pub(crate) struct Host {
+    pub(crate) kvm: Kvm,
+    pub(crate) cpuid: CpuId,
 }
 
 /// Why the host cannot run VMs (kept once per process, so `Copy`).
@@ -367,7 +369,7 @@ impl From<HostError> for VmError {
     }
 }
 
-fn host() -> Result<&'static Host, VmError> {
+pub(crate) fn host() -> Result<&'static Host, VmError> {
     static HOST: OnceLock<Result<Host, HostError>> = OnceLock::new();
     let h = HOST.get_or_init(|| {
         let kvm = Kvm::new().map_err(HostError::NoKvm)?;
@@ -579,7 +581,7 @@ impl std::fmt::Debug for Vm {
 
 /// The virtio-mmio devices' places and interrupts, as announced on the
 /// command line.
-fn virtio_devices() -> [(u64, u64, u32); 2] {
+pub(crate) fn virtio_devices() -> [(u64, u64, u32); 2] {
     let irq = |slot: u64| layout::VIRTIO_IRQ_BASE + slot as u32;
     [layout::VIRTIO_BLK_SLOT, layout::VIRTIO_PMEM_SLOT].map(|slot| {
         (
@@ -614,7 +616,7 @@ fn console_sink(c: &ConsoleConfig) -> Result<ConsoleSink, VmError> {
 /// The MMIO bus with virtio-blk on the disk and virtio-pmem on the region,
 /// both reporting to the tracer; with `irqchip`, each device's interrupt is
 /// an irqfd on the IRQ the command line announces.
-fn build_bus(
+pub(crate) fn build_bus(
     vm: &VmFd,
     ram: &GuestMemoryMmap,
     pmem: &Arc<PmemRegion>,
@@ -714,6 +716,8 @@ impl Vm {
             markers: Vec::new(),
             protocol_errors: Vec::new(),
             stats: RunStats::default(),
+            stop_at_snapshot: false,
+            fork_run: false,
         };
         if config.trace {
             // The slot was registered read-only above: only freeze the base.
@@ -744,7 +748,13 @@ impl Vm {
         );
         self.devices.stats.stop_ns = self.devices.start.elapsed().as_nanos() as u64;
         drop(watchdog);
-        let outcome = outcome?;
+        let outcome = match outcome? {
+            vcpu::LoopEnd::Stopped(o) => o,
+            // Only the fork-server sets `stop_at_snapshot`.
+            vcpu::LoopEnd::Snapshot => {
+                unreachable!("a fresh VM does not stop at the snapshot marker")
+            }
+        };
         self.teardown(outcome)
     }
 
@@ -817,7 +827,7 @@ pub fn run(config: VmConfig) -> Result<RunOutcome, VmError> {
 /// fd takes ~0.5 ms on PVM hosts, which the next run need not wait for.
 /// The pmem slot is removed before (see [`VmMemory::release`]): the VM holds
 /// no address of a mapping it does not own by then.
-fn reap(vm: VmFd, ram: GuestMemoryMmap) {
+pub(crate) fn reap(vm: VmFd, ram: GuestMemoryMmap) {
     use std::sync::mpsc;
     static REAPER: OnceLock<Option<mpsc::Sender<(VmFd, GuestMemoryMmap)>>> = OnceLock::new();
     let tx = REAPER.get_or_init(|| {

@@ -3,6 +3,8 @@
 //! 1. the VMM benchmark (`vmm/benches/vm.rs`), which prints VMM start to first
 //!    ring-3 instruction, boot-to-exit, cost per traced store, cost per
 //!    message and the VMM's RSS;
+//!    and the fork-server benchmark (`vmm/benches/fork.rs`): a recovery boot
+//!    in a fresh VM and from the fork-server's snapshot, side by side;
 //! 2. the pcache guest boots (`pcache_boots` below): a whole `start` on a
 //!    blank 512 MiB device and on a formatted one, boot to exit, markers on
 //!    and off, and the recovery boot the scenarios run thousands of times
@@ -40,6 +42,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if !args.pcache_only {
         run(locked(cargo().arg("bench"))
             .args(["--package", "vmm", "--bench", "vm"])
+            .env("PCACHE_GUEST", &kernel))?;
+        run(locked(cargo().arg("bench"))
+            .args(["--package", "vmm", "--bench", "fork"])
             .env("PCACHE_GUEST", &kernel))?;
     }
     if cfg!(debug_assertions) {

@@ -107,6 +107,10 @@ pub struct ExploreArgs {
     /// Time budget of one recovery boot, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=STATE_TIMEOUT_MAX))]
     pub state_timeout: u64,
+    /// Boot a fresh VM for every crash state (the reference path) instead of
+    /// resetting one fork-server VM per worker to its snapshot.
+    #[arg(long)]
+    pub fresh: bool,
     /// A guest built with a test-only feature (a deliberately broken module,
     /// `target/guest/pcache-guest-FEATURE`).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(guest::TEST_FEATURES))]
@@ -175,6 +179,11 @@ pub fn explore(args: ExploreArgs) -> Result<()> {
         jobs,
         state_timeout: Duration::from_secs(args.state_timeout),
         workload_timeout: Duration::from_secs(120),
+        recovery_vms: if args.fresh {
+            runner::RecoveryVms::Fresh
+        } else {
+            runner::RecoveryVms::ForkServer
+        },
     };
     let opts = RunOptions {
         shard: args.shard,

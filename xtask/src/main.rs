@@ -109,7 +109,7 @@ mod tests {
         else {
             panic!("not a scenario command");
         };
-        assert_eq!((a.jobs, a.state_timeout), (Some(2), 10));
+        assert_eq!((a.jobs, a.state_timeout, a.fresh), (Some(2), 10, false));
         let Command::Scenario(a) = parse(&["scenario", "x", "--shard", "2/3"]).unwrap().command
         else {
             panic!("not a scenario command");
@@ -117,6 +117,13 @@ mod tests {
         assert_eq!(a.shard.map(|s| s.to_string()), Some("2/3".into()));
         let err = parse(&["scenario", "x", "--shard", "4/3"]).err().unwrap();
         assert!(err.contains("not a shard K/N"), "{err}");
+        let Command::Scenario(a) = parse(&["scenario", "crash-mid-format", "--fresh"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a scenario command");
+        };
+        assert!(a.fresh);
         let err = parse(&["bench", "--runs", "0"]).err().unwrap();
         assert!(err.contains("--runs") && err.contains("3..=1000"), "{err}");
         assert!(parse(&["bench", "--runs", "1001"]).is_err());

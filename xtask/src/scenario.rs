@@ -41,6 +41,11 @@ pub struct ScenarioArgs {
     /// checked when `cargo xtask merge-results` joins the N shards.
     #[arg(long, value_name = "K/N")]
     pub shard: Option<Shard>,
+    /// Boot a fresh VM for every crash state (the reference path) instead of
+    /// resetting one fork-server VM per worker to its snapshot (same
+    /// results, several times slower).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 /// Most recovery boots at once.
@@ -115,6 +120,11 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
             jobs,
             state_timeout: Duration::from_secs(args.state_timeout),
             workload_timeout: Duration::from_secs(120),
+            recovery_vms: if args.fresh {
+                runner::RecoveryVms::Fresh
+            } else {
+                runner::RecoveryVms::ForkServer
+            },
         };
         println!("scenario {name}: {}", scenario.description);
         let opts = RunOptions {

@@ -15,6 +15,8 @@
 //! | `marker:ID` | a 32-bit marker |
 //! | `spin` | loop forever in ring 3 |
 //! | `touch:ADDR` | read one byte at virtual address ADDR |
+//! | `mark` | fails if an earlier run's `mark` is visible (a word in the guest's `.bss`, one in a RAM page nothing else uses, pmem word 0x1000, disk sector 1, all zero on fresh images), then leaves its own (isolation tests of the VMM's fork-server) |
+//! | `disk-fault:SECTOR` | reads a sector; its first byte picks what happens next: 0 nothing, 1 a page fault, 2 a hang (`spin`), 3 a panic (so one command line can crash or hang on some disks only) |
 
 use crate::number::{parse_u64, NumberError};
 use core::fmt;
@@ -32,6 +34,8 @@ pub enum Step<'a> {
     Marker(u32),
     Spin,
     Touch(u64),
+    Mark,
+    DiskFault { sector: u64 },
 }
 
 /// Why a step is malformed.
@@ -195,6 +199,10 @@ fn parse_step(text: &str) -> Result<Step<'_>, StepErrorKind> {
         }
         "spin" => Step::Spin,
         "touch" => Step::Touch(args.number("ADDR")?),
+        "mark" => Step::Mark,
+        "disk-fault" => Step::DiskFault {
+            sector: args.number("SECTOR")?,
+        },
         _ => return Err(StepErrorKind::Unknown),
     };
     args.finish()?;
@@ -282,6 +290,10 @@ mod tests {
         assert_eq!(one("blk-flush"), Ok(Step::BlkFlush));
         assert_eq!(one("marker:0x80000001"), Ok(Step::Marker(0x8000_0001)));
         assert_eq!(one("spin"), Ok(Step::Spin));
+        assert_eq!(one("mark"), Ok(Step::Mark));
+        assert_eq!(one("disk-fault:7"), Ok(Step::DiskFault { sector: 7 }));
+        assert_eq!(one("mark:1"), Err(ExtraArgument));
+        assert_eq!(one("disk-fault"), Err(MissingArgument("SECTOR")));
         assert_eq!(one("touch:0x4000000000"), Ok(Step::Touch(0x40_0000_0000)));
     }
 

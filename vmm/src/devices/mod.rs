@@ -26,6 +26,8 @@ impl MmioDevice for virtio::MmioTransport {
 #[derive(Default)]
 pub struct MmioBus {
     ranges: Vec<(u64, u64, Box<dyn MmioDevice>)>,
+    /// Every claimed write, in order, while recording (see [`MmioBus::record_writes`]).
+    log: Option<Vec<(u64, Vec<u8>)>>,
 }
 
 impl std::fmt::Debug for MmioBus {
@@ -86,10 +88,25 @@ impl MmioBus {
         match self.find(addr, data.len()) {
             Some((off, d)) => {
                 d.write(off, data);
+                if let Some(log) = &mut self.log {
+                    log.push((addr, data.to_vec()));
+                }
                 true
             }
             None => false,
         }
+    }
+
+    /// Starts recording every claimed write. The fork-server (`crate::fork`)
+    /// replays a driver's initialisation into fresh devices this way: reads
+    /// change no device state, so the writes alone rebuild it.
+    pub fn record_writes(&mut self) {
+        self.log = Some(Vec::new());
+    }
+
+    /// The writes recorded so far (empty when not recording); recording stops.
+    pub fn take_writes(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.log.take().unwrap_or_default()
     }
 }
 
