@@ -908,7 +908,8 @@ pub enum ReplayError {
 /// for the caller to judge), every valid key inserted
 /// into the index in log order, keys whose generation is behind their
 /// segment's dropped (with no reference, as in 7.2.13). With `data_crc`,
-/// each key's data is checked first. Bounded by the log's validation: at
+/// each key's data is checked: first under the kernel's rules, after the
+/// generation (a stale key is never read) under ours. Bounded by the log's validation: at
 /// most one pass over each segment's data area.
 pub fn replay<P: Pmem + ?Sized>(
     pmem: &P,
@@ -956,6 +957,14 @@ pub fn replay<P: Pmem + ?Sized>(
             // its data inside the data area.
             let cseg = k.cache_seg_id.get() as usize;
             let (off, len) = (k.off.get(), k.len.get());
+            let stale = k.seg_gen.get() < gens.get(cseg).copied().unwrap_or(0);
+            // The kernel checks the data CRC before the generation, so a
+            // stale key whose segment was reused fails activation
+            // (`docs/format.md` §10.4); ours drops a stale key unread.
+            if stale && rules == Rules::Ours {
+                out.stale += 1;
+                continue;
+            }
             if data_crc {
                 data.resize(len as usize, 0);
                 let at = data_pos(chain[cseg], k.cache_seg_off.get());
@@ -975,7 +984,7 @@ pub fn replay<P: Pmem + ?Sized>(
                     return;
                 }
             }
-            if k.seg_gen.get() < gens.get(cseg).copied().unwrap_or(0) {
+            if stale {
                 out.stale += 1;
                 continue;
             }

@@ -28,6 +28,9 @@ fn run_value(steps: &str, mode: Mode) -> String {
         .map(|s| {
             if s == "start" {
                 format!("start:mode={mode}")
+            } else if s.starts_with("start:") && !s.split(':').any(|o| o.starts_with("mode=")) {
+                // `start:data_crc=true` and the like: options kept, mode added.
+                format!("{s}:mode={mode}")
             } else {
                 s.to_string()
             }
@@ -272,6 +275,11 @@ mod tests {
                 true
             ),
             "pcache.run=trace:on;start:mode=recover;trace:off"
+        );
+        // Other options keep the run's mode too.
+        assert_eq!(
+            cmdline("start:data_crc=true;stop", Mode::Strict, true),
+            "pcache.run=start:data_crc=true:mode=strict;stop"
         );
     }
 
