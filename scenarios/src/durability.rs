@@ -113,6 +113,26 @@ pub fn judge_settled(
     }
 }
 
+/// Drops the tag runs of the `verify` reports of a state the rule found
+/// nothing wrong with, counting them instead (`"run-count"`): a read-back of
+/// megabytes is thousands of runs, and a long run's states would carry
+/// gigabytes of them. A state with findings keeps its runs as evidence.
+pub fn condense_verifies(reports: &mut [serde_json::Value], durability: &Durability) {
+    if !durability.violations.is_empty() {
+        return;
+    }
+    for r in reports {
+        if r.get("step").and_then(|s| s.as_str()) != Some("verify") {
+            continue;
+        }
+        if let Some(obj) = r.as_object_mut() {
+            if let Some(serde_json::Value::Array(runs)) = obj.remove("runs") {
+                obj.insert("run-count".into(), runs.len().into());
+            }
+        }
+    }
+}
+
 /// A violation in words, e.g. `sectors 16..24: write 3 was flushed but reads write 1`.
 pub fn describe(v: &Violation, ops: &[Op], acked: usize) -> String {
     let (s, n) = v.range();
@@ -315,6 +335,27 @@ mod tests {
             ]
         );
         assert!(settled_prefill(&[], &ops).is_empty());
+    }
+
+    #[test]
+    fn verify_runs_are_counted_unless_the_rule_found_something() {
+        let ops = [w(0, 512, 1, true)];
+        let reports = vec![
+            serde_json::json!({"step": "start"}),
+            verify(&[(0, 1, 1), (1, 7, 0)]),
+        ];
+        let mut clean = reports.clone();
+        let d = judge(&clean, &ops, 1);
+        condense_verifies(&mut clean, &d);
+        assert_eq!(clean[0], reports[0]);
+        assert_eq!(clean[1].get("runs"), None);
+        assert_eq!(clean[1]["run-count"], 2);
+        assert_eq!(clean[1]["len"], 8192);
+        let mut lost = vec![verify(&[(0, 8, 0)])];
+        let d = judge(&lost, &ops, 1);
+        assert!(!d.violations.is_empty());
+        condense_verifies(&mut lost, &d);
+        assert_eq!(lost[0]["runs"][0]["count"], 8);
     }
 
     #[test]

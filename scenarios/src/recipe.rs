@@ -1,6 +1,7 @@
 //! Device recipes: the images a scenario starts from, made on the host with the
 //! same pcache code the guest runs.
 
+use crate::result::PrefillSummary;
 use crate::spec::{Device, DiskContent, Mode, PrefillStep, Recipe};
 use pcache::backing::VecBacking;
 use pcache::pmem::{FilePmem, SPARSE_PAGE};
@@ -20,6 +21,8 @@ pub struct PreparedDevice {
     pub disk: PathBuf,
     /// For `older-cache`: the cache_info seq of the older cache's last activation.
     pub older_seq: Option<u8>,
+    /// What the prefill did, when the device has one.
+    pub prefill: Option<PrefillSummary>,
 }
 
 /// Why a device could not be prepared.
@@ -93,32 +96,35 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
                     pmem: path.clone(),
                     disk,
                     older_seq: None,
+                    prefill: None,
                 });
             }
             // A prefill writes: onto a copy, never the user's file.
             let copy = dir.join(format!("{}.pmem", device.name));
             std::fs::copy(path, &copy).map_err(io(&copy))?;
-            prefill(device, mode, &copy, &disk)?;
+            let prefill = prefill(device, mode, &copy, &disk)?;
             return Ok(PreparedDevice {
                 pmem: copy,
                 disk,
                 older_seq: None,
+                prefill,
             });
         }
         _ => dir.join(format!("{}.pmem", device.name)),
     };
     create_sparse(&pmem, device.pmem_size.0)?;
+    let mut summary = None;
     let older_seq = match device.recipe {
         Recipe::Blank | Recipe::File { .. } => None,
         Recipe::Formatted { activations } => {
             activate_times(device, mode, &pmem, activations)?;
-            prefill(device, mode, &pmem, &disk)?;
+            summary = prefill(device, mode, &pmem, &disk)?;
             None
         }
         Recipe::OlderCache { activations } => {
             let seq = activate_times(device, mode, &pmem, activations)?;
             // The older cache's data (its log stays behind a re-format).
-            prefill(device, mode, &pmem, &disk)?;
+            summary = prefill(device, mode, &pmem, &disk)?;
             let mut dev = FilePmem::open(&pmem).map_err(io(&pmem))?;
             let pmem_err = |source| RecipeError::Pmem {
                 device: device.name.clone(),
@@ -133,6 +139,7 @@ pub fn prepare(device: &Device, mode: Mode, dir: &Path) -> Result<PreparedDevice
         pmem,
         disk,
         older_seq,
+        prefill: summary,
     })
 }
 
@@ -155,14 +162,19 @@ fn write_pattern(path: &Path, size: u64) -> Result<(), RecipeError> {
 /// activation in `mode`, the ops, a deactivation. The work is done on an
 /// in-memory copy (a file's stores would each be a system call) and the
 /// pages it holds are written back.
-fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), RecipeError> {
+fn prefill(
+    device: &Device,
+    mode: Mode,
+    pmem: &Path,
+    disk: &Path,
+) -> Result<Option<PrefillSummary>, RecipeError> {
     let fail = |why: String| RecipeError::Prefill {
         device: device.name.clone(),
         why,
     };
     let steps = device.prefill_steps().map_err(fail)?;
     if steps.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let file = FilePmem::open(pmem).map_err(io(pmem))?;
     let mut mem = SparsePmem::copy_of(&file).map_err(|e| fail(e.to_string()))?;
@@ -184,6 +196,7 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
         ))
     })?;
     let mut data = Vec::new();
+    let mut log_segments = vec![cache.key_head().cache_seg_id];
     for (k, step) in steps.iter().enumerate() {
         let done = match *step {
             PrefillStep::Op(Op::Write { off, len, id, fua }) => {
@@ -207,7 +220,13 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
             }
         };
         done.map_err(|e| fail(format!("step {k} ({step:?}): {e}")))?;
+        let log = cache.key_head().cache_seg_id;
+        if log_segments.last() != Some(&log) {
+            log_segments.push(log);
+        }
     }
+    let head = cache.key_head();
+    let key_head = format!("{}:{}", head.cache_seg_id, head.seg_off);
     pcache::deactivate(cache, &mut mem, &mut backing, &mut NoHooks)
         .map_err(|e| fail(format!("deactivation: {e}")))?;
     let d = File::options().write(true).open(disk).map_err(io(disk))?;
@@ -220,7 +239,12 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
             .map_err(|e| fail(e.to_string()))?;
         f.write_all_at(&page, p * SPARSE_PAGE).map_err(io(pmem))?;
     }
-    f.sync_all().map_err(io(pmem))
+    f.sync_all().map_err(io(pmem))?;
+    Ok(Some(PrefillSummary {
+        steps: steps.len(),
+        log_segments,
+        key_head,
+    }))
 }
 
 /// Activates the image `n` times; returns the cache_info seq the last one wrote.
@@ -360,6 +384,36 @@ mod tests {
         let r = activate(&mut dev, &Options::default(), &mut NoHooks);
         assert_eq!(r.outcome, Outcome::Opened);
         assert_eq!(r.cache_info.unwrap().seq, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_prefill_writes_its_disk_back_and_says_where_its_log_went() {
+        // A log segment of one-key FUA writes (64 bytes a key-set), then
+        // writeback: the log moves to a second segment, and the disk holds
+        // the data.
+        let dir = tempdir("prefill-log");
+        let mut d = device(Recipe::Formatted { activations: 1 });
+        d.disk_size = Size(16 << 20);
+        d.prefill = Some(crate::spec::Prefill::Phases(vec![
+            crate::spec::PrefillPhase {
+                steps: "write:0x8000:512:7:fua".into(),
+                repeat: 262_200,
+            },
+            crate::spec::PrefillPhase {
+                steps: "writeback".into(),
+                repeat: 1,
+            },
+        ]));
+        let p = prepare(&d, Mode::Recover, &dir).unwrap();
+        let summary = p.prefill.expect("a prefill ran");
+        assert_eq!(summary.steps, 262_201);
+        assert_eq!(summary.log_segments.len(), 2, "{summary:?}");
+        let disk = std::fs::read(&p.disk).unwrap();
+        let mut want = vec![0u8; 512];
+        workload::fill(7, 0x8000, &mut want);
+        assert_eq!(&disk[0x8000..0x8200], &want[..]);
+        assert!(disk[..0x8000].iter().all(|&b| b == 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -937,6 +937,15 @@ fn around(t: Option<&Timeline>, cut: usize) -> Option<String> {
     }
 }
 
+/// How many writes a state applied, in words: `12 write(s)`, or with the
+/// ones a barrier covered counted apart, `3120 settled + 4 pending write(s)`.
+fn applied_count(s: &StateResult) -> String {
+    match s.settled {
+        Some(n) => format!("{n} settled + {} pending write(s)", s.applied.len()),
+        None => format!("{} write(s)", s.applied.len()),
+    }
+}
+
 fn write_text(w: &AppliedWrite) -> String {
     match w {
         AppliedWrite::Pmem {
@@ -1005,8 +1014,8 @@ fn state_entry(h: &mut String, i: usize, k: usize, run: &DeviceModeRun, run_dir:
             .unwrap_or_default();
         let _ = writeln!(
             h,
-            "<p>Cut at trace position {cut}{where_}; {} write(s) applied.</p>",
-            s.applied.len()
+            "<p>Cut at trace position {cut}{where_}; {} applied.</p>",
+            applied_count(s)
         );
     }
     h.push_str("<ul class=\"v\">");
@@ -1066,7 +1075,12 @@ fn state_entry(h: &mut String, i: usize, k: usize, run: &DeviceModeRun, run_dir:
     if !s.applied.is_empty() {
         let _ = write!(
             h,
-            "<details><summary>Applied writes: {}</summary><pre><code>",
+            "<details><summary>Applied writes{}: {}</summary><pre><code>",
+            if s.settled.is_some() {
+                " still pending at the cut"
+            } else {
+                ""
+            },
             s.applied.len()
         );
         for w in s.applied.iter().take(MAX_APPLIED) {

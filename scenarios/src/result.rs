@@ -106,6 +106,9 @@ pub struct DeviceModeRun {
     pub counts: ObservedCounts,
     /// Wall time of the recovery boots of all states (parallel), in seconds.
     pub recovery_seconds: f64,
+    /// The device's prefill, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<PrefillSummary>,
     pub states: Vec<StateResult>,
     /// Failed pinned counts and other run-level violations.
     pub violations: Vec<String>,
@@ -195,6 +198,21 @@ pub struct ObservedCounts {
     pub violations: usize,
 }
 
+/// What a device's prefill did to its cache (on the host, before the
+/// traced workload): a long run's claims, such as its log going round, are
+/// read here.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PrefillSummary {
+    /// Steps run: data ops, and writeback, GC and idle steps.
+    pub steps: usize,
+    /// The segments the log was in, in order: key_head's at the start and
+    /// after each log segment switch.
+    pub log_segments: Vec<u32>,
+    /// key_head at the end, `segment:offset` as `dmsetup status` prints it.
+    pub key_head: String,
+}
+
 /// One crash state and what recovery made of it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -203,8 +221,16 @@ pub struct StateResult {
     pub id: String,
     /// Trace position of the cut (events `[0, cut)` issued); absent for image sets.
     pub cut: Option<usize>,
-    /// The writes applied over the base, in trace order.
+    /// The writes applied over the base, in trace order; with `settled`,
+    /// only those still pending at the cut.
     pub applied: Vec<AppliedWrite>,
+    /// Power-cut states: how many of the applied writes (pmem stores and
+    /// disk sectors) a barrier of their device had covered before the cut;
+    /// every model makes those durable, so `applied` lists only the rest,
+    /// the writes still pending at the cut. A long run's states would
+    /// otherwise each list tens of thousands of writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled: Option<usize>,
     /// The outcome of recovery's first `start` (`formatted`, `opened`, `refused`, ...).
     pub outcome: String,
     /// The refusal reason, when refused.
@@ -614,6 +640,7 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
             }
         }
         let mut run = DeviceModeRun {
+            prefill: None,
             device: head.device.clone(),
             mode: head.mode,
             model: head.model.clone(),
@@ -685,6 +712,7 @@ mod tests {
             id: "s".into(),
             cut: Some(1),
             applied: vec![],
+            settled: None,
             outcome: outcome.into(),
             reason: None,
             refusal: None,
@@ -726,6 +754,7 @@ mod tests {
 
     fn run(states: Vec<StateResult>) -> DeviceModeRun {
         DeviceModeRun {
+            prefill: None,
             device: "blank".into(),
             mode: Mode::Recover,
             model: serde_json::Value::Null,

@@ -344,6 +344,7 @@ impl Job<'_> {
             model,
             counts,
             recovery_seconds: t0.elapsed().as_secs_f64(),
+            prefill: self.prepared.prefill.clone(),
             states,
             violations: vec![],
             timeline: None,
@@ -434,18 +435,21 @@ impl CutCheck<'_> {
             job.cfg,
         )?;
         st.cut = Some(cut);
-        st.applied = applied(&self.saved.trace, &applied_refs);
+        let (listed, settled) = applied_at(&self.saved.trace, cut, &applied_refs);
+        (st.applied, st.settled) = (listed, Some(settled));
         if let Some(j) = &self.judged {
             let n = self.done[cut.min(self.done.len() - 1)];
             let w = j.workload.len();
-            st.durability = Some(if n >= w || j.recovery.is_empty() {
+            let d = if n >= w || j.recovery.is_empty() {
                 let acked = j.full.1 - (w - n.min(w));
                 crate::durability::judge_settled(&st.reports, &j.settled, &j.full.0, acked)
             } else {
                 let (ops, acked) =
                     crate::durability::judged_ops(&j.prefill, &j.workload, &j.recovery, n);
                 crate::durability::judge_settled(&st.reports, &j.settled, &ops, acked)
-            });
+            };
+            crate::durability::condense_verifies(&mut st.reports, &d);
+            st.durability = Some(d);
         }
         if let Some(e) = job.expect {
             st.check(e);
@@ -891,6 +895,7 @@ fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult 
         id: id.into(),
         cut: None,
         applied: vec![],
+        settled: None,
         outcome: rec.outcome(),
         reason: first.and_then(|s| s.message.clone()),
         refusal: first.and_then(|s| s.refusal_kind().map(str::to_string)),
@@ -917,6 +922,23 @@ fn applied(trace: &Trace, writes: &[vmm::WriteRef]) -> Vec<AppliedWrite> {
         .iter()
         .filter_map(|w| applied_one(trace, *w))
         .collect()
+}
+
+/// A power-cut state's applied writes as the result file lists them: those
+/// a barrier of their device covered before `cut` are only counted (every
+/// model makes all of them durable; its states hold those that change the
+/// image), and those still pending at the cut, the model's choice, listed.
+fn applied_at(trace: &Trace, cut: usize, writes: &[vmm::WriteRef]) -> (Vec<AppliedWrite>, usize) {
+    let pending: std::collections::HashSet<usize> = persist::pending_all(trace.events(), cut)
+        .into_iter()
+        .collect();
+    let open: Vec<vmm::WriteRef> = writes
+        .iter()
+        .copied()
+        .filter(|w| pending.contains(&(w.event as usize)))
+        .collect();
+    let settled = writes.len() - open.len();
+    (applied(trace, &open), settled)
 }
 
 /// One applied write as the result file lists it (`None`: not a write event).
@@ -1315,6 +1337,31 @@ mod tests {
     use crate::spec::MarkerName;
 
     #[test]
+    fn a_states_settled_writes_are_counted_and_its_pending_ones_listed() {
+        let mut t = Trace::new();
+        let a = t.push_pmem_store(0, &[1; 8]);
+        let d = t.push_blk_write(4, &[2; 1024]);
+        t.push(Event::PmemFlush);
+        let b = t.push_pmem_store(8, &[3; 8]);
+        let c = t.push_pmem_store(16, &[4; 8]);
+        let cut = t.len();
+        let w = |event, part| vmm::WriteRef { event, part };
+        // The disk has had no flush: both its sectors are pending.
+        let all = [w(a, 0), w(d, 0), w(d, 1), w(b, 0), w(c, 0)];
+        let (listed, settled) = applied_at(&t, cut, &all);
+        assert_eq!((listed.len(), settled), (4, 1));
+        let (listed, settled) = applied_at(&t, cut, &[w(a, 0), w(c, 0)]);
+        assert_eq!(settled, 1);
+        assert!(
+            matches!(listed[..], [AppliedWrite::Pmem { event, .. }] if event == c as usize),
+            "{listed:?}"
+        );
+        // A cut before the fence: nothing is settled.
+        let (listed, settled) = applied_at(&t, 2, &[w(a, 0)]);
+        assert_eq!((listed.len(), settled), (1, 0));
+    }
+
+    #[test]
     fn a_replay_differs_in_outcome_usability_or_failure() {
         let rec = |outcome: &str, second: Option<&str>, failure: Option<&str>| {
             let report = |o: &str| crate::guest::StartReport {
@@ -1403,6 +1450,7 @@ mod tests {
                 id: format!("s{i}"),
                 cut: None,
                 applied: vec![],
+                settled: None,
                 outcome: "formatted".into(),
                 reason: None,
                 refusal: None,

@@ -27,6 +27,7 @@ fn state(id: &str, cut: usize, outcome: &str) -> StateResult {
         id: id.into(),
         cut: Some(cut),
         applied: vec![],
+        settled: None,
         outcome: outcome.into(),
         reason: None,
         refusal: None,
@@ -79,6 +80,7 @@ fn small_run() -> DeviceModeRun {
     bad.applied = (0..5)
         .map(|k| pmem(101 + k, 0x5000 + 8 * k as u64))
         .collect();
+    bad.settled = Some(96);
     bad.violations = vec![
         "outcome `refused` is not allowed (allowed: opened)".into(),
         "not usable".into(),
@@ -99,6 +101,7 @@ fn small_run() -> DeviceModeRun {
     states[30].saved = Some(format!("/x/{}", HOSTILE_ID.replace('/', "_")));
 
     let mut run = DeviceModeRun {
+        prefill: None,
         device: "blank".into(),
         mode: Mode::Strict,
         model: serde_json::json!({"model": "subsets"}),
@@ -160,6 +163,7 @@ fn large_run() -> DeviceModeRun {
         })
         .collect();
     let mut run = DeviceModeRun {
+        prefill: None,
         device: "big".into(),
         mode: Mode::Recover,
         model: serde_json::json!({"model": "prefix"}),
@@ -352,7 +356,14 @@ fn the_report_page_shows_counts_timeline_and_violations_in_headless_chromium() {
         "{entry}"
     );
     assert!(entry.contains("pmem  event 103: 8 B at 0x5010"), "{entry}");
-    assert!(entry.contains("Applied writes: 5"), "{entry}");
+    assert!(
+        entry.contains("Applied writes still pending at the cut: 5"),
+        "{entry}"
+    );
+    assert!(
+        entry.contains("96 settled + 5 pending write(s) applied"),
+        "{entry}"
+    );
 
     // Strings from the result are text, never markup.
     assert!(!dom.contains("<script"), "a script element made it in");

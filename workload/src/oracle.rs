@@ -232,7 +232,14 @@ impl Settled {
         };
         for (i, id, s, e) in cut.writes(0) {
             settled.durable.paint(s, e, i);
-            settled.by_id.entry(id).or_default().push(i);
+            // A write that repeats its id's previous one (a workload that
+            // rewrites one sector thousands of times) paints over it whole:
+            // keep the later only, or every check would paint them all.
+            let mine = settled.by_id.entry(id).or_default();
+            match mine.last_mut() {
+                Some(last) if prefix[*last].sectors() == Some((s, e)) => *last = i,
+                _ => mine.push(i),
+            }
         }
         Some(settled)
     }

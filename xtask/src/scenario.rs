@@ -480,6 +480,7 @@ mod tests {
             id: id.into(),
             cut: Some(3),
             applied: vec![],
+            settled: None,
             outcome: "refused".parse().unwrap(),
             reason: None,
             refusal: None,
@@ -532,6 +533,7 @@ mod tests {
     #[test]
     fn junit_has_a_case_per_state_and_fails_the_violations() {
         let run = DeviceModeRun {
+            prefill: None,
             device: "blank".into(),
             mode: Mode::Strict,
             model: serde_json::Value::Null,

@@ -55,6 +55,7 @@ fn shard(dir: &Path, k: usize, pinned: usize) -> PathBuf {
         started: format!("2026-12-06T00:0{k}:00Z"),
         elapsed_seconds: k as f64,
         runs: vec![DeviceModeRun {
+            prefill: None,
             device: "blank".into(),
             mode: Mode::Strict,
             model: serde_json::json!({ "model": "prefix" }),

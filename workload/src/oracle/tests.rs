@@ -49,6 +49,26 @@ fn only_a_prefix_ending_with_a_flush_settles() {
 }
 
 #[test]
+fn a_settled_prefix_keeps_one_of_an_ids_identical_writes() {
+    // One id written over the same sectors again and again, then elsewhere.
+    let mut ops: Vec<Op> = (0..1000).map(|_| fua(8, 1, 7)).collect();
+    ops.push(w(20, 2, 7));
+    ops.push(Op::Flush);
+    let settled = Settled::new(&ops).unwrap();
+    assert_eq!(settled.by_id[&7], [999, 1000]);
+    for obs in [
+        vec![run(8, 1, Tag::Write(7))],
+        vec![run(8, 1, Tag::Backing)],
+        vec![run(20, 2, Tag::Write(7)), run(22, 1, Tag::Write(7))],
+    ] {
+        assert_eq!(
+            check_settled(&settled, &ops, ops.len(), &obs),
+            reference(&ops, ops.len(), &obs)
+        );
+    }
+}
+
+#[test]
 #[should_panic(expected = "settled prefix")]
 fn a_settled_prefix_longer_than_the_acknowledged_ops_is_refused() {
     let ops = [w(0, 1, 1), Op::Flush, w(0, 1, 2)];
