@@ -151,6 +151,10 @@ pub enum BootError {
         "the guest did not reach its script (modules or devices missing); console tail:\n{tail}"
     )]
     NoBoot { tail: String },
+    /// A device the script needs never appeared in the guest (a harness
+    /// fault, not something the kernel's dm-pcache decided).
+    #[error("image `{image}`: {what} (the guest never saw the device; a harness error)")]
+    NoDevice { image: String, what: String },
 }
 
 /// A finished boot.
@@ -172,11 +176,27 @@ at_slot() {
     case "$(readlink -f $b/device)" in *"0000:00:$2.0/"*) basename $b;; esac
   done
 }
+# Like at_slot, but waits up to 10 s: under TCG a disk may not be probed
+# yet when the script starts. Nothing found: a harness error, not a verdict.
+need_slot() {
+  i=0
+  while [ $i -lt 50 ]; do
+    d=$(at_slot $1 $2)
+    if [ -n "$d" ]; then echo "$d"; return 0; fi
+    sleep 0.2; i=$((i + 1))
+  done
+  return 1
+}
 # act PMEM_SLOT NAME DATA_CRC BACKING_SLOT OUT_SLOT (slots: - for none)
 act() {
-  dev=$(at_slot pmem $1)
-  back=vda; [ "$4" = - ] || back=$(at_slot vd $4)
-  OUT=""; [ "$5" = - ] || OUT=/dev/$(at_slot vd $5)
+  if ! dev=$(need_slot pmem $1); then echo "@@NODEV $2 no pmem disk at slot $1"; echo "@@DONE $2"; return; fi
+  back=vda
+  if [ "$4" != - ] && ! back=$(need_slot vd $4); then echo "@@NODEV $2 no backing disk at slot $4"; echo "@@DONE $2"; return; fi
+  OUT=""
+  if [ "$5" != - ]; then
+    if ! OUT=$(need_slot vd $5); then echo "@@NODEV $2 no output disk at slot $5"; echo "@@DONE $2"; return; fi
+    OUT=/dev/$OUT
+  fi
   NAME=$2
   S=$(blockdev --getsz /dev/$back)
   echo "@@IMAGE $2 $dev $back"
@@ -326,6 +346,9 @@ pub fn boot(
     if !console.contains("@@BOOTED") {
         return Err(BootError::NoBoot { tail: tail() });
     }
+    if let Some((image, what)) = missing_device(&console) {
+        return Err(BootError::NoDevice { image, what });
+    }
     let verdicts = images.iter().map(|i| verdict(&console, &i.name)).collect();
     Ok(Boot {
         verdicts,
@@ -396,6 +419,15 @@ pub fn verdict(console: &str, name: &str) -> KernelVerdict {
     v
 }
 
+/// The first `@@NODEV image what` line of the console, if any.
+fn missing_device(console: &str) -> Option<(String, String)> {
+    console.lines().find_map(|line| {
+        let at = line.find("@@NODEV ")?;
+        let (image, what) = line[at + 8..].split_once(' ')?;
+        Some((image.to_string(), what.trim().to_string()))
+    })
+}
+
 /// `[    5.546612] text` → `text`.
 fn strip_timestamp(line: &str) -> &str {
     match line.strip_prefix('[').and_then(|l| l.split_once("] ")) {
@@ -458,6 +490,11 @@ mod tests {
         );
         let missing = verdict(console, "b");
         assert!(!missing.done && !missing.activated);
+        assert_eq!(missing_device(console), None);
+        assert_eq!(
+            missing_device("@@BOOTED\n\x1b[0m@@NODEV ab no pmem disk at slot 11\n@@DONE ab\n"),
+            Some(("ab".into(), "no pmem disk at slot 11".into()))
+        );
     }
 
     #[test]
@@ -487,5 +524,13 @@ mod tests {
         );
         // The second image's own disks sit at the second backing and output slots.
         assert!(s.ends_with("act 11 y true 19 09\n"), "{s}");
+        // And it is a shell script (syntax only: `sh -n`).
+        let mut sh = Command::new("sh")
+            .arg("-n")
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        sh.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        assert!(sh.wait().unwrap().success(), "{s}");
     }
 }
