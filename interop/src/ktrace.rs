@@ -14,7 +14,7 @@ use crate::image::{first_difference, read_sparse, write_sparse};
 use crate::prepare::Kernel;
 use crate::qemu::{self, BootImage};
 use pcache::pmem::{Access, Pmem, RecordingPmem, SparsePmem};
-use pcache::{activate, NoHooks, Outcome};
+use pcache::{activate, Outcome};
 use scenarios::persistence::{Event, Trace};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -136,11 +136,47 @@ pub fn strict_trace(
     base: &SparsePmem,
     data_crc: bool,
 ) -> (Trace, SparsePmem, pcache::ActivationReport) {
+    let (t, after, report) = strict_trace_marked(base, data_crc);
+    let mut plain = Trace::new();
+    for e in t.events() {
+        if !matches!(e, Event::Marker { .. }) {
+            plain.push(*e);
+        }
+    }
+    (plain, after, report)
+}
+
+/// Marker id of crash point `n`'s beginning in [`strict_trace_marked`].
+pub const fn begin_marker(n: u32) -> u32 {
+    0x100 + n
+}
+/// Marker id of crash point `n`'s end in [`strict_trace_marked`].
+pub const fn end_marker(n: u32) -> u32 {
+    0x200 + n
+}
+
+/// As [`strict_trace`], with the crash points' boundaries as markers
+/// ([`begin_marker`], [`end_marker`]).
+pub fn strict_trace_marked(
+    base: &SparsePmem,
+    data_crc: bool,
+) -> (Trace, SparsePmem, pcache::ActivationReport) {
     let mut rec = RecordingPmem::new(base.clone());
-    let report = activate(&mut rec, &strict(data_crc), &mut NoHooks);
+    let mut hooks = rec.hooks();
+    let report = activate(&mut rec, &strict(data_crc), &mut hooks);
     let mut t = Trace::new();
     for a in rec.events() {
         match a {
+            Access::Begin(cp) => {
+                t.push(Event::Marker {
+                    id: begin_marker(cp.number()),
+                });
+            }
+            Access::End(cp) => {
+                t.push(Event::Marker {
+                    id: end_marker(cp.number()),
+                });
+            }
             Access::Store { off, val } => {
                 t.push_pmem_store(off, &val.to_le_bytes());
             }
