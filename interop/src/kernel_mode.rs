@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 /// One crash state and the three outcomes.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelStateRow {
-    /// `cutN-K` (cut position in the kernel's trace, durable stores).
+    /// `sI-cutN-K`: the state's index in the enumeration, its cut position
+    /// in the kernel's trace and its number of durable stores.
     pub id: String,
     pub strict: String,
     pub recover: String,
@@ -78,6 +79,11 @@ pub struct KernelModeResult {
     pub trace_boot_seconds: f64,
     pub devices: Vec<KernelDeviceRun>,
 }
+
+/// Time budget of one recovery boot (8 activations take 20–40 s under TCG).
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(240);
+/// The kernel column of a state a hung boot left unrecovered.
+const NOT_RUN: &str = "not run (an earlier state of its boot hung)";
 
 /// Non-empty epochs of a trace as (position of the first store, position of
 /// the closing barrier, or the trace's length when none closes it).
@@ -244,8 +250,14 @@ pub fn run(
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(64 << 20))
         .map_err(io("creating the backing disk"))?;
-    let timeout = Duration::from_secs(600);
-    let tboot = qemu::boot_traced(kernel, &images, &disk, &tdir, timeout, plugin)?;
+    let tboot = qemu::boot_traced(
+        kernel,
+        &images,
+        &disk,
+        &tdir,
+        Duration::from_secs(600),
+        plugin,
+    )?;
     for img in &images {
         let _ = std::fs::remove_file(&img.path);
     }
@@ -309,7 +321,8 @@ pub fn run(
             for &k in batch {
                 let s = &kernel_en.states[k];
                 let img = state_image(base, &kt, s);
-                let id = format!("cut{}-{}", s.cut, s.pmem.len());
+                // Unique: two states may share a cut and a count of durable stores.
+                let id = format!("s{k}-cut{}-{}", s.cut, s.pmem.len());
                 let path = dir.join(format!("{id}.img"));
                 write_sparse(&img, &path).map_err(io(format!("writing {}", path.display())))?;
                 let mut after = img.clone();
@@ -339,18 +352,61 @@ pub fn run(
                     out: None,
                 });
             }
-            let boot = qemu::boot(kernel, &imgs, &disk, &dir, timeout)?;
-            boots.push(boot.seconds);
-            for ((img, v), (id, sl, rl, sr, strict_after)) in
-                imgs.iter().zip(boot.verdicts).zip(sides)
-            {
+            // A boot that times out is a result too: the state in progress
+            // hung the kernel (kept for `reproduce`), the later ones did not run.
+            let (verdicts, console, seconds) =
+                match qemu::boot(kernel, &imgs, &disk, &dir, RECOVERY_TIMEOUT) {
+                    Ok(boot) => (boot.verdicts, boot.console, boot.seconds),
+                    Err(qemu::BootError::Timeout { .. }) => {
+                        let console = std::fs::read_to_string(dir.join("console.log"))
+                            .map_err(io("reading a timed-out boot's console"))?;
+                        let v = imgs
+                            .iter()
+                            .map(|i| qemu::verdict(&console, &i.name))
+                            .collect();
+                        (v, console, RECOVERY_TIMEOUT.as_secs_f64())
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+            boots.push(seconds);
+            let lockup = console
+                .lines()
+                .find(|l| {
+                    l.contains("soft lockup")
+                        || l.contains("hung_task")
+                        || l.contains("blocked for more than")
+                })
+                .map(|l| l.trim().to_string());
+            for ((img, v), (id, sl, rl, sr, strict_after)) in imgs.iter().zip(verdicts).zip(sides) {
+                let started = console.contains(&format!("@@IMAGE {id} "));
+                if !v.done {
+                    let kernel = if started {
+                        format!(
+                            "hung (no end within {} s{})",
+                            RECOVERY_TIMEOUT.as_secs(),
+                            lockup
+                                .as_deref()
+                                .map(|l| format!("; {l}"))
+                                .unwrap_or_default()
+                        )
+                    } else {
+                        let _ = std::fs::remove_file(&img.path);
+                        NOT_RUN.to_string()
+                    };
+                    rows.push(KernelStateRow {
+                        id,
+                        strict: sl,
+                        recover: rl,
+                        kernel,
+                        kernel_agrees_with_strict: false,
+                    });
+                    continue;
+                }
                 let kafter = read_sparse(&img.path).map_err(io("reading the kernel's image"))?;
                 let _ = std::fs::remove_file(&img.path);
                 let strict_activated = sr.outcome != Outcome::Refused;
                 let diff = first_difference(&strict_after, &kafter);
-                let kernel = if !v.done {
-                    "no verdict (the guest did not finish)".to_string()
-                } else if !v.activated {
+                let kernel = if !v.activated {
                     format!(
                         "refused ({})",
                         v.messages.last().cloned().unwrap_or_default()
@@ -374,10 +430,11 @@ pub fn run(
             }
         }
         let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-        for r in &rows {
-            // The kernel's refusals counted as one class (their messages vary by state).
-            let k = if r.kernel.starts_with("refused") {
-                "refused".to_string()
+        for r in rows.iter().filter(|r| r.kernel != NOT_RUN) {
+            // The kernel's refusals and hangs counted as one class each
+            // (their messages vary by state).
+            let k = if r.kernel.starts_with("refused") || r.kernel.starts_with("hung") {
+                r.kernel.split(' ').next().unwrap_or_default().to_string()
             } else {
                 r.kernel.clone()
             };
@@ -399,12 +456,15 @@ pub fn run(
             kernel_states: n,
             strict_states,
             strict_states_aligned,
-            tried: rows.len(),
+            tried: rows.iter().filter(|r| r.kernel != NOT_RUN).count(),
             kernel_agrees: rows.iter().filter(|r| r.kernel_agrees_with_strict).count(),
-            seconds_per_state: if rows.is_empty() {
-                0.0
-            } else {
-                total / rows.len() as f64
+            seconds_per_state: {
+                let run = rows.iter().filter(|r| r.kernel != NOT_RUN).count();
+                if run == 0 {
+                    0.0
+                } else {
+                    total / run as f64
+                }
             },
             counts,
             states: rows,

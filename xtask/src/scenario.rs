@@ -160,6 +160,7 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
                 print_table(&result);
                 if args.kernel {
                     if let Err(e) = kernel_side(name, scenario, &out_dir, &args) {
+                        eprintln!("scenario {name} --kernel could not run: {e:#}");
                         errors.push(RunError {
                             scenario: name.clone(),
                             message: format!("--kernel: {e:#}"),
