@@ -62,6 +62,9 @@ pub struct KernelDeviceRun {
     pub strict_states: usize,
     pub strict_states_aligned: usize,
     /// States recovered by the kernel (a sample when the budget is short).
+    /// Strict and recover mode's outcomes on every one of the kernel's
+    /// states (host activations), `strict`/`recover` → outcome → states.
+    pub all_states_host: BTreeMap<String, BTreeMap<String, usize>>,
     pub tried: usize,
     /// Outcome counts over the tried states: `strict`, `recover`, `kernel`.
     pub counts: BTreeMap<String, BTreeMap<String, usize>>,
@@ -301,6 +304,28 @@ pub fn run(
         let kernel_en = en(&kt, kwin)?;
         let strict_states = en(&st, (s_from, s_to))?.states.len();
         let strict_states_aligned = en(&st, swin)?.states.len();
+        // Strict and recover mode on every state of the kernel's trace (host
+        // activations: cheap), beside the kernel's sample below.
+        let mut host_counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for s in &kernel_en.states {
+            let img = state_image(base, &kt, s);
+            for (col, mode) in [("strict", Mode::Strict), ("recover", Mode::Recover)] {
+                let mut after = img.clone();
+                let r = activate(
+                    &mut after,
+                    &Options {
+                        mode,
+                        data_crc: false,
+                    },
+                    &mut NoHooks,
+                );
+                *host_counts
+                    .entry(col.into())
+                    .or_default()
+                    .entry(label(&r, *older_seq))
+                    .or_default() += 1;
+            }
+        }
         // The states the kernel recovers: all, or `max_states` spread evenly.
         let n = kernel_en.states.len();
         let pick: Vec<usize> = if n <= max_states {
@@ -453,6 +478,7 @@ pub fn run(
             kernel_epochs: kspans.len(),
             trace_difference,
             kernel_window: kwin,
+            all_states_host: host_counts,
             kernel_states: n,
             strict_states,
             strict_states_aligned,

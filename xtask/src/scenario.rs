@@ -284,9 +284,20 @@ fn kernel_side(name: &str, scenario: &Scenario, out_dir: &Path, args: &ScenarioA
             d.kernel_agrees,
             d.tried
         );
-        for (col, counts) in &d.counts {
+        let line = |counts: &std::collections::BTreeMap<String, usize>| {
             let c: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            println!("    {col:8} {}", c.join(", "));
+            c.join(", ")
+        };
+        println!("    the {} recovered by the kernel:", d.tried);
+        for (col, counts) in &d.counts {
+            println!("      {col:8} {}", line(counts));
+        }
+        println!(
+            "    all {} states of the kernel's trace, on the host:",
+            d.kernel_states
+        );
+        for (col, counts) in &d.all_states_host {
+            println!("      {col:8} {}", line(counts));
         }
     }
     let path = out_dir.join("result.json");
