@@ -243,6 +243,14 @@ pub struct TraceReport {
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Run in each traced window after the activation: an fsync of the pmem
+/// block device under the target (writing nothing) sends the device a flush
+/// request, which the plugin must see (its notify area is found from the
+/// device's BAR). The activation ended with a fence, so no store is pending
+/// and the epochs do not change.
+const FLUSH_REQUEST: &str =
+    "dd if=/dev/zero of=/dev/$dev bs=512 count=0 conv=notrunc,fsync 2>/dev/null";
+
 /// Case `trace-first-activation`: the kernel's first activation of a blank
 /// device (with and without data CRC) and of a device that held an older
 /// cache (`crash-mid-sb-write`'s `older-cache` recipe), traced by the plugin
@@ -283,7 +291,7 @@ pub fn trace_first_activation(
                 name: name.to_string(),
                 path,
                 data_crc: *data_crc,
-                workload: None,
+                workload: Some(FLUSH_REQUEST.into()),
                 backing: None,
                 out: None,
             });
@@ -333,6 +341,15 @@ pub fn trace_first_activation(
             }
             if changing == 0 {
                 problems.push("no store of the kernel's trace changed a byte".into());
+            }
+            if counts.flush_requests == 0 {
+                problems.push(
+                    "the plugin saw no flush request after the workload's fsync of the pmem device"
+                        .into(),
+                );
+            }
+            if verdict.workload_ok != Some(true) {
+                problems.push("the flush request's fsync failed in the guest".into());
             }
             if let Some(d) = &diff {
                 problems.push(format!("traces differ at {d}"));
