@@ -112,10 +112,10 @@ pub fn epoch_spans(t: &Trace) -> Vec<(usize, usize)> {
 
 /// The epochs `a..=b` of `spans` holding the stores at positions `from..to`.
 fn epochs_of(spans: &[(usize, usize)], from: usize, to: usize) -> Option<(usize, usize)> {
-    let a = spans.iter().position(|&(f, c)| c >= from && f < to)?;
-    let b = spans
-        .iter()
-        .rposition(|&(f, _)| f < to && f >= spans[a].0)?;
+    // An epoch's stores lie in [first store, closing barrier).
+    let holds = |&(f, c): &(usize, usize)| f < to && c > from;
+    let a = spans.iter().position(holds)?;
+    let b = spans.iter().rposition(holds)?;
     Some((a, b))
 }
 
