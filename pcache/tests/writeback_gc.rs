@@ -11,7 +11,7 @@ use pcache::cache_gc::Gc;
 use pcache::cache_writeback::Writeback;
 use pcache::format::MB;
 use pcache::pmem::SparsePmem;
-use pcache::{start, Mode, NoHooks};
+use pcache::{start, Cache, CachePos, Mode, NoHooks};
 use proptest::prelude::*;
 
 const PMEM: u64 = SIZE_512M;
@@ -189,14 +189,12 @@ fn data_segments_are_reused_and_the_log_moves_through_its_segments() {
     }
 }
 
-#[test]
-fn gc_waits_for_gc_percent_and_never_passes_dirty_tail() {
+/// A new cache in `mode` with 4 KiB written (FUA) at 0: its pmem, its disk
+/// and the cache.
+fn one_write(mode: Mode) -> (SparsePmem, VolatileBacking, Cache) {
     let mut pmem = SparsePmem::new(PMEM);
-    let mut backing = disk();
-    let mut cache = start(&mut pmem, &opts(Mode::Recover), &mut NoHooks)
-        .cache
-        .unwrap();
-    // Default gc_percent 70: 2 of 31 segments in use is below it.
+    let backing = disk();
+    let mut cache = start(&mut pmem, &opts(mode), &mut NoHooks).cache.unwrap();
     cache
         .write(
             &mut pmem,
@@ -207,6 +205,42 @@ fn gc_waits_for_gc_percent_and_never_passes_dirty_tail() {
             true,
         )
         .unwrap();
+    (pmem, backing, cache)
+}
+
+/// A cache whose first writeback's backing flush failed.
+struct FailedFlush {
+    pmem: SparsePmem,
+    /// Still failing its flushes.
+    backing: VolatileBacking,
+    cache: Cache,
+    /// dirty_tail before the writeback.
+    before: CachePos,
+    /// The writeback's step.
+    wb: Writeback,
+}
+
+/// [`one_write`], then a writeback step over a disk that fails its flushes.
+fn failed_flush(mode: Mode) -> FailedFlush {
+    let (mut pmem, mut backing, mut cache) = one_write(mode);
+    let before = cache.dirty_tail().pos;
+    backing.fail_flushes = true;
+    let wb = cache
+        .writeback_step(&mut pmem, &mut backing, &mut NoHooks)
+        .unwrap();
+    FailedFlush {
+        pmem,
+        backing,
+        cache,
+        before,
+        wb,
+    }
+}
+
+#[test]
+fn gc_waits_for_gc_percent_and_never_passes_dirty_tail() {
+    let (mut pmem, mut backing, mut cache) = one_write(Mode::Recover);
+    // Default gc_percent 70: 2 of 31 segments in use is below it.
     assert_eq!(
         cache.gc_step(&mut pmem, &mut NoHooks).unwrap(),
         Gc::Idle {
@@ -244,24 +278,13 @@ fn gc_waits_for_gc_percent_and_never_passes_dirty_tail() {
 #[test]
 fn a_failed_backing_flush_stops_dirty_tail_in_recover_but_not_in_strict() {
     for mode in [Mode::Strict, Mode::Recover] {
-        let mut pmem = SparsePmem::new(PMEM);
-        let mut backing = disk();
-        let mut cache = start(&mut pmem, &opts(mode), &mut NoHooks).cache.unwrap();
-        cache
-            .write(
-                &mut pmem,
-                &backing,
-                &mut NoHooks,
-                0,
-                &content(1, 4096),
-                true,
-            )
-            .unwrap();
-        let before = cache.dirty_tail().pos;
-        backing.fail_flushes = true;
-        let wb = cache
-            .writeback_step(&mut pmem, &mut backing, &mut NoHooks)
-            .unwrap();
+        let FailedFlush {
+            mut pmem,
+            mut backing,
+            mut cache,
+            before,
+            wb,
+        } = failed_flush(mode);
         match mode {
             // The kernel ignores the flush's result: dirty_tail passes data
             // that is not durable on the disk.
@@ -297,25 +320,13 @@ fn a_failed_backing_flush_stops_dirty_tail_in_recover_but_not_in_strict() {
 #[test]
 fn deactivation_flushes_the_backing_disk() {
     for flush_fails in [false, true] {
-        let mut pmem = SparsePmem::new(PMEM);
-        let mut backing = disk();
-        let mut cache = start(&mut pmem, &opts(Mode::Strict), &mut NoHooks)
-            .cache
-            .unwrap();
-        cache
-            .write(
-                &mut pmem,
-                &backing,
-                &mut NoHooks,
-                0,
-                &content(1, 4096),
-                true,
-            )
-            .unwrap();
-        backing.fail_flushes = true;
-        let wb = cache
-            .writeback_step(&mut pmem, &mut backing, &mut NoHooks)
-            .unwrap();
+        let FailedFlush {
+            mut pmem,
+            mut backing,
+            mut cache,
+            wb,
+            ..
+        } = failed_flush(Mode::Strict);
         assert!(matches!(wb, Writeback::FlushFailed { advanced: true, .. }));
         // A write left open in the log: the close must still happen.
         cache

@@ -4,7 +4,7 @@
 use crate::persistence::{Event, Trace};
 use crate::result::Durability;
 use serde::Deserialize as _;
-use workload::{Op, TagRun, Violation};
+use workload::{Op, Settled, TagRun, Violation};
 
 /// The ops a state is judged against, with how many of them are
 /// acknowledged: the prefill's, a flush for the deactivation that ends it
@@ -31,6 +31,18 @@ pub fn judged_ops(
     (ops, acked)
 }
 
+/// The settled part of ops that [`judged_ops`] made from `prefill`: the
+/// prefill and the flush of the deactivation that ends it, acknowledged
+/// before every cut; painted once for all of a run's states.
+pub fn settled_prefill(prefill: &[Op], judged: &[Op]) -> Settled {
+    let n = if prefill.is_empty() {
+        0
+    } else {
+        prefill.len() + 1
+    };
+    Settled::new(&judged[..n.min(judged.len())]).expect("judged_ops ends the prefill with a flush")
+}
+
 /// `done[c]`: the op-done markers among the trace's first `c` events (the
 /// workload ops acknowledged by a cut at `c`).
 pub fn ops_done_before(trace: &Trace) -> Vec<usize> {
@@ -53,6 +65,17 @@ pub fn ops_done_before(trace: &Trace) -> Vec<usize> {
 /// each verify is judged with the recovery ops done before it (the
 /// `ops_done` its data steps report) acknowledged too.
 pub fn judge(reports: &[serde_json::Value], ops: &[Op], acked: usize) -> Durability {
+    judge_settled(reports, &Settled::default(), ops, acked)
+}
+
+/// [`judge`] with the settled beginning of `ops` painted beforehand
+/// ([`settled_prefill`]).
+pub fn judge_settled(
+    reports: &[serde_json::Value],
+    settled: &Settled,
+    ops: &[Op],
+    acked: usize,
+) -> Durability {
     let mut checked = false;
     let mut violations = Vec::new();
     let mut recovery_done = 0usize;
@@ -76,7 +99,7 @@ pub fn judge(reports: &[serde_json::Value], ops: &[Op], acked: usize) -> Durabil
             }
         };
         let now = (acked + recovery_done).min(ops.len());
-        for v in workload::check(ops, now, &runs) {
+        for v in workload::check_settled(settled, ops, now, &runs) {
             let text = describe(&v, ops, now);
             if !violations.contains(&text) {
                 violations.push(text);
@@ -253,6 +276,45 @@ mod tests {
             d.violations,
             ["sectors 0..1: write 2 was a FUA write but reads write 1"]
         );
+    }
+
+    #[test]
+    fn a_settled_prefill_judges_as_the_whole_list() {
+        // Prefill: write 1 then write 2 over its second half; workload:
+        // write 3 (FUA) over the first sector, acknowledged or not.
+        let prefill = [w(0, 1024, 1, false), w(512, 512, 2, false)];
+        let wl = [w(0, 512, 3, true)];
+        let rec = [w(4096, 512, 9, true)];
+        let wrote = serde_json::json!({"step": "write", "ops_done": 1});
+        let reads = [
+            verify(&[(0, 1, 3), (1, 1, 2)]),
+            verify(&[(0, 1, 1), (1, 1, 2)]),
+            verify(&[(0, 1, 1), (1, 1, 1)]),
+            verify(&[(0, 2, 0)]),
+        ];
+        for done in [0, 1] {
+            let (ops, acked) = judged_ops(&prefill, &wl, &rec, done);
+            let settled = settled_prefill(&prefill, &ops);
+            assert_eq!(settled.len(), 3);
+            for r in &reads {
+                let reports = [wrote.clone(), r.clone()];
+                let whole = judge(&reports, &ops, acked);
+                assert_eq!(judge_settled(&reports, &settled, &ops, acked), whole);
+            }
+        }
+        // Some of these read-backs break the rule (so the comparison above
+        // compares violations, not only empty lists).
+        let (ops, acked) = judged_ops(&prefill, &wl, &rec, 1);
+        let settled = settled_prefill(&prefill, &ops);
+        let d = judge_settled(&[wrote, reads[2].clone()], &settled, &ops, acked);
+        assert_eq!(
+            d.violations,
+            [
+                "sectors 0..1: write 3 was a FUA write but reads write 1",
+                "sectors 1..2: write 2 was flushed but reads write 1"
+            ]
+        );
+        assert!(settled_prefill(&[], &ops).is_empty());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! same pcache code the guest runs.
 
 use crate::spec::{Device, DiskContent, Mode, PrefillStep, Recipe};
-use pcache::backing::FileBacking;
+use pcache::backing::VecBacking;
 use pcache::pmem::{FilePmem, SPARSE_PAGE};
 use pcache::{activate, NoHooks, Options, Outcome, Pmem, SparsePmem};
 use std::fs::File;
@@ -167,7 +167,10 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
     let file = FilePmem::open(pmem).map_err(io(pmem))?;
     let mut mem = SparsePmem::copy_of(&file).map_err(|e| fail(e.to_string()))?;
     drop(file);
-    let mut backing = FileBacking::open(disk).map_err(io(disk))?;
+    // The disk too: a file's flush is an fsync, and writeback flushes once
+    // per key-set (a long prefill's idle periods would fsync for minutes).
+    // Its image is written out once at the end.
+    let mut backing = VecBacking::from_vec(std::fs::read(disk).map_err(io(disk))?);
     let opts = Options {
         mode,
         data_crc: device.data_crc,
@@ -207,9 +210,9 @@ fn prefill(device: &Device, mode: Mode, pmem: &Path, disk: &Path) -> Result<(), 
     }
     pcache::deactivate(cache, &mut mem, &mut backing, &mut NoHooks)
         .map_err(|e| fail(format!("deactivation: {e}")))?;
-    // Reads through the cache never happen here, but keep the disk's writes
-    // (none today) durable like the pmem's.
-    pcache::backing::Backing::flush(&mut backing).map_err(|e| fail(e.to_string()))?;
+    let d = File::options().write(true).open(disk).map_err(io(disk))?;
+    d.write_all_at(backing.as_slice(), 0).map_err(io(disk))?;
+    d.sync_all().map_err(io(disk))?;
     let f = File::options().write(true).open(pmem).map_err(io(pmem))?;
     let mut page = vec![0u8; SPARSE_PAGE as usize];
     for p in mem.page_indices().collect::<Vec<_>>() {

@@ -47,13 +47,9 @@ pub fn write(dir: &Path, result: &RunResult, run_dir: &str) -> std::io::Result<P
 /// The command that replays a saved state, or `None` when its images were
 /// not saved (only violating states are).
 pub fn reproduce_command(run_dir: &str, state: &StateResult) -> Option<String> {
-    let saved = state.saved.as_deref()?;
-    // The runner saves into `<run>/<id with '/' as '_'>`: name it from the
-    // run's folder as given, so that a page of a CI artifact stays right.
-    let folder = Path::new(saved)
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_else(|| state.id.replace('/', "_"));
+    // Named from the run's folder as given, so that a page of a CI artifact
+    // stays right.
+    let folder = state.saved_folder()?;
     let dir = format!("{}/{folder}", run_dir.trim_end_matches('/'));
     Some(format!("cargo xtask reproduce {}", shell_quote(&dir)))
 }

@@ -316,6 +316,20 @@ impl StateResult {
         }
     }
 
+    /// The name of the folder in its run's folder that holds this state's
+    /// saved images (`None`: not saved). The runner saves into
+    /// `<run>/<id with '/' as '_'>`: named from the run's folder, the state
+    /// is found wherever the run's folder went (a CI artifact, a merged run).
+    pub fn saved_folder(&self) -> Option<String> {
+        let saved = self.saved.as_deref()?;
+        Some(
+            Path::new(saved)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| self.id.replace('/', "_")),
+        )
+    }
+
     /// Records in `self.violations` what `expect` forbids of this state alone.
     pub fn check(&mut self, expect: &Expectation) {
         if !expect.allowed.is_empty()

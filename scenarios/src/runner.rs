@@ -414,6 +414,8 @@ struct Judged {
     recovery: Vec<workload::Op>,
     /// `durability::judged_ops` with every workload op done.
     full: (Vec<workload::Op>, usize),
+    /// The prefill, judged once for every state.
+    settled: workload::Settled,
 }
 
 impl CutCheck<'_> {
@@ -438,11 +440,11 @@ impl CutCheck<'_> {
             let w = j.workload.len();
             st.durability = Some(if n >= w || j.recovery.is_empty() {
                 let acked = j.full.1 - (w - n.min(w));
-                crate::durability::judge(&st.reports, &j.full.0, acked)
+                crate::durability::judge_settled(&st.reports, &j.settled, &j.full.0, acked)
             } else {
                 let (ops, acked) =
                     crate::durability::judged_ops(&j.prefill, &j.workload, &j.recovery, n);
-                crate::durability::judge(&st.reports, &ops, acked)
+                crate::durability::judge_settled(&st.reports, &j.settled, &ops, acked)
             });
         }
         if let Some(e) = job.expect {
@@ -561,11 +563,13 @@ fn power_cut(
         // The judged ops depend on the cut only through the workload ops done
         // before it; most states share one list.
         let full = crate::durability::judged_ops(&prefill, &workload, &recovery, usize::MAX);
+        let settled = crate::durability::settled_prefill(&prefill, &full.0);
         Some(Judged {
             prefill,
             workload,
             recovery,
             full,
+            settled,
         })
     } else {
         None

@@ -5,6 +5,8 @@
 //! cost of pmem pages a guest touches for the first time. Medians of `RUNS`.
 //! Needs /dev/kvm and the guest kernel.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,22 +14,6 @@ use vmm::{DiskImage, ForkConfig, ForkServer, ImageMode, PmemRegion, RunOutcome};
 use vmm_sys_util::tempdir::TempDir;
 
 const RUNS: usize = 50;
-
-fn guest() -> PathBuf {
-    let p = std::env::var_os("PCACHE_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest/pcache-guest")
-        });
-    if !p.exists() {
-        eprintln!(
-            "guest kernel {} is missing: run `cargo xtask build-guest` (or `cargo xtask bench`)",
-            p.display()
-        );
-        std::process::exit(2);
-    }
-    p
-}
 
 fn images(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let p = (
@@ -57,7 +43,7 @@ fn median(mut v: Vec<u64>) -> f64 {
 }
 
 fn main() {
-    let kernel = guest();
+    let kernel = common::guest();
     let dir = TempDir::new().unwrap();
     let blank = images(dir.as_path(), "blank");
     let formatted = images(dir.as_path(), "formatted");

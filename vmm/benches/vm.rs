@@ -7,6 +7,8 @@
 //! per-message costs are the difference between a run with `K` of them and a
 //! run without, divided by `K`. Needs /dev/kvm and the guest kernel.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -15,22 +17,6 @@ use vmm_sys_util::tempdir::TempDir;
 
 const RUNS: usize = 30;
 const K: usize = 150;
-
-fn guest() -> PathBuf {
-    let p = std::env::var_os("PCACHE_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest/pcache-guest")
-        });
-    if !p.exists() {
-        eprintln!(
-            "guest kernel {} is missing: run `cargo xtask build-guest` (or `cargo xtask bench`)",
-            p.display()
-        );
-        std::process::exit(2);
-    }
-    p
-}
 
 struct Env {
     dir: TempDir,
@@ -96,7 +82,7 @@ fn main() {
     vmm::memory::create_sparse_file(&dir.as_path().join("disk.img"), 16 << 20).unwrap();
     let env = Env {
         dir,
-        kernel: guest(),
+        kernel: common::guest(),
     };
     // Warm up (opens /dev/kvm, reads the supported CPUID, faults in the binary).
     for _ in 0..3 {

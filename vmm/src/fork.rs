@@ -72,14 +72,13 @@ use protocol::layout;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot;
-use crate::devices::serial::{Console, ConsoleSink};
 use crate::devices::MmioBus;
 use crate::disk::DiskImage;
 use crate::faults::BlkFaults;
 use crate::memory::{self, MemoryError, PmemRegion, PAGE_SIZE};
 use crate::vcpu::{self, Devices, LoopEnd};
 use crate::vm::{
-    build_bus, close_window, host, kvm_err, reap, virtio_devices, Outcome, RunOutcome, RunStats,
+    build_bus, finish_run, host, kvm_err, reap, unwrap_images, virtio_devices, Outcome, RunOutcome,
     Tracer, VmConfig, VmError,
 };
 use crate::watchdog::Watchdog;
@@ -732,7 +731,14 @@ impl ForkServer {
         let tracer = Arc::new(Mutex::new(Tracer::new()));
         let mut bus = build_bus(fd, &b.ram, pmem, disk, &tracer, false, BlkFaults::default())?;
         bus.record_writes();
-        let mut dev = devices(&b.ram, pmem, disk, tracer, bus, Instant::now());
+        let mut dev = devices(
+            &b.ram,
+            pmem.clone(),
+            disk.clone(),
+            tracer,
+            bus,
+            Instant::now(),
+        );
         dev.stop_at_snapshot = true;
         let watchdog = Watchdog::start(cfg.timeout);
         let end = vcpu::run_loop(&mut vcpu, fd, &mut dev, &watchdog)?;
@@ -960,43 +966,18 @@ fn same_sregs(a: &kvm_sregs, b: &kvm_sregs) -> bool {
         && a.interrupt_bitmap == b.interrupt_bitmap
 }
 
-/// A device set for one run.
+/// A fork-server's device set for one run (see [`Devices::fork_run`]).
 fn devices(
     ram: &GuestMemoryMmap,
-    pmem: &Arc<PmemRegion>,
-    disk: &Arc<Mutex<DiskImage>>,
+    pmem: Arc<PmemRegion>,
+    disk: Arc<Mutex<DiskImage>>,
     tracer: Arc<Mutex<Tracer>>,
     bus: MmioBus,
     start: Instant,
 ) -> Devices {
-    Devices {
-        start,
-        ram: ram.clone(),
-        pmem: pmem.clone(),
-        disk: disk.clone(),
-        tracer,
-        bus,
-        console: Console::new(ConsoleSink::default()),
-        messages: Vec::new(),
-        message_bytes: 0,
-        markers: Vec::new(),
-        protocol_errors: Vec::new(),
-        stats: RunStats::default(),
-        stop_at_snapshot: false,
-        fork_run: true,
-    }
-}
-
-fn unwrap_images(
-    pmem: Arc<PmemRegion>,
-    disk: Arc<Mutex<DiskImage>>,
-) -> Result<(PmemRegion, DiskImage), VmError> {
-    let pmem = Arc::try_unwrap(pmem).map_err(|_| VmError::StillShared("the pmem region"))?;
-    let disk = Arc::try_unwrap(disk)
-        .map_err(|_| VmError::StillShared("the disk image"))?
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    Ok((pmem, disk))
+    let mut dev = Devices::new(start, ram.clone(), pmem, disk, tracer, bus);
+    dev.fork_run = true;
+    dev
 }
 
 /// Whether the server may serve another state after a run that ended so.
@@ -1039,63 +1020,17 @@ fn run_state(
     for (addr, data) in &b.snap.bus_writes {
         bus.write(*addr, data);
     }
-    let mut dev = devices(&b.ram, &pmem, &disk, tracer, bus, start);
+    let mut dev = devices(&b.ram, pmem, disk, tracer, bus, start);
     dev.stats.setup_ns = start.elapsed().as_nanos() as u64;
-    let watchdog = Watchdog::start(config.timeout);
     b.ran = true;
-    let end = vcpu::run_loop(vcpu, fd, &mut dev, &watchdog);
-    dev.stats.stop_ns = start.elapsed().as_nanos() as u64;
-    drop(watchdog);
-    let outcome = match end? {
-        LoopEnd::Stopped(o) => o,
-        // `stop_at_snapshot` is off for runs.
-        LoopEnd::Snapshot => unreachable!("a run does not stop at the snapshot marker"),
-    };
-    let Devices {
-        tracer,
-        bus,
-        console,
-        messages,
-        markers,
-        protocol_errors,
-        mut stats,
-        pmem: dev_pmem,
-        disk: dev_disk,
-        ..
-    } = dev;
-    drop((bus, dev_pmem, dev_disk));
-    b.window.unload(&pmem, config.pmem_writes_back)?;
-    let (windows, blk_faults, traced) = {
-        let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
-        let traced = t.on || !t.windows.is_empty();
-        if t.on {
-            close_window(&mut t, &pmem, &disk, true);
-        }
-        (
-            std::mem::take(&mut t.windows),
-            std::mem::take(&mut t.faults),
-            traced,
-        )
-    };
-    drop(tracer);
-    let reusable = reusable_after(&outcome) && !traced;
-    let (pmem, disk) = unwrap_images(pmem, disk)?;
-    stats.total_ns = start.elapsed().as_nanos() as u64;
-    Ok((
-        RunOutcome {
-            outcome,
-            messages,
-            markers,
-            console: console.into_sink().buffer,
-            windows,
-            protocol_errors,
-            blk_faults,
-            stats,
-            pmem,
-            disk,
-        },
-        reusable,
-    ))
+    let outcome = vcpu::run_to_end(vcpu, fd, &mut dev, config.timeout)?;
+    let window = &mut b.window;
+    let out = finish_run(dev, outcome, |pmem| {
+        window.unload(pmem, config.pmem_writes_back)
+    })?;
+    // A traced run (refused in a fork-server run) left a trace window.
+    let reusable = reusable_after(&out.outcome) && out.windows.is_empty();
+    Ok((out, reusable))
 }
 
 #[cfg(test)]

@@ -2,14 +2,14 @@
 //! device set, testable without KVM) and the run loop around it.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use protocol::{layout, MessageHeader};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::serial::Console;
+use crate::devices::serial::{Console, ConsoleSink};
 use crate::devices::MmioBus;
 use crate::disk::DiskImage;
 use crate::memory::{ImageMode, PmemRegion};
@@ -95,6 +95,37 @@ pub(crate) struct Devices {
     /// not at the region's own address, so tracing (which reads the region
     /// and registers its address as the slot) is refused.
     pub(crate) fork_run: bool,
+}
+
+impl Devices {
+    /// A device set for one run with nothing produced yet: a quiet console,
+    /// a fresh VM's run (see [`Devices::fork_run`]) that does not stop at
+    /// the snapshot marker.
+    pub(crate) fn new(
+        start: Instant,
+        ram: GuestMemoryMmap,
+        pmem: Arc<PmemRegion>,
+        disk: Arc<Mutex<DiskImage>>,
+        tracer: Arc<Mutex<Tracer>>,
+        bus: MmioBus,
+    ) -> Self {
+        Devices {
+            start,
+            ram,
+            pmem,
+            disk,
+            tracer,
+            bus,
+            console: Console::new(ConsoleSink::default()),
+            messages: Vec::new(),
+            message_bytes: 0,
+            markers: Vec::new(),
+            protocol_errors: Vec::new(),
+            stats: RunStats::default(),
+            stop_at_snapshot: false,
+            fork_run: false,
+        }
+    }
 }
 
 /// How the run loop ended.
@@ -427,6 +458,25 @@ pub(crate) fn run_loop(
     }
 }
 
+/// Runs the vCPU to the end of a run (one that does not stop at the
+/// snapshot marker) within `timeout`, and notes when it stopped.
+pub(crate) fn run_to_end(
+    vcpu: &mut VcpuFd,
+    vm: &VmFd,
+    dev: &mut Devices,
+    timeout: Duration,
+) -> Result<Outcome, VmError> {
+    let watchdog = Watchdog::start(timeout);
+    let end = run_loop(vcpu, vm, dev, &watchdog);
+    dev.stats.stop_ns = dev.start.elapsed().as_nanos() as u64;
+    drop(watchdog);
+    match end? {
+        LoopEnd::Stopped(o) => Ok(o),
+        // Only the fork-server's boot sets `stop_at_snapshot`.
+        LoopEnd::Snapshot => unreachable!("a run does not stop at the snapshot marker"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,22 +538,14 @@ mod tests {
         let pmem = PmemRegion::open(p.as_path(), ImageMode::CopyOnWrite).unwrap();
         let disk = DiskImage::open(d.as_path(), ImageMode::CopyOnWrite).unwrap();
         Fixture {
-            dev: Devices {
-                start: Instant::now(),
-                ram: ram(),
-                pmem: Arc::new(pmem),
-                disk: Arc::new(Mutex::new(disk)),
-                tracer: Arc::new(Mutex::new(Tracer::new())),
-                bus: MmioBus::new(),
-                console: Console::new(ConsoleSink::default()),
-                messages: Vec::new(),
-                message_bytes: 0,
-                markers: Vec::new(),
-                protocol_errors: Vec::new(),
-                stats: RunStats::default(),
-                stop_at_snapshot: false,
-                fork_run: false,
-            },
+            dev: Devices::new(
+                Instant::now(),
+                ram(),
+                Arc::new(pmem),
+                Arc::new(Mutex::new(disk)),
+                Arc::new(Mutex::new(Tracer::new())),
+                MmioBus::new(),
+            ),
             _files: (p, d),
         }
     }

@@ -24,7 +24,6 @@ use crate::memory::{self, ImageMode, MemoryError, PmemRegion};
 use crate::trace::{Event, Trace};
 pub use crate::vcpu::Registers;
 use crate::vcpu::{self, Devices};
-use crate::watchdog::Watchdog;
 
 /// Errors that stop the VMM itself (as opposed to outcomes of the guest).
 #[derive(Debug, thiserror::Error)]
@@ -703,22 +702,8 @@ impl Vm {
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
         boot::setup_vcpu(&ram, &vcpu, &host.cpuid, kernel.entry)?;
 
-        let mut devices = Devices {
-            start,
-            ram,
-            pmem,
-            disk,
-            tracer,
-            bus,
-            console,
-            messages: Vec::new(),
-            message_bytes: 0,
-            markers: Vec::new(),
-            protocol_errors: Vec::new(),
-            stats: RunStats::default(),
-            stop_at_snapshot: false,
-            fork_run: false,
-        };
+        let mut devices = Devices::new(start, ram, pmem, disk, tracer, bus);
+        devices.console = console;
         if config.trace {
             // The slot was registered read-only above: only freeze the base.
             devices.trace_on()?;
@@ -736,86 +721,85 @@ impl Vm {
     /// VMM failures; everything the guest does (exit, fault, hang) is an
     /// [`Outcome`].
     pub fn run(mut self) -> Result<RunOutcome, VmError> {
-        let watchdog = Watchdog::start(self.timeout);
-        let outcome = vcpu::run_loop(
+        let outcome = vcpu::run_to_end(
             &mut self.vcpu,
             self.memory
                 .fd
                 .as_ref()
                 .expect("VM fd present until released"),
             &mut self.devices,
-            &watchdog,
-        );
-        self.devices.stats.stop_ns = self.devices.start.elapsed().as_nanos() as u64;
-        drop(watchdog);
-        let outcome = match outcome? {
-            vcpu::LoopEnd::Stopped(o) => o,
-            // Only the fork-server sets `stop_at_snapshot`.
-            vcpu::LoopEnd::Snapshot => {
-                unreachable!("a fresh VM does not stop at the snapshot marker")
-            }
-        };
-        self.teardown(outcome)
-    }
-
-    /// Stops the devices, removes the pmem slot, hands the VM to the reaper
-    /// and returns the images with everything the run produced.
-    fn teardown(self, outcome: Outcome) -> Result<RunOutcome, VmError> {
+            self.timeout,
+        )?;
         let Vm {
             vcpu,
             devices,
             memory,
             ..
         } = self;
-        let Devices {
-            start,
-            ram,
-            pmem,
-            disk,
-            tracer,
-            bus,
-            console,
-            messages,
-            markers,
-            protocol_errors,
-            mut stats,
-            ..
-        } = devices;
-        // The devices hold the other references to the images.
-        drop(bus);
-        drop(vcpu);
-        drop(ram);
-        let (fd, ram) = memory.release();
-        reap(fd, ram);
-        let (windows, blk_faults) = {
-            let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
-            if t.on {
-                close_window(&mut t, &pmem, &disk, true);
-            }
-            (
-                std::mem::take(&mut t.windows),
-                std::mem::take(&mut t.faults),
-            )
-        };
-        let pmem = Arc::try_unwrap(pmem).map_err(|_| VmError::StillShared("the pmem region"))?;
-        let disk = Arc::try_unwrap(disk)
-            .map_err(|_| VmError::StillShared("the disk image"))?
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
-        stats.total_ns = start.elapsed().as_nanos() as u64;
-        Ok(RunOutcome {
-            outcome,
-            messages,
-            markers,
-            console: console.into_sink().buffer,
-            windows,
-            protocol_errors,
-            blk_faults,
-            stats,
-            pmem,
-            disk,
+        finish_run(devices, outcome, |_| {
+            // Removes the pmem slot, then hands the VM to the reaper.
+            drop(vcpu);
+            let (fd, ram) = memory.release();
+            reap(fd, ram);
+            Ok(())
         })
     }
+}
+
+/// Ends a run whose vCPU stopped with `outcome`: stops the devices, lets
+/// `release` free the VM's hold on the pmem region (a fresh VM removes its
+/// slot, the fork-server copies the run's pages out of its window), closes
+/// an open trace window and returns the images with everything the run
+/// produced.
+pub(crate) fn finish_run(
+    d: Devices,
+    outcome: Outcome,
+    release: impl FnOnce(&PmemRegion) -> Result<(), VmError>,
+) -> Result<RunOutcome, VmError> {
+    // The devices hold the other references to the images; this RAM is a
+    // clone (the last one goes with the VM).
+    drop(d.bus);
+    drop(d.ram);
+    release(&d.pmem)?;
+    let (windows, blk_faults) = {
+        let mut t = d.tracer.lock().unwrap_or_else(|e| e.into_inner());
+        if t.on {
+            close_window(&mut t, &d.pmem, &d.disk, true);
+        }
+        (
+            std::mem::take(&mut t.windows),
+            std::mem::take(&mut t.faults),
+        )
+    };
+    drop(d.tracer);
+    let (pmem, disk) = unwrap_images(d.pmem, d.disk)?;
+    let mut stats = d.stats;
+    stats.total_ns = d.start.elapsed().as_nanos() as u64;
+    Ok(RunOutcome {
+        outcome,
+        messages: d.messages,
+        markers: d.markers,
+        console: d.console.into_sink().buffer,
+        windows,
+        protocol_errors: d.protocol_errors,
+        blk_faults,
+        stats,
+        pmem,
+        disk,
+    })
+}
+
+/// The images, once nothing else holds them.
+pub(crate) fn unwrap_images(
+    pmem: Arc<PmemRegion>,
+    disk: Arc<Mutex<DiskImage>>,
+) -> Result<(PmemRegion, DiskImage), VmError> {
+    let pmem = Arc::try_unwrap(pmem).map_err(|_| VmError::StillShared("the pmem region"))?;
+    let disk = Arc::try_unwrap(disk)
+        .map_err(|_| VmError::StillShared("the disk image"))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    Ok((pmem, disk))
 }
 
 /// Builds a VM from `config` and runs it to its end ([`Vm::new`], [`Vm::run`]).

@@ -24,5 +24,5 @@ pub mod pattern;
 
 pub use gen::{generate, GenError, GenKind, GenSpec};
 pub use ops::Op;
-pub use oracle::{allowed, check, touched_ranges, Allowed, Violation};
+pub use oracle::{allowed, check, check_settled, touched_ranges, Allowed, Settled, Violation};
 pub use pattern::{classify, classify_range, digest, fill, fill_sector, Tag, TagRun, SECTOR};

@@ -114,8 +114,12 @@ impl<'a> Cut<'a> {
         i < self.acked && (fua || self.last_flush.is_some_and(|f| f > i))
     }
 
-    fn writes(&self) -> impl Iterator<Item = (usize, u32, u64, u64)> + '_ {
-        self.started.iter().enumerate().filter_map(|(i, op)| {
+    /// The writes among the started ops from op `from` on.
+    fn writes(&self, from: usize) -> impl Iterator<Item = (usize, u32, u64, u64)> + '_ {
+        let from = from.min(self.started.len());
+        let tail = self.started[from..].iter().enumerate();
+        tail.filter_map(move |(k, op)| {
+            let i = from + k;
             let (s, e) = op.sectors()?;
             let Op::Write { id, .. } = *op else {
                 return None;
@@ -141,7 +145,7 @@ pub fn allowed(ops: &[Op], acked: usize, lba: u64) -> Allowed {
         backing: true,
         ids: Vec::new(),
     };
-    for (i, id, s, e) in cut.writes() {
+    for (i, id, s, e) in cut.writes(0) {
         if !(s..e).contains(&lba) {
             continue;
         }
@@ -157,7 +161,7 @@ pub fn allowed(ops: &[Op], acked: usize, lba: u64) -> Allowed {
 
 /// Non-overlapping sector intervals, `start → (end, op index)`, where a later
 /// paint wins.
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 struct Paint(BTreeMap<u64, (u64, usize)>);
 
 impl Paint {
@@ -201,15 +205,74 @@ impl Paint {
 ///
 /// Costs O((writes + runs) log writes), plus the size of the answer.
 pub fn check(ops: &[Op], acked: usize, observed: &[TagRun]) -> Vec<Violation> {
+    check_settled(&Settled::default(), ops, acked, observed)
+}
+
+/// A settled prefix of a run's ops, painted once: acknowledged ops that end
+/// with an acknowledged flush, so that every write in them is durable at any
+/// later cut. A long run judged at many cuts (a scenario's prefill before
+/// each crash state) then costs each check only the ops after it.
+#[derive(Clone, Debug, Default)]
+pub struct Settled {
+    len: usize,
+    durable: Paint,
+    by_id: BTreeMap<u32, Vec<usize>>,
+}
+
+impl Settled {
+    /// Settles `prefix`; `None` unless it is empty or ends with a flush.
+    pub fn new(prefix: &[Op]) -> Option<Self> {
+        if prefix.last().is_some_and(|op| *op != Op::Flush) {
+            return None;
+        }
+        let cut = Cut::new(prefix, prefix.len());
+        let mut settled = Settled {
+            len: prefix.len(),
+            ..Settled::default()
+        };
+        for (i, id, s, e) in cut.writes(0) {
+            settled.durable.paint(s, e, i);
+            settled.by_id.entry(id).or_default().push(i);
+        }
+        Some(settled)
+    }
+
+    /// How many ops it settled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it settled no op.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// [`check`] for `ops` that begin with the ops `settled` was made from (the
+/// caller keeps that promise; only the length is checked) and are cut after
+/// at least those. Gives what [`check`] gives.
+pub fn check_settled(
+    settled: &Settled,
+    ops: &[Op],
+    acked: usize,
+    observed: &[TagRun],
+) -> Vec<Violation> {
+    assert!(
+        settled.len <= ops.len() && settled.len <= acked,
+        "a settled prefix of {} ops judged with {} ops cut after {acked}",
+        settled.len,
+        ops.len()
+    );
     let cut = Cut::new(ops, acked);
-    let mut durable = Paint::default();
+    let mut durable = settled.durable.clone();
     let mut by_id: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for (i, id, s, e) in cut.writes() {
+    for (i, id, s, e) in cut.writes(settled.len) {
         if cut.durable(i) {
             durable.paint(s, e, i);
         }
         by_id.entry(id).or_default().push(i);
     }
+    let settled_ids = |id: u32| settled.by_id.get(&id).map(Vec::as_slice).unwrap_or(&[]);
 
     let mut out = Vec::new();
     for run in observed {
@@ -235,7 +298,8 @@ pub fn check(ops: &[Op], acked: usize, observed: &[TagRun]) -> Vec<Violation> {
                 // Where write `id` wrote within the run (the latest op with
                 // that id wins, should ids repeat).
                 let mut mine = Paint::default();
-                for &i in by_id.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
+                let later = by_id.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+                for &i in settled_ids(id).iter().chain(later) {
                     let (s, e) = cut.started[i].sectors().expect("a write");
                     mine.paint(s.max(a), e.min(b), i);
                 }

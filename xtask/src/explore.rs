@@ -9,8 +9,8 @@
 
 use crate::guest;
 use crate::scenario::{
-    junit, new_run_dir, point_latest, print_table, run_stamp, write_report, Bar, RunError,
-    JOBS_MAX, STATE_TIMEOUT_MAX,
+    junit, new_run, point_latest, print_table, write_report, Bar, RunError, JOBS_MAX,
+    STATE_TIMEOUT_MAX,
 };
 use crate::util::workspace_root;
 use anyhow::{anyhow, bail, Context, Result};
@@ -18,11 +18,10 @@ use clap::builder::RangedU64ValueParser;
 use clap::Args;
 use scenarios::explore::{self, Explore};
 use scenarios::result::{write_atomic, Shard};
-use scenarios::runner::{self, RunOptions, RunnerConfig};
+use scenarios::runner::{self, RunOptions};
 use scenarios::spec::{Device, DiskContent, Mode, Prefill, Recipe, Scenario, Size};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
 #[derive(Args)]
 pub struct ExploreArgs {
@@ -165,26 +164,16 @@ pub fn explore(args: ExploreArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    let out_dir = new_run_dir(
-        &workspace_root().join("results").join(&name),
-        &run_stamp(args.shard),
-    )?;
-    let work_dir =
-        std::env::temp_dir().join(format!("pcache-explore-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work_dir);
-    let cfg = RunnerConfig {
-        kernel,
-        out_dir: out_dir.clone(),
-        work_dir: work_dir.clone(),
+    let cfg = new_run(
+        "explore",
+        &name,
+        args.shard,
+        &kernel,
         jobs,
-        state_timeout: Duration::from_secs(args.state_timeout),
-        workload_timeout: Duration::from_secs(120),
-        recovery_vms: if args.fresh {
-            runner::RecoveryVms::Fresh
-        } else {
-            runner::RecoveryVms::ForkServer
-        },
-    };
+        args.state_timeout,
+        args.fresh,
+    )?;
+    let (out_dir, work_dir) = (cfg.out_dir.clone(), cfg.work_dir.clone());
     let opts = RunOptions {
         shard: args.shard,
         minimize: args.minimize,

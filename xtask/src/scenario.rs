@@ -122,24 +122,16 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
     let mut results = Vec::new();
     let mut errors = Vec::new();
     for (name, scenario) in &loaded {
-        let stamp = run_stamp(args.shard);
-        let out_dir = new_run_dir(&workspace_root().join("results").join(name), &stamp)?;
-        let work_dir =
-            std::env::temp_dir().join(format!("pcache-scenario-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&work_dir);
-        let cfg = RunnerConfig {
-            kernel: kernel.clone(),
-            out_dir: out_dir.clone(),
-            work_dir: work_dir.clone(),
+        let cfg = new_run(
+            "scenario",
+            name,
+            args.shard,
+            &kernel,
             jobs,
-            state_timeout: Duration::from_secs(args.state_timeout),
-            workload_timeout: Duration::from_secs(120),
-            recovery_vms: if args.fresh {
-                runner::RecoveryVms::Fresh
-            } else {
-                runner::RecoveryVms::ForkServer
-            },
-        };
+            args.state_timeout,
+            args.fresh,
+        )?;
+        let (out_dir, work_dir) = (cfg.out_dir.clone(), cfg.work_dir.clone());
         println!("scenario {name}: {}", scenario.description);
         let opts = RunOptions {
             shard: args.shard,
@@ -306,6 +298,40 @@ fn kernel_side(name: &str, scenario: &Scenario, out_dir: &Path, args: &ScenarioA
     write_atomic(&path, &serde_json::to_vec_pretty(&v)?)?;
     let _ = std::fs::remove_dir_all(work.join("trace-boot").join("stage"));
     Ok(())
+}
+
+/// Starts a `scenario` or `explore` run of `name`: makes its results folder
+/// (see [`new_run_dir`]) and clears its scratch folder. `--fresh` boots a
+/// fresh VM per state instead of resetting a fork-server.
+pub(crate) fn new_run(
+    command: &str,
+    name: &str,
+    shard: Option<Shard>,
+    kernel: &Path,
+    jobs: usize,
+    state_timeout_secs: u64,
+    fresh: bool,
+) -> Result<RunnerConfig> {
+    let out_dir = new_run_dir(
+        &workspace_root().join("results").join(name),
+        &run_stamp(shard),
+    )?;
+    let work_dir =
+        std::env::temp_dir().join(format!("pcache-{command}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work_dir);
+    Ok(RunnerConfig {
+        kernel: kernel.to_path_buf(),
+        out_dir,
+        work_dir,
+        jobs,
+        state_timeout: Duration::from_secs(state_timeout_secs),
+        workload_timeout: Duration::from_secs(120),
+        recovery_vms: if fresh {
+            runner::RecoveryVms::Fresh
+        } else {
+            runner::RecoveryVms::ForkServer
+        },
+    })
 }
 
 /// Writes the run's report page beside its result.json; the reproduce

@@ -1,5 +1,6 @@
 //! `cargo xtask merge-results` on shard results written to files: the merged
-//! result.json and JUnit XML, pinned counts checked, bad sets refused.
+//! result.json and JUnit XML, the shards' saved states brought in, pinned
+//! counts checked, bad sets refused.
 
 use scenarios::result::{DeviceModeRun, ObservedCounts, RunResult, ShardInfo, StateResult};
 use scenarios::spec::Mode;
@@ -25,9 +26,20 @@ fn state(i: usize) -> StateResult {
         "id": format!("blank-strict-{i:04}"), "cut": i, "applied": [],
         "outcome": if i == 2 { "refused" } else { "formatted" },
         "reason": null, "refusal": null, "usable": i != 2, "older-cache-back": false,
-        "reports": [], "verdict": "ok", "violations": [], "saved": null
+        "reports": [], "verdict": "ok", "violations": [],
+        // Saved on the shard's machine: only the folder's name is kept.
+        "saved": ([1, 2].contains(&i)).then(|| format!("/on/a/runner/blank-strict-{i:04}")),
     }))
     .unwrap()
+}
+
+/// A saved state's folder: its images hold `i`.
+fn save_state(run: &Path, i: usize) {
+    let d = run.join(format!("blank-strict-{i:04}"));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("pmem.img"), [i as u8; 4096]).unwrap();
+    std::fs::write(d.join("disk.img"), [i as u8; 512]).unwrap();
+    std::fs::write(d.join("state.json"), format!(r#"{{"state":"{i}"}}"#)).unwrap();
 }
 
 /// Shard `k` of 2 of a run of 5 states whose pinned `states` count is `pinned`.
@@ -68,6 +80,11 @@ fn shard(dir: &Path, k: usize, pinned: usize) -> PathBuf {
     };
     let d = dir.join(format!("shard{k}"));
     std::fs::create_dir_all(&d).unwrap();
+    for st in &r.runs[0].states {
+        if st.saved.is_some() {
+            save_state(&d, st.cut.unwrap());
+        }
+    }
     std::fs::write(
         d.join("result.json"),
         serde_json::to_vec_pretty(&r).unwrap(),
@@ -127,9 +144,44 @@ fn merge_results_joins_shards_and_checks_the_pins() {
     assert!(out.join("report.html").exists(), "the merged run's page");
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(xml.contains(r#"tests="5""#), "{xml}");
+    // The shards' saved states are in the merged run, and its states name them.
+    for i in [1usize, 2] {
+        let d = out.join(format!("blank-strict-{i:04}"));
+        assert_eq!(std::fs::read(d.join("pmem.img")).unwrap(), [i as u8; 4096]);
+        assert_eq!(std::fs::read(d.join("disk.img")).unwrap(), [i as u8; 512]);
+        assert!(d.join("state.json").is_file());
+        assert_eq!(merged.runs[0].states[i].saved, Some(p(&d)));
+    }
+    assert_eq!(merged.runs[0].states[0].saved, None);
+
+    // Merging again into the same folder: the saved states' names are taken.
+    let o = xtask(&["merge-results", &p(&a), &p(&b), "--out", &p(&out)]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "{} already exists: a shard's saved state has that name",
+            p(&out.join("blank-strict-0001"))
+        )),
+        "{stderr}"
+    );
+
+    // A saved state missing beside its shard's result: merged without it.
+    std::fs::remove_dir_all(a.join("blank-strict-0002")).unwrap();
+    let out2 = t.0.join("merged2");
+    let o = xtask(&["merge-results", &p(&a), &p(&b), "--out", &p(&out2)]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: the saved state `blank-strict-0002` is not in"),
+        "{stderr}"
+    );
+    assert!(out2.join("blank-strict-0001").join("pmem.img").is_file());
+    assert!(!out2.join("blank-strict-0002").exists());
 
     // A pin the whole run breaks: merged, and failed.
     let (a, b) = (shard(&t.0, 1, 6), shard(&t.0, 2, 6));
+    let out = t.0.join("merged-pinned");
     let o = xtask(&["merge-results", &p(&a), &p(&b), "--out", &p(&out)]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(!o.status.success());

@@ -39,6 +39,24 @@ fn unknown(sector: u64, count: u64, id: u32) -> Violation {
 }
 
 #[test]
+fn only_a_prefix_ending_with_a_flush_settles() {
+    assert!(Settled::new(&[w(0, 1, 1)]).is_none());
+    assert!(Settled::new(&[]).is_some_and(|s| s.is_empty()));
+    assert_eq!(
+        Settled::new(&[w(0, 1, 1), Op::Flush]).map(|s| s.len()),
+        Some(2)
+    );
+}
+
+#[test]
+#[should_panic(expected = "settled prefix")]
+fn a_settled_prefix_longer_than_the_acknowledged_ops_is_refused() {
+    let ops = [w(0, 1, 1), Op::Flush, w(0, 1, 2)];
+    let settled = Settled::new(&ops[..2]).unwrap();
+    check_settled(&settled, &ops, 1, &[]);
+}
+
+#[test]
 fn flushed_write_lost() {
     let ops = [w(0, 4, 1), Op::Flush];
     assert_eq!(
@@ -352,6 +370,26 @@ proptest! {
         obs in arb_runs(),
     ) {
         prop_assert_eq!(check(&ops, acked, &obs), reference(&ops, acked, &obs));
+    }
+
+    #[test]
+    fn a_settled_prefix_judges_as_the_whole_list(
+        prefix in proptest::collection::vec(arb_op(), 0..16),
+        rest in proptest::collection::vec(arb_op(), 0..12),
+        extra in 0usize..14,
+        obs in arb_runs(),
+    ) {
+        // A prefill: its ops, then the flush that settles them.
+        let mut ops = prefix;
+        ops.push(Op::Flush);
+        let settled = Settled::new(&ops).expect("ends with a flush");
+        prop_assert_eq!(settled.len(), ops.len());
+        let acked = ops.len() + extra;
+        ops.extend(rest);
+        prop_assert_eq!(
+            check_settled(&settled, &ops, acked, &obs),
+            reference(&ops, acked, &obs)
+        );
     }
 
     #[test]
