@@ -540,6 +540,42 @@ mod tests {
     }
 
     #[test]
+    fn wide_stores_become_8_byte_pieces_with_the_files_bytes() {
+        let m = mem(4096);
+        let d = mem(1 << 20);
+        let mut t = Tracer::new(RAM, m.clone(), vec![d.clone()]);
+        mark(&mut t, &m, CAL_BEGIN, 0, 0, 0);
+        guest_write(&mut t, &d, DEV_C, 0, &[0; 512]);
+        mark(&mut t, &m, CAL_END, 0, 0, 0);
+        mark(&mut t, &m, TRACE_ON, 0, 0, 0);
+        // A 16-byte vector store: the guest's bytes are in the file when QEMU reports it.
+        let v: Vec<u8> = (1..=16).collect();
+        d.0.borrow_mut()[0x40..0x50].copy_from_slice(&v);
+        assert!(t.store(DEV_C + 0x40, 16, false).is_none());
+        // A store past the device's end is not the device's.
+        assert!(t.store(DEV_C + (1 << 20), 8, false).is_none());
+        let w = mark(&mut t, &m, TRACE_OFF, 0, 0, 0).unwrap();
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(
+            w.trace.events(),
+            &[
+                Event::Store {
+                    off: 0x40,
+                    len: 8,
+                    value: u64::from_le_bytes(v[..8].try_into().unwrap())
+                },
+                Event::Store {
+                    off: 0x48,
+                    len: 8,
+                    value: u64::from_le_bytes(v[8..].try_into().unwrap())
+                },
+            ]
+        );
+        assert_eq!((w.counts.stores, w.counts.bytes), (1, 16));
+        assert_eq!(t.other_stores, 1);
+    }
+
+    #[test]
     fn a_bad_calibration_or_order_is_an_error_not_a_trace() {
         let m = mem(4096);
         let d = mem(1 << 20);
