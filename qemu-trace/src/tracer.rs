@@ -178,12 +178,6 @@ impl<B: Backing> Tracer<B> {
         self.marker.base
     }
 
-    /// Whether stores need the full path (a window or a calibration is open,
-    /// or the marker device is not found yet). Otherwise only marker stores matter.
-    pub fn tracing(&self) -> bool {
-        self.active.is_some()
-    }
-
     fn error(&mut self, msg: String) {
         eprintln!("@@QTRACE-ERROR {msg}");
         self.errors.push(msg);
