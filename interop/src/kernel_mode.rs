@@ -83,6 +83,15 @@ pub struct KernelModeResult {
     pub devices: Vec<KernelDeviceRun>,
 }
 
+/// Removes what a boot folder needs no more once the boot is over (its
+/// initramfs, about 11 MB, and the marker device), keeping the console and
+/// the traces.
+pub(crate) fn tidy(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join("initrd.cpio"));
+    let _ = std::fs::remove_file(dir.join("marker.pmem"));
+    let _ = std::fs::remove_dir_all(dir.join("stage"));
+}
+
 /// Time budget of one recovery boot (8 activations take 20–40 s under TCG).
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(240);
 /// The kernel column of a state a hung boot left unrecovered.
@@ -264,6 +273,7 @@ pub fn run(
     for img in &images {
         let _ = std::fs::remove_file(&img.path);
     }
+    tidy(&tdir);
     let mut devices = Vec::new();
     for (i, (dname, base, older_seq)) in bases.iter().enumerate() {
         let bin = tdir.join(format!("trace/trace-{i}.bin"));
@@ -394,6 +404,7 @@ pub fn run(
                     Err(e) => return Err(e.into()),
                 };
             boots.push(seconds);
+            tidy(&dir);
             let lockup = console
                 .lines()
                 .find(|l| {

@@ -390,6 +390,7 @@ pub fn trace_first_activation(
             let _ = std::fs::remove_file(&img.path);
         }
         let _ = std::fs::remove_file(&disk);
+        crate::kernel_mode::tidy(&dir);
         Ok((out, vec![boot.seconds]))
     };
     finish("trace-first-activation", run())

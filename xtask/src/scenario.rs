@@ -296,7 +296,6 @@ fn kernel_side(name: &str, scenario: &Scenario, out_dir: &Path, args: &ScenarioA
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
     v["kernel"] = serde_json::to_value(&r)?;
     write_atomic(&path, &serde_json::to_vec_pretty(&v)?)?;
-    let _ = std::fs::remove_dir_all(work.join("trace-boot").join("stage"));
     Ok(())
 }
 
