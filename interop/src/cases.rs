@@ -26,6 +26,7 @@ pub const CASES: &[&str] = &[
     "power-cuts",
     "module-writes",
     "module-gc",
+    "trace-first-activation",
 ];
 
 /// Time budget of one boot (TCG boots take 5–12 s; a batch activates up to 8 images).

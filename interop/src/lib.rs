@@ -17,6 +17,8 @@
 
 pub mod cases;
 pub mod image;
+pub mod kernel_mode;
+pub mod ktrace;
 pub mod module_gc;
 pub mod module_images;
 pub mod module_writes;

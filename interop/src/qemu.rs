@@ -151,6 +151,13 @@ pub enum BootError {
         "the guest did not reach its script (modules or devices missing); console tail:\n{tail}"
     )]
     NoBoot { tail: String },
+    /// A device the script needs never appeared in the guest (a harness
+    /// fault, not something the kernel's dm-pcache decided).
+    #[error("image `{image}`: {what} (the guest never saw the device; a harness error)")]
+    NoDevice { image: String, what: String },
+    /// The trace plugin or its markers failed (a harness error).
+    #[error("tracing failed: {0}")]
+    Trace(String),
 }
 
 /// A finished boot.
@@ -163,8 +170,9 @@ pub struct Boot {
     pub seconds: f64,
 }
 
-/// The guest script activating each image in turn.
-fn script(images: &[BootImage]) -> String {
+/// The guest script activating each image in turn (each traced, with
+/// `traced`: see [`boot_traced`]).
+fn script(images: &[BootImage], traced: bool) -> String {
     let mut s = String::from(
         r#"# The block device (pmem* or vd*) at PCI slot $2.
 at_slot() {
@@ -172,25 +180,65 @@ at_slot() {
     case "$(readlink -f $b/device)" in *"0000:00:$2.0/"*) basename $b;; esac
   done
 }
-# act PMEM_SLOT NAME DATA_CRC BACKING_SLOT OUT_SLOT (slots: - for none)
+# Like at_slot, but waits up to 10 s: under TCG a disk may not be probed
+# yet when the script starts. Nothing found: a harness error, not a verdict.
+need_slot() {
+  i=0
+  while [ $i -lt 50 ]; do
+    d=$(at_slot $1 $2)
+    if [ -n "$d" ]; then echo "$d"; return 0; fi
+    sleep 0.2; i=$((i + 1))
+  done
+  return 1
+}
+# Markers for the trace plugin (qemu-trace): a 40-byte record, padded to a
+# sector, written with O_DIRECT to the marker device (`mark KIND DEV ARG ARG2`).
+le() { v=$2; i=0; while [ $i -lt $1 ]; do printf "\\$(printf %03o $((v & 255)))"; v=$((v >> 8)); i=$((i + 1)); done; }
+MSEQ=0
+mark() {
+  MSEQ=$((MSEQ + 1))
+  { printf PCTMARK1; le 4 $1; le 4 $2; le 8 $3; le 8 $4; le 8 $MSEQ; head -c 472 /dev/zero; } > /tmp/mark
+  dd if=/tmp/mark of=/dev/$MARKDEV bs=512 count=1 oflag=direct 2>/dev/null || echo "@@MARK-FAILED $1 $2"
+}
+# cal TRACE_INDEX DEV PMEM_SLOT: sector 0 rewritten with its own content
+# between two markers (the plugin learns the device's address from it), and
+# the device's virtio BAR 4 (its notify area: flush requests).
+cal() {
+  bar=$(sed -n 5p /sys/bus/pci/devices/0000:00:$3.0/resource | cut -d' ' -f1)
+  mark 1 $1 0 $((bar))
+  dd if=/dev/$2 of=/tmp/cal bs=512 count=1 2>/dev/null
+  dd if=/tmp/cal of=/dev/$2 bs=512 count=1 oflag=direct 2>/dev/null || echo "@@CAL-FAILED $1"
+  mark 2 $1 0 0
+}
+# act PMEM_SLOT NAME DATA_CRC BACKING_SLOT OUT_SLOT [TRACE_INDEX] (slots: - for none)
 act() {
-  dev=$(at_slot pmem $1)
-  back=vda; [ "$4" = - ] || back=$(at_slot vd $4)
-  OUT=""; [ "$5" = - ] || OUT=/dev/$(at_slot vd $5)
+  if ! dev=$(need_slot pmem $1); then echo "@@NODEV $2 no pmem disk at slot $1"; echo "@@DONE $2"; return; fi
+  back=vda
+  if [ "$4" != - ] && ! back=$(need_slot vd $4); then echo "@@NODEV $2 no backing disk at slot $4"; echo "@@DONE $2"; return; fi
+  OUT=""
+  if [ "$5" != - ]; then
+    if ! OUT=$(need_slot vd $5); then echo "@@NODEV $2 no output disk at slot $5"; echo "@@DONE $2"; return; fi
+    OUT=/dev/$OUT
+  fi
   NAME=$2
+  T=${6:-}
   S=$(blockdev --getsz /dev/$back)
   echo "@@IMAGE $2 $dev $back"
+  [ -z "$T" ] || { cal $T $dev $1; mark 3 $T 0 0; }
   dmesg -c > /dev/null
   if dmsetup create pc --table "0 $S pcache /dev/$dev /dev/$back 4 cache_mode writeback data_crc $3" 2>/tmp/err; then
+    [ -z "$T" ] || mark 5 $T 1 0
     echo "@@ACTIVATED $2"
     # The target's block device (devtmpfs names it; no udev for /dev/mapper).
     DM=/dev/$(cd /sys/block && ls -d dm-* | head -n 1)
     if [ -f "/tmp/work-$2.sh" ]; then
       if [ -b "$DM" ]; then (. "/tmp/work-$2.sh"); echo "@@WORKLOAD $2 rc=$?"; else echo "@@WORKLOAD $2 rc=no-device"; fi
     fi
+    [ -z "$T" ] || mark 4 $T 0 0
     echo "@@STATUS $2 $(dmsetup status pc)"
     dmsetup remove pc 2>/tmp/err || echo "@@REMOVE-FAILED $2 $(tr '\n' ' ' < /tmp/err)"
   else
+    [ -z "$T" ] || mark 4 $T 0 0
     echo "@@REFUSED $2 $(tr '\n' ' ' < /tmp/err)"
   fi
   dmesg | grep -i -e pcache -e device-mapper | while read -r l; do echo "@@KMSG $2 $l"; done
@@ -198,6 +246,11 @@ act() {
 }
 "#,
     );
+    if traced {
+        s.push_str(&format!(
+            "MARKDEV=$(need_slot pmem {MARKER_SLOT:02x}) || echo \"@@NODEV marker no marker device at slot {MARKER_SLOT:02x}\"\n"
+        ));
+    }
     for (i, img) in images.iter().enumerate() {
         if let Some(w) = &img.workload {
             s.push_str(&format!(
@@ -211,12 +264,17 @@ act() {
             None => "-".into(),
         };
         s.push_str(&format!(
-            "act {:02x} {} {} {} {}\n",
+            "act {:02x} {} {} {} {}{}\n",
             FIRST_SLOT + i,
             img.name,
             img.data_crc,
             slot(&img.backing, FIRST_BACKING_SLOT),
-            slot(&img.out, FIRST_OUT_SLOT)
+            slot(&img.out, FIRST_OUT_SLOT),
+            if traced {
+                format!(" {i}")
+            } else {
+                String::new()
+            }
         ));
     }
     s
@@ -231,6 +289,40 @@ pub fn boot(
     work: &Path,
     timeout: Duration,
 ) -> Result<Boot, BootError> {
+    boot_with(kernel, images, disk, work, timeout, None)
+}
+
+/// Like [`boot`], with the trace plugin (`qemu-trace`, the built shared
+/// object at `plugin`) recording each image's activation and workload:
+/// image `i`'s trace is `work/trace/trace-{i}.bin` (the VMM's trace form)
+/// with its counts in `trace-{i}.json`. Each image is first calibrated (its
+/// sector 0 rewritten with its own content: the image does not change).
+pub fn boot_traced(
+    kernel: &Kernel,
+    images: &[BootImage],
+    disk: &Path,
+    work: &Path,
+    timeout: Duration,
+    plugin: &Path,
+) -> Result<Boot, BootError> {
+    boot_with(kernel, images, disk, work, timeout, Some(plugin))
+}
+
+/// PCI slot of the trace plugin's marker device.
+const MARKER_SLOT: usize = 0x07;
+/// Size of the marker device's file.
+const MARKER_SIZE: u64 = 4 << 20;
+/// The guest's RAM (`-m`); QEMU 7.2's plugin addresses below it are main RAM.
+const GUEST_RAM: u64 = 2 << 30;
+
+fn boot_with(
+    kernel: &Kernel,
+    images: &[BootImage],
+    disk: &Path,
+    work: &Path,
+    timeout: Duration,
+    plugin: Option<&Path>,
+) -> Result<Boot, BootError> {
     if images.len() > MAX_IMAGES {
         return Err(BootError::TooMany(images.len()));
     }
@@ -241,10 +333,26 @@ pub fn boot(
         return Err(BootError::BadName(bad.name.clone()));
     }
     let io = |what: String| move |source| BootError::Io { what, source };
-    let initrd = write_initrd(kernel, &script(images), work)?;
+    let initrd = write_initrd(kernel, &script(images, plugin.is_some()), work)?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-M", "pc", "-cpu", "max", "-smp", "1"])
-        .args(["-m", &format!("2G,slots={MAX_IMAGES},maxmem=40G")])
+    if plugin.is_some() {
+        // The guest's RAM as the first memory object, so it is the first
+        // block of QEMU's RAM address space: QEMU 7.2's plugin addresses of
+        // RAM are that space's (plus the region's place in its container),
+        // so main RAM is [0, GUEST_RAM) and every pmem device lies above it.
+        cmd.args([
+            "-object",
+            &format!("memory-backend-ram,id=mainram,size={GUEST_RAM}"),
+        ])
+        .args(["-M", "pc,memory-backend=mainram"]);
+    } else {
+        cmd.args(["-M", "pc"]);
+    }
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        .args([
+            "-m",
+            &format!("{}G,slots={},maxmem=40G", GUEST_RAM >> 30, MAX_IMAGES + 1),
+        ])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
@@ -281,6 +389,29 @@ pub fn boot(
     }
     cmd.arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", disk.display()));
+    if let Some(plugin) = plugin {
+        let marker = work.join("marker.pmem");
+        std::fs::File::create(&marker)
+            .and_then(|f| f.set_len(MARKER_SIZE))
+            .map_err(io(format!("creating {}", marker.display())))?;
+        let out = work.join("trace");
+        cmd.arg("-object").arg(format!(
+            "memory-backend-file,id=mk,share=on,mem-path={},size={MARKER_SIZE}",
+            marker.display()
+        ));
+        cmd.arg("-device")
+            .arg(format!("virtio-pmem-pci,memdev=mk,addr={MARKER_SLOT:#x}"));
+        let mut arg = format!(
+            "{},out={},ram={GUEST_RAM},marker={}",
+            plugin.display(),
+            out.display(),
+            marker.display()
+        );
+        for (i, img) in images.iter().enumerate() {
+            arg.push_str(&format!(",pmem{i}={}", img.path.display()));
+        }
+        cmd.arg("-plugin").arg(arg);
+    }
     let console_path = work.join("console.log");
     let console_file = std::fs::File::create(&console_path)
         .map_err(io(format!("creating {}", console_path.display())))?;
@@ -325,6 +456,18 @@ pub fn boot(
     }
     if !console.contains("@@BOOTED") {
         return Err(BootError::NoBoot { tail: tail() });
+    }
+    if let Some((image, what)) = missing_device(&console) {
+        return Err(BootError::NoDevice { image, what });
+    }
+    if plugin.is_some() {
+        if let Some(line) = console.lines().find(|l| {
+            ["@@QTRACE-ERROR", "@@MARK-FAILED", "@@CAL-FAILED"]
+                .iter()
+                .any(|m| l.contains(m))
+        }) {
+            return Err(BootError::Trace(line.trim().to_string()));
+        }
     }
     let verdicts = images.iter().map(|i| verdict(&console, &i.name)).collect();
     Ok(Boot {
@@ -396,6 +539,15 @@ pub fn verdict(console: &str, name: &str) -> KernelVerdict {
     v
 }
 
+/// The first `@@NODEV image what` line of the console, if any.
+fn missing_device(console: &str) -> Option<(String, String)> {
+    console.lines().find_map(|line| {
+        let at = line.find("@@NODEV ")?;
+        let (image, what) = line[at + 8..].split_once(' ')?;
+        Some((image.to_string(), what.trim().to_string()))
+    })
+}
+
 /// `[    5.546612] text` → `text`.
 fn strip_timestamp(line: &str) -> &str {
     match line.strip_prefix('[').and_then(|l| l.split_once("] ")) {
@@ -458,6 +610,11 @@ mod tests {
         );
         let missing = verdict(console, "b");
         assert!(!missing.done && !missing.activated);
+        assert_eq!(missing_device(console), None);
+        assert_eq!(
+            missing_device("@@BOOTED\n\x1b[0m@@NODEV ab no pmem disk at slot 11\n@@DONE ab\n"),
+            Some(("ab".into(), "no pmem disk at slot 11".into()))
+        );
     }
 
     #[test]
@@ -480,12 +637,26 @@ mod tests {
                 out: Some("/b.out".into()),
             },
         ];
-        let s = script(&imgs);
+        let s = script(&imgs, false);
         assert!(
             s.contains("act 10 x false - -\ncat > /tmp/work-y <<'WORKLOAD'\nsync\nWORKLOAD\n"),
             "{s}"
         );
         // The second image's own disks sit at the second backing and output slots.
         assert!(s.ends_with("act 11 y true 19 09\n"), "{s}");
+        // Traced, each image names its trace index and the marker device is found first.
+        let t = script(&imgs, true);
+        assert!(t.contains("MARKDEV=$(need_slot pmem 07)"), "{t}");
+        assert!(t.contains("act 10 x false - - 0\n") && t.ends_with("act 11 y true 19 09 1\n"));
+        // And both are shell scripts (syntax only: `sh -n`).
+        for s in [s, t] {
+            let mut sh = Command::new("sh")
+                .arg("-n")
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            sh.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+            assert!(sh.wait().unwrap().success(), "{s}");
+        }
     }
 }

@@ -13,7 +13,8 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct InteropArgs {
     /// Run only this case (repeatable): first-activation, kernel-writes,
-    /// hostile-images, power-cuts, module-writes, module-gc.
+    /// hostile-images, power-cuts, module-writes, module-gc,
+    /// trace-first-activation (builds the QEMU trace plugin, `qemu-trace/`).
     #[arg(long = "case", value_parser = clap::builder::PossibleValuesParser::new(cases::CASES))]
     pub cases: Vec<String>,
     /// Crash states per distinct strict result class, in power-cuts (the
@@ -65,6 +66,15 @@ pub fn interop(args: InteropArgs) -> Result<()> {
                 &workspace_root().join("interop/fixtures/kernel-writes-512M.img.zst"),
             ),
             "module-gc" => interop::module_gc::module_gc(&kernel, &work),
+            "trace-first-activation" => {
+                let plugin = crate::qtrace::build_plugin()?;
+                interop::ktrace::trace_first_activation(
+                    &kernel,
+                    &work,
+                    &workspace_root().join("scenarios"),
+                    &plugin,
+                )
+            }
             other => unreachable!("clap only accepts known cases, got {other}"),
         };
         print_case(&r);

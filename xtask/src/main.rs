@@ -10,6 +10,7 @@ mod guest;
 mod image;
 mod interop;
 mod merge;
+mod qtrace;
 mod report;
 mod reproduce;
 mod ring0_scan;

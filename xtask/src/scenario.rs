@@ -46,6 +46,20 @@ pub struct ScenarioArgs {
     /// results, several times slower).
     #[arg(long)]
     pub fresh: bool,
+    /// Also run the scenario against Linux's own dm-pcache under QEMU: crash
+    /// states built from the kernel's traced workload (the `qemu-trace`
+    /// plugin) with the scenario's model, each recovered by the kernel;
+    /// the outcomes go into result.json's `kernel` beside strict and recover
+    /// (power-cut scenarios whose workload is `start`).
+    #[arg(long, conflicts_with = "shard")]
+    pub kernel: bool,
+    /// With --kernel: at most this many states per device are recovered by
+    /// the kernel (spread evenly over the enumeration).
+    #[arg(long, default_value_t = 64, requires = "kernel")]
+    pub kernel_states: usize,
+    /// With --kernel: no recovery boot starts after this many seconds.
+    #[arg(long, default_value_t = 1200, requires = "kernel")]
+    pub kernel_budget: u64,
 }
 
 /// Most recovery boots at once.
@@ -136,6 +150,15 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
                     point_latest(&out_dir)?;
                 }
                 print_table(&result);
+                if args.kernel {
+                    if let Err(e) = kernel_side(name, scenario, &out_dir, &args) {
+                        eprintln!("scenario {name} --kernel could not run: {e:#}");
+                        errors.push(RunError {
+                            scenario: name.clone(),
+                            message: format!("--kernel: {e:#}"),
+                        });
+                    }
+                }
                 println!("result: {}", out_dir.join("result.json").display());
                 let page = write_report(&out_dir, &result)?;
                 println!("report: {}", page.display());
@@ -214,6 +237,66 @@ pub(crate) fn new_run_dir(parent: &Path, stamp: &str) -> Result<PathBuf> {
         }
     }
     unreachable!("some suffix is free")
+}
+
+/// `--kernel`: the scenario against the kernel (`interop::kernel_mode`),
+/// its result added to result.json as `kernel`, and a table printed.
+fn kernel_side(name: &str, scenario: &Scenario, out_dir: &Path, args: &ScenarioArgs) -> Result<()> {
+    let cache = interop::prepare::cache_dir();
+    let kernel = interop::prepare::prepare(&cache, |step| println!("  preparing: {step}"))?;
+    let plugin = crate::qtrace::build_plugin()?;
+    let work = out_dir.join("kernel");
+    println!(
+        "against Linux {} under QEMU (the kernel's own trace) ...",
+        interop::prepare::KERNEL_RELEASE
+    );
+    let r = interop::kernel_mode::run(
+        &kernel,
+        &plugin,
+        name,
+        scenario,
+        &work,
+        args.kernel_states,
+        Duration::from_secs(args.kernel_budget),
+    )?;
+    println!("  traced boot: {:.1} s", r.trace_boot_seconds);
+    for d in &r.devices {
+        println!(
+            "  {}: kernel trace {} events, {} epochs (agrees with strict's: {}); distinct states: kernel {}, strict {} (epoch-aligned window {}); {} recovered by the kernel in {} boot(s), {:.2} s per state; kernel = strict on {} of {}",
+            d.device,
+            d.kernel_events,
+            d.kernel_epochs,
+            d.trace_difference.is_none(),
+            d.kernel_states,
+            d.strict_states,
+            d.strict_states_aligned,
+            d.tried,
+            d.boots.len(),
+            d.seconds_per_state,
+            d.kernel_agrees,
+            d.tried
+        );
+        let line = |counts: &std::collections::BTreeMap<String, usize>| {
+            let c: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            c.join(", ")
+        };
+        println!("    the {} recovered by the kernel:", d.tried);
+        for (col, counts) in &d.counts {
+            println!("      {col:8} {}", line(counts));
+        }
+        println!(
+            "    all {} states of the kernel's trace, on the host:",
+            d.kernel_states
+        );
+        for (col, counts) in &d.all_states_host {
+            println!("      {col:8} {}", line(counts));
+        }
+    }
+    let path = out_dir.join("result.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    v["kernel"] = serde_json::to_value(&r)?;
+    write_atomic(&path, &serde_json::to_vec_pretty(&v)?)?;
+    Ok(())
 }
 
 /// Starts a `scenario` or `explore` run of `name`: makes its results folder

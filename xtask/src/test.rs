@@ -24,6 +24,7 @@ pub struct TestArgs {
 
 pub fn test_all(args: TestArgs) -> Result<()> {
     let guest_dir = workspace_root().join("guest-images");
+    let plugin_dir = workspace_root().join("qemu-trace");
     let browser = find_chromium().ok_or_else(|| {
         anyhow::anyhow!(
             "headless Chromium not found, which the report page's test needs: \
@@ -58,7 +59,20 @@ pub fn test_all(args: TestArgs) -> Result<()> {
                 .arg("clippy"),
         )
         .args(["--release", "--", "-D", "warnings"]))?;
+        // The QEMU trace plugin (GPL, outside the workspace).
+        run(cargo()
+            .current_dir(&plugin_dir)
+            .args(["fmt", "--all", "--check"]))?;
+        run(locked(plugin_cargo(&plugin_dir).arg("clippy")).args([
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
+
+    step("the QEMU trace plugin's tests");
+    run(locked(plugin_cargo(&plugin_dir).arg("test")))?;
 
     step("pcache without std (the guest's build of the module)");
     run(cargo().args(["build", "--package", "pcache", "--no-default-features"]))?;
@@ -105,6 +119,16 @@ pub fn test_all(args: TestArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A cargo in `qemu-trace/` with the target folder `cargo xtask interop` builds it in.
+fn plugin_cargo(dir: &std::path::Path) -> std::process::Command {
+    let mut c = cargo();
+    c.current_dir(dir).env_remove("RUSTFLAGS").env(
+        "CARGO_TARGET_DIR",
+        workspace_root().join("target/qemu-trace-build"),
+    );
+    c
 }
 
 fn step(name: &str) {
