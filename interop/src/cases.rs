@@ -160,10 +160,7 @@ fn ask(
                 out: None,
             });
         }
-        let disk = dir.join("backing.disk");
-        std::fs::File::create(&disk)
-            .and_then(|f| f.set_len(64 << 20))
-            .map_err(io("creating the backing disk"))?;
+        let disk = qemu::blank_backing_disk(&dir).map_err(io("creating the backing disk"))?;
         let boot = qemu::boot(kernel, &images, &disk, &dir, BOOT_TIMEOUT)?;
         boots.push(boot.seconds);
         for ((q, img), verdict) in batch.iter().zip(&images).zip(boot.verdicts) {
@@ -321,10 +318,7 @@ pub fn kernel_writes(kernel: &Kernel, work: &Path, fixture: Option<&Path>) -> Ca
         std::fs::create_dir_all(&dir).map_err(io("creating the boot folder"))?;
         let path = dir.join("kernel-writes.img");
         write_sparse(&SparsePmem::new(512 << 20), &path).map_err(io("writing the blank image"))?;
-        let disk = dir.join("backing.disk");
-        std::fs::File::create(&disk)
-            .and_then(|f| f.set_len(64 << 20))
-            .map_err(io("creating the backing disk"))?;
+        let disk = qemu::blank_backing_disk(&dir).map_err(io("creating the backing disk"))?;
         let images = [BootImage {
             name: "kernel-writes".into(),
             path: path.clone(),

@@ -258,10 +258,7 @@ pub fn run(
             out: None,
         });
     }
-    let disk = work.join("backing.disk");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(64 << 20))
-        .map_err(io("creating the backing disk"))?;
+    let disk = qemu::blank_backing_disk(work).map_err(io("creating the backing disk"))?;
     let tboot = qemu::boot_traced(
         kernel,
         &images,

@@ -296,10 +296,7 @@ pub fn trace_first_activation(
                 out: None,
             });
         }
-        let disk = dir.join("backing.disk");
-        std::fs::File::create(&disk)
-            .and_then(|f| f.set_len(64 << 20))
-            .map_err(io("creating the backing disk"))?;
+        let disk = qemu::blank_backing_disk(&dir).map_err(io("creating the backing disk"))?;
         let boot = qemu::boot_traced(kernel, &images, &disk, &dir, BOOT_TIMEOUT, plugin)?;
         let mut out = Vec::new();
         let mut reports = Vec::new();

@@ -280,6 +280,14 @@ act() {
     s
 }
 
+/// A blank 64 MiB backing disk (sparse) in `dir`, for boots whose cases
+/// never read the backing device.
+pub fn blank_backing_disk(dir: &Path) -> std::io::Result<PathBuf> {
+    let disk = dir.join("backing.disk");
+    std::fs::File::create(&disk)?.set_len(64 << 20)?;
+    Ok(disk)
+}
+
 /// Boots the kernel once over `images` (each on its own virtio-pmem device)
 /// and `disk` (the backing device), within `timeout`.
 pub fn boot(
