@@ -940,9 +940,10 @@ fn around(t: Option<&Timeline>, cut: usize) -> Option<String> {
 /// How many writes a state applied, in words: `12 write(s)`, or with the
 /// ones a barrier covered counted apart, `3120 settled + 4 pending write(s)`.
 fn applied_count(s: &StateResult) -> String {
+    let listed = s.applied.len() + s.applied_omitted.unwrap_or(0);
     match s.settled {
-        Some(n) => format!("{n} settled + {} pending write(s)", s.applied.len()),
-        None => format!("{} write(s)", s.applied.len()),
+        Some(n) => format!("{n} settled + {listed} pending write(s)"),
+        None => format!("{listed} write(s)"),
     }
 }
 
@@ -1081,17 +1082,24 @@ fn state_entry(h: &mut String, i: usize, k: usize, run: &DeviceModeRun, run_dir:
             } else {
                 ""
             },
-            s.applied.len()
+            s.applied.len() + s.applied_omitted.unwrap_or(0)
         );
         for w in s.applied.iter().take(MAX_APPLIED) {
             let _ = writeln!(h, "{}", esc(&write_text(w)));
         }
-        if s.applied.len() > MAX_APPLIED {
-            let _ = writeln!(
-                h,
-                "… and {} more (result.json lists them all)",
-                s.applied.len() - MAX_APPLIED
-            );
+        let more = s.applied.len().saturating_sub(MAX_APPLIED);
+        match s.applied_omitted {
+            Some(omitted) => {
+                let _ = writeln!(
+                    h,
+                    "… and {} more ({omitted} of them not listed in result.json either)",
+                    more + omitted
+                );
+            }
+            None if more > 0 => {
+                let _ = writeln!(h, "… and {more} more (result.json lists them all)");
+            }
+            None => {}
         }
         h.push_str("</code></pre></details>\n");
     }

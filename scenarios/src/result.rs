@@ -198,6 +198,9 @@ pub struct ObservedCounts {
     pub violations: usize,
 }
 
+/// Most applied writes a state's result lists (`StateResult::applied_omitted`).
+pub const APPLIED_LISTED_MAX: usize = 1024;
+
 /// What a device's prefill did to its cache (on the host, before the
 /// traced workload): a long run's claims, such as its log going round, are
 /// read here.
@@ -231,6 +234,12 @@ pub struct StateResult {
     /// otherwise each list tens of thousands of writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled: Option<usize>,
+    /// How many more pending writes were applied than `applied` lists: it
+    /// keeps the first [`APPLIED_LISTED_MAX`] (a cut inside a 64 KiB data
+    /// write has thousands pending; the saved state of a violating one holds
+    /// its images whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_omitted: Option<usize>,
     /// The outcome of recovery's first `start` (`formatted`, `opened`, `refused`, ...).
     pub outcome: String,
     /// The refusal reason, when refused.
@@ -713,6 +722,7 @@ mod tests {
             cut: Some(1),
             applied: vec![],
             settled: None,
+            applied_omitted: None,
             outcome: outcome.into(),
             reason: None,
             refusal: None,

@@ -436,7 +436,8 @@ impl CutCheck<'_> {
         )?;
         st.cut = Some(cut);
         let (listed, settled) = applied_at(&self.saved.trace, cut, &applied_refs);
-        (st.applied, st.settled) = (listed, Some(settled));
+        (st.applied, st.applied_omitted) = bounded(listed);
+        st.settled = Some(settled);
         if let Some(j) = &self.judged {
             let n = self.done[cut.min(self.done.len() - 1)];
             let w = j.workload.len();
@@ -896,6 +897,7 @@ fn state_result(id: &str, rec: &Recovery, older_seq: Option<u8>) -> StateResult 
         cut: None,
         applied: vec![],
         settled: None,
+        applied_omitted: None,
         outcome: rec.outcome(),
         reason: first.and_then(|s| s.message.clone()),
         refusal: first.and_then(|s| s.refusal_kind().map(str::to_string)),
@@ -939,6 +941,15 @@ fn applied_at(trace: &Trace, cut: usize, writes: &[vmm::WriteRef]) -> (Vec<Appli
         .collect();
     let settled = writes.len() - open.len();
     (applied(trace, &open), settled)
+}
+
+/// The first `APPLIED_LISTED_MAX` of a state's listed writes, and how many
+/// more there were.
+fn bounded(mut listed: Vec<AppliedWrite>) -> (Vec<AppliedWrite>, Option<usize>) {
+    let max = crate::result::APPLIED_LISTED_MAX;
+    let omitted = listed.len().checked_sub(max).filter(|&n| n > 0);
+    listed.truncate(max);
+    (listed, omitted)
 }
 
 /// One applied write as the result file lists it (`None`: not a write event).
@@ -1356,6 +1367,18 @@ mod tests {
             matches!(listed[..], [AppliedWrite::Pmem { event, .. }] if event == c as usize),
             "{listed:?}"
         );
+        // Thousands pending: the first APPLIED_LISTED_MAX are listed.
+        let many = |n: usize| (0..n).map(|k| w(k as u64, 0)).collect::<Vec<_>>();
+        let max = crate::result::APPLIED_LISTED_MAX;
+        let mut big = Trace::new();
+        for k in 0..max as u64 + 5 {
+            big.push_pmem_store(8 * k, &[1; 8]);
+        }
+        let (listed, settled) = applied_at(&big, big.len(), &many(max + 5));
+        let (kept, omitted) = bounded(listed);
+        assert_eq!((kept.len(), omitted, settled), (max, Some(5), 0));
+        let (listed, _) = applied_at(&big, big.len(), &many(max));
+        assert_eq!(bounded(listed).1, None);
         // A cut before the fence: nothing is settled.
         let (listed, settled) = applied_at(&t, 2, &[w(a, 0)]);
         assert_eq!((listed.len(), settled), (1, 0));
@@ -1451,6 +1474,7 @@ mod tests {
                 cut: None,
                 applied: vec![],
                 settled: None,
+                applied_omitted: None,
                 outcome: "formatted".into(),
                 reason: None,
                 refusal: None,

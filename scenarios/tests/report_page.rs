@@ -28,6 +28,7 @@ fn state(id: &str, cut: usize, outcome: &str) -> StateResult {
         cut: Some(cut),
         applied: vec![],
         settled: None,
+        applied_omitted: None,
         outcome: outcome.into(),
         reason: None,
         refusal: None,
@@ -81,6 +82,7 @@ fn small_run() -> DeviceModeRun {
         .map(|k| pmem(101 + k, 0x5000 + 8 * k as u64))
         .collect();
     bad.settled = Some(96);
+    bad.applied_omitted = Some(2000);
     bad.violations = vec![
         "outcome `refused` is not allowed (allowed: opened)".into(),
         "not usable".into(),
@@ -357,11 +359,15 @@ fn the_report_page_shows_counts_timeline_and_violations_in_headless_chromium() {
     );
     assert!(entry.contains("pmem  event 103: 8 B at 0x5010"), "{entry}");
     assert!(
-        entry.contains("Applied writes still pending at the cut: 5"),
+        entry.contains("Applied writes still pending at the cut: 2005"),
         "{entry}"
     );
     assert!(
-        entry.contains("96 settled + 5 pending write(s) applied"),
+        entry.contains("96 settled + 2005 pending write(s) applied"),
+        "{entry}"
+    );
+    assert!(
+        entry.contains("… and 2000 more (2000 of them not listed in result.json either)"),
         "{entry}"
     );
 

@@ -564,6 +564,7 @@ mod tests {
             cut: Some(3),
             applied: vec![],
             settled: None,
+            applied_omitted: None,
             outcome: "refused".parse().unwrap(),
             reason: None,
             refusal: None,
