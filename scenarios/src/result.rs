@@ -37,6 +37,113 @@ pub struct RunResult {
     /// merged with equal ones. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<serde_json::Value>,
+    /// `--kernel`: the scenario against Linux's own dm-pcache (the third
+    /// column beside strict and recover). Absent otherwise, and in older results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelRun>,
+}
+
+/// What `cargo xtask scenario NAME --kernel` records (produced by
+/// `interop::kernel_mode`): the crash states of the scenario built from the
+/// *kernel's* trace of its workload, each recovered by the kernel under
+/// QEMU, beside strict and recover mode's outcomes on the same state. Its
+/// fields are snake_case, as the first results that held it wrote them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelRun {
+    pub scenario: String,
+    /// The traced boot (every device's activation), seconds.
+    pub trace_boot_seconds: f64,
+    pub devices: Vec<KernelDeviceRun>,
+}
+
+/// The kernel column of a state that a hung boot left unrecovered.
+pub const KERNEL_NOT_RUN: &str = "not run (an earlier state of its boot hung)";
+
+/// One crash state and the three outcomes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStateRow {
+    /// `sI-cutN-K`: the state's index in the enumeration, its cut position
+    /// in the kernel's trace and its number of durable stores.
+    pub id: String,
+    pub strict: String,
+    pub recover: String,
+    /// The kernel's: `refused (<message>)`, `hung (...)`, [`KERNEL_NOT_RUN`],
+    /// strict's class when the kernel left exactly strict mode's image, else
+    /// `activated, differs from strict at ...`.
+    pub kernel: String,
+    pub kernel_agrees_with_strict: bool,
+}
+
+impl KernelStateRow {
+    /// Whether the kernel recovered this state (or hung on it).
+    pub fn ran(&self) -> bool {
+        self.kernel != KERNEL_NOT_RUN
+    }
+
+    /// The kernel's outcome as one class: its refusals and hangs count as
+    /// one each (their messages vary by state).
+    pub fn kernel_class(&self) -> &str {
+        if self.kernel.starts_with("refused") || self.kernel.starts_with("hung") {
+            self.kernel.split(' ').next().unwrap_or_default()
+        } else {
+            &self.kernel
+        }
+    }
+}
+
+/// One device of a `--kernel` run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelDeviceRun {
+    pub device: String,
+    /// Events and epochs of the kernel's traced activation.
+    pub kernel_events: usize,
+    pub kernel_epochs: usize,
+    /// The kernel's trace agrees with strict mode's epoch by epoch (if not:
+    /// where it parts).
+    pub trace_difference: Option<String>,
+    /// Cut positions `from..=to` in the kernel's trace.
+    pub kernel_window: (usize, usize),
+    /// Distinct states of the model over the kernel's trace.
+    pub kernel_states: usize,
+    /// Distinct states of the model over strict mode's trace, in the
+    /// scenario's own window (the runner's pinned count) and in the
+    /// epoch-aligned window the kernel's is.
+    pub strict_states: usize,
+    pub strict_states_aligned: usize,
+    /// Strict and recover mode's outcomes on every one of the kernel's
+    /// states (host activations), `strict`/`recover` → outcome → states.
+    pub all_states_host: BTreeMap<String, BTreeMap<String, usize>>,
+    /// States recovered by the kernel (a sample when the budget is short).
+    pub tried: usize,
+    /// Outcome counts over the tried states: `strict`, `recover`, `kernel`.
+    pub counts: BTreeMap<String, BTreeMap<String, usize>>,
+    pub kernel_agrees: usize,
+    pub states: Vec<KernelStateRow>,
+    /// Recovery boots (seconds each, up to 8 states per boot).
+    pub boots: Vec<f64>,
+    pub seconds_per_state: f64,
+}
+
+impl KernelDeviceRun {
+    /// `counts` of `rows`: per column, outcome → states, over the states
+    /// the kernel ran.
+    pub fn count(rows: &[KernelStateRow]) -> BTreeMap<String, BTreeMap<String, usize>> {
+        let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| r.ran()) {
+            for (col, v) in [
+                ("strict", r.strict.as_str()),
+                ("recover", r.recover.as_str()),
+                ("kernel", r.kernel_class()),
+            ] {
+                *counts
+                    .entry(col.into())
+                    .or_default()
+                    .entry(v.into())
+                    .or_default() += 1;
+            }
+        }
+        counts
+    }
 }
 
 /// `--shard K/N`: the states whose index `i` (after deduplication, in the
@@ -488,6 +595,10 @@ pub enum MergeError {
     Missing { missing: String, count: usize },
     #[error("{file}: {what}")]
     Inconsistent { file: String, what: String },
+    /// `--kernel` is not sharded (the command refuses `--kernel --shard`):
+    /// a shard holding its result is not one to join.
+    #[error("{0}: holds a `kernel` result (from --kernel), which shards never have: the kernel side is not sharded, so it cannot be merged (run --kernel without --shard)")]
+    Kernel(String),
 }
 
 /// Joins the results of every shard `1/N..N/N` of one run into the result of
@@ -511,6 +622,9 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
             .ok_or_else(|| MergeError::NotAShard(name.clone()))?;
         if r.partial {
             return Err(MergeError::Partial(name.clone()));
+        }
+        if r.kernel.is_some() {
+            return Err(MergeError::Kernel(name.clone()));
         }
         let differs = |what: &str| MergeError::Differs {
             what: what.into(),
@@ -682,6 +796,7 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
         partial: false,
         shard: None,
         config: r0.config.clone(),
+        kernel: None,
     })
 }
 
@@ -886,6 +1001,7 @@ mod tests {
                 partial: false,
                 shard,
                 config: config.clone(),
+                kernel: None,
             }
         };
         let whole = result(states.clone(), None);

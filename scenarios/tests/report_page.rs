@@ -192,6 +192,7 @@ fn fixture() -> RunResult {
         partial: false,
         shard: None,
         config: None,
+        kernel: None,
     }
 }
 

@@ -78,6 +78,7 @@ fn shard(dir: &Path, k: usize, pinned: usize) -> PathBuf {
         config: Some(serde_json::json!({
             "command": "scenario", "scenario": { "expect": expect }
         })),
+        kernel: None,
     };
     let d = dir.join(format!("shard{k}"));
     std::fs::create_dir_all(&d).unwrap();
