@@ -301,7 +301,10 @@ fn kernel_device(h: &mut String, i: usize, d: &KernelDeviceRun) {
             "<p class=\"meta\">All {} states of the kernel's trace, on the host:</p><table id=\"kernel-host-{i}\">",
             d.kernel_states
         );
-        for (col, c) in &d.all_states_host {
+        // Strict's first, as in the tables around it.
+        let mut cols: Vec<_> = d.all_states_host.iter().collect();
+        cols.sort_by_key(|(col, _)| (col.as_str() != "strict", col.as_str() != "recover"));
+        for (col, c) in cols {
             let _ = write!(
                 h,
                 "<tr data-col=\"{}\"><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
@@ -391,7 +394,7 @@ fn outcome_chips(outcomes: &BTreeMap<String, usize>) -> String {
             s,
             "<span class=\"chip\" data-outcome=\"{}\"><span class=\"sw\" style=\"background:{}\"></span>{} {n}</span>",
             esc(o),
-            outcome_colour(o),
+            outcome_colour(outcome_class(o)),
             esc(o)
         );
     }

@@ -1147,6 +1147,75 @@ mod tests {
         assert_eq!(serde_json::from_value::<DeviceModeRun>(json).unwrap(), r);
     }
 
+    /// `kernel` as `--kernel` wrote it before it was typed (an untyped
+    /// object added to result.json): the same names, so those results load.
+    fn kernel_json() -> serde_json::Value {
+        serde_json::json!({
+            "scenario": "x", "trace_boot_seconds": 61.5,
+            "devices": [{
+                "device": "blank", "kernel_events": 120, "kernel_epochs": 9,
+                "trace_difference": null, "kernel_window": [40, 77],
+                "kernel_states": 30, "strict_states": 28, "strict_states_aligned": 30,
+                "all_states_host": { "strict": { "opened": 30 }, "recover": { "opened": 30 } },
+                "tried": 2,
+                "counts": {
+                    "strict": { "opened": 2 }, "recover": { "opened": 2 },
+                    "kernel": { "opened": 1, "refused": 1 }
+                },
+                "kernel_agrees": 1,
+                "states": [
+                    { "id": "s0-cut40-0", "strict": "opened", "recover": "opened",
+                      "kernel": "opened", "kernel_agrees_with_strict": true },
+                    { "id": "s9-cut51-3", "strict": "opened", "recover": "opened",
+                      "kernel": "refused (pcache: bad superblock)", "kernel_agrees_with_strict": false },
+                    { "id": "s20-cut60-9", "strict": "opened", "recover": "opened",
+                      "kernel": KERNEL_NOT_RUN, "kernel_agrees_with_strict": false }
+                ],
+                "boots": [30.25], "seconds_per_state": 15.125
+            }]
+        })
+    }
+
+    #[test]
+    fn the_kernel_side_is_optional_and_reads_as_first_written() {
+        let (mut whole, _) = whole_and_shards(4, 2);
+        // Without it (every result but a --kernel run's, and older ones):
+        // absent in the JSON, and read back as none.
+        let json = serde_json::to_value(&whole).unwrap();
+        assert!(json.get("kernel").is_none(), "{json}");
+        let back: RunResult = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.kernel, None);
+        assert_eq!(back, whole);
+        // With it, in the shape the untyped field had.
+        let mut with = json;
+        with["kernel"] = kernel_json();
+        let back: RunResult = serde_json::from_value(with.clone()).unwrap();
+        let k = back.kernel.as_ref().expect("kernel read");
+        let d = &k.devices[0];
+        assert_eq!((k.trace_boot_seconds, d.kernel_window), (61.5, (40, 77)));
+        assert_eq!(d.states[1].kernel_class(), "refused");
+        assert!(d.states[1].ran() && !d.states[2].ran());
+        // The recorded counts are what `count` makes of the rows.
+        assert_eq!(KernelDeviceRun::count(&d.states), d.counts);
+        // And it is written back unchanged.
+        assert_eq!(serde_json::to_value(&back).unwrap(), with);
+        whole.kernel = back.kernel;
+        assert_eq!(
+            serde_json::to_value(&whole).unwrap()["kernel"],
+            kernel_json()
+        );
+    }
+
+    #[test]
+    fn merging_refuses_shards_with_a_kernel_side() {
+        let (_, mut shards) = whole_and_shards(10, 2);
+        shards[1].1.kernel = Some(serde_json::from_value(kernel_json()).unwrap());
+        assert_eq!(
+            merge_shards(shards).unwrap_err(),
+            MergeError::Kernel("shard2.json".into())
+        );
+    }
+
     #[test]
     fn atomic_writes_leave_only_the_final_file() {
         let dir = std::env::temp_dir().join(format!("scn-atomic-{}", std::process::id()));
