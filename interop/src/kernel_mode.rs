@@ -22,66 +22,13 @@ use pcache::pmem::{Pmem, SparsePmem};
 use pcache::{activate, Mode, NoHooks, Options, Outcome};
 use scenarios::persistence::{enumerate, BaseImage, CrashState, Event, Trace};
 use scenarios::spec::{Run, Scenario, Window};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// One crash state and the three outcomes.
-#[derive(Clone, Debug, Serialize)]
-pub struct KernelStateRow {
-    /// `sI-cutN-K`: the state's index in the enumeration, its cut position
-    /// in the kernel's trace and its number of durable stores.
-    pub id: String,
-    pub strict: String,
-    pub recover: String,
-    /// The kernel's: `refused` (with its message), or strict's class when
-    /// the kernel left exactly strict mode's image, else `activated,
-    /// differs from strict at ...`.
-    pub kernel: String,
-    pub kernel_agrees_with_strict: bool,
-}
-
-/// One device of the scenario.
-#[derive(Clone, Debug, Serialize)]
-pub struct KernelDeviceRun {
-    pub device: String,
-    /// Events and epochs of the kernel's traced activation.
-    pub kernel_events: usize,
-    pub kernel_epochs: usize,
-    /// The kernel's trace agrees with strict mode's epoch by epoch (if not:
-    /// where it parts).
-    pub trace_difference: Option<String>,
-    /// Cut positions `from..=to` in the kernel's trace.
-    pub kernel_window: (usize, usize),
-    /// Distinct states of the model over the kernel's trace.
-    pub kernel_states: usize,
-    /// Distinct states of the model over strict mode's trace, in the
-    /// scenario's own window (the runner's pinned count) and in the
-    /// epoch-aligned window the kernel's is.
-    pub strict_states: usize,
-    pub strict_states_aligned: usize,
-    /// States recovered by the kernel (a sample when the budget is short).
-    /// Strict and recover mode's outcomes on every one of the kernel's
-    /// states (host activations), `strict`/`recover` → outcome → states.
-    pub all_states_host: BTreeMap<String, BTreeMap<String, usize>>,
-    pub tried: usize,
-    /// Outcome counts over the tried states: `strict`, `recover`, `kernel`.
-    pub counts: BTreeMap<String, BTreeMap<String, usize>>,
-    pub kernel_agrees: usize,
-    pub states: Vec<KernelStateRow>,
-    /// Recovery boots (seconds each) and images per boot.
-    pub boots: Vec<f64>,
-    pub seconds_per_state: f64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct KernelModeResult {
-    pub scenario: String,
-    /// The traced boot (every device's activation), seconds.
-    pub trace_boot_seconds: f64,
-    pub devices: Vec<KernelDeviceRun>,
-}
+// The result's types live with the rest of result.json's (a scenario's
+// result carries them as `kernel`); this module produces them.
+pub use scenarios::result::{KernelDeviceRun, KernelRun, KernelStateRow};
 
 /// Removes what a boot folder needs no more once the boot is over (its
 /// initramfs, about 11 MB, and the marker device), keeping the console and
@@ -95,7 +42,7 @@ pub(crate) fn tidy(dir: &Path) {
 /// Time budget of one recovery boot (8 activations take 20–40 s under TCG).
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(240);
 /// The kernel column of a state a hung boot left unrecovered.
-const NOT_RUN: &str = "not run (an earlier state of its boot hung)";
+const NOT_RUN: &str = scenarios::result::KERNEL_NOT_RUN;
 
 /// Non-empty epochs of a trace as (position of the first store, position of
 /// the closing barrier, or the trace's length when none closes it).
@@ -186,7 +133,7 @@ pub fn run(
     work: &Path,
     max_states: usize,
     budget: Duration,
-) -> Result<KernelModeResult, CaseError> {
+) -> Result<KernelRun, CaseError> {
     let start = Instant::now();
     let Run::PowerCut {
         workload,
@@ -462,23 +409,7 @@ pub fn run(
                 });
             }
         }
-        let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-        for r in rows.iter().filter(|r| r.kernel != NOT_RUN) {
-            // The kernel's refusals and hangs counted as one class each
-            // (their messages vary by state).
-            let k = if r.kernel.starts_with("refused") || r.kernel.starts_with("hung") {
-                r.kernel.split(' ').next().unwrap_or_default().to_string()
-            } else {
-                r.kernel.clone()
-            };
-            for (col, v) in [
-                ("strict", r.strict.clone()),
-                ("recover", r.recover.clone()),
-                ("kernel", k),
-            ] {
-                *counts.entry(col.into()).or_default().entry(v).or_default() += 1;
-            }
-        }
+        let counts = KernelDeviceRun::count(&rows);
         let total: f64 = boots.iter().sum();
         devices.push(KernelDeviceRun {
             device: dname.clone(),
@@ -490,10 +421,10 @@ pub fn run(
             kernel_states: n,
             strict_states,
             strict_states_aligned,
-            tried: rows.iter().filter(|r| r.kernel != NOT_RUN).count(),
+            tried: rows.iter().filter(|r| r.ran()).count(),
             kernel_agrees: rows.iter().filter(|r| r.kernel_agrees_with_strict).count(),
             seconds_per_state: {
-                let run = rows.iter().filter(|r| r.kernel != NOT_RUN).count();
+                let run = rows.iter().filter(|r| r.ran()).count();
                 if run == 0 {
                     0.0
                 } else {
@@ -506,7 +437,7 @@ pub fn run(
         });
     }
     let _ = std::fs::remove_file(&disk);
-    Ok(KernelModeResult {
+    Ok(KernelRun {
         scenario: name.to_string(),
         trace_boot_seconds: tboot.seconds,
         devices,

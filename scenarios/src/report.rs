@@ -8,10 +8,16 @@
 //! op markers as ticks), every cut point coloured by outcome (grouped into at
 //! most [`MAX_BINS`] columns, violations marked), and each violating state
 //! with its applied writes, its minimized write set when there is one, and
-//! the command that replays it. Every string from the result is HTML-escaped:
-//! state ids, reasons and guest reports can hold anything.
+//! the command that replays it. A `--kernel` run adds, per device, the
+//! states the kernel recovered with the strict, recover and kernel outcomes
+//! side by side (the rows where the kernel's differs from strict's marked),
+//! their counts and what the kernel's boots cost. Every string from the
+//! result is HTML-escaped: state ids, reasons, guest reports and the
+//! kernel's messages can hold anything.
 
-use crate::result::{AppliedWrite, DeviceModeRun, RunResult, StateResult, Timeline};
+use crate::result::{
+    AppliedWrite, DeviceModeRun, KernelDeviceRun, KernelRun, RunResult, StateResult, Timeline,
+};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -152,6 +158,10 @@ ul.v{color:#a01010;margin:4px 0}
 svg{display:block;margin:6px 0}
 svg text{font:11px system-ui,sans-serif;fill:#333}
 .muted{color:#777}
+.badge.diff{background:#e08a1e}
+tr.differs td{background:#fde8e8}
+tr.differs td.agree{color:#d62728;font-weight:600}
+tr.notrun td{color:#777}
 ";
 
 /// The whole page.
@@ -186,11 +196,159 @@ pub fn render(result: &RunResult, run_dir: &str) -> String {
     );
     summary(&mut h, result);
     legend(&mut h, result);
+    if let Some(k) = &result.kernel {
+        kernel_sections(&mut h, k);
+    }
     for (i, run) in result.runs.iter().enumerate() {
         run_section(&mut h, i, run, run_dir);
     }
     h.push_str("</main></body></html>\n");
     h
+}
+
+/// The class of an outcome label (`refused:seg-num` → `refused`, `opened
+/// (older cache back)` → `opened`), for its colour.
+fn outcome_class(label: &str) -> &str {
+    label.split([':', ' ', ',']).next().unwrap_or(label)
+}
+
+/// A table cell of an outcome label, with its colour.
+fn outcome_cell(col: &str, label: &str) -> String {
+    format!(
+        "<td data-col=\"{col}\"><span class=\"sw\" style=\"background:{}\"></span>{}</td>",
+        outcome_colour(outcome_class(label)),
+        esc(label)
+    )
+}
+
+/// `--kernel`: per device, the three outcomes of every state the kernel
+/// recovered side by side, their counts, and what the kernel's boots cost.
+fn kernel_sections(h: &mut String, k: &KernelRun) {
+    let _ = writeln!(
+        h,
+        "<h2 id=\"kernel\">Against the kernel: strict, recover and kernel</h2>\
+         <p class=\"meta\">Linux's own dm-pcache under QEMU: the crash states of the scenario's \
+         model over the <em>kernel's</em> trace of its workload (traced boot \
+         <span data-cost=\"trace-boot-seconds\">{:.1}</span> s), each recovered by the kernel, \
+         beside strict and recover mode's outcomes on the same state (host activations). \
+         A kernel outcome is strict's when the kernel left exactly strict mode's image.</p>",
+        k.trace_boot_seconds
+    );
+    for (i, d) in k.devices.iter().enumerate() {
+        kernel_device(h, i, d);
+    }
+}
+
+fn kernel_device(h: &mut String, i: usize, d: &KernelDeviceRun) {
+    let differ = d.tried - d.kernel_agrees.min(d.tried);
+    let badge = if differ == 0 { "pass" } else { "diff" };
+    let _ = writeln!(
+        h,
+        "<section class=\"run kernel\" id=\"kernel-{i}\"><h2>{} against the kernel \
+         <span class=\"badge {badge}\">kernel = strict on <span data-count=\"agrees\">{}</span> of {}</span></h2>",
+        esc(&d.device),
+        d.kernel_agrees,
+        d.tried
+    );
+    let trace = match &d.trace_difference {
+        None => "agrees with strict mode's epoch by epoch".to_string(),
+        Some(w) => format!("differs from strict mode's: {}", esc(w)),
+    };
+    let boot_seconds: f64 = d.boots.iter().sum();
+    let _ = writeln!(
+        h,
+        "<p class=\"meta\">The kernel's trace: {} events, {} epochs; it {trace}. Window: cut positions {}..={}. \
+         Distinct states: kernel's trace {}, strict's {} (in the epoch-aligned window {}).</p>\
+         <p class=\"meta\" id=\"kernel-cost-{i}\"><span data-count=\"tried\">{}</span> of {} states recovered by the kernel \
+         in <span data-cost=\"boots\">{}</span> boot(s) of <span data-cost=\"boot-seconds\">{boot_seconds:.1}</span> s: \
+         <span data-cost=\"seconds-per-state\">{:.2}</span> s per state.</p>",
+        d.kernel_events,
+        d.kernel_epochs,
+        d.kernel_window.0,
+        d.kernel_window.1,
+        d.kernel_states,
+        d.strict_states,
+        d.strict_states_aligned,
+        d.tried,
+        d.kernel_states,
+        d.boots.len(),
+        d.seconds_per_state,
+    );
+    // The counts over the states the kernel recovered, one row per column.
+    let _ = writeln!(
+        h,
+        "<table id=\"kernel-counts-{i}\"><tr><th>column</th><th>states</th><th>outcomes (of the {} the kernel recovered)</th></tr>",
+        d.tried
+    );
+    for col in ["strict", "recover", "kernel"] {
+        let empty = BTreeMap::new();
+        let c = d.counts.get(col).unwrap_or(&empty);
+        let _ = writeln!(
+            h,
+            "<tr data-col=\"{col}\"><td>{col}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+            c.values().sum::<usize>(),
+            outcome_chips(c)
+        );
+    }
+    let _ = writeln!(
+        h,
+        "<tr class=\"{}\"><td>kernel ≠ strict</td><td class=\"n\" data-count=\"differs\">{differ}</td><td></td></tr></table>",
+        if differ > 0 { "differs" } else { "" }
+    );
+    if !d.all_states_host.is_empty() {
+        let _ = write!(
+            h,
+            "<p class=\"meta\">All {} states of the kernel's trace, on the host:</p><table id=\"kernel-host-{i}\">",
+            d.kernel_states
+        );
+        // Strict's first, as in the tables around it.
+        let mut cols: Vec<_> = d.all_states_host.iter().collect();
+        cols.sort_by_key(|(col, _)| (col.as_str() != "strict", col.as_str() != "recover"));
+        for (col, c) in cols {
+            let _ = write!(
+                h,
+                "<tr data-col=\"{}\"><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+                esc(col),
+                esc(col),
+                c.values().sum::<usize>(),
+                outcome_chips(c)
+            );
+        }
+        h.push_str("</table>\n");
+    }
+    let _ = writeln!(
+        h,
+        "<details open><summary>States: {} (kernel ≠ strict marked)</summary><table id=\"kernel-states-{i}\">\
+         <tr><th>state</th><th>strict</th><th>recover</th><th>kernel</th><th>kernel = strict</th></tr>",
+        d.states.len()
+    );
+    for r in d.states.iter().take(MAX_LISTED) {
+        let (class, agree) = if !r.ran() {
+            ("notrun", "not run")
+        } else if r.kernel_agrees_with_strict {
+            ("agrees", "yes")
+        } else {
+            ("differs", "≠ differs")
+        };
+        let _ = writeln!(
+            h,
+            "<tr class=\"{class}\" data-state=\"{}\"><td><code>{}</code></td>{}{}{}<td class=\"agree\">{agree}</td></tr>",
+            esc(&r.id),
+            esc(&r.id),
+            outcome_cell("strict", &r.strict),
+            outcome_cell("recover", &r.recover),
+            outcome_cell("kernel", &r.kernel),
+        );
+    }
+    h.push_str("</table>");
+    if d.states.len() > MAX_LISTED {
+        let _ = write!(
+            h,
+            "<p class=\"muted\">… and {} more states (result.json lists them all).</p>",
+            d.states.len() - MAX_LISTED
+        );
+    }
+    h.push_str("</details></section>\n");
 }
 
 /// One row of counts per device and mode.
@@ -236,7 +394,7 @@ fn outcome_chips(outcomes: &BTreeMap<String, usize>) -> String {
             s,
             "<span class=\"chip\" data-outcome=\"{}\"><span class=\"sw\" style=\"background:{}\"></span>{} {n}</span>",
             esc(o),
-            outcome_colour(o),
+            outcome_colour(outcome_class(o)),
             esc(o)
         );
     }
@@ -1221,6 +1379,7 @@ mod tests {
             partial: false,
             shard: None,
             config: None,
+            kernel: None,
         };
         let html = render(&result, "results/many/r");
         let seqs = html.matches("<g class=\"seq\">").count();

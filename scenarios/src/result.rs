@@ -37,6 +37,113 @@ pub struct RunResult {
     /// merged with equal ones. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<serde_json::Value>,
+    /// `--kernel`: the scenario against Linux's own dm-pcache (the third
+    /// column beside strict and recover). Absent otherwise, and in older results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelRun>,
+}
+
+/// What `cargo xtask scenario NAME --kernel` records (produced by
+/// `interop::kernel_mode`): the crash states of the scenario built from the
+/// *kernel's* trace of its workload, each recovered by the kernel under
+/// QEMU, beside strict and recover mode's outcomes on the same state. Its
+/// fields are snake_case, as the first results that held it wrote them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelRun {
+    pub scenario: String,
+    /// The traced boot (every device's activation), seconds.
+    pub trace_boot_seconds: f64,
+    pub devices: Vec<KernelDeviceRun>,
+}
+
+/// The kernel column of a state that a hung boot left unrecovered.
+pub const KERNEL_NOT_RUN: &str = "not run (an earlier state of its boot hung)";
+
+/// One crash state and the three outcomes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStateRow {
+    /// `sI-cutN-K`: the state's index in the enumeration, its cut position
+    /// in the kernel's trace and its number of durable stores.
+    pub id: String,
+    pub strict: String,
+    pub recover: String,
+    /// The kernel's: `refused (<message>)`, `hung (...)`, [`KERNEL_NOT_RUN`],
+    /// strict's class when the kernel left exactly strict mode's image, else
+    /// `activated, differs from strict at ...`.
+    pub kernel: String,
+    pub kernel_agrees_with_strict: bool,
+}
+
+impl KernelStateRow {
+    /// Whether the kernel recovered this state (or hung on it).
+    pub fn ran(&self) -> bool {
+        self.kernel != KERNEL_NOT_RUN
+    }
+
+    /// The kernel's outcome as one class: its refusals and hangs count as
+    /// one each (their messages vary by state).
+    pub fn kernel_class(&self) -> &str {
+        if self.kernel.starts_with("refused") || self.kernel.starts_with("hung") {
+            self.kernel.split(' ').next().unwrap_or_default()
+        } else {
+            &self.kernel
+        }
+    }
+}
+
+/// One device of a `--kernel` run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelDeviceRun {
+    pub device: String,
+    /// Events and epochs of the kernel's traced activation.
+    pub kernel_events: usize,
+    pub kernel_epochs: usize,
+    /// The kernel's trace agrees with strict mode's epoch by epoch (if not:
+    /// where it parts).
+    pub trace_difference: Option<String>,
+    /// Cut positions `from..=to` in the kernel's trace.
+    pub kernel_window: (usize, usize),
+    /// Distinct states of the model over the kernel's trace.
+    pub kernel_states: usize,
+    /// Distinct states of the model over strict mode's trace, in the
+    /// scenario's own window (the runner's pinned count) and in the
+    /// epoch-aligned window the kernel's is.
+    pub strict_states: usize,
+    pub strict_states_aligned: usize,
+    /// Strict and recover mode's outcomes on every one of the kernel's
+    /// states (host activations), `strict`/`recover` → outcome → states.
+    pub all_states_host: BTreeMap<String, BTreeMap<String, usize>>,
+    /// States recovered by the kernel (a sample when the budget is short).
+    pub tried: usize,
+    /// Outcome counts over the tried states: `strict`, `recover`, `kernel`.
+    pub counts: BTreeMap<String, BTreeMap<String, usize>>,
+    pub kernel_agrees: usize,
+    pub states: Vec<KernelStateRow>,
+    /// Recovery boots (seconds each, up to 8 states per boot).
+    pub boots: Vec<f64>,
+    pub seconds_per_state: f64,
+}
+
+impl KernelDeviceRun {
+    /// `counts` of `rows`: per column, outcome → states, over the states
+    /// the kernel ran.
+    pub fn count(rows: &[KernelStateRow]) -> BTreeMap<String, BTreeMap<String, usize>> {
+        let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| r.ran()) {
+            for (col, v) in [
+                ("strict", r.strict.as_str()),
+                ("recover", r.recover.as_str()),
+                ("kernel", r.kernel_class()),
+            ] {
+                *counts
+                    .entry(col.into())
+                    .or_default()
+                    .entry(v.into())
+                    .or_default() += 1;
+            }
+        }
+        counts
+    }
 }
 
 /// `--shard K/N`: the states whose index `i` (after deduplication, in the
@@ -497,6 +604,10 @@ pub enum MergeError {
     Missing { missing: String, count: usize },
     #[error("{file}: {what}")]
     Inconsistent { file: String, what: String },
+    /// `--kernel` is not sharded (the command refuses `--kernel --shard`):
+    /// a shard holding its result is not one to join.
+    #[error("{0}: holds a `kernel` result (from --kernel), which shards never have: the kernel side is not sharded, so it cannot be merged (run --kernel without --shard)")]
+    Kernel(String),
 }
 
 /// Joins the results of every shard `1/N..N/N` of one run into the result of
@@ -520,6 +631,9 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
             .ok_or_else(|| MergeError::NotAShard(name.clone()))?;
         if r.partial {
             return Err(MergeError::Partial(name.clone()));
+        }
+        if r.kernel.is_some() {
+            return Err(MergeError::Kernel(name.clone()));
         }
         let differs = |what: &str| MergeError::Differs {
             what: what.into(),
@@ -691,6 +805,7 @@ pub fn merge_shards(shards: Vec<(String, RunResult)>) -> Result<RunResult, Merge
         partial: false,
         shard: None,
         config: r0.config.clone(),
+        kernel: None,
     })
 }
 
@@ -896,6 +1011,7 @@ mod tests {
                 partial: false,
                 shard,
                 config: config.clone(),
+                kernel: None,
             }
         };
         let whole = result(states.clone(), None);
@@ -1039,6 +1155,75 @@ mod tests {
         assert_eq!(json["timeline"]["markers"][2]["name"], "op3-done");
         assert_eq!(json["timeline"]["windows"][0], serde_json::json!([0, 4]));
         assert_eq!(serde_json::from_value::<DeviceModeRun>(json).unwrap(), r);
+    }
+
+    /// `kernel` as `--kernel` wrote it before it was typed (an untyped
+    /// object added to result.json): the same names, so those results load.
+    fn kernel_json() -> serde_json::Value {
+        serde_json::json!({
+            "scenario": "x", "trace_boot_seconds": 61.5,
+            "devices": [{
+                "device": "blank", "kernel_events": 120, "kernel_epochs": 9,
+                "trace_difference": null, "kernel_window": [40, 77],
+                "kernel_states": 30, "strict_states": 28, "strict_states_aligned": 30,
+                "all_states_host": { "strict": { "opened": 30 }, "recover": { "opened": 30 } },
+                "tried": 2,
+                "counts": {
+                    "strict": { "opened": 2 }, "recover": { "opened": 2 },
+                    "kernel": { "opened": 1, "refused": 1 }
+                },
+                "kernel_agrees": 1,
+                "states": [
+                    { "id": "s0-cut40-0", "strict": "opened", "recover": "opened",
+                      "kernel": "opened", "kernel_agrees_with_strict": true },
+                    { "id": "s9-cut51-3", "strict": "opened", "recover": "opened",
+                      "kernel": "refused (pcache: bad superblock)", "kernel_agrees_with_strict": false },
+                    { "id": "s20-cut60-9", "strict": "opened", "recover": "opened",
+                      "kernel": KERNEL_NOT_RUN, "kernel_agrees_with_strict": false }
+                ],
+                "boots": [30.25], "seconds_per_state": 15.125
+            }]
+        })
+    }
+
+    #[test]
+    fn the_kernel_side_is_optional_and_reads_as_first_written() {
+        let (mut whole, _) = whole_and_shards(4, 2);
+        // Without it (every result but a --kernel run's, and older ones):
+        // absent in the JSON, and read back as none.
+        let json = serde_json::to_value(&whole).unwrap();
+        assert!(json.get("kernel").is_none(), "{json}");
+        let back: RunResult = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.kernel, None);
+        assert_eq!(back, whole);
+        // With it, in the shape the untyped field had.
+        let mut with = json;
+        with["kernel"] = kernel_json();
+        let back: RunResult = serde_json::from_value(with.clone()).unwrap();
+        let k = back.kernel.as_ref().expect("kernel read");
+        let d = &k.devices[0];
+        assert_eq!((k.trace_boot_seconds, d.kernel_window), (61.5, (40, 77)));
+        assert_eq!(d.states[1].kernel_class(), "refused");
+        assert!(d.states[1].ran() && !d.states[2].ran());
+        // The recorded counts are what `count` makes of the rows.
+        assert_eq!(KernelDeviceRun::count(&d.states), d.counts);
+        // And it is written back unchanged.
+        assert_eq!(serde_json::to_value(&back).unwrap(), with);
+        whole.kernel = back.kernel;
+        assert_eq!(
+            serde_json::to_value(&whole).unwrap()["kernel"],
+            kernel_json()
+        );
+    }
+
+    #[test]
+    fn merging_refuses_shards_with_a_kernel_side() {
+        let (_, mut shards) = whole_and_shards(10, 2);
+        shards[1].1.kernel = Some(serde_json::from_value(kernel_json()).unwrap());
+        assert_eq!(
+            merge_shards(shards).unwrap_err(),
+            MergeError::Kernel("shard2.json".into())
+        );
     }
 
     #[test]

@@ -274,6 +274,7 @@ pub fn run_with(
             states_total: totals,
         }),
         config: opts.config.clone(),
+        kernel: None,
     };
     let path = cfg.out_dir.join("result.json");
     let json = serde_json::to_vec_pretty(&result).expect("results serialize");

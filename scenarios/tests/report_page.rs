@@ -10,8 +10,9 @@
 
 use scenarios::report;
 use scenarios::result::{
-    AppliedWrite, DeviceModeRun, Minimized, MinimizedWrite, ObservedCounts, RunResult, StateResult,
-    Timeline, TimelineMarker, Verdict,
+    AppliedWrite, DeviceModeRun, KernelDeviceRun, KernelRun, KernelStateRow, Minimized,
+    MinimizedWrite, ObservedCounts, RunResult, StateResult, Timeline, TimelineMarker, Verdict,
+    KERNEL_NOT_RUN,
 };
 use scenarios::spec::Mode;
 use std::path::{Path, PathBuf};
@@ -183,6 +184,65 @@ fn large_run() -> DeviceModeRun {
     run
 }
 
+fn row(id: &str, strict: &str, recover: &str, kernel: &str, agrees: bool) -> KernelStateRow {
+    KernelStateRow {
+        id: id.into(),
+        strict: strict.into(),
+        recover: recover.into(),
+        kernel: kernel.into(),
+        kernel_agrees_with_strict: agrees,
+    }
+}
+
+/// A `--kernel` run of one device: four states, one where the kernel's
+/// outcome differs from strict's (with markup in its message), one the
+/// kernel did not get to.
+fn kernel_run() -> KernelRun {
+    let states = vec![
+        row("s0-cut40-0", "opened", "opened", "opened", true),
+        row(
+            "s9-cut51-3",
+            "opened",
+            "formatted",
+            "refused (pcache: <img src=y> & bad sb)",
+            false,
+        ),
+        row(
+            "s14-cut55-4",
+            "refused:seg-num",
+            "opened (older cache back)",
+            "refused (pcache: seg_num)",
+            true,
+        ),
+        row("s20-cut60-9", "opened", "opened", KERNEL_NOT_RUN, false),
+    ];
+    KernelRun {
+        scenario: "demo".into(),
+        trace_boot_seconds: 61.5,
+        devices: vec![KernelDeviceRun {
+            device: "blank".into(),
+            kernel_events: 120,
+            kernel_epochs: 9,
+            trace_difference: None,
+            kernel_window: (40, 77),
+            kernel_states: 30,
+            strict_states: 28,
+            strict_states_aligned: 30,
+            all_states_host: [
+                ("strict".to_string(), [("opened".to_string(), 30)].into()),
+                ("recover".to_string(), [("opened".to_string(), 30)].into()),
+            ]
+            .into(),
+            tried: 3,
+            counts: KernelDeviceRun::count(&states),
+            kernel_agrees: 2,
+            states,
+            boots: vec![42.5],
+            seconds_per_state: 42.5 / 3.0,
+        }],
+    }
+}
+
 fn fixture() -> RunResult {
     RunResult {
         schema_version: 1,
@@ -194,6 +254,7 @@ fn fixture() -> RunResult {
         partial: false,
         shard: None,
         config: None,
+        kernel: Some(kernel_run()),
     }
 }
 
@@ -370,6 +431,92 @@ fn the_report_page_shows_counts_timeline_and_violations_in_headless_chromium() {
         entry.contains("… and 2000 more (2000 of them not listed in result.json either)"),
         "{entry}"
     );
+
+    // The kernel's column beside strict's and recover's, per state, with
+    // the row where it differs from strict's marked.
+    let section = between(
+        &dom,
+        r#"<section class="run kernel" id="kernel-0">"#,
+        "</section>",
+    );
+    assert!(
+        section.contains(r#"kernel = strict on <span data-count="agrees">2</span> of 3"#),
+        "{section}"
+    );
+    let table = between(section, r#"<table id="kernel-states-0">"#, "</table>");
+    assert!(
+        table.contains("<th>strict</th><th>recover</th><th>kernel</th>"),
+        "{table}"
+    );
+    let cells = |id: &str, class: &str| {
+        let tr = between(
+            table,
+            &format!(r#"<tr class="{class}" data-state="{id}">"#),
+            "</tr>",
+        );
+        let cell = |col: &str| {
+            let td = between(tr, &format!(r#"<td data-col="{col}">"#), "</td>");
+            td[td.rfind("</span>").expect("a swatch") + 7..].to_string()
+        };
+        (
+            cell("strict"),
+            cell("recover"),
+            cell("kernel"),
+            tr.to_string(),
+        )
+    };
+    let (st, rec, ker, _) = cells("s0-cut40-0", "agrees");
+    assert_eq!((&*st, &*rec, &*ker), ("opened", "opened", "opened"));
+    let (st, rec, ker, tr) = cells("s9-cut51-3", "differs");
+    assert_eq!(
+        (&*st, &*rec, &*ker),
+        (
+            "opened",
+            "formatted",
+            "refused (pcache: &lt;img src=y&gt; &amp; bad sb)"
+        )
+    );
+    assert!(tr.contains("≠ differs"), "{tr}");
+    let (st, rec, ker, _) = cells("s14-cut55-4", "agrees");
+    assert_eq!(
+        (&*st, &*rec, &*ker),
+        (
+            "refused:seg-num",
+            "opened (older cache back)",
+            "refused (pcache: seg_num)"
+        )
+    );
+    let (_, _, ker, _) = cells("s20-cut60-9", "notrun");
+    assert_eq!(ker, KERNEL_NOT_RUN);
+    // Only the one row is marked.
+    assert_eq!(count(table, r#"<tr class="differs""#), 1, "{table}");
+    // The counts of each column over the states the kernel ran.
+    let counts = between(section, r#"<table id="kernel-counts-0">"#, "</table>");
+    let col = |c: &str| between(counts, &format!(r#"<tr data-col="{c}">"#), "</tr>").to_string();
+    let (strict, recover, kernel) = (col("strict"), col("recover"), col("kernel"));
+    assert!(
+        strict.contains("opened 2") && strict.contains("refused:seg-num 1"),
+        "{strict}"
+    );
+    assert!(
+        recover.contains("formatted 1") && recover.contains("opened (older cache back) 1"),
+        "{recover}"
+    );
+    assert!(
+        kernel.contains("opened 1") && kernel.contains("refused 2"),
+        "{kernel}"
+    );
+    assert!(counts.contains(r#"data-count="differs">1<"#), "{counts}");
+    // What the kernel's boots cost.
+    let cost = between(section, r#"id="kernel-cost-0""#, "</p>");
+    assert!(cost.contains(r#"data-count="tried">3<"#), "{cost}");
+    assert!(cost.contains(r#"data-cost="boots">1<"#), "{cost}");
+    assert!(cost.contains(r#"data-cost="boot-seconds">42.5<"#), "{cost}");
+    assert!(
+        cost.contains(r#"data-cost="seconds-per-state">14.17<"#),
+        "{cost}"
+    );
+    assert!(dom.contains(r#"data-cost="trace-boot-seconds">61.5<"#));
 
     // Strings from the result are text, never markup.
     assert!(!dom.contains("<script"), "a script element made it in");

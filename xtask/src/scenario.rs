@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::builder::RangedU64ValueParser;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use scenarios::result::{write_atomic, RunResult, Shard};
+use scenarios::result::{write_atomic, KernelRun, RunResult, Shard};
 use scenarios::runner::{self, Progress, RunOptions, RunnerConfig};
 use scenarios::spec::{self, Scenario};
 use std::path::{Path, PathBuf};
@@ -144,19 +144,28 @@ pub fn scenario(args: ScenarioArgs) -> Result<()> {
         let outcome = runner::run_with(name, scenario, &cfg, &Bar::default(), &opts);
         let _ = std::fs::remove_dir_all(&work_dir);
         match outcome {
-            Ok(result) => {
+            Ok(mut result) => {
                 // A shard is not a whole run: `latest` stays on the last one.
                 if args.shard.is_none() {
                     point_latest(&out_dir)?;
                 }
                 print_table(&result);
                 if args.kernel {
-                    if let Err(e) = kernel_side(name, scenario, &out_dir, &args) {
-                        eprintln!("scenario {name} --kernel could not run: {e:#}");
-                        errors.push(RunError {
-                            scenario: name.clone(),
-                            message: format!("--kernel: {e:#}"),
-                        });
+                    match kernel_side(name, scenario, &out_dir, &args) {
+                        // Into result.json, before the page is written from it.
+                        Ok(k) => {
+                            result.kernel = Some(k);
+                            let path = out_dir.join("result.json");
+                            write_atomic(&path, &serde_json::to_vec_pretty(&result)?)
+                                .with_context(|| format!("writing {}", path.display()))?;
+                        }
+                        Err(e) => {
+                            eprintln!("scenario {name} --kernel could not run: {e:#}");
+                            errors.push(RunError {
+                                scenario: name.clone(),
+                                message: format!("--kernel: {e:#}"),
+                            });
+                        }
                     }
                 }
                 println!("result: {}", out_dir.join("result.json").display());
@@ -239,9 +248,14 @@ pub(crate) fn new_run_dir(parent: &Path, stamp: &str) -> Result<PathBuf> {
     unreachable!("some suffix is free")
 }
 
-/// `--kernel`: the scenario against the kernel (`interop::kernel_mode`),
-/// its result added to result.json as `kernel`, and a table printed.
-fn kernel_side(name: &str, scenario: &Scenario, out_dir: &Path, args: &ScenarioArgs) -> Result<()> {
+/// `--kernel`: the scenario against the kernel (`interop::kernel_mode`), a
+/// table printed; the caller adds the result to result.json as `kernel`.
+fn kernel_side(
+    name: &str,
+    scenario: &Scenario,
+    out_dir: &Path,
+    args: &ScenarioArgs,
+) -> Result<KernelRun> {
     let cache = interop::prepare::cache_dir();
     let kernel = interop::prepare::prepare(&cache, |step| println!("  preparing: {step}"))?;
     let plugin = crate::qtrace::build_plugin()?;
@@ -292,11 +306,7 @@ fn kernel_side(name: &str, scenario: &Scenario, out_dir: &Path, args: &ScenarioA
             println!("      {col:8} {}", line(counts));
         }
     }
-    let path = out_dir.join("result.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    v["kernel"] = serde_json::to_value(&r)?;
-    write_atomic(&path, &serde_json::to_vec_pretty(&v)?)?;
-    Ok(())
+    Ok(r)
 }
 
 /// Starts a `scenario` or `explore` run of `name`: makes its results folder
@@ -640,6 +650,7 @@ mod tests {
             partial: false,
             shard: None,
             config: None,
+            kernel: None,
         };
         let xml = junit(
             &[result],

@@ -78,6 +78,7 @@ fn shard(dir: &Path, k: usize, pinned: usize) -> PathBuf {
         config: Some(serde_json::json!({
             "command": "scenario", "scenario": { "expect": expect }
         })),
+        kernel: None,
     };
     let d = dir.join(format!("shard{k}"));
     std::fs::create_dir_all(&d).unwrap();
@@ -197,4 +198,35 @@ fn merge_results_joins_shards_and_checks_the_pins() {
     assert!(!o.status.success());
     assert!(stderr.contains("shard(s) 2/2 of 2 missing"), "{stderr}");
     assert!(!t.0.join("none").join("result.json").exists());
+
+    // A shard holding a `--kernel` result (never sharded): refused by name,
+    // not merged without it.
+    let (a, b) = (shard(&t.0, 1, 5), shard(&t.0, 2, 5));
+    let file = b.join("result.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    v["kernel"] = serde_json::json!({
+        "scenario": "crash-mid-sb-write", "trace_boot_seconds": 60.0,
+        "devices": [{
+            "device": "blank", "kernel_events": 10, "kernel_epochs": 2,
+            "trace_difference": null, "kernel_window": [1, 9], "kernel_states": 1,
+            "strict_states": 1, "strict_states_aligned": 1,
+            "all_states_host": {}, "tried": 1,
+            "counts": { "kernel": { "opened": 1 } }, "kernel_agrees": 1,
+            "states": [{ "id": "s0-cut1-0", "strict": "opened", "recover": "opened",
+                         "kernel": "opened", "kernel_agrees_with_strict": true }],
+            "boots": [20.0], "seconds_per_state": 20.0
+        }]
+    });
+    std::fs::write(&file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let o = xtask(&["merge-results", &p(&a), &p(&b), "--out", &p(&t.0.join("k"))]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "{}: holds a `kernel` result (from --kernel), which shards never have",
+            p(&file)
+        )),
+        "{stderr}"
+    );
+    assert!(!t.0.join("k").join("result.json").exists());
 }
