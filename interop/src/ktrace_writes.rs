@@ -159,6 +159,8 @@ pub fn workload(reqs: &[Request], program_len: u64) -> String {
         r#"head -c {program_len} $OUT > /tmp/pwr && chmod +x /tmp/pwr || exit 1
 q=/sys/block/${{DM##*/}}/queue
 echo "@@OUT $NAME queue fua=$(cat $q/fua) write_cache=$(tr ' ' _ < $q/write_cache)"
+# Write and flush requests completed on the target (its stat fields 5, 15).
+ios() {{ set -- $(cat /sys/block/${{DM##*/}}/stat); echo "$5 ${{15}}"; }}
 # key_head and dirty_tail from the target's status.
 kh() {{ dmsetup status pc | {{ read -r _ _ _ _ _ _ _ _ _ h d _; echo "$h $d"; }}; }}
 # Waits until key_head has moved from $1 and dirty_tail is key_head.
@@ -176,7 +178,7 @@ settle() {{
     for (i, r) in reqs.iter().enumerate() {
         let (off, byte, fua) = r.write();
         s.push_str(&format!(
-            "b=$(kh); b=${{b%% *}}\nmark 5 $T {} 0\n/tmp/pwr $DM {off} {byte}{} || exit 1\n",
+            "b=$(kh); b=${{b%% *}}; i0=$(ios)\nmark 5 $T {} 0\n/tmp/pwr $DM {off} {byte}{} || exit 1\n",
             request_marker(i),
             if fua { " dsync" } else { "" }
         ));
@@ -186,7 +188,7 @@ settle() {{
             );
         }
         s.push_str(&format!(
-            "a=$(kh); echo \"@@OUT $NAME req {i} before $b after ${{a%% *}}\"\nsettle \"$b\" || exit 1\n"
+            "a=$(kh); echo \"@@OUT $NAME req {i} before $b after ${{a%% *}} ios $i0 $(ios)\"\nsettle \"$b\" || exit 1\n"
         ));
     }
     s
@@ -277,18 +279,40 @@ fn step_name(s: Option<u32>) -> String {
     }
 }
 
-/// key_head before and right after request `i` (`req I before KH after KH`).
-pub fn request_heads(outputs: &[String]) -> Vec<(usize, String, String)> {
+/// What the guest saw of one request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RequestSeen {
+    pub request: usize,
+    /// key_head before the request and right after it completed.
+    pub key_head_before: String,
+    pub key_head_after: String,
+    /// Write and flush requests the target completed meanwhile (its
+    /// `stat`: both counted by the block layer above dm-pcache).
+    pub writes: Option<u64>,
+    pub flushes: Option<u64>,
+}
+
+/// The guest's `req I before KH after KH ios W F W F` lines.
+pub fn requests_seen(outputs: &[String]) -> Vec<RequestSeen> {
     outputs
         .iter()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            match f.as_slice() {
-                ["req", i, "before", b, "after", a] => {
-                    Some((i.parse().ok()?, b.to_string(), a.to_string()))
-                }
-                _ => None,
-            }
+            let ["req", i, "before", b, "after", a, rest @ ..] = f.as_slice() else {
+                return None;
+            };
+            let n: Vec<u64> = match rest {
+                ["ios", io @ ..] => io.iter().filter_map(|x| x.parse().ok()).collect(),
+                _ => Vec::new(),
+            };
+            let delta = |at: usize| (n.len() == 4).then(|| n[at + 2].wrapping_sub(n[at]));
+            Some(RequestSeen {
+                request: i.parse().ok()?,
+                key_head_before: b.to_string(),
+                key_head_after: a.to_string(),
+                writes: delta(0),
+                flushes: delta(1),
+            })
         })
         .collect()
 }
@@ -306,8 +330,8 @@ pub struct WritesReport {
     pub strict_epochs_per_step: Vec<usize>,
     /// The target's queue (`fua`, `write_cache`) as the guest read it.
     pub queue: Option<String>,
-    /// Per request: key_head before and right after it completed.
-    pub heads: Vec<(usize, String, String)>,
+    /// Per request: what the guest saw of it.
+    pub requests: Vec<RequestSeen>,
     pub replay_matches: bool,
     pub first_difference: Option<EpochDifference>,
     /// The steps the first differing epoch belongs to (kernel, strict).
@@ -331,13 +355,16 @@ pub fn trace_writes(kernel: &Kernel, work: &Path, plugin: &Path) -> CaseResult {
         for (name, data_crc) in &inputs {
             let path = dir.join(format!("{name}.img"));
             write_sparse(&base, &path).map_err(io(format!("writing {}", path.display())))?;
+            // A disk per image: QEMU locks each for writing.
+            let out = dir.join(format!("{name}.out"));
+            std::fs::copy(&program, &out).map_err(io("copying pwr.disk"))?;
             images.push(BootImage {
                 name: name.to_string(),
                 path,
                 data_crc: *data_crc,
                 workload: Some(workload(REQUESTS, program_len)),
                 backing: None,
-                out: Some(program.clone()),
+                out: Some(out),
             });
         }
         let disk = qemu::blank_backing_disk(&dir).map_err(io("creating the backing disk"))?;
@@ -368,7 +395,7 @@ pub fn trace_writes(kernel: &Kernel, work: &Path, plugin: &Path) -> CaseResult {
                 (at(&ks), at(&ss))
             });
             let image_diff = first_difference(&strict_after, &after);
-            let heads = request_heads(&verdict.outputs);
+            let seen = requests_seen(&verdict.outputs);
             let queue = verdict
                 .outputs
                 .iter()
@@ -380,17 +407,20 @@ pub fn trace_writes(kernel: &Kernel, work: &Path, plugin: &Path) -> CaseResult {
                     verdict.outputs
                 ));
             }
-            if heads.len() != REQUESTS.len() {
+            if seen.len() != REQUESTS.len() {
                 problems.push(format!(
                     "{} of {} requests reported their key_head",
-                    heads.len(),
+                    seen.len(),
                     REQUESTS.len()
                 ));
             }
-            for (r, b, a) in &heads {
-                if REQUESTS.get(*r).is_some_and(|q| q.closes_at_once()) && a == b {
+            for r in &seen {
+                if REQUESTS.get(r.request).is_some_and(|q| q.closes_at_once())
+                    && r.key_head_after == r.key_head_before
+                {
                     problems.push(format!(
-                        "request {r} (FUA or flush) completed with its key-set still open (key_head {b})"
+                        "request {} (FUA or flush) completed with its key-set still open (key_head {})",
+                        r.request, r.key_head_before
                     ));
                 }
             }
@@ -412,17 +442,25 @@ pub fn trace_writes(kernel: &Kernel, work: &Path, plugin: &Path) -> CaseResult {
                 epochs_per_step(&ks, REQUESTS.len()),
                 epochs_per_step(&ss, REQUESTS.len()),
             );
-            let open_after: Vec<String> = heads
+            let open_after: Vec<String> = seen
                 .iter()
-                .filter(|(_, b, a)| a == b)
-                .map(|(r, _, _)| r.to_string())
+                .filter(|r| r.key_head_after == r.key_head_before)
+                .map(|r| r.request.to_string())
+                .collect();
+            let ios: Vec<String> = seen
+                .iter()
+                .map(|r| match (r.writes, r.flushes) {
+                    (Some(w), Some(f)) => format!("{w}w/{f}f"),
+                    _ => "?".into(),
+                })
                 .collect();
             out.push(Comparison {
                 image: name.to_string(),
                 about: format!(
-                    "first activation and {} writes traced (queue {}; key-set still open right after requests [{}]): the kernel {} stores ({} bytes) in {} epochs ({} sfence, {} mfence, {} clwb, {} flush requests; epochs per step {:?}), strict mode {} stores in {} epochs ({:?})",
+                    "first activation and {} writes traced (queue {}; block-layer writes/flushes per request [{}]; key-set still open right after requests [{}]): the kernel {} stores ({} bytes) in {} epochs ({} sfence, {} mfence, {} clwb, {} flush requests; epochs per step {:?}), strict mode {} stores in {} epochs ({:?})",
                     REQUESTS.len(),
                     queue.as_deref().unwrap_or("?"),
+                    ios.join(" "),
                     open_after.join(", "),
                     counts.stores,
                     counts.bytes,
@@ -450,7 +488,7 @@ pub fn trace_writes(kernel: &Kernel, work: &Path, plugin: &Path) -> CaseResult {
                 kernel_epochs_per_step: kps,
                 strict_epochs_per_step: sps,
                 queue,
-                heads,
+                requests: seen,
                 replay_matches,
                 first_difference: diff,
                 difference_in,
@@ -463,6 +501,9 @@ pub fn trace_writes(kernel: &Kernel, work: &Path, plugin: &Path) -> CaseResult {
         .map_err(io("writing traces.json"))?;
         for img in &images {
             let _ = std::fs::remove_file(&img.path);
+            if let Some(out) = &img.out {
+                let _ = std::fs::remove_file(out);
+            }
         }
         let _ = std::fs::remove_file(&disk);
         let _ = std::fs::remove_file(&program);
@@ -487,23 +528,53 @@ mod tests {
         assert_eq!(steps.len(), epochs(&t).len());
         let per = epochs_per_step(&steps, REQUESTS.len());
         assert!(per[0] > 1, "the activation is several epochs: {per:?}");
-        // Each request: its data, its key-set (with the empty one after
-        // it), the dirty_tail record once written back; the first also
-        // takes a data segment (its generation) first.
-        assert!(per[1..].iter().all(|&n| n >= 3), "{per:?}");
-        // The data of request 0 is 4 KiB of 'A' in one epoch of its own.
+        // Each request: its data (4 KiB of its byte, placed one after the
+        // other in the data segment), its key-set (one 40-byte key in a
+        // 64-byte key-set, then the 24-byte empty key-set after it), then
+        // the dirty_tail record once written back (16 bytes, alternating
+        // between its two slots).
+        assert!(per[1..].iter().all(|&n| n == 3), "{per:?}");
         let ep = epochs(&t);
-        let first = steps
-            .iter()
-            .position(|s| *s == Some(request_marker(0)))
-            .unwrap();
-        let data = (first..ep.len())
-            .take(per[1])
-            .find(|&e| ep[e].len() == REQ_LEN as usize)
-            .expect("an epoch of exactly the data");
-        assert!(ep[data].values().all(|&b| b == b'A'));
-        // The same workload without its flushes and writeback is fewer epochs:
-        // the closing steps are really in the trace.
+        let mut last_data = None;
+        let mut last_tail = None;
+        for (i, r) in REQUESTS.iter().enumerate() {
+            let e = &ep[per[0] + 3 * i..per[0] + 3 * i + 3];
+            let sizes: Vec<usize> = e.iter().map(|x| x.len()).collect();
+            assert_eq!(sizes, [REQ_LEN as usize, 88, 16], "request {i}");
+            assert!(e[0].values().all(|&b| b == r.write().1), "request {i}");
+            let data = *e[0].keys().next().unwrap();
+            assert!(last_data.is_none_or(|d| data == d + REQ_LEN), "request {i}");
+            last_data = Some(data);
+            let tail = *e[2].keys().next().unwrap();
+            assert_ne!(Some(tail), last_tail, "request {i}");
+            last_tail = Some(tail);
+        }
+        // A byte of request 2's data written differently is named as its
+        // data epoch, at that byte, in request 2.
+        let mut k = Trace::new();
+        let mut hit = false;
+        for e in t.events() {
+            match e {
+                Event::PmemStore { offset, .. }
+                    if !hit && *offset == last_data.unwrap() - 2 * REQ_LEN + 8 =>
+                {
+                    hit = true;
+                    let mut b = Trace::store_bytes(e);
+                    b[3] ^= 1;
+                    k.push_pmem_store(*offset, &b);
+                }
+                _ => {
+                    k.push(*e);
+                }
+            }
+        }
+        assert!(hit);
+        let d = compare(&epochs(&k), &ep).unwrap();
+        let at = last_data.unwrap() - 2 * REQ_LEN + 11;
+        assert_eq!((d.epoch, d.start, d.end), (per[0] + 6, at, at + 1));
+        assert_eq!(step_name(epoch_steps(&k)[d.epoch]), "request 2");
+        // A plain write alone leaves its key-set open: after the
+        // activation, one epoch (its data) and no more.
         let mut rec = RecordingPmem::new(base.clone());
         let mut hooks = rec.hooks();
         let mut cache = start(&mut rec, &strict(false), &mut hooks).cache.unwrap();
@@ -563,12 +634,17 @@ mod tests {
             .unwrap();
         sh.stdin.take().unwrap().write_all(w.as_bytes()).unwrap();
         assert!(sh.wait().unwrap().success(), "{w}");
+        let seen = requests_seen(&[
+            "queue fua=1 write_cache=write_back".into(),
+            "req 3 before 0:4112 after 0:4392 ios 10 2 12 3".into(),
+            "req 4 before 0:4392 after 0:4392".into(),
+        ]);
+        assert_eq!(seen.len(), 2);
         assert_eq!(
-            request_heads(&[
-                "queue fua=1 write_cache=write_back".into(),
-                "req 3 before 0:4112 after 0:4392".into()
-            ]),
-            [(3, "0:4112".into(), "0:4392".into())]
+            (seen[0].request, seen[0].key_head_after.as_str()),
+            (3, "0:4392")
         );
+        assert_eq!((seen[0].writes, seen[0].flushes), (Some(2), Some(1)));
+        assert_eq!((seen[1].writes, seen[1].flushes), (None, None));
     }
 }
