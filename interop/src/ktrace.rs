@@ -1,5 +1,6 @@
 //! The kernel's own stores, traced under QEMU by the `qemu-trace` plugin,
-//! compared with strict mode's: the `trace-first-activation` case.
+//! compared with strict mode's: the `trace-first-activation` case. Its
+//! comparison is also `trace-writes`'s ([`crate::ktrace_writes`]).
 //!
 //! Agreement: the same sequence of fence-separated epochs and, within each
 //! epoch, the same bytes written with the same final values (the store
