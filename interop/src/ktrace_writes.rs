@@ -152,14 +152,16 @@ fn program_disk(dir: &Path) -> Result<(PathBuf, u64), CaseError> {
 
 /// The guest's workload (sourced by the boot script's `act`, with `$DM`,
 /// `$NAME`, `$OUT`, the trace index `$T` and `mark`): for each request, a
-/// marker, the request, key_head right after it (`@@OUT $NAME req I before
-/// KH after KH`), then the wait for its key-set to be closed and written back.
+/// marker, the request, key_head right after it and the target's I/O
+/// counts around it (`@@OUT $NAME req I before KH after KH ios W F W F`),
+/// then the wait for its key-set to be closed and written back.
 pub fn workload(reqs: &[Request], program_len: u64) -> String {
     let mut s = format!(
         r#"head -c {program_len} $OUT > /tmp/pwr && chmod +x /tmp/pwr || exit 1
 q=/sys/block/${{DM##*/}}/queue
 echo "@@OUT $NAME queue fua=$(cat $q/fua) write_cache=$(tr ' ' _ < $q/write_cache)"
-# Write and flush requests completed on the target (its stat fields 5, 15).
+# Write and flush requests completed on the target (its stat fields 5, 15;
+# bio-based dm counts an empty flush as a write, so 15 stays 0).
 ios() {{ set -- $(cat /sys/block/${{DM##*/}}/stat); echo "$5 ${{15}}"; }}
 # key_head and dirty_tail from the target's status.
 kh() {{ dmsetup status pc | {{ read -r _ _ _ _ _ _ _ _ _ h d _; echo "$h $d"; }}; }}
@@ -287,7 +289,8 @@ pub struct RequestSeen {
     pub key_head_before: String,
     pub key_head_after: String,
     /// Write and flush requests the target completed meanwhile (its
-    /// `stat`: both counted by the block layer above dm-pcache).
+    /// `stat`, counted above dm-pcache; an empty flush counts as a write
+    /// there, the flush count stayed 0).
     pub writes: Option<u64>,
     pub flushes: Option<u64>,
 }
