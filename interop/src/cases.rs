@@ -27,6 +27,7 @@ pub const CASES: &[&str] = &[
     "module-writes",
     "module-gc",
     "trace-first-activation",
+    "trace-writes",
 ];
 
 /// Time budget of one boot (TCG boots take 5–12 s; a batch activates up to 8 images).

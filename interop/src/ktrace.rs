@@ -1,5 +1,6 @@
 //! The kernel's own stores, traced under QEMU by the `qemu-trace` plugin,
-//! compared with strict mode's: the `trace-first-activation` case.
+//! compared with strict mode's: the `trace-first-activation` case. Its
+//! comparison is also `trace-writes`'s ([`crate::ktrace_writes`]).
 //!
 //! Agreement: the same sequence of fence-separated epochs and, within each
 //! epoch, the same bytes written with the same final values (the store
@@ -164,15 +165,29 @@ pub fn strict_trace_marked(
     let mut rec = RecordingPmem::new(base.clone());
     let mut hooks = rec.hooks();
     let report = activate(&mut rec, &strict(data_crc), &mut hooks);
+    let t = access_trace(&rec.events(), &[], true);
+    (t, rec.current().clone(), report)
+}
+
+/// A recording's accesses as a trace: 8-byte stores and zeroings as stores,
+/// fences as barriers (cache-line write-backs, which order nothing without
+/// a fence, left out); `marks` (event index, id) are markers put before the
+/// access at that index (or at the end), and with `crash_points` the crash
+/// points' boundaries are markers too ([`begin_marker`], [`end_marker`]).
+pub(crate) fn access_trace(events: &[Access], marks: &[(usize, u32)], crash_points: bool) -> Trace {
     let mut t = Trace::new();
-    for a in rec.events() {
-        match a {
-            Access::Begin(cp) => {
+    let mut marks = marks.iter().peekable();
+    for (i, a) in events.iter().enumerate() {
+        while let Some((_, id)) = marks.next_if(|(at, _)| *at <= i) {
+            t.push(Event::Marker { id: *id });
+        }
+        match *a {
+            Access::Begin(cp) if crash_points => {
                 t.push(Event::Marker {
                     id: begin_marker(cp.number()),
                 });
             }
-            Access::End(cp) => {
+            Access::End(cp) if crash_points => {
                 t.push(Event::Marker {
                     id: end_marker(cp.number()),
                 });
@@ -194,7 +209,10 @@ pub fn strict_trace_marked(
             _ => {}
         }
     }
-    (t, rec.current().clone(), report)
+    for (_, id) in marks {
+        t.push(Event::Marker { id: *id });
+    }
+    t
 }
 
 /// `base` with every store of `t` applied.

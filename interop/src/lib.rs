@@ -19,6 +19,7 @@ pub mod cases;
 pub mod image;
 pub mod kernel_mode;
 pub mod ktrace;
+pub mod ktrace_writes;
 pub mod module_gc;
 pub mod module_images;
 pub mod module_writes;

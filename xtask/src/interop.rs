@@ -14,7 +14,8 @@ use std::path::PathBuf;
 pub struct InteropArgs {
     /// Run only this case (repeatable): first-activation, kernel-writes,
     /// hostile-images, power-cuts, module-writes, module-gc,
-    /// trace-first-activation (builds the QEMU trace plugin, `qemu-trace/`).
+    /// trace-first-activation, trace-writes (both build the QEMU trace
+    /// plugin, `qemu-trace/`).
     #[arg(long = "case", value_parser = clap::builder::PossibleValuesParser::new(cases::CASES))]
     pub cases: Vec<String>,
     /// Crash states per distinct strict result class, in power-cuts (the
@@ -74,6 +75,10 @@ pub fn interop(args: InteropArgs) -> Result<()> {
                     &workspace_root().join("scenarios"),
                     &plugin,
                 )
+            }
+            "trace-writes" => {
+                let plugin = crate::qtrace::build_plugin()?;
+                interop::ktrace_writes::trace_writes(&kernel, &work, &plugin)
             }
             other => unreachable!("clap only accepts known cases, got {other}"),
         };
