@@ -227,6 +227,21 @@ pub fn replay(base: &SparsePmem, t: &Trace) -> Result<SparsePmem, String> {
     Ok(img)
 }
 
+/// The plugin's trace of the `i`th traced device of a boot in `dir`, and
+/// its counts (`trace/trace-N.bin` and `.json`).
+pub fn plugin_trace(dir: &Path, i: usize) -> Result<(Trace, PluginCounts), CaseError> {
+    let tdir = dir.join("trace");
+    let bin = tdir.join(format!("trace-{i}.bin"));
+    let bytes = std::fs::read(&bin).map_err(io(format!("reading {}", bin.display())))?;
+    let kt =
+        Trace::decode(&bytes).map_err(|e| CaseError::Setup(format!("{}: {e}", bin.display())))?;
+    let counts: PluginCounts = std::fs::read(tdir.join(format!("trace-{i}.json")))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| CaseError::Setup(format!("trace-{i}.json missing or unreadable")))?;
+    Ok((kt, counts))
+}
+
 /// The plugin's counts of one window (`trace-N.json`).
 #[derive(Clone, Debug, Default, serde::Deserialize, Serialize)]
 pub struct PluginCounts {
@@ -320,15 +335,7 @@ pub fn trace_first_activation(
         let mut reports = Vec::new();
         for (i, ((name, input, data_crc), verdict)) in inputs.iter().zip(boot.verdicts).enumerate()
         {
-            let tdir = dir.join("trace");
-            let bin = tdir.join(format!("trace-{i}.bin"));
-            let bytes = std::fs::read(&bin).map_err(io(format!("reading {}", bin.display())))?;
-            let kt = Trace::decode(&bytes)
-                .map_err(|e| CaseError::Setup(format!("{}: {e}", bin.display())))?;
-            let counts: PluginCounts = std::fs::read(tdir.join(format!("trace-{i}.json")))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| CaseError::Setup(format!("trace-{i}.json missing or unreadable")))?;
+            let (kt, counts) = plugin_trace(&dir, i)?;
             let after = read_sparse(&images[i].path).map_err(io("reading the kernel's image"))?;
             let (st, strict_after, strict_report) = strict_trace(input, *data_crc);
             let replayed = replay(input, &kt).map_err(CaseError::Setup)?;

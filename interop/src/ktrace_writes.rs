@@ -19,7 +19,9 @@
 
 use crate::cases::{finish, io, strict, CaseError, CaseResult, Comparison, StrictSide};
 use crate::image::{first_difference, read_sparse, write_sparse};
-use crate::ktrace::{access_trace, compare, epochs, replay, EpochDifference, PluginCounts};
+use crate::ktrace::{
+    access_trace, compare, epochs, plugin_trace, replay, EpochDifference, PluginCounts,
+};
 use crate::prepare::Kernel;
 use crate::qemu::{self, BootImage};
 use pcache::backing::VolatileBacking;
@@ -375,15 +377,7 @@ pub fn trace_writes(kernel: &Kernel, work: &Path, plugin: &Path) -> CaseResult {
         let mut out = Vec::new();
         let mut reports = Vec::new();
         for (i, ((name, data_crc), verdict)) in inputs.iter().zip(boot.verdicts).enumerate() {
-            let tdir = dir.join("trace");
-            let bin = tdir.join(format!("trace-{i}.bin"));
-            let bytes = std::fs::read(&bin).map_err(io(format!("reading {}", bin.display())))?;
-            let kt = Trace::decode(&bytes)
-                .map_err(|e| CaseError::Setup(format!("{}: {e}", bin.display())))?;
-            let counts: PluginCounts = std::fs::read(tdir.join(format!("trace-{i}.json")))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| CaseError::Setup(format!("trace-{i}.json missing or unreadable")))?;
+            let (kt, counts) = plugin_trace(&dir, i)?;
             let after = read_sparse(&images[i].path).map_err(io("reading the kernel's image"))?;
             let (st, strict_after, strict_report) =
                 strict_trace_writes(&base, *data_crc, REQUESTS).map_err(CaseError::Setup)?;
