@@ -270,11 +270,11 @@ fn run_one(step: RunStep, s: &mut State, devices: &mut Devices) -> Result<(), Fa
                     let steps = cache
                         .writeback_all(&mut pmem, &mut backing, &mut s.hooks)
                         .map_err(io_failed)?;
-                    to_json("writeback", &steps)?
+                    list_json("writeback", &steps)?
                 }
                 RunStep::Gc => {
                     let steps = cache.gc_all(&mut pmem, &mut s.hooks).map_err(io_failed)?;
-                    to_json("gc", &steps)?
+                    list_json("gc", &steps)?
                 }
                 _ => {
                     let idle = cache
@@ -305,6 +305,17 @@ fn to_json(name: &str, v: &impl serde::Serialize) -> Result<String, Failure> {
     let v = serde_json::to_string(v)
         .map_err(|e| Failure::Step(alloc::format!("cannot serialize: {e}")))?;
     Ok(alloc::format!(r#"{{"step":"{name}","result":{v}}}"#))
+}
+
+/// A step's list of results, or its length alone when the list is longer
+/// than one message holds (the channel would cut it: GC over a log segment
+/// of one-key sets is 200,000 entries).
+fn list_json<T: serde::Serialize>(name: &str, v: &[T]) -> Result<String, Failure> {
+    let json = to_json(name, &v)?;
+    if json.len() <= protocol::MESSAGE_MAX_LEN as usize {
+        return Ok(json);
+    }
+    Ok(alloc::format!(r#"{{"step":"{name}","count":{}}}"#, v.len()))
 }
 
 fn step_name(step: &RunStep) -> &'static str {

@@ -595,6 +595,31 @@ fn harness_test_steps_still_run_before_the_pcache_steps() {
 
 #[test]
 #[ignore = "needs /dev/kvm"]
+fn a_writeback_or_gc_longer_than_a_message_reports_its_count() {
+    // About a thousand key-sets (FUA writes, flushes and closes of a mixed
+    // workload): their writeback and GC lists are longer than one message.
+    let dev = Dev::new();
+    let r = dev.run(
+        "pcache.run=start;gc-percent:0;gen:mixed:seed=5:ops=4000:span=0x800000;writeback;gc;status pcache.markers=off",
+    );
+    assert_exit(&r, ExitCode::Success);
+    let v = results(&r);
+    assert_eq!(v.len(), 6, "{}", describe(&r));
+    for (k, step) in [(3, "writeback"), (4, "gc")] {
+        assert_eq!(v[k]["step"], step);
+        assert_eq!(v[k].get("result"), None, "{}", v[k]);
+        // Hundreds of key-sets (each entry is 60 to 90 bytes of JSON).
+        let n = v[k]["count"].as_u64().unwrap();
+        assert!(n > 700, "{step}: {n}");
+    }
+    // Everything was written back and collected.
+    let status = v[5]["dm_status"].as_str().unwrap();
+    let f: Vec<&str> = status.split(' ').collect();
+    assert_eq!((f[6] == f[7], f[7] == f[8]), (true, true), "{status}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
 fn data_steps_write_read_verify_writeback_and_gc_through_the_module() {
     let dev = Dev::new();
     let r = dev.run(
