@@ -227,6 +227,19 @@ pub fn replay(base: &SparsePmem, t: &Trace) -> Result<SparsePmem, String> {
     Ok(img)
 }
 
+/// Removes a traced boot's images, output disks and backing disk (the
+/// traces and consoles stay in `dir`).
+pub fn remove_boot_files(images: &[BootImage], disk: &Path, dir: &Path) {
+    for img in images {
+        let _ = std::fs::remove_file(&img.path);
+        if let Some(out) = &img.out {
+            let _ = std::fs::remove_file(out);
+        }
+    }
+    let _ = std::fs::remove_file(disk);
+    crate::kernel_mode::tidy(dir);
+}
+
 /// The plugin's trace of the `i`th traced device of a boot in `dir`, and
 /// its counts (`trace/trace-N.bin` and `.json`).
 pub fn plugin_trace(dir: &Path, i: usize) -> Result<(Trace, PluginCounts), CaseError> {
@@ -408,11 +421,7 @@ pub fn trace_first_activation(
             serde_json::to_vec_pretty(&reports).expect("serializable"),
         )
         .map_err(io("writing traces.json"))?;
-        for img in &images {
-            let _ = std::fs::remove_file(&img.path);
-        }
-        let _ = std::fs::remove_file(&disk);
-        crate::kernel_mode::tidy(&dir);
+        remove_boot_files(&images, &disk, &dir);
         Ok((out, vec![boot.seconds]))
     };
     finish("trace-first-activation", run())

@@ -20,7 +20,8 @@
 use crate::cases::{finish, io, strict, CaseError, CaseResult, Comparison, StrictSide};
 use crate::image::{first_difference, read_sparse, write_sparse};
 use crate::ktrace::{
-    access_trace, compare, epochs, plugin_trace, replay, EpochDifference, PluginCounts,
+    access_trace, compare, epochs, plugin_trace, remove_boot_files, replay, EpochDifference,
+    PluginCounts,
 };
 use crate::prepare::Kernel;
 use crate::qemu::{self, BootImage};
@@ -496,15 +497,8 @@ pub fn trace_writes(kernel: &Kernel, work: &Path, plugin: &Path) -> CaseResult {
             serde_json::to_vec_pretty(&reports).expect("serializable"),
         )
         .map_err(io("writing traces.json"))?;
-        for img in &images {
-            let _ = std::fs::remove_file(&img.path);
-            if let Some(out) = &img.out {
-                let _ = std::fs::remove_file(out);
-            }
-        }
-        let _ = std::fs::remove_file(&disk);
         let _ = std::fs::remove_file(&program);
-        crate::kernel_mode::tidy(&dir);
+        remove_boot_files(&images, &disk, &dir);
         Ok((out, vec![boot.seconds]))
     };
     finish("trace-writes", run())

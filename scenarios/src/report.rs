@@ -341,13 +341,7 @@ fn kernel_device(h: &mut String, i: usize, d: &KernelDeviceRun) {
         );
     }
     h.push_str("</table>");
-    if d.states.len() > MAX_LISTED {
-        let _ = write!(
-            h,
-            "<p class=\"muted\">… and {} more states (result.json lists them all).</p>",
-            d.states.len() - MAX_LISTED
-        );
-    }
+    more_states(h, d.states.len());
     h.push_str("</details></section>\n");
 }
 
@@ -1070,13 +1064,7 @@ fn state_table(h: &mut String, i: usize, run: &DeviceModeRun) {
         );
     }
     h.push_str("</table>");
-    if run.states.len() > MAX_LISTED {
-        let _ = write!(
-            h,
-            "<p class=\"muted\">… and {} more states (result.json lists them all).</p>",
-            run.states.len() - MAX_LISTED
-        );
-    }
+    more_states(h, run.states.len());
     h.push_str("</details>\n");
 }
 
@@ -1102,6 +1090,17 @@ fn applied_count(s: &StateResult) -> String {
     match s.settled {
         Some(n) => format!("{n} settled + {listed} pending write(s)"),
         None => format!("{listed} write(s)"),
+    }
+}
+
+/// The note under a table of states cut at `MAX_LISTED` rows.
+fn more_states(h: &mut String, states: usize) {
+    if states > MAX_LISTED {
+        let _ = write!(
+            h,
+            "<p class=\"muted\">… and {} more states (result.json lists them all).</p>",
+            states - MAX_LISTED
+        );
     }
 }
 
